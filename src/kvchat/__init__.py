@@ -1,0 +1,51 @@
+"""kvchat: local language models with a content-keyed KV cache and continuous batching.
+
+    >>> from kvchat import Engine, SamplingParams
+    >>> with Engine("gemma-3-270m") as engine:
+    ...     print(engine.generate("The capital of France is", SamplingParams(max_tokens=8)).text())
+"""
+
+from kvchat.engine import (
+    GREEDY,
+    Chunk,
+    Completion,
+    Engine,
+    EngineSettings,
+    EngineStats,
+    SamplingParams,
+    Stream,
+    Usage,
+)
+from kvchat.errors import (
+    BackendError,
+    ContextOverflowError,
+    DecodeError,
+    EngineClosedError,
+    InvalidRequestError,
+    KVChatError,
+    ModelLoadError,
+    ModelNotFoundError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GREEDY",
+    "BackendError",
+    "Chunk",
+    "Completion",
+    "ContextOverflowError",
+    "DecodeError",
+    "Engine",
+    "EngineClosedError",
+    "EngineSettings",
+    "EngineStats",
+    "InvalidRequestError",
+    "KVChatError",
+    "ModelLoadError",
+    "ModelNotFoundError",
+    "SamplingParams",
+    "Stream",
+    "Usage",
+    "__version__",
+]

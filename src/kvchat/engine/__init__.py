@@ -1,0 +1,24 @@
+"""Continuous batching over one llama context.
+
+- :class:`Engine`: the worker thread and `submit()`;
+- :class:`SamplingParams`, :class:`EngineSettings`, :class:`EngineStats`;
+- :class:`Stream`, :class:`Chunk`, :class:`Usage`, :class:`Completion`: what a request returns.
+"""
+
+from kvchat.engine.engine import Engine
+from kvchat.engine.sampling import GREEDY, SamplingParams
+from kvchat.engine.settings import EngineSettings, EngineStats
+from kvchat.engine.stream import Chunk, Completion, FinishReason, Stream, Usage
+
+__all__ = [
+    "GREEDY",
+    "Chunk",
+    "Completion",
+    "Engine",
+    "EngineSettings",
+    "EngineStats",
+    "FinishReason",
+    "SamplingParams",
+    "Stream",
+    "Usage",
+]

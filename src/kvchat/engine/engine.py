@@ -1,0 +1,350 @@
+"""`Engine`: one worker thread that owns the llama context and batches every request."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import queue
+import random
+import threading
+from collections import deque
+from collections.abc import Sequence as SequenceOf
+from types import TracebackType
+
+import numpy as np
+
+from kvchat.engine.sampling import SamplingParams
+from kvchat.engine.scheduler import ScheduledRow, Scheduler
+from kvchat.engine.sequence import Sequence
+from kvchat.engine.settings import EngineSettings, EngineStats
+from kvchat.engine.stream import Chunk, FinishReason, Stream
+from kvchat.errors import BackendError, ContextOverflowError, DecodeError, EngineClosedError, InvalidRequestError
+from kvchat.llama import Batch, Context, ContextParams, Model, SamplerChain
+
+logger = logging.getLogger("kvchat.engine")
+
+_WAKE = object()  # command: look at cancel flags
+_CLOSE = object()  # command: stop the worker
+
+
+class Engine:
+    """Continuous-batching inference on one model.
+
+    ``Engine(model, settings)`` loads (if given a name or path, through
+    :func:`kvchat.models.resolve`) and starts a worker thread that owns the llama
+    context. :meth:`submit` queues a request and returns a :class:`Stream`. Each
+    step the worker decodes one token for every generating request plus prompt
+    chunks of new ones, in one ``llama_decode`` call. Thread-safe; close it with
+    :meth:`close` or use it as a context manager.
+    """
+
+    def __init__(
+        self, model: Model | str | os.PathLike[str], settings: EngineSettings | None = None
+    ) -> None:
+        self.settings = settings or EngineSettings()
+        self._owns_model = not isinstance(model, Model)
+        if isinstance(model, Model):
+            self.model = model
+        else:
+            from kvchat.models import resolve  # the engine needs models only for names
+
+            self.model = Model(resolve(model))
+        try:
+            self._context = Context(self.model, self._context_params())
+            self._batch = Batch(self._context.n_batch)
+        except BaseException:
+            self._close_owned_model()
+            raise
+        self.context_limit: int = min(self._context.n_ctx_seq, self.model.n_ctx_train or self._context.n_ctx_seq)
+        """Most tokens (prompt + generated) one request may hold."""
+        self._scheduler = Scheduler()
+        self._commands: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._waiting: deque[Sequence] = deque()
+        self._running: list[Sequence] = []
+        self._free_seq_ids = list(reversed(range(self._context.n_seq_max)))
+        self._reserved_cells = 0
+        self._request_ids = itertools.count(1)
+        self._closing = False
+        self._submit_lock = threading.Lock()
+        self._stats_lock = threading.Lock()
+        self._counters = dict.fromkeys(
+            ("steps", "requests_finished", "prompt_tokens", "cached_tokens", "evaluated_tokens", "completion_tokens"), 0
+        )
+        self._stats = self._snapshot()
+        self._thread = threading.Thread(target=self._run, name="kvchat-engine", daemon=True)
+        self._thread.start()
+
+    def _context_params(self) -> ContextParams:
+        s = self.settings
+        return ContextParams(
+            n_ctx=s.n_ctx, n_batch=s.n_batch, n_ubatch=s.n_ubatch, n_seq_max=s.n_seq_max, n_threads=s.n_threads
+        )
+
+    # -- public API ------------------------------------------------------------------
+
+    def submit(self, prompt_tokens: SequenceOf[int], sampling: SamplingParams | None = None) -> Stream:
+        """Queue a request for `prompt_tokens` and return its stream.
+
+        Raises `InvalidRequestError` (empty prompt, token ids outside the vocabulary,
+        bad sampling values), `ContextOverflowError` (prompt + max_tokens exceed
+        :attr:`context_limit`) or `EngineClosedError`, before anything is queued.
+        """
+        sampling = sampling or SamplingParams()
+        prompt = self._checked_prompt(prompt_tokens)
+        sampling.check_token_ids(self.model.n_vocab)
+        room = self.context_limit - len(prompt)
+        max_new = sampling.max_tokens if sampling.max_tokens is not None else room
+        if max_new > room or room < 1:
+            raise ContextOverflowError(
+                prompt_tokens=len(prompt), max_tokens=max(max_new, 1), context_limit=self.context_limit
+            )
+        request_id = next(self._request_ids)
+        stream = Stream(request_id, on_cancel=lambda: self._request_cancel(seq))
+        seq = Sequence(request_id, prompt, sampling, max_new, stream)
+        with self._submit_lock:
+            if self._closing:
+                raise EngineClosedError("the engine is closed")
+            self._commands.put(seq)
+        return stream
+
+    def generate(
+        self, prompt: str, sampling: SamplingParams | None = None, *, parse_special: bool = False
+    ) -> Stream:
+        """Tokenize `prompt` (with the model's BOS; special-token text parsed only if
+        `parse_special`) and :meth:`submit` it."""
+        tokens = self.model.tokenize(prompt, add_special=True, parse_special=parse_special)
+        return self.submit(tokens, sampling)
+
+    def stats(self) -> EngineStats:
+        """The latest snapshot of the engine's state and counters."""
+        with self._stats_lock:
+            return self._stats
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closing
+
+    def close(self) -> None:
+        """Stop the worker: running and queued requests end with finish reason
+        ``cancelled``; then free the context (and the model, if the engine loaded it)."""
+        with self._submit_lock:
+            if self._closing:
+                already = True
+            else:
+                already = False
+                self._closing = True
+                self._commands.put(_CLOSE)
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+        if not already:
+            logger.debug("engine closed")
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- checks on the caller's thread ---------------------------------------------------------
+
+    def _checked_prompt(self, prompt_tokens: SequenceOf[int]) -> tuple[int, ...]:
+        try:
+            prompt = tuple(int(t) for t in prompt_tokens)
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequestError("prompt must be a sequence of token ids", field="prompt") from exc
+        if not prompt:
+            raise InvalidRequestError("prompt is empty", field="prompt")
+        n_vocab = self.model.n_vocab
+        if any(t < 0 or t >= n_vocab for t in prompt):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {n_vocab})", field="prompt")
+        return prompt
+
+    def _request_cancel(self, seq: Sequence) -> None:
+        seq.cancel_requested = True
+        self._commands.put(_WAKE)
+
+    # -- the worker thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while self._take_commands(block=not (self._running or self._waiting)):
+                try:
+                    self._step()
+                except Exception as exc:  # a bug must not strand the callers: fail them, keep serving
+                    logger.exception("engine step failed")
+                    self._fail_running(BackendError(f"internal engine error: {exc!r}"))
+        finally:
+            self._shutdown()
+
+    def _take_commands(self, *, block: bool) -> bool:
+        """Move submitted requests to the queue. False once `close` was asked."""
+        try:
+            command = self._commands.get(block=block)
+        except queue.Empty:
+            return True
+        while True:
+            if command is _CLOSE:
+                return False
+            if isinstance(command, Sequence):
+                self._waiting.append(command)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _step(self) -> None:
+        self._reap_cancelled()
+        if self._admit():
+            self._publish_stats()
+        rows = self._scheduler.next_batch(self._running, self._batch)
+        if self._batch.n_tokens:
+            try:
+                self._context.decode(self._batch)
+            except DecodeError as exc:
+                logger.error("%s; failing the %d running requests", exc, len(self._running))
+                self._fail_running(exc)
+                return
+            self._counters["steps"] += 1
+            for scheduled in rows:
+                self._sample(scheduled)
+        self._publish_stats()
+
+    def _admit(self) -> bool:
+        """Give waiting requests a sequence, in arrival order, while sequences and
+        KV cells (reserved for prompt + max tokens) last. True if any was admitted."""
+        admitted = False
+        while self._waiting and self._free_seq_ids and len(self._running) < self.settings.max_running:
+            seq = self._waiting[0]
+            if self._reserved_cells + seq.kv_tokens_needed > self._context.n_ctx:
+                break
+            self._waiting.popleft()
+            seq.seq_id = self._free_seq_ids.pop()
+            self._reserved_cells += seq.kv_tokens_needed
+            seq.pending = list(seq.prompt)
+            seq.sampler = None if seq.sampling.is_plain_greedy else self._new_sampler(seq.sampling)
+            self._running.append(seq)
+            admitted = True
+        return admitted
+
+    def _new_sampler(self, sampling: SamplingParams) -> SamplerChain:
+        return SamplerChain(
+            n_vocab=self.model.n_vocab,
+            temperature=sampling.temperature,
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            min_p=sampling.min_p,
+            repeat_penalty=sampling.repeat_penalty,
+            presence_penalty=sampling.presence_penalty,
+            frequency_penalty=sampling.frequency_penalty,
+            penalty_last_n=sampling.penalty_last_n,
+            logit_bias=sampling.logit_bias,
+            seed=sampling.seed if sampling.seed is not None else random.getrandbits(32),
+        )
+
+    def _sample(self, scheduled: ScheduledRow) -> None:
+        seq = scheduled.sequence
+        try:
+            if seq.sampler is None:
+                token = int(np.argmax(self._context.logits(scheduled.row)))
+            else:
+                token = seq.sampler.sample(self._context, scheduled.row)
+            self._advance(seq, token)
+        except Exception as exc:
+            logger.exception("request %d failed while sampling", seq.request_id)
+            self._fail(seq, BackendError(f"sampling failed: {exc!r}"))
+
+    def _advance(self, seq: Sequence, token: int) -> None:
+        if token in seq.sampling.stop_token_ids or self.model.is_end_of_generation(token):
+            seq.note_first_token()
+            self._finish(seq, "stop")
+            return
+        seq.record_token(token)
+        delta = seq.text.push(self.model.token_to_bytes(token))
+        seq.stream._push(Chunk(delta.text, (token,)))
+        if delta.stopped:
+            self._finish(seq, "stop")
+        elif len(seq.generated) >= seq.max_new_tokens:
+            self._finish(seq, "length")
+
+    def _reap_cancelled(self) -> None:
+        for seq in [s for s in self._running if s.cancel_requested]:
+            self._finish(seq, "cancelled")
+        for seq in [s for s in self._waiting if s.cancel_requested]:
+            self._waiting.remove(seq)
+            self._finish(seq, "cancelled")
+
+    # -- ending requests --------------------------------------------------------------------------
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        tail = seq.text.finish().text
+        usage = seq.usage(reason, completion_tokens=len(seq.generated))
+        self._release(seq)
+        counters = self._counters
+        counters["requests_finished"] += 1
+        counters["prompt_tokens"] += usage.prompt_tokens
+        counters["cached_tokens"] += usage.cached_tokens
+        counters["evaluated_tokens"] += usage.evaluated_tokens
+        counters["completion_tokens"] += usage.completion_tokens
+        self._publish_stats()
+        seq.stream._push(Chunk(tail, (), usage))
+
+    def _fail(self, seq: Sequence, error: BaseException) -> None:
+        if seq in self._waiting:
+            self._waiting.remove(seq)
+        self._release(seq)
+        self._publish_stats()
+        seq.stream._push(error)
+
+    def _fail_running(self, error: BaseException) -> None:
+        for seq in list(self._running):
+            self._fail(seq, error)
+
+    def _release(self, seq: Sequence) -> None:
+        """Free a request's KV cells, sequence id and sampler."""
+        seq.close_sampler()
+        if seq in self._running:
+            self._running.remove(seq)
+        if seq.seq_id is not None:
+            self._context.seq_remove(seq.seq_id)
+            self._free_seq_ids.append(seq.seq_id)
+            self._reserved_cells -= seq.kv_tokens_needed
+            seq.seq_id = None
+
+    def _shutdown(self) -> None:
+        for seq in [*self._running, *self._waiting]:
+            self._finish(seq, "cancelled")
+        self._waiting.clear()
+        while True:  # requests submitted before close() took the lock
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(command, Sequence):
+                self._finish(command, "cancelled")
+        self._batch.close()
+        self._context.close()
+        self._close_owned_model()
+
+    def _close_owned_model(self) -> None:
+        if self._owns_model:
+            self.model.close()
+
+    # -- stats ------------------------------------------------------------------------------------------
+
+    def _snapshot(self) -> EngineStats:
+        return EngineStats(
+            active=len(self._running),
+            queued=len(self._waiting),
+            free_sequences=len(self._free_seq_ids),
+            tokens_resident=sum(seq.n_past for seq in self._running),
+            **self._counters,
+        )
+
+    def _publish_stats(self) -> None:
+        snapshot = self._snapshot()
+        with self._stats_lock:
+            self._stats = snapshot

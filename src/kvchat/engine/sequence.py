@@ -1,0 +1,85 @@
+"""`Sequence`: one request's state inside the engine, from admission to finish."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from kvchat.engine.sampling import SamplingParams
+from kvchat.engine.stream import FinishReason, Stream, Usage
+from kvchat.engine.text_output import TextOutput
+from kvchat.llama import SamplerChain
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A request and the KV sequence it runs in.
+
+    Owned by the engine's worker thread; only `cancel_requested` is written from
+    other threads (a plain bool store, atomic in CPython).
+    """
+
+    request_id: int
+    prompt: tuple[int, ...]
+    sampling: SamplingParams
+    max_new_tokens: int
+    stream: Stream
+    submitted_at: float = field(default_factory=time.perf_counter)
+    seq_id: int | None = None
+    pending: list[int] = field(default_factory=list)
+    """Tokens to evaluate next: the prompt not yet evaluated, then the last sampled token."""
+    n_past: int = 0
+    """Tokens of this sequence already in the KV cache (= the next position)."""
+    generated: list[int] = field(default_factory=list)
+    cached_tokens: int = 0
+    first_token_at: float | None = None
+    sampler: SamplerChain | None = None
+    text: TextOutput = field(init=False)
+    cancel_requested: bool = False
+
+    def __post_init__(self) -> None:
+        self.text = TextOutput(self.sampling.stop)
+
+    @property
+    def is_generating(self) -> bool:
+        """True once the prompt is evaluated and each step decodes one token."""
+        return bool(self.generated)
+
+    @property
+    def kv_tokens_needed(self) -> int:
+        """KV cells this sequence may occupy at most (prompt + new tokens)."""
+        return len(self.prompt) + self.max_new_tokens
+
+    def note_first_token(self) -> None:
+        """Record the time of the first sampled token (once)."""
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+
+    def record_token(self, token: int) -> None:
+        """Note a sampled token: it is returned and evaluated in the next step."""
+        self.note_first_token()
+        self.generated.append(token)
+        self.pending = [token]
+
+    @property
+    def evaluated_prompt_tokens(self) -> int:
+        """Prompt tokens run through the model so far (not taken from the cache)."""
+        return max(0, min(self.n_past, len(self.prompt)) - self.cached_tokens)
+
+    def usage(self, finish_reason: FinishReason, *, completion_tokens: int) -> Usage:
+        """The request's usage at its end."""
+        ttft = None if self.first_token_at is None else self.first_token_at - self.submitted_at
+        return Usage(
+            prompt_tokens=len(self.prompt),
+            cached_tokens=self.cached_tokens,
+            evaluated_tokens=self.evaluated_prompt_tokens,
+            completion_tokens=completion_tokens,
+            time_to_first_token=ttft,
+            finish_reason=finish_reason,
+        )
+
+    def close_sampler(self) -> None:
+        """Free the sampler chain, if any."""
+        if self.sampler is not None:
+            self.sampler.close()
+            self.sampler = None

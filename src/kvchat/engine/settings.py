@@ -1,0 +1,63 @@
+"""`EngineSettings` and `EngineStats`: the engine's tunable numbers and its counters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvchat.errors import InvalidRequestError
+
+MAX_PARALLEL_SEQUENCES = 256  # llama_max_parallel_sequences() in this llama.cpp
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineSettings:
+    """Numbers a user may tune. The defaults suit a 2-core laptop.
+
+    - `n_ctx`: KV cells in the shared pool (all sequences together); one request may
+      use up to all of it (and no more than the model's training context).
+    - `n_batch`: most tokens evaluated in one step (decode tokens + prompt chunks).
+    - `n_ubatch`: most tokens llama.cpp computes at once inside a step.
+    - `max_running`: requests decoded together; more wait in the queue.
+    - `n_seq_max`: KV sequence ids in the context (at least `max_running`).
+    - `n_threads`: CPU threads for llama.cpp (None: every core available).
+    """
+
+    n_ctx: int = 8192
+    n_batch: int = 512
+    n_ubatch: int = 512
+    max_running: int = 16
+    n_seq_max: int = 32
+    n_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("n_ctx", "n_batch", "n_ubatch", "max_running", "n_seq_max"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise InvalidRequestError(f"{name} must be a positive integer", field=name)
+        if self.n_seq_max > MAX_PARALLEL_SEQUENCES:
+            raise InvalidRequestError(f"n_seq_max must be <= {MAX_PARALLEL_SEQUENCES}", field="n_seq_max")
+        if self.max_running > self.n_seq_max:
+            raise InvalidRequestError("max_running must be <= n_seq_max", field="max_running")
+        if self.n_threads is not None and (not isinstance(self.n_threads, int) or self.n_threads < 1):
+            raise InvalidRequestError("n_threads must be a positive integer or None", field="n_threads")
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine, taken by its worker thread after each change.
+
+    `active`: requests admitted (prefilling or generating); `queued`: waiting for
+    a sequence; `free_sequences`: KV sequence ids not in use; `tokens_resident`:
+    KV cells held by requests. Counters are cumulative since start.
+    """
+
+    active: int
+    queued: int
+    free_sequences: int
+    tokens_resident: int
+    steps: int
+    requests_finished: int
+    prompt_tokens: int
+    cached_tokens: int
+    evaluated_tokens: int
+    completion_tokens: int

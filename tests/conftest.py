@@ -1,0 +1,45 @@
+"""Shared fixtures: each packaged model is loaded once per test run."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvchat import Engine, EngineSettings
+from kvchat.llama import Model
+from kvchat.models import resolve
+
+
+@pytest.fixture(scope="session")
+def gemma_model() -> Model:
+    """Gemma 3 270M, the fast model for mechanics."""
+    with Model(resolve("gemma-3-270m", progress=False)) as model:
+        yield model
+
+
+@pytest.fixture(scope="session")
+def gemma_engine(gemma_model: Model) -> Engine:
+    """One engine on Gemma, shared by the tests that leave it idle when done."""
+    with Engine(gemma_model, EngineSettings(n_ctx=8192, max_running=16, n_seq_max=32)) as engine:
+        yield engine
+
+
+@pytest.fixture
+def idle_engine(gemma_engine: Engine) -> Engine:
+    """The shared engine, checked to be idle after the test (no leaked sequence)."""
+    yield gemma_engine
+    stats = wait_idle(gemma_engine)
+    assert stats.active == 0 and stats.queued == 0
+    assert stats.free_sequences == gemma_engine.settings.n_seq_max
+    assert stats.tokens_resident == 0
+
+
+def wait_idle(engine: Engine, timeout: float = 10.0):
+    """The engine's stats once it has nothing running (stats lag a step behind)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    stats = engine.stats()
+    while (stats.active or stats.queued) and time.monotonic() < deadline:
+        time.sleep(0.02)
+        stats = engine.stats()
+    return stats
