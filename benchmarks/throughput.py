@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from datetime import datetime, timezone
@@ -73,6 +74,19 @@ def engine_run(engine: Engine, prompts: list[list[int]], n_tokens: int) -> tuple
     return produced / elapsed, produced
 
 
+def machine() -> dict[str, object]:
+    """CPU model and core count, for the results file."""
+    cpu = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="gemma-3-270m")
@@ -108,7 +122,7 @@ def main() -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": __import__("os").cpu_count()},
+        "machine": machine(),
         "model": args.model, "tokens_per_stream": args.tokens, "repeats": args.repeats,
         "settings": {"n_ctx": settings.n_ctx, "n_batch": settings.n_batch},
         "rows": rows,

@@ -5,6 +5,8 @@
     ...     print(engine.generate("The capital of France is", SamplingParams(max_tokens=8)).text())
 """
 
+import logging
+
 from kvchat.engine import (
     GREEDY,
     Chunk,
@@ -28,6 +30,10 @@ from kvchat.errors import (
 )
 
 __version__ = "0.1.0"
+
+# A library logs, the application decides what to show (llama.cpp's own log
+# lines arrive on "kvchat.llama.cpp").
+logging.getLogger("kvchat").addHandler(logging.NullHandler())
 
 __all__ = [
     "GREEDY",
