@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,6 +30,9 @@ import numpy as np
 from kvchat import Engine, EngineSettings, SamplingParams
 from kvchat.llama import Batch, Context, ContextParams, Model
 from kvchat.models import resolve
+
+sys.path.insert(0, str(Path(__file__).parent))
+from machine_info import machine  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "throughput.json"
 
@@ -74,19 +76,6 @@ def engine_run(engine: Engine, prompts: list[list[int]], n_tokens: int) -> tuple
     return produced / elapsed, produced
 
 
-def machine() -> dict[str, object]:
-    """CPU model and core count, for the results file."""
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="gemma-3-270m")
@@ -96,7 +85,9 @@ def main() -> None:
     args = parser.parse_args()
     stream_counts = [int(k) for k in args.streams.split(",")]
 
-    settings = EngineSettings(n_ctx=4096, max_running=max(stream_counts), n_seq_max=max(32, max(stream_counts)))
+    # The prefix cache is off: both sides evaluate every prompt token.
+    settings = EngineSettings(n_ctx=4096, max_running=max(stream_counts), n_seq_max=max(32, max(stream_counts)),
+                              prefix_cache=False)
     model = Model(resolve(args.model))
     params = ContextParams(n_ctx=settings.n_ctx, n_batch=settings.n_batch, n_ubatch=settings.n_ubatch,
                            n_seq_max=settings.n_seq_max)

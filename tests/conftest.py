@@ -23,14 +23,38 @@ def gemma_engine(gemma_model: Model) -> Engine:
         yield engine
 
 
+@pytest.fixture(scope="session")
+def cold_engine(gemma_model: Model) -> Engine:
+    """An engine on Gemma without a prefix cache: every prompt token is evaluated."""
+    with Engine(gemma_model, EngineSettings(n_ctx=4096, max_running=16, n_seq_max=16, prefix_cache=False)) as engine:
+        yield engine
+
+
 @pytest.fixture
 def idle_engine(gemma_engine: Engine) -> Engine:
-    """The shared engine, checked to be idle after the test (no leaked sequence)."""
+    """The shared engine (prefix cache on), checked to be idle after the test."""
     yield gemma_engine
-    stats = wait_idle(gemma_engine)
+    assert_idle(gemma_engine)
+
+
+@pytest.fixture
+def idle_cold_engine(cold_engine: Engine) -> Engine:
+    """The shared engine without prefix cache, checked to be idle after the test.
+
+    For tests that compare two runs of the same prompt token for token: with the
+    cache, the second run evaluates a different batch split, and llama.cpp's
+    logits differ slightly between splits.
+    """
+    yield cold_engine
+    assert_idle(cold_engine)
+
+
+def assert_idle(engine: Engine) -> None:
+    """No request running or queued, no sequence or KV cell leaked."""
+    stats = wait_idle(engine)
     assert stats.active == 0 and stats.queued == 0
-    assert stats.free_sequences == gemma_engine.settings.n_seq_max
-    assert stats.tokens_resident == 0
+    assert stats.free_sequences + stats.parked_sequences == engine.settings.n_seq_max
+    assert stats.tokens_resident == stats.cache_tokens  # nothing held outside the cache
 
 
 def wait_idle(engine: Engine, timeout: float = 10.0):

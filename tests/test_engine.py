@@ -51,12 +51,13 @@ def greedy(max_tokens: int, **extra) -> SamplingParams:
     return SamplingParams(temperature=0, max_tokens=max_tokens, **extra)
 
 
-def test_eight_concurrent_requests_match_each_request_alone(idle_engine: Engine) -> None:
-    alone = [idle_engine.generate(p, greedy(16)).collect().token_ids for p in BATCH_PROMPTS]
-    streams = [idle_engine.generate(p, greedy(16)) for p in BATCH_PROMPTS]
+def test_eight_concurrent_requests_match_each_request_alone(idle_cold_engine: Engine) -> None:
+    # Without the prefix cache, so that both runs evaluate every prompt token.
+    alone = [idle_cold_engine.generate(p, greedy(16)).collect().token_ids for p in BATCH_PROMPTS]
+    streams = [idle_cold_engine.generate(p, greedy(16)) for p in BATCH_PROMPTS]
     iterators = [iter(s) for s in streams]
     firsts = [next(it).token_ids for it in iterators]  # every request has started generating
-    active_mid_flight = idle_engine.stats().active
+    active_mid_flight = idle_cold_engine.stats().active
     together = [first + tuple(t for chunk in it for t in chunk.token_ids) for first, it in zip(firsts, iterators)]
     assert active_mid_flight > 1, "requests were not decoded together"
     for prompt, a, t in zip(BATCH_PROMPTS, alone, together):
@@ -76,7 +77,7 @@ def test_cancel_one_of_four_frees_its_sequence(idle_engine: Engine) -> None:
     assert rest[-1].finish_reason == "cancelled"
     stats = idle_engine.stats()  # published before the final chunk was sent
     assert stats.active <= 3
-    assert stats.free_sequences == idle_engine.settings.n_seq_max - stats.active
+    assert stats.free_sequences + stats.parked_sequences == idle_engine.settings.n_seq_max - stats.active
     for s, it in zip(streams[1:], iterators[1:]):
         chunks = list(it)
         assert chunks[-1].finish_reason == "length"
@@ -100,33 +101,33 @@ def test_async_consumer_that_stops_early_cancels(idle_engine: Engine) -> None:
     assert stats.active == 0  # the request was cancelled, not left to run 200 tokens
 
 
-def test_async_iteration_gives_the_same_tokens_as_sync(idle_engine: Engine) -> None:
-    sync = idle_engine.generate(PROMPTS[3], greedy(12)).collect()
+def test_async_iteration_gives_the_same_tokens_as_sync(idle_cold_engine: Engine) -> None:
+    sync = idle_cold_engine.generate(PROMPTS[3], greedy(12)).collect()
 
     async def run():
-        return await idle_engine.generate(PROMPTS[3], greedy(12)).acollect()
+        return await idle_cold_engine.generate(PROMPTS[3], greedy(12)).acollect()
 
     assert asyncio.run(run()).token_ids == sync.token_ids
 
 
-def test_max_tokens_ends_with_length(idle_engine: Engine) -> None:
-    done = idle_engine.generate(PROMPTS[0], greedy(5)).collect()
+def test_max_tokens_ends_with_length(idle_cold_engine: Engine) -> None:
+    done = idle_cold_engine.generate(PROMPTS[0], greedy(5)).collect()
     assert done.usage.finish_reason == "length"
     assert done.usage.completion_tokens == len(done.token_ids) == 5
-    assert done.usage.prompt_tokens == len(idle_engine.model.tokenize(PROMPTS[0], add_special=True))
+    assert done.usage.prompt_tokens == len(idle_cold_engine.model.tokenize(PROMPTS[0], add_special=True))
     assert done.usage.evaluated_tokens == done.usage.prompt_tokens
     assert done.usage.cached_tokens == 0
     assert done.usage.time_to_first_token is not None and done.usage.time_to_first_token > 0
 
 
-def test_stop_string_across_tokens_ends_with_stop_and_never_leaks(idle_engine: Engine) -> None:
-    reference = idle_engine.generate(PROMPTS[2], greedy(40)).collect()
-    pieces = [idle_engine.model.token_to_bytes(t).decode("utf-8", "replace") for t in reference.token_ids]
+def test_stop_string_across_tokens_ends_with_stop_and_never_leaks(idle_cold_engine: Engine) -> None:
+    reference = idle_cold_engine.generate(PROMPTS[2], greedy(40)).collect()
+    pieces = [idle_cold_engine.model.token_to_bytes(t).decode("utf-8", "replace") for t in reference.token_ids]
     # A stop string that starts inside token 5 and ends inside token 6.
     joined_before = "".join(pieces[:5])
     stop = (pieces[5] + pieces[6])[1:-1] if len(pieces[5] + pieces[6]) > 3 else pieces[5] + pieces[6]
     assert stop and stop in reference.text
-    stream = idle_engine.generate(PROMPTS[2], greedy(40, stop=[stop]))
+    stream = idle_cold_engine.generate(PROMPTS[2], greedy(40, stop=[stop]))
     chunks = list(stream)
     text = "".join(c.text for c in chunks)
     assert chunks[-1].finish_reason == "stop"
@@ -134,11 +135,11 @@ def test_stop_string_across_tokens_ends_with_stop_and_never_leaks(idle_engine: E
     assert stop not in text and text.startswith(joined_before[: len(text)])
 
 
-def test_stop_token_id_ends_with_stop(idle_engine: Engine) -> None:
-    reference = idle_engine.generate(PROMPTS[1], greedy(20)).collect()
+def test_stop_token_id_ends_with_stop(idle_cold_engine: Engine) -> None:
+    reference = idle_cold_engine.generate(PROMPTS[1], greedy(20)).collect()
     target = reference.token_ids[3]
     cut = reference.token_ids.index(target)
-    done = idle_engine.generate(PROMPTS[1], greedy(20, stop_token_ids=[target])).collect()
+    done = idle_cold_engine.generate(PROMPTS[1], greedy(20, stop_token_ids=[target])).collect()
     assert done.usage.finish_reason == "stop"
     assert done.token_ids == reference.token_ids[:cut]
 
@@ -157,12 +158,12 @@ def test_multibyte_output_streams_only_valid_utf8(idle_engine: Engine) -> None:
         c.text.encode("utf-8")  # every delta is a whole-character string
 
 
-def test_seeded_sampling_is_reproducible(idle_engine: Engine) -> None:
+def test_seeded_sampling_is_reproducible(idle_cold_engine: Engine) -> None:
     params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, max_tokens=24, seed=1234)
-    a = idle_engine.generate(PROMPTS[2], params).collect().token_ids
-    b = idle_engine.generate(PROMPTS[2], params).collect().token_ids
+    a = idle_cold_engine.generate(PROMPTS[2], params).collect().token_ids
+    b = idle_cold_engine.generate(PROMPTS[2], params).collect().token_ids
     other = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, max_tokens=24, seed=99)
-    c = [idle_engine.generate(PROMPTS[2], other).collect().token_ids]
+    c = [idle_cold_engine.generate(PROMPTS[2], other).collect().token_ids]
     assert a == b
     assert len(a) > 0 and c[0] != a
 

@@ -14,10 +14,13 @@ from types import TracebackType
 
 import numpy as np
 
+from kvchat.engine.kv_pool import KVPool
+from kvchat.engine.prefix_cache import PrefixCache
 from kvchat.engine.sampling import SamplingParams
 from kvchat.engine.scheduler import ScheduledRow, Scheduler
 from kvchat.engine.sequence import Sequence
 from kvchat.engine.settings import EngineSettings, EngineStats
+from kvchat.engine.state_store import StateStore
 from kvchat.engine.stream import Chunk, FinishReason, Stream
 from kvchat.errors import BackendError, ContextOverflowError, DecodeError, EngineClosedError, InvalidRequestError
 from kvchat.llama import Batch, Context, ContextParams, Model, SamplerChain
@@ -62,8 +65,8 @@ class Engine:
         self._commands: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
-        self._free_seq_ids = list(reversed(range(self._context.n_seq_max)))
-        self._reserved_cells = 0
+        self._pool = KVPool(self._context, max_running=self.settings.max_running,
+                            cache=self._new_prefix_cache(), store=self._new_state_store())
         self._request_ids = itertools.count(1)
         self._closing = False
         self._submit_lock = threading.Lock()
@@ -77,14 +80,40 @@ class Engine:
 
     def _context_params(self) -> ContextParams:
         s = self.settings
+        # Sliding-window models keep only the window's cells unless swa_full:
+        # reusing a longer prefix needs them all.
         return ContextParams(
-            n_ctx=s.n_ctx, n_batch=s.n_batch, n_ubatch=s.n_ubatch, n_seq_max=s.n_seq_max, n_threads=s.n_threads
+            n_ctx=s.n_ctx, n_batch=s.n_batch, n_ubatch=s.n_ubatch, n_seq_max=s.n_seq_max, n_threads=s.n_threads,
+            swa_full=s.prefix_cache or self.model.n_swa == 0,
         )
+
+    def _new_prefix_cache(self) -> PrefixCache | None:
+        if not self.settings.prefix_cache:
+            return None
+        if self.model.is_recurrent or self.model.is_hybrid:
+            logger.info("prefix cache disabled: %s keeps recurrent state, which cannot be cut at a "
+                        "token boundary", self.model.description)
+            return None
+        return PrefixCache()
+
+    def _new_state_store(self) -> StateStore | None:
+        s = self.settings
+        if not s.prefix_cache or (s.cache_ram_bytes == 0 and s.cache_dir is None):
+            return None
+        layout = "" if s.cache_dir is None else self._context.layout_key()
+        return StateStore(ram_budget_bytes=s.cache_ram_bytes, disk_dir=s.cache_dir,
+                          disk_budget_bytes=s.cache_disk_bytes, layout_key=layout)
 
     # -- public API ------------------------------------------------------------------
 
-    def submit(self, prompt_tokens: SequenceOf[int], sampling: SamplingParams | None = None) -> Stream:
+    def submit(
+        self, prompt_tokens: SequenceOf[int], sampling: SamplingParams | None = None, *, cache_key: str | None = None
+    ) -> Stream:
         """Queue a request for `prompt_tokens` and return its stream.
+
+        The longest prefix of the prompt still held by the cache is reused and
+        only the rest is evaluated. Requests with different `cache_key`s (tenants)
+        never share cached cells.
 
         Raises `InvalidRequestError` (empty prompt, token ids outside the vocabulary,
         bad sampling values), `ContextOverflowError` (prompt + max_tokens exceed
@@ -101,7 +130,7 @@ class Engine:
             )
         request_id = next(self._request_ids)
         stream = Stream(request_id, on_cancel=lambda: self._request_cancel(seq))
-        seq = Sequence(request_id, prompt, sampling, max_new, stream)
+        seq = Sequence(request_id, prompt, sampling, max_new, stream, cache_key=cache_key)
         with self._submit_lock:
             if self._closing:
                 raise EngineClosedError("the engine is closed")
@@ -109,12 +138,13 @@ class Engine:
         return stream
 
     def generate(
-        self, prompt: str, sampling: SamplingParams | None = None, *, parse_special: bool = False
+        self, prompt: str, sampling: SamplingParams | None = None, *, parse_special: bool = False,
+        cache_key: str | None = None,
     ) -> Stream:
         """Tokenize `prompt` (with the model's BOS; special-token text parsed only if
         `parse_special`) and :meth:`submit` it."""
         tokens = self.model.tokenize(prompt, add_special=True, parse_special=parse_special)
-        return self.submit(tokens, sampling)
+        return self.submit(tokens, sampling, cache_key=cache_key)
 
     def stats(self) -> EngineStats:
         """The latest snapshot of the engine's state and counters."""
@@ -214,17 +244,11 @@ class Engine:
         self._publish_stats()
 
     def _admit(self) -> bool:
-        """Give waiting requests a sequence, in arrival order, while sequences and
-        KV cells (reserved for prompt + max tokens) last. True if any was admitted."""
+        """Admit waiting requests in arrival order while the pool can make room.
+        True if any was admitted."""
         admitted = False
-        while self._waiting and self._free_seq_ids and len(self._running) < self.settings.max_running:
-            seq = self._waiting[0]
-            if self._reserved_cells + seq.kv_tokens_needed > self._context.n_ctx:
-                break
-            self._waiting.popleft()
-            seq.seq_id = self._free_seq_ids.pop()
-            self._reserved_cells += seq.kv_tokens_needed
-            seq.pending = list(seq.prompt)
+        while self._waiting and self._pool.try_admit(self._waiting[0], len(self._running)):
+            seq = self._waiting.popleft()
             seq.sampler = None if seq.sampling.is_plain_greedy else self._new_sampler(seq.sampling)
             self._running.append(seq)
             admitted = True
@@ -282,7 +306,7 @@ class Engine:
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         tail = seq.text.finish().text
         usage = seq.usage(reason, completion_tokens=len(seq.generated))
-        self._release(seq)
+        self._release(seq, keep=True)
         counters = self._counters
         counters["requests_finished"] += 1
         counters["prompt_tokens"] += usage.prompt_tokens
@@ -295,7 +319,7 @@ class Engine:
     def _fail(self, seq: Sequence, error: BaseException) -> None:
         if seq in self._waiting:
             self._waiting.remove(seq)
-        self._release(seq)
+        self._release(seq, keep=False)  # its KV may be incomplete: keep nothing
         self._publish_stats()
         seq.stream._push(error)
 
@@ -303,16 +327,12 @@ class Engine:
         for seq in list(self._running):
             self._fail(seq, error)
 
-    def _release(self, seq: Sequence) -> None:
-        """Free a request's KV cells, sequence id and sampler."""
+    def _release(self, seq: Sequence, *, keep: bool) -> None:
+        """Free a request's sampler and sequence; park its KV in the cache if `keep`."""
         seq.close_sampler()
         if seq in self._running:
             self._running.remove(seq)
-        if seq.seq_id is not None:
-            self._context.seq_remove(seq.seq_id)
-            self._free_seq_ids.append(seq.seq_id)
-            self._reserved_cells -= seq.kv_tokens_needed
-            seq.seq_id = None
+        self._pool.finish(seq, keep=keep)
 
     def _shutdown(self) -> None:
         for seq in [*self._running, *self._waiting]:
@@ -325,6 +345,10 @@ class Engine:
                 break
             if isinstance(command, Sequence):
                 self._finish(command, "cancelled")
+        try:
+            self._pool.persist()
+        except Exception:  # never let a cache problem stop the shutdown
+            logger.exception("could not persist the prefix cache")
         self._batch.close()
         self._context.close()
         self._close_owned_model()
@@ -336,11 +360,20 @@ class Engine:
     # -- stats ------------------------------------------------------------------------------------------
 
     def _snapshot(self) -> EngineStats:
+        pool = self._pool
+        store = pool.store.stats() if pool.store is not None else None
         return EngineStats(
             active=len(self._running),
             queued=len(self._waiting),
-            free_sequences=len(self._free_seq_ids),
-            tokens_resident=sum(seq.n_past for seq in self._running),
+            free_sequences=pool.free_sequences,
+            parked_sequences=pool.parked_sequences,
+            tokens_resident=pool.cached_tokens_resident + sum(s.n_past - s.shared_prefix for s in self._running),
+            cache_tokens=pool.cached_tokens_resident,
+            ram_tokens=store.ram_tokens if store else 0,
+            disk_tokens=store.disk_tokens if store else 0,
+            evictions=pool.counters.evictions,
+            spills=pool.counters.spills,
+            restores=pool.counters.restores,
             **self._counters,
         )
 

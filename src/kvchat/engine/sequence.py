@@ -24,6 +24,8 @@ class Sequence:
     sampling: SamplingParams
     max_new_tokens: int
     stream: Stream
+    cache_key: str | None = None
+    """Prefix-cache namespace: requests with different keys never share cells."""
     submitted_at: float = field(default_factory=time.perf_counter)
     seq_id: int | None = None
     pending: list[int] = field(default_factory=list)
@@ -32,6 +34,13 @@ class Sequence:
     """Tokens of this sequence already in the KV cache (= the next position)."""
     generated: list[int] = field(default_factory=list)
     cached_tokens: int = 0
+    """Prompt tokens taken from the cache (shared cells or restored state)."""
+    shared_prefix: int = 0
+    """Leading positions whose cells are shared from the prefix cache's tree."""
+    locked_node: object | None = None
+    """The prefix-cache node locked while this request uses its cells."""
+    reserved_cells: int = 0
+    """KV cells reserved for this request beyond its cached prefix."""
     first_token_at: float | None = None
     sampler: SamplerChain | None = None
     text: TextOutput = field(init=False)
@@ -44,11 +53,6 @@ class Sequence:
     def is_generating(self) -> bool:
         """True once the prompt is evaluated and each step decodes one token."""
         return bool(self.generated)
-
-    @property
-    def kv_tokens_needed(self) -> int:
-        """KV cells this sequence may occupy at most (prompt + new tokens)."""
-        return len(self.prompt) + self.max_new_tokens
 
     def note_first_token(self) -> None:
         """Record the time of the first sampled token (once)."""

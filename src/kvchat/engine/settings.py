@@ -20,6 +20,12 @@ class EngineSettings:
     - `max_running`: requests decoded together; more wait in the queue.
     - `n_seq_max`: KV sequence ids in the context (at least `max_running`).
     - `n_threads`: CPU threads for llama.cpp (None: every core available).
+    - `prefix_cache`: keep finished requests' KV and reuse the longest cached
+      prefix of each new request (off for recurrent and hybrid models).
+    - `cache_ram_bytes`: host-RAM budget for KV state evicted from the pool
+      (0: evicted entries are dropped).
+    - `cache_dir`: a directory where state falling out of RAM is kept across
+      restarts (None: no disk tier); `cache_disk_bytes` bounds it (None: no bound).
     """
 
     n_ctx: int = 8192
@@ -28,6 +34,10 @@ class EngineSettings:
     max_running: int = 16
     n_seq_max: int = 32
     n_threads: int | None = None
+    prefix_cache: bool = True
+    cache_ram_bytes: int = 256 * 1024 * 1024
+    cache_dir: str | None = None
+    cache_disk_bytes: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("n_ctx", "n_batch", "n_ubatch", "max_running", "n_seq_max"):
@@ -40,6 +50,8 @@ class EngineSettings:
             raise InvalidRequestError("max_running must be <= n_seq_max", field="max_running")
         if self.n_threads is not None and (not isinstance(self.n_threads, int) or self.n_threads < 1):
             raise InvalidRequestError("n_threads must be a positive integer or None", field="n_threads")
+        if not isinstance(self.cache_ram_bytes, int) or self.cache_ram_bytes < 0:
+            raise InvalidRequestError("cache_ram_bytes must be an integer >= 0", field="cache_ram_bytes")
 
 
 @dataclass(frozen=True)
@@ -47,17 +59,32 @@ class EngineStats:
     """A snapshot of the engine, taken by its worker thread after each change.
 
     `active`: requests admitted (prefilling or generating); `queued`: waiting for
-    a sequence; `free_sequences`: KV sequence ids not in use; `tokens_resident`:
-    KV cells held by requests. Counters are cumulative since start.
+    a sequence; `free_sequences`: KV sequence ids neither running nor parked;
+    `parked_sequences`: ids holding prefix-cache entries; `tokens_resident`: KV
+    cells in use (cache and running requests, shared cells once);
+    `cache_tokens`, `ram_tokens`, `disk_tokens`: tokens held by each cache tier.
+    Counters are cumulative since start; `cache_hit_rate` is cached / prompt tokens.
     """
 
     active: int
     queued: int
     free_sequences: int
+    parked_sequences: int
     tokens_resident: int
+    cache_tokens: int
+    ram_tokens: int
+    disk_tokens: int
+    evictions: int
+    spills: int
+    restores: int
     steps: int
     requests_finished: int
     prompt_tokens: int
     cached_tokens: int
     evaluated_tokens: int
     completion_tokens: int
+
+    @property
+    def cache_hit_rate(self) -> float:
+        """Share of prompt tokens taken from the cache, since start."""
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0

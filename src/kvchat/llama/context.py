@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import os
+from importlib.metadata import version
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -70,6 +72,22 @@ class Context:
         self.n_batch: int = llama_cpp.llama_n_batch(handle)
         self.n_seq_max: int = llama_cpp.llama_n_seq_max(handle)
         self.n_vocab: int = model.n_vocab
+
+    def layout_key(self) -> str:
+        """What a saved sequence state depends on: the model file and the KV layout.
+
+        State bytes saved under one key can be restored only where the key is equal.
+        """
+        return json.dumps(
+            {
+                "model_sha256": self.model.sha256(),
+                "kv_type": "f16",
+                "kv_unified": True,
+                "swa_full": self.params.swa_full,
+                "backend": f"llama-cpp-python=={version('llama-cpp-python')}",
+            },
+            sort_keys=True,
+        )
 
     # -- lifetime ---------------------------------------------------------------
 

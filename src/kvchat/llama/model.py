@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
 from pathlib import Path
 from types import TracebackType
@@ -46,6 +47,7 @@ class Model:
         self.metadata: dict[str, str] = self._read_metadata()
         self.description: str = self._read_description()
         self._piece_buffer = ctypes.create_string_buffer(256)
+        self._sha256: str | None = None
 
     # -- lifetime ---------------------------------------------------------------
 
@@ -80,6 +82,16 @@ class Model:
         """The raw `llama_vocab *`, for the other wrappers in this package only."""
         self.handle  # raises if closed
         return self._vocab
+
+    def sha256(self) -> str:
+        """The model file's sha256 (computed once, on first use)."""
+        if self._sha256 is None:
+            digest = hashlib.sha256()
+            with self.path.open("rb") as file:
+                for block in iter(lambda: file.read(1 << 20), b""):
+                    digest.update(block)
+            self._sha256 = digest.hexdigest()
+        return self._sha256
 
     # -- vocabulary ---------------------------------------------------------------
 

@@ -1,0 +1,219 @@
+"""`KVPool`: who holds which KV cells, and the prefix cache on top of them.
+
+The pool owns the sequence ids of the llama context, the radix tree of resident
+token runs (:class:`PrefixCache`) and the optional lower tiers
+(:class:`StateStore`). The engine asks it to admit a request (find the longest
+cached prefix, make room, share the cells) and to finish one (park its tokens
+in the tree, or free them). Only the engine's worker thread calls it.
+
+Cell accounting: every token in the tree is one KV cell (shared cells are
+counted once); every running request reserves the cells it may still add
+(prompt tokens not taken from the cache, plus `max_new_tokens`). Admission
+evicts least-recently-used parked entries until the new reservation fits, so a
+decode never runs out of cells while evictable entries exist.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from kvchat.engine.prefix_cache import Eviction, PrefixCache
+from kvchat.engine.sequence import Sequence
+from kvchat.engine.state_store import SpilledState, StateStore, StoreMatch
+from kvchat.errors import BackendError
+from kvchat.llama import Context
+
+logger = logging.getLogger("kvchat.engine")
+
+MIN_RESTORE_GAIN = 16
+"""Restore spilled state only when it covers this many more tokens than the KV
+pool does: below that, evaluating the tokens is as cheap as copying the state."""
+
+
+@dataclass
+class PoolCounters:
+    """Cumulative cache events."""
+
+    evictions: int = 0
+    spills: int = 0
+    restores: int = 0
+    restore_failures: int = 0
+
+
+class KVPool:
+    """Sequence ids, KV cell reservations and the prefix cache of one context."""
+
+    def __init__(self, context: Context, *, max_running: int, cache: PrefixCache | None,
+                 store: StateStore | None) -> None:
+        self._context = context
+        self._max_running = max_running
+        self.cache = cache
+        self.store = store if cache is not None else None
+        self._free_ids = list(reversed(range(context.n_seq_max)))
+        self._reserved = 0  # cells running requests may still add
+        self.counters = PoolCounters()
+
+    # -- admission -----------------------------------------------------------------------
+
+    def try_admit(self, seq: Sequence, n_running: int) -> bool:
+        """Give `seq` a sequence id and its cached prefix if room can be made.
+
+        The prefix comes from the KV pool (cells shared, no copy) or, when a lower
+        tier covers at least `MIN_RESTORE_GAIN` more tokens, from spilled state.
+        On success the sequence's `seq_id`, `n_past`, `cached_tokens` and
+        `pending` are set; on failure nothing changes and the request waits.
+        """
+        if n_running >= self._max_running:
+            return False
+        usable, holder, node = self._match(seq)
+        spilled = self._spilled_match(seq, usable)
+        if node is not None:
+            self.cache.lock(node)  # the matched path must survive the evictions below
+        need = len(seq.prompt) + seq.max_new_tokens - (0 if spilled else usable)
+        if not self._make_room(need):
+            if node is not None:
+                self.cache.unlock(node)
+            return False
+        seq.seq_id = self._free_ids.pop()
+        self._reserved += need
+        seq.reserved_cells = need
+        if spilled is not None and self._restore(seq, spilled):
+            if node is not None:
+                self.cache.unlock(node)
+            seq.cached_tokens = self._usable(seq, spilled.length)
+            seq.shared_prefix = 0  # restored cells are this sequence's own, not the tree's
+        elif usable:
+            self._context.seq_copy(holder, seq.seq_id, 0, usable)
+            seq.locked_node = node
+            seq.cached_tokens = seq.shared_prefix = usable
+        seq.n_past = seq.cached_tokens
+        seq.pending = list(seq.prompt[seq.cached_tokens:])
+        return True
+
+    @staticmethod
+    def _usable(seq: Sequence, matched: int) -> int:
+        """A match's usable length: at least one prompt token is evaluated, for fresh logits."""
+        return max(0, min(matched, len(seq.prompt) - 1))
+
+    def _match(self, seq: Sequence) -> tuple[int, int | None, object | None]:
+        if self.cache is None:
+            return 0, None, None
+        found = self.cache.match(seq.prompt, namespace=seq.cache_key)
+        usable = self._usable(seq, found.length)
+        if usable == 0:
+            return 0, None, None
+        return usable, found.holder, found.node
+
+    def _spilled_match(self, seq: Sequence, usable: int) -> StoreMatch | None:
+        if self.store is None:
+            return None
+        found = self.store.best_match(seq.prompt, namespace=seq.cache_key)
+        if found is None or self._usable(seq, found.length) < usable + MIN_RESTORE_GAIN:
+            return None
+        return found
+
+    def _restore(self, seq: Sequence, spilled: StoreMatch) -> bool:
+        """Load spilled state into the request's (empty) sequence, trimmed to the prompt."""
+        entry = self.store.take(spilled)
+        if entry is not None:
+            try:
+                self._context.set_seq_state(seq.seq_id, entry.state)
+            except BackendError:
+                logger.warning("restoring %d cached tokens failed; evaluating them instead", spilled.length)
+                self._context.seq_remove(seq.seq_id)
+            else:
+                self._context.seq_remove(seq.seq_id, self._usable(seq, spilled.length), -1)
+                self.counters.restores += 1
+                return True
+        self.counters.restore_failures += 1
+        return False
+
+    def _make_room(self, need: int) -> bool:
+        """Evict parked entries until a sequence id and `need` cells are free."""
+        while not self._free_ids or self._cells_in_use() + need > self._context.n_ctx:
+            if self.cache is None or not self._evict_one():
+                return False
+        return True
+
+    def _cells_in_use(self) -> int:
+        tree = self.cache.total_tokens if self.cache is not None else 0
+        return tree + self._reserved
+
+    def _evict_one(self) -> bool:
+        eviction = self.cache.evict_lru()
+        if eviction is None:
+            return False
+        self._apply(eviction)
+        return True
+
+    def _apply(self, eviction: Eviction) -> None:
+        self.counters.evictions += 1
+        if self.store is not None:
+            state = self._context.seq_state(eviction.seq_id)
+            self.store.put(SpilledState(eviction.tokens, eviction.namespace, state))
+            self.counters.spills += 1
+        if eviction.released:
+            self._free_id(eviction.seq_id)
+        else:
+            self._context.seq_remove(eviction.seq_id, eviction.keep, -1)
+
+    # -- finishing -----------------------------------------------------------------------
+
+    def finish(self, seq: Sequence, *, keep: bool) -> None:
+        """Release a request's reservation; park its tokens in the cache if `keep`."""
+        if seq.seq_id is None:
+            return
+        if seq.locked_node is not None:
+            self.cache.unlock(seq.locked_node)
+            seq.locked_node = None
+        self._reserved -= seq.reserved_cells
+        seq.reserved_cells = 0
+        seq_id, seq.seq_id = seq.seq_id, None
+        kv_tokens = (seq.prompt + tuple(seq.generated))[: seq.n_past]
+        if not (keep and self.cache is not None and kv_tokens):
+            self._free_id(seq_id)
+            return
+        result = self.cache.insert(kv_tokens, seq_id, shared_prefix=seq.shared_prefix, namespace=seq.cache_key)
+        for holder, start, end in result.shared_from:  # tokens the tree had already: share, don't duplicate
+            self._context.seq_remove(seq_id, start, end)
+            self._context.seq_copy(holder, seq_id, start, end)
+        for redundant in result.redundant:
+            self._free_id(redundant)
+        if not result.stored:
+            self._free_id(seq_id)
+
+    def _free_id(self, seq_id: int) -> None:
+        self._context.seq_remove(seq_id)
+        self._free_ids.append(seq_id)
+
+    def persist(self) -> None:
+        """Before shutdown: spill every parked entry so that a disk tier keeps it."""
+        if self.store is None or not self.store.has_disk:
+            return
+        while self._evict_one():
+            pass
+        self.store.flush_to_disk()
+
+    def clear(self) -> None:
+        """Drop every parked entry (running requests are not affected)."""
+        if self.cache is not None:
+            for seq_id in self.cache.clear():
+                self._free_id(seq_id)
+
+    # -- numbers ---------------------------------------------------------------------------
+
+    @property
+    def free_sequences(self) -> int:
+        """Sequence ids neither running nor parked."""
+        return len(self._free_ids)
+
+    @property
+    def parked_sequences(self) -> int:
+        """Sequence ids holding cached entries."""
+        return len(self.cache.holders()) if self.cache is not None else 0
+
+    @property
+    def cached_tokens_resident(self) -> int:
+        """Tokens held by the prefix cache in the KV pool."""
+        return self.cache.total_tokens if self.cache is not None else 0

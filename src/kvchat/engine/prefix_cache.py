@@ -1,0 +1,416 @@
+"""`PrefixCache`: a radix tree over token ids that records which parked KV
+sequence holds the cells of each token run.
+
+Pure bookkeeping, after SGLang's radix cache: the engine asks what is resident
+(:meth:`PrefixCache.match`), parks finished sequences (:meth:`PrefixCache.insert`)
+and asks what to free (:meth:`PrefixCache.evict_lru`); the tree answers with the
+KV operations to perform and never touches llama.cpp itself.
+
+A parked sequence holds cells for exactly the positions ``[0, n)`` of its tokens,
+and ``seq_copy`` shares cells between sequences. So every parked sequence owns
+exactly one leaf and holds every token on the path from the root to it, and
+every node's ``holder`` is the holder of a leaf below it: matching ``m`` tokens
+that end inside node ``N`` means "share positions ``[0, m)`` from ``N.holder``".
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+
+class IntegrityError(Exception):
+    """An invariant of the tree is broken (raised by `PrefixCache.check_integrity`)."""
+
+
+class Node:
+    """One edge of the tree: `tokens` at positions ``[start, end)``, below `parent`.
+
+    `children` are keyed by the first token of their edge. `holder` is the seq id
+    of a leaf in this node's subtree (None only at a root). `lock_ref` counts the
+    locks on this node or below it; `last_used` is the clock at the last match or
+    insert through it.
+    """
+
+    __slots__ = ("tokens", "start", "parent", "children", "holder", "lock_ref", "last_used", "stamp")
+
+    def __init__(self, tokens: tuple[int, ...], start: int, parent: Node | None, holder: int | None) -> None:
+        self.tokens = tokens
+        self.start = start
+        self.parent = parent
+        self.children: dict[int, Node] = {}
+        self.holder = holder
+        self.lock_ref = 0
+        self.last_used = 0.0
+        self.stamp = 0  # order of the last touch: breaks ties between equal clock readings
+
+    @property
+    def end(self) -> int:
+        """The position after this node's last token (= depth below the root)."""
+        return self.start + len(self.tokens)
+
+    def path(self) -> tuple[int, ...]:
+        """Every token from the root to the end of this node's edge."""
+        parts: list[tuple[int, ...]] = []
+        node: Node | None = self
+        while node is not None:
+            parts.append(node.tokens)
+            node = node.parent
+        return tuple(itertools.chain.from_iterable(reversed(parts)))
+
+    def __repr__(self) -> str:
+        return f"Node(start={self.start}, tokens={self.tokens}, holder={self.holder}, lock_ref={self.lock_ref})"
+
+
+@dataclass(frozen=True)
+class MatchResult:
+    """The longest resident prefix of a token list.
+
+    `holder` holds positions ``[0, length)``; `node` is the deepest node the match
+    reached (possibly only partly: ``node.start < length <= node.end``), the one
+    to :meth:`PrefixCache.lock`. Both are None when ``length == 0``.
+    """
+
+    length: int
+    holder: int | None
+    node: Node | None
+
+
+@dataclass(frozen=True)
+class Eviction:
+    """One leaf removed from the tree, and what the engine does about it.
+
+    The engine calls ``seq_remove(seq_id, keep, -1)``; `keep` is 0 when the
+    sequence is freed entirely, which is exactly when `released` is True (the id
+    can be recycled). `tokens` is the path ``[0, end)`` `seq_id` held before the
+    trim, in `namespace` (for spilling to a lower tier); `freed_tokens` left the tree.
+    """
+
+    seq_id: int
+    keep: int
+    tokens: tuple[int, ...]
+    freed_tokens: int
+    released: bool
+    namespace: str | None = None
+
+
+@dataclass(frozen=True)
+class InsertResult:
+    """What :meth:`PrefixCache.insert` did, as KV operations for the engine.
+
+    - `added_tokens`: new tokens stored (0: the whole list was already present);
+    - `stored`: `seq_id` is now parked as a leaf's holder; False: the engine frees it;
+    - `shared_from`: ``(holder, start, end)`` runs the tree already had that
+      `seq_id` evaluated itself: the engine re-shares them
+      (``seq_remove(seq_id, start, end)``, ``seq_copy(holder, seq_id, start, end)``);
+    - `redundant`: other parked ids whose leaf the new tokens extend: the engine
+      frees them entirely, *after* applying `shared_from` (which may name them).
+    """
+
+    added_tokens: int
+    stored: bool
+    redundant: tuple[int, ...] = ()
+    shared_from: tuple[tuple[int, int, int], ...] = ()
+
+
+class PrefixCache:
+    """Radix tree of parked KV sequences, one tree per namespace.
+
+    Requests in different namespaces never share. Eviction picks the least
+    recently used unlocked leaf over all namespaces. Not thread-safe: the engine's
+    worker thread owns it.
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._roots: dict[str | None, Node] = {}
+        self._leaf_of: dict[int, Node] = {}
+        self._total = 0
+        self._protected = 0
+        self._stamps = itertools.count(1)
+
+    def match(self, tokens: Sequence[int], *, namespace: str | None = None) -> MatchResult:
+        """The longest resident prefix of `tokens`; marks its path as just used."""
+        result = self.peek(tokens, namespace=namespace)
+        self._touch(result.node)
+        return result
+
+    def peek(self, tokens: Sequence[int], *, namespace: str | None = None) -> MatchResult:
+        """Like :meth:`match`, but leaves the last-use times alone."""
+        length, node = self._walk(tokens, namespace)
+        if node is None:
+            return MatchResult(0, None, None)
+        return MatchResult(length, node.holder, node)
+
+    def holders(self) -> set[int]:
+        """The seq ids currently parked in the tree."""
+        return set(self._leaf_of)
+
+    @property
+    def total_tokens(self) -> int:
+        """Tokens stored in the tree (each position of each edge once)."""
+        return self._total
+
+    @property
+    def protected_tokens(self) -> int:
+        """Tokens in locked nodes (lock_ref > 0): not evictable."""
+        return self._protected
+
+    @property
+    def evictable_tokens(self) -> int:
+        """Tokens in unlocked nodes: ``total_tokens - protected_tokens``."""
+        return self._total - self._protected
+
+    def lock(self, node: Node) -> None:
+        """Protect `node` and its ancestors from eviction (one more reference).
+
+        Raises ValueError if `node` is no longer in the tree.
+        """
+        path, attached = self._path_to_root(node)
+        if not attached:
+            raise ValueError(f"{node!r} is no longer in the prefix cache")
+        for n in path:
+            n.lock_ref += 1
+            if n.lock_ref == 1:
+                self._protected += len(n.tokens)
+
+    def unlock(self, node: Node) -> None:
+        """Drop one reference taken by :meth:`lock`; raises ValueError if there is none.
+
+        A node dropped by :meth:`clear` or :meth:`remove_namespace` while locked
+        can still be unlocked (it no longer counts anywhere).
+        """
+        path, attached = self._path_to_root(node)
+        if node.lock_ref <= 0:
+            raise ValueError(f"unlock of a node that is not locked: {node!r}")
+        for n in path:
+            n.lock_ref -= 1
+            if n.lock_ref == 0 and attached:
+                self._protected -= len(n.tokens)
+
+    def insert(
+        self, tokens: Sequence[int], seq_id: int, *, shared_prefix: int = 0, namespace: str | None = None
+    ) -> InsertResult:
+        """Park `seq_id`, which holds exactly `tokens` (positions ``[0, len)``).
+
+        Its first `shared_prefix` positions were shared from the tree at admission.
+        Raises ValueError if `seq_id` is already parked or `shared_prefix` is out
+        of range.
+        """
+        tokens = tuple(tokens)
+        if seq_id in self._leaf_of:
+            raise ValueError(f"seq {seq_id} is already parked in the prefix cache")
+        if not 0 <= shared_prefix <= len(tokens):
+            raise ValueError(f"shared_prefix {shared_prefix} is outside [0, {len(tokens)}]")
+        length, deepest = self._walk(tokens, namespace)
+        if length == len(tokens):
+            self._touch(deepest)
+            return InsertResult(0, False)
+        parent = deepest if deepest is not None else self._roots.setdefault(namespace, Node((), 0, None, None))
+        if parent.end > length:  # the tokens leave `deepest` inside its edge
+            parent = self._split(parent, length - parent.start)
+        shared_from: tuple[tuple[int, int, int], ...] = ()
+        if length > shared_prefix and parent.holder is not None:  # evaluated again what the tree had
+            shared_from = ((parent.holder, shared_prefix, length),)
+        redundant: tuple[int, ...] = ()
+        if parent.parent is not None and not parent.children:  # extends the leaf of another sequence
+            old = parent.holder
+            assert old is not None
+            redundant = (old,)
+            del self._leaf_of[old]
+            self._reassign(parent, old, seq_id)
+        leaf = Node(tokens[length:], length, parent, seq_id)
+        parent.children[leaf.tokens[0]] = leaf
+        self._leaf_of[seq_id] = leaf
+        self._total += len(leaf.tokens)
+        self._touch(leaf)
+        return InsertResult(len(leaf.tokens), True, redundant, shared_from)
+
+    def evict_lru(self) -> Eviction | None:
+        """Remove the least recently used unlocked leaf; None if every leaf is locked.
+
+        If the leaf's parent is left childless (and is not a root) it becomes the
+        holder's new leaf (``keep = parent.end``); otherwise the holder is released.
+        """
+        candidates = [leaf for leaf in self._leaf_of.values() if leaf.lock_ref == 0]
+        if not candidates:
+            return None
+        return self._evict_leaf(min(candidates, key=lambda n: (n.last_used, n.stamp)))
+
+    def evict_sequence(self, seq_id: int) -> list[Eviction]:
+        """Remove every node only `seq_id` holds, leaf by leaf; the last eviction releases it.
+
+        Returns [] if `seq_id` is not parked. Raises ValueError (changing nothing)
+        if one of those nodes is locked.
+        """
+        leaf = self._leaf_of.get(seq_id)
+        if leaf is None:
+            return []
+        doomed = [leaf]
+        node = leaf.parent
+        while node is not None and node.parent is not None and len(node.children) == 1:
+            doomed.append(node)
+            node = node.parent
+        if any(n.lock_ref for n in doomed):
+            raise ValueError(f"seq {seq_id} holds locked tokens")
+        evictions = [self._evict_leaf(leaf)]
+        while not evictions[-1].released:
+            evictions.append(self._evict_leaf(self._leaf_of[seq_id]))
+        return evictions
+
+    def remove_namespace(self, namespace: str | None) -> list[int]:
+        """Drop a namespace's tree, locked nodes included; returns the released seq ids (sorted).
+
+        Running requests keep the cells they share; their locks go stale (see :meth:`unlock`).
+        """
+        root = self._roots.pop(namespace, None)
+        if root is None:
+            return []
+        released: list[int] = []
+        for node in _subtree(root):
+            self._total -= len(node.tokens)
+            self._protected -= len(node.tokens) if node.lock_ref > 0 else 0
+            if node.holder is not None and not node.children:
+                released.append(node.holder)
+                del self._leaf_of[node.holder]
+        return sorted(released)
+
+    def clear(self) -> list[int]:
+        """Drop everything, locked nodes included; returns the released seq ids (sorted)."""
+        return sorted(seq for namespace in list(self._roots) for seq in self.remove_namespace(namespace))
+
+    def check_integrity(self) -> None:
+        """Recount everything from scratch; raise IntegrityError on any broken invariant."""
+        total = protected = 0
+        leaves: dict[int, Node] = {}
+        for namespace, root in self._roots.items():
+            malformed = root.parent is not None or root.tokens or root.start != 0 or root.holder is not None
+            _require(not malformed, f"namespace {namespace!r}: malformed root {root!r}")
+            for node in _subtree(root):
+                total += len(node.tokens)
+                protected += len(node.tokens) if node.lock_ref > 0 else 0
+                _check_node(node)
+                if node.parent is not None and not node.children:
+                    _require(node.holder is not None, f"leaf without a holder: {node!r}")
+                    _require(node.holder not in leaves, f"two leaves held by seq {node.holder}")
+                    leaves[node.holder] = node  # type: ignore[index]
+        _require(leaves.keys() == self._leaf_of.keys(), f"holders() {self.holders()} != leaf holders {set(leaves)}")
+        for holder, leaf in leaves.items():
+            _require(self._leaf_of[holder] is leaf, f"seq {holder}: recorded leaf is not its leaf")
+        for root in self._roots.values():
+            for node in _subtree(root):
+                if node.parent is not None:
+                    below = node.holder is not None and _is_below(leaves.get(node.holder), node)
+                    _require(below, f"holder is not the holder of a leaf below: {node!r}")
+        _require(total == self._total, f"total_tokens {self._total} != recount {total}")
+        _require(protected == self._protected, f"protected_tokens {self._protected} != recount {protected}")
+
+    def _walk(self, tokens: Sequence[int], namespace: str | None) -> tuple[int, Node | None]:
+        """Tokens matched and the deepest node reached (None if no token matched)."""
+        node = self._roots.get(namespace)
+        pos, deepest = 0, None
+        while node is not None and pos < len(tokens):
+            child = node.children.get(tokens[pos])
+            if child is None:
+                break
+            k = _common_length(child.tokens, tokens, pos)
+            pos, deepest = pos + k, child
+            node = child if k == len(child.tokens) else None
+        return pos, deepest
+
+    def _touch(self, node: Node | None) -> None:
+        """Mark `node` and its ancestors as just used (nothing if `node` is None)."""
+        if node is None:
+            return
+        now, stamp = self._clock(), next(self._stamps)
+        while node is not None:
+            node.last_used, node.stamp = now, stamp
+            node = node.parent
+
+    def _split(self, node: Node, k: int) -> Node:
+        """Cut `node`'s edge after `k` tokens; return the new upper node.
+
+        The upper node inherits holder, lock count and use time: every lock
+        counted on `node` walks through it from now on. The counters do not change.
+        """
+        assert node.parent is not None and 0 < k < len(node.tokens)
+        upper = Node(node.tokens[:k], node.start, node.parent, node.holder)
+        upper.lock_ref, upper.last_used, upper.stamp = node.lock_ref, node.last_used, node.stamp
+        node.parent.children[node.tokens[0]] = upper
+        node.tokens, node.start, node.parent = node.tokens[k:], node.start + k, upper
+        upper.children[node.tokens[0]] = node
+        return upper
+
+    def _reassign(self, node: Node | None, old: int, new: int | None) -> None:
+        """Replace holder `old` on `node` and its ancestors by `new` (None: by a child's holder)."""
+        while node is not None:
+            if node.holder == old:
+                node.holder = new if new is not None else next(iter(node.children.values())).holder
+            node = node.parent
+
+    def _evict_leaf(self, leaf: Node) -> Eviction:
+        holder, parent, tokens = leaf.holder, leaf.parent, leaf.path()
+        assert holder is not None and parent is not None and leaf.lock_ref == 0
+        path, _ = self._path_to_root(leaf)
+        namespace = next(ns for ns, root in self._roots.items() if root is path[-1])
+        del parent.children[leaf.tokens[0]]
+        leaf.parent = None
+        self._total -= len(leaf.tokens)
+        if parent.parent is not None and not parent.children:  # the parent is the holder's new leaf
+            self._leaf_of[holder] = parent
+            return Eviction(holder, parent.end, tokens, len(leaf.tokens), False, namespace)
+        del self._leaf_of[holder]
+        self._reassign(parent, holder, None)
+        if parent.parent is None and not parent.children and not parent.lock_ref:
+            del self._roots[namespace]
+        return Eviction(holder, 0, tokens, len(leaf.tokens), True, namespace)
+
+    def _path_to_root(self, node: Node) -> tuple[list[Node], bool]:
+        """`node` and its ancestors, and whether they are still in the tree."""
+        path: list[Node] = []
+        n: Node | None = node
+        while n is not None:
+            path.append(n)
+            n = n.parent
+        return path, any(path[-1] is root for root in self._roots.values())
+
+
+def _common_length(edge: tuple[int, ...], tokens: Sequence[int], pos: int) -> int:
+    """How many leading tokens of `edge` equal ``tokens[pos:]``."""
+    n = min(len(edge), len(tokens) - pos)
+    for i in range(n):
+        if edge[i] != tokens[pos + i]:
+            return i
+    return n
+
+
+def _subtree(root: Node) -> Iterator[Node]:
+    """`root` and every node below it, parents first."""
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        yield node
+        stack.extend(node.children.values())
+
+
+def _is_below(leaf: Node | None, node: Node) -> bool:
+    while leaf is not None and leaf is not node:
+        leaf = leaf.parent
+    return leaf is node
+
+
+def _check_node(node: Node) -> None:
+    _require(node.lock_ref >= 0, f"negative lock_ref: {node!r}")
+    for key, child in node.children.items():
+        _require(bool(child.tokens), f"empty edge below {node!r}")
+        _require(key == child.tokens[0], f"child key {key} != first token of {child!r}")
+        _require(child.parent is node, f"{child!r} does not point back to its parent {node!r}")
+        _require(child.start == node.end, f"{child!r} starts at {child.start}, parent ends at {node.end}")
+        _require(node.lock_ref >= child.lock_ref, f"{node!r} has a lower lock_ref than its child {child!r}")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise IntegrityError(message)
