@@ -21,11 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 from kvchat import Engine, EngineSettings, SamplingParams
-from kvchat.llama import Model
+from kvchat.llama import Batch, Context, ContextParams, Model
 from kvchat.models import DEFAULT_CHAT_MODEL, resolve
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -53,16 +54,40 @@ class Conversation:
         self.model = model
         self.user = user
         self.tokens = model.tokenize(f"A helpful assistant talks with user {user}.\n", add_special=True)
+        self.unsent = len(self.tokens)  # the opening line is new on the first call
 
     def ask(self, engine: Engine, turn: int, answer_tokens: int) -> dict[str, float]:
         new = self.model.tokenize(f"\nUser: {user_message(self.user, turn)}\nAssistant:")
         self.tokens = self.tokens + new
+        n_new, self.unsent = self.unsent + len(new), 0
         done = engine.submit(self.tokens, SamplingParams(temperature=0, max_tokens=answer_tokens)).collect()
         self.tokens = self.tokens + list(done.token_ids)
         u = done.usage
-        return {"turn": turn, "user": self.user, "prompt_tokens": u.prompt_tokens, "new_tokens": len(new),
+        return {"turn": turn, "user": self.user, "prompt_tokens": u.prompt_tokens, "new_tokens": n_new,
                 "cached_tokens": u.cached_tokens, "evaluated_tokens": u.evaluated_tokens,
                 "ttft_s": u.time_to_first_token, "completion_tokens": u.completion_tokens}
+
+
+def bare_prefill_seconds(model: Model, settings: EngineSettings, cached: int, new: int, repeats: int = 3) -> float:
+    """Best time of one llama_decode of `new` tokens on top of `cached` resident ones:
+    the backend's own cost for a turn, without the engine (attention grows with `cached`)."""
+    tokens = [(i * 7919) % 20000 + 100 for i in range(cached + new)]
+    params = ContextParams(n_ctx=settings.n_ctx, n_batch=settings.n_batch, n_seq_max=settings.n_seq_max)
+    with Context(model, params) as ctx, Batch(settings.n_batch) as batch:
+        for start in range(0, cached, settings.n_batch):
+            batch.clear()
+            chunk = tokens[start:min(cached, start + settings.n_batch)]
+            batch.add_chunk(chunk, start, 0, logits_last=False)
+            ctx.decode(batch)
+        best = float("inf")
+        for _ in range(repeats):
+            ctx.seq_remove(0, cached, -1)
+            batch.clear()
+            batch.add_chunk(tokens[cached:], cached, 0, logits_last=True)
+            began = time.perf_counter()
+            ctx.decode(batch)
+            best = min(best, time.perf_counter() - began)
+    return best
 
 
 def single(model: Model, settings: EngineSettings, turns: int, answer_tokens: int) -> list[dict[str, float]]:
@@ -124,6 +149,8 @@ def main() -> None:
         print(f"{turn:>4} {sum(r['ttft_s'] for r in rows) / len(rows):>10.3f} "
               f"{sum(r['new_tokens'] for r in rows):>6} {sum(r['evaluated_tokens'] for r in rows):>10}")
     summary = summarise(on, off, mixed)
+    floor = [bare_prefill_seconds(model, cache_on, r["cached_tokens"], r["evaluated_tokens"]) for r in (on[1], on[-1])]
+    summary["bare_decode_turn_last_over_turn_2"] = floor[1] / floor[0]
     print("\nsummary")
     for key, value in summary.items():
         print(f"  {key}: {value:.3f}")

@@ -177,6 +177,20 @@ def test_lock_protects_from_eviction(cache: PrefixCache, clock: FakeClock) -> No
     assert cache.total_tokens == 0 and cache.evict_lru() is None
 
 
+def test_evict_sequence_refuses_a_locked_inner_node_of_its_chain(cache: PrefixCache) -> None:
+    _insert(cache, [1, 2], 1)
+    _insert(cache, [1, 2, 3], 2)  # [1, 2] -> [3]: both only held by 2
+    inner = cache.match([1, 2]).node
+    assert inner is not None and inner.children
+    cache.lock(inner)
+    with pytest.raises(ValueError):
+        cache.evict_sequence(2)
+    cache.check_integrity()
+    assert cache.total_tokens == 3
+    assert cache.evict_lru() == Eviction(2, 2, (1, 2, 3), 1, False)  # the unlocked leaf can go
+    assert cache.evict_lru() is None
+
+
 def test_evict_sequence_allowed_when_only_shared_nodes_are_locked(cache: PrefixCache) -> None:
     _insert(cache, [1, 2, 3], 1)
     _insert(cache, [1, 2, 4], 2)
@@ -385,7 +399,7 @@ TOKENS = st.lists(st.integers(0, 3), min_size=1, max_size=12).map(tuple)
 
 def _lcp(a: tuple[int, ...], b: tuple[int, ...]) -> int:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if x != y:
             break
         n += 1

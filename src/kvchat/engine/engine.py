@@ -122,6 +122,8 @@ class Engine:
         sampling = sampling or SamplingParams()
         prompt = self._checked_prompt(prompt_tokens)
         sampling.check_token_ids(self.model.n_vocab)
+        if sampling.grammar is not None:  # fail here, on the caller's thread, not in the worker
+            self._new_sampler(sampling).close()
         room = self.context_limit - len(prompt)
         max_new = sampling.max_tokens if sampling.max_tokens is not None else room
         if max_new > room or room < 1:
@@ -256,7 +258,7 @@ class Engine:
 
     def _new_sampler(self, sampling: SamplingParams) -> SamplerChain:
         return SamplerChain(
-            n_vocab=self.model.n_vocab,
+            self.model,
             temperature=sampling.temperature,
             top_k=sampling.top_k,
             top_p=sampling.top_p,
@@ -267,6 +269,7 @@ class Engine:
             penalty_last_n=sampling.penalty_last_n,
             logit_bias=sampling.logit_bias,
             seed=sampling.seed if sampling.seed is not None else random.getrandbits(32),
+            grammar=sampling.grammar,
         )
 
     def _sample(self, scheduled: ScheduledRow) -> None:

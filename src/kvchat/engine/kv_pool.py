@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from kvchat.engine.prefix_cache import Eviction, PrefixCache
+from kvchat.engine.prefix_cache import Eviction, Node, PrefixCache
 from kvchat.engine.sequence import Sequence
 from kvchat.engine.state_store import SpilledState, StateStore, StoreMatch
 from kvchat.errors import BackendError
@@ -96,7 +96,7 @@ class KVPool:
         """A match's usable length: at least one prompt token is evaluated, for fresh logits."""
         return max(0, min(matched, len(seq.prompt) - 1))
 
-    def _match(self, seq: Sequence) -> tuple[int, int | None, object | None]:
+    def _match(self, seq: Sequence) -> tuple[int, int | None, Node | None]:
         if self.cache is None:
             return 0, None, None
         found = self.cache.match(seq.prompt, namespace=seq.cache_key)
@@ -149,7 +149,7 @@ class KVPool:
 
     def _apply(self, eviction: Eviction) -> None:
         self.counters.evictions += 1
-        if self.store is not None:
+        if self.store is not None and not self._store_covers(eviction):
             state = self._context.seq_state(eviction.seq_id)
             self.store.put(SpilledState(eviction.tokens, eviction.namespace, state))
             self.counters.spills += 1
@@ -157,6 +157,11 @@ class KVPool:
             self._free_id(eviction.seq_id)
         else:
             self._context.seq_remove(eviction.seq_id, eviction.keep, -1)
+
+    def _store_covers(self, eviction: Eviction) -> bool:
+        """True if a lower tier already holds these tokens (then copying the state is waste)."""
+        found = self.store.best_match(eviction.tokens, namespace=eviction.namespace)
+        return found is not None and found.length == len(eviction.tokens)
 
     # -- finishing -----------------------------------------------------------------------
 

@@ -140,9 +140,7 @@ class PrefixCache:
     def peek(self, tokens: Sequence[int], *, namespace: str | None = None) -> MatchResult:
         """Like :meth:`match`, but leaves the last-use times alone."""
         length, node = self._walk(tokens, namespace)
-        if node is None:
-            return MatchResult(0, None, None)
-        return MatchResult(length, node.holder, node)
+        return MatchResult(length, node.holder, node) if node is not None else MatchResult(0, None, None)
 
     def holders(self) -> set[int]:
         """The seq ids currently parked in the tree."""

@@ -23,6 +23,7 @@ class SamplingParams:
     `stop` strings end the output before the stop string (it is not returned);
     `stop_token_ids` end it on those tokens, in addition to the model's own
     end-of-generation tokens. Penalties see only the generated tokens.
+    `grammar` (GBNF text with a `root` rule) constrains every sampled token.
     """
 
     max_tokens: int | None = 256
@@ -38,6 +39,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         # Accept lists from callers, store immutable values.
@@ -64,12 +66,15 @@ class SamplingParams:
                "stop_token_ids", "must be token ids >= 0")
         _check(all(isinstance(t, int) and t >= 0 and _finite(b) for t, b in self.logit_bias.items()),
                "logit_bias", "keys must be token ids >= 0 and values finite numbers")
+        _check(self.grammar is None or (isinstance(self.grammar, str) and self.grammar.strip() != ""),
+               "grammar", "must be non-empty GBNF text or None")
 
     @property
     def is_plain_greedy(self) -> bool:
         """Greedy with nothing that changes the logits: the argmax is the answer."""
         return (
             self.temperature == 0
+            and self.grammar is None
             and not self.logit_bias
             and self.repeat_penalty == 1.0
             and not self.presence_penalty

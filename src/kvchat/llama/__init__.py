@@ -3,7 +3,8 @@
 - :class:`Model`: weights, vocabulary, metadata, tokenizer;
 - :class:`Context` / :class:`ContextParams`: decode, unified KV cache, sequence state;
 - :class:`Batch`: the token batch for one decode;
-- :class:`SamplerChain`: a per-request sampler chain.
+- :class:`SamplerChain`: a per-request sampler chain;
+- :func:`json_schema_to_grammar`: GBNF for constrained (JSON) output.
 
 Every object frees its C memory in `close()` (and as a context manager).
 """
@@ -11,7 +12,17 @@ Every object frees its C memory in `close()` (and as a context manager).
 from kvchat.llama.backend import ensure_backend
 from kvchat.llama.batch import Batch
 from kvchat.llama.context import Context, ContextParams
+from kvchat.llama.grammar import ANY_JSON_OBJECT, json_schema_to_grammar
 from kvchat.llama.model import Model
 from kvchat.llama.sampler import SamplerChain
 
-__all__ = ["Batch", "Context", "ContextParams", "Model", "SamplerChain", "ensure_backend"]
+__all__ = [
+    "ANY_JSON_OBJECT",
+    "Batch",
+    "Context",
+    "ContextParams",
+    "Model",
+    "SamplerChain",
+    "ensure_backend",
+    "json_schema_to_grammar",
+]

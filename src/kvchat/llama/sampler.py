@@ -7,22 +7,25 @@ from types import TracebackType
 
 import llama_cpp
 
+from kvchat.errors import InvalidRequestError
 from kvchat.llama.context import Context
+from kvchat.llama.model import Model
 
 
 class SamplerChain:
     """Turns one logits row into a token, applying the request's sampling options.
 
-    The chain runs, in order: logit bias, penalties, top-k, top-p, min-p,
-    temperature, then a seeded random draw; with `temperature == 0` it is greedy
-    after bias and penalties. Penalties count only the tokens this chain has
-    sampled. Free it with :meth:`close`.
+    The chain runs, in order: grammar (tokens that would break it are
+    excluded), logit bias, penalties, top-k, top-p, min-p, temperature, then a
+    seeded random draw; with `temperature == 0` it is greedy after grammar, bias
+    and penalties. Penalties count only the tokens this chain has sampled. Free it
+    with :meth:`close`. An invalid grammar raises `InvalidRequestError`.
     """
 
     def __init__(
         self,
+        model: Model,
         *,
-        n_vocab: int,
         temperature: float,
         top_k: int,
         top_p: float,
@@ -33,11 +36,19 @@ class SamplerChain:
         penalty_last_n: int,
         logit_bias: Mapping[int, float],
         seed: int,
+        grammar: str | None = None,
     ) -> None:
+        n_vocab = model.n_vocab
         params = llama_cpp.llama_sampler_chain_default_params()
         params.no_perf = True
         self._chain = llama_cpp.llama_sampler_chain_init(params)
         add = self._add
+        if grammar is not None:
+            grammar_sampler = llama_cpp.llama_sampler_init_grammar(model.vocab_handle, grammar.encode(), b"root")
+            if not grammar_sampler:
+                self.close()
+                raise InvalidRequestError("the grammar does not parse (GBNF with a `root` rule)", field="grammar")
+            add(grammar_sampler)
         if logit_bias:
             entries = (llama_cpp.llama_logit_bias * len(logit_bias))()
             for entry, (token, bias) in zip(entries, logit_bias.items()):
