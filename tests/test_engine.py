@@ -241,3 +241,16 @@ def test_close_cancels_running_requests_and_refuses_new_ones(gemma_model: Model)
     with pytest.raises(EngineClosedError):
         engine.generate("hello", greedy(2))
     engine.close()  # twice is fine
+
+
+def test_grammar_constrains_the_output(idle_engine: Engine) -> None:
+    params = greedy(8, grammar='root ::= "yes" | "no"')
+    done = idle_engine.generate("Is the sky green? Answer:", params).collect()
+    assert done.text in ("yes", "no")
+    assert done.usage.finish_reason == "stop"  # nothing but end-of-generation fits after the grammar
+
+
+def test_invalid_grammar_is_refused_before_queueing(idle_engine: Engine) -> None:
+    with pytest.raises(InvalidRequestError) as caught:
+        idle_engine.generate("hi", greedy(4, grammar="root ::= (unclosed"))
+    assert caught.value.field == "grammar"
