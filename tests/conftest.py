@@ -67,3 +67,17 @@ def wait_idle(engine: Engine, timeout: float = 10.0):
         time.sleep(0.02)
         stats = engine.stats()
     return stats
+
+
+@pytest.fixture(scope="session")
+def qwen_model() -> Model:
+    """Qwen2.5-Coder 0.5B Instruct, the packaged chat model (it has a chat template)."""
+    with Model(resolve("qwen2.5-coder-0.5b-instruct", progress=False)) as model:
+        yield model
+
+
+@pytest.fixture(scope="session")
+def qwen_engine(qwen_model: Model) -> Engine:
+    """One engine on Qwen, shared by the chat tests."""
+    with Engine(qwen_model, EngineSettings(n_ctx=8192, max_running=8, n_seq_max=16)) as engine:
+        yield engine

@@ -32,18 +32,18 @@ PROMPTS = [
 
 
 # llama.cpp's logits differ by up to ~1.0 between batch shapes (measured here, on
-# the bare llama_decode loop too, see docs/benchmarks.md), so a greedy path with a
-# near-tie flips whenever the batch composition changes, with or without kvchat.
-# These prompts have a top-1 margin of at least 0.2 over their first 16 tokens.
+# the bare llama_decode loop too), so a greedy path with a near-tie flips whenever
+# the batch composition changes, with or without kvchat. These prompts have a
+# top-1 margin of at least 1.3 logits at each of their first 16 greedy tokens.
 BATCH_PROMPTS = [
-    "def fibonacci(n):",
-    "import numpy as np\n",
-    "The quick brown fox",
-    "for i in range(10):",
-    "Water boils at",
-    "The alphabet: A, B, C, D,",
+    "1\n2\n3\n4\n5\n",
+    "ab ab ab ab ab ab ab",
     "1, 2, 3, 4, 5,",
-    "<html>\n<head>\n",
+    "0 1 2 3 4 5 6",
+    "1. 2. 3. 4. 5.",
+    "a b c d e f",
+    "5, 10, 15, 20,",
+    "A1 A2 A3 A4 A5",
 ]
 
 

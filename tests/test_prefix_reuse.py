@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import pytest
 
 from kvchat import Engine, EngineSettings, SamplingParams
 from kvchat.llama import Model

@@ -11,7 +11,8 @@ import argparse
 import sys
 
 from kvchat import Engine, SamplingParams
-from kvchat.chat import ChatTemplate
+from kvchat.chat.history import GeneratedTokenMemory
+from kvchat.chat.tokenizer import ChatTokenizer
 from kvchat.models import DEFAULT_CHAT_MODEL
 
 QUESTION = "What is a KV cache in a language model? Answer in two sentences."
@@ -20,20 +21,21 @@ QUESTION = "What is a KV cache in a language model? Answer in two sentences."
 def run(model: str, question: str, max_tokens: int) -> None:
     """Run the two-turn demo and print to stdout."""
     with Engine(model) as engine:
-        template = ChatTemplate.for_model(engine.model)
+        tokenizer = ChatTokenizer(engine.model, memory=GeneratedTokenMemory())
         messages = [{"role": "system", "content": "You are a concise assistant."},
                     {"role": "user", "content": question}]
         for turn in (1, 2):
             print(f"\n[turn {turn}] user: {messages[-1]['content']}\nassistant: ", end="", flush=True)
-            # The demo's messages are fixed text, so parsing special tokens in the
-            # rendered prompt is safe here; the chat layer keeps user text apart.
-            tokens = engine.model.tokenize(template.render(messages), parse_special=True)
+            tokens = tokenizer.encode(messages)  # message text never becomes markup
             stream = engine.submit(tokens, SamplingParams(temperature=0, max_tokens=max_tokens))
-            answer = []
+            answer, answer_ids = [], []
             for chunk in stream:
                 answer.append(chunk.text)
+                answer_ids.extend(chunk.token_ids)
                 print(chunk.text, end="", flush=True)
             usage = stream.usage
+            # The next call re-sends this answer: give it back as the exact ids sampled.
+            tokenizer.memory.remember("".join(answer), answer_ids)
             print(f"\n  -> prompt {usage.prompt_tokens} tokens, cached {usage.cached_tokens}, "
                   f"evaluated {usage.evaluated_tokens}, completion {usage.completion_tokens}, "
                   f"time to first token {usage.time_to_first_token:.3f} s, finish: {usage.finish_reason}")

@@ -1,14 +1,26 @@
-"""`ChatTemplate`: the model's own Jinja chat template, rendered in a sandbox."""
+"""`ChatTemplate`: the model's own Jinja chat template, rendered in a sandbox.
+
+Templates come from model files, so they are untrusted code. They run in
+jinja2's immutable sandbox, made stricter here: touching an unsafe attribute
+(``''.__class__``, ``cycler.__init__.__globals__``, ``self.__dict__``) raises at
+once instead of rendering an empty string, ``import``/``include``/``extends``
+find no loader, and string or list repetition and ``**`` are bounded. Every
+failure surfaces as :class:`TemplateRenderError`.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import operator
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from jinja2 import TemplateError
+from jinja2 import nodes
+from jinja2.exceptions import SecurityError, TemplateError
+from jinja2.ext import Extension
+from jinja2.parser import Parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from kvchat.errors import InvalidRequestError
@@ -23,33 +35,89 @@ CHATML_TEMPLATE = (
 )
 """Fallback for models whose GGUF carries no template."""
 
+MAX_REPEAT_LENGTH = 1 << 20
+"""Longest string or list a template may build with ``*``."""
+
+MAX_POWER_EXPONENT = 4096
+"""Largest exponent a template may use with ``**``."""
+
 
 class TemplateRenderError(InvalidRequestError):
-    """The chat template refused the messages or failed to render them."""
+    """The chat template refused the messages, failed to render them, or tried
+    to reach Python internals (which the sandbox refuses)."""
 
 
 def _raise_exception(message: str) -> None:
     raise TemplateRenderError(f"chat template error: {message}", field="messages")
 
 
-def _tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False, sort_keys: bool = False) -> str:
-    # Model templates expect plain JSON, not jinja2's HTML-escaped variant.
-    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys)
+def _tojson(
+    value: Any,
+    indent: int | None = None,
+    ensure_ascii: bool = False,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    # Model templates expect plain JSON (as Hugging Face renders it), not jinja2's
+    # HTML-escaped variant.
+    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, separators=separators, sort_keys=sort_keys)
 
 
 def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
-class ChatTemplate:
-    """A chat template rendered with jinja2's immutable sandbox.
+class _GenerationBlock(Extension):
+    """``{% generation %}...{% endgeneration %}`` (Hugging Face's assistant-mask
+    marker): renders its body unchanged."""
 
-    Templates come from model files, so they are untrusted: the sandbox refuses
-    access to Python internals (such an attempt raises `TemplateRenderError`).
+    tags = {"generation"}
+
+    def parse(self, parser: Parser) -> nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.Scope(body, lineno=lineno)
+
+
+class _StrictSandbox(ImmutableSandboxedEnvironment):
+    """The immutable sandbox, failing loudly on unsafe access and bounding the
+    operators that can allocate without limit."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
+        raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
+
+    def call_binop(self, context: Any, op: str, left: Any, right: Any) -> Any:
+        if op == "**":
+            if isinstance(right, int) and abs(right) > MAX_POWER_EXPONENT:
+                raise SecurityError(f"exponent {right} is too large for a chat template")
+            return operator.pow(left, right)
+        for seq, count in ((left, right), (right, left)):
+            if isinstance(seq, (str, list, tuple)) and isinstance(count, int) and len(seq) * count > MAX_REPEAT_LENGTH:
+                raise SecurityError("a chat template tried to build a value that is too large")
+        return operator.mul(left, right)
+
+
+# A tool call whose arguments the capability probe looks for in the output.
+_PROBE_NEEDLE = "argument_needle"
+_PROBE_ARGUMENTS = {_PROBE_NEEDLE: "print('Hello, World!')"}
+
+
+class ChatTemplate:
+    """A chat template rendered with a strict immutable sandbox.
+
+    Build it from a model with :meth:`for_model` (the GGUF's
+    ``tokenizer.chat_template`` and its BOS/EOS token texts) or from source.
+    Templates get the helpers Hugging Face templates expect: ``raise_exception``,
+    ``tojson`` (plain JSON, ``ensure_ascii=False``), ``strftime_now``, loop
+    controls (``break``/``continue``) and the ``generation`` block.
     """
 
     def __init__(self, source: str, *, bos_token: str = "", eos_token: str = "") -> None:
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = _StrictSandbox(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols", _GenerationBlock]
+        )
         env.filters["tojson"] = _tojson
         env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
         try:
@@ -59,6 +127,7 @@ class ChatTemplate:
         self.source = source
         self.bos_token = bos_token
         self.eos_token = eos_token
+        self._object_arguments: bool | None = None
 
     @classmethod
     def for_model(cls, model: Any) -> ChatTemplate:
@@ -67,9 +136,9 @@ class ChatTemplate:
         if not source:
             logger.info("%s has no chat template; using ChatML", model.path)
             source = CHATML_TEMPLATE
-        bos = model.token_to_bytes(model.bos_token, special=True).decode("utf-8", "replace") if model.bos_token >= 0 else ""
-        eos = model.token_to_bytes(model.eos_token, special=True).decode("utf-8", "replace") if model.eos_token >= 0 else ""
-        return cls(source, bos_token=bos, eos_token=eos)
+        return cls(source, bos_token=_token_text(model, model.bos_token), eos_token=_token_text(model, model.eos_token))
+
+    # -- rendering ------------------------------------------------------------------
 
     def render(
         self,
@@ -77,10 +146,45 @@ class ChatTemplate:
         tools: Sequence[Mapping[str, Any]] | None = None,
         add_generation_prompt: bool = True,
     ) -> str:
-        """Render messages (and tool definitions) to the prompt text the model expects."""
+        """Render messages (and tool definitions) to the prompt text the model expects.
+
+        Messages are first passed through :meth:`normalize`; the caller's objects
+        are never changed. Raises `TemplateRenderError` for anything that fails.
+        """
+        return self._render(self.normalize(messages), tools, add_generation_prompt)
+
+    def normalize(self, messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """Copies of `messages` in the shape model templates expect.
+
+        - content given as OpenAI content parts (``[{"type": "text", "text": ...}]``)
+          becomes one string, the texts joined with newlines; other part types
+          raise `TemplateRenderError` (the models here read text only);
+        - ``tool_calls[*].function.arguments`` given as a JSON string becomes a
+          mapping when this template renders arguments with ``tojson`` (as Qwen's
+          does), so that they are not JSON-encoded twice; a template that prints
+          strings as they are gets them unchanged.
+
+        Idempotent: normalizing normalized messages changes nothing.
+        """
+        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+            raise TemplateRenderError("messages must be a list of message objects", field="messages")
+        out: list[dict[str, Any]] = []
+        for index, message in enumerate(messages):
+            if not isinstance(message, Mapping):
+                raise TemplateRenderError(f"messages[{index}] is not an object", field="messages")
+            copy = dict(message)
+            copy["content"] = _content_text(copy.get("content"), index)
+            if copy.get("tool_calls"):
+                copy["tool_calls"] = [self._normalize_call(call) for call in copy["tool_calls"]]
+            out.append(copy)
+        return out
+
+    def _render(
+        self, messages: list[dict[str, Any]], tools: Sequence[Mapping[str, Any]] | None, add_generation_prompt: bool
+    ) -> str:
         try:
             return self._template.render(
-                messages=[dict(m) for m in messages],
+                messages=messages,
                 tools=list(tools) if tools else None,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
@@ -88,5 +192,70 @@ class ChatTemplate:
             )
         except TemplateRenderError:
             raise
-        except (TemplateError, TypeError, ValueError, KeyError, AttributeError) as exc:
+        except Exception as exc:  # untrusted code: any failure is the template's
             raise TemplateRenderError(f"the chat template failed to render: {exc}", field="messages") from exc
+
+    # -- tool-call arguments -----------------------------------------------------------
+
+    def _normalize_call(self, call: Any) -> Any:
+        if not isinstance(call, Mapping) or not isinstance(call.get("function"), Mapping):
+            return call
+        arguments = call["function"].get("arguments")
+        if not isinstance(arguments, str) or not self.requires_object_arguments:
+            return call
+        try:
+            parsed = json.loads(arguments)
+        except ValueError:
+            return call  # not JSON: let the template show it as it is
+        if not isinstance(parsed, Mapping):
+            return call
+        return {**call, "function": {**call["function"], "arguments": parsed}}
+
+    @property
+    def requires_object_arguments(self) -> bool:
+        """True if the template renders tool-call arguments correctly only when
+        they are a mapping (it applies ``tojson`` to them), found by rendering a
+        probe conversation once (the approach of llama.cpp's minja)."""
+        if self._object_arguments is None:
+            as_string = self._probe_renders_arguments(json.dumps(_PROBE_ARGUMENTS))
+            as_object = self._probe_renders_arguments(_PROBE_ARGUMENTS)
+            self._object_arguments = as_object and not as_string
+        return self._object_arguments
+
+    def _probe_renders_arguments(self, arguments: Any) -> bool:
+        call = {"id": "call_1___", "type": "function", "function": {"name": "ipython", "arguments": arguments}}
+        messages = [
+            {"role": "user", "content": "Hey"},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+        ]
+        try:
+            text = self._render(messages, None, False)
+        except TemplateRenderError:
+            return False
+        return any(f"{q}{_PROBE_NEEDLE}{q}:" in text for q in ('"', "'"))
+
+
+def _token_text(model: Any, token: int) -> str:
+    """A special token's text ("" for a missing token, id -1)."""
+    return model.token_to_bytes(token, special=True).decode("utf-8", "replace") if token >= 0 else ""
+
+
+def _content_text(content: Any, index: int) -> Any:
+    """A message's content as text; None and strings pass through."""
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, Sequence) and not isinstance(content, (bytes, bytearray)):
+        texts: list[str] = []
+        for part in content:
+            if isinstance(part, str):
+                texts.append(part)
+            elif isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            else:
+                kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+                raise TemplateRenderError(
+                    f"messages[{index}].content: parts of type {kind!r} are not supported (text only)",
+                    field="messages",
+                )
+        return "\n".join(texts)
+    raise TemplateRenderError(f"messages[{index}].content must be text or a list of text parts", field="messages")

@@ -21,5 +21,6 @@ def json_schema_to_grammar(schema: Mapping[str, Any]) -> str:
     """
     try:
         return llama_grammar.json_schema_to_gbnf(json.dumps(schema))
-    except (ValueError, KeyError, TypeError, NotImplementedError, RecursionError) as exc:
+    except (AssertionError, ValueError, KeyError, TypeError, NotImplementedError, RecursionError) as exc:
+        # The converter signals some unsupported schemas (unknown types, bad $refs) with assert.
         raise InvalidRequestError(f"unsupported JSON schema: {exc}", field="response_format") from exc

@@ -1,0 +1,421 @@
+"""Tool calls in the model's own format: read them from (streamed) output, force them by grammar.
+
+Formats: :data:`HERMES` (Qwen, Hermes: ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``
+per call), :data:`LLAMA3` (``{"name": ..., "parameters": {...}}`` at the start of the reply or
+after ``<|python_tag|>``) and :data:`MISTRAL` (``[TOOL_CALLS] [{"name": ..., "arguments": ...}]``).
+The engine's text leaves out control tokens such as ``<|python_tag|>`` and ``[TOOL_CALLS]``, so
+a reply that *starts* with ``{`` (Llama 3) or ``[`` (Mistral) is read as calls too: it is held
+until its JSON closes and released as text if it is not calls. Whitespace that only separates
+calls from each other or from the ends of the reply is dropped. A malformed call becomes text
+(and a log line): parsing never raises.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+import string
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kvchat.errors import InvalidRequestError
+from kvchat.llama import json_schema_to_grammar
+
+__all__ = [
+    "HERMES", "LLAMA3", "MISTRAL", "Event", "StreamingToolCallParser", "TextDelta", "ToolCall",
+    "ToolCallEvent", "ToolCallFormat", "detect_format", "normalize_tool_choice", "parse_tool_calls",
+    "tool_call_grammar", "validate_tools",
+]
+
+logger = logging.getLogger("kvchat.chat")
+
+_TOOL_CHOICE_MODES = ("none", "auto", "required")
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_DEFS = ("$defs", "definitions")
+_GBNF_TOKEN = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]|#[^\n]*|[A-Za-z0-9_-]+|\s+|.', re.S)
+_ID_ALPHABET = string.ascii_letters + string.digits
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One call of a function tool, with its arguments decoded from JSON."""
+
+    id: str
+    name: str
+    arguments: dict
+
+    def to_openai(self) -> dict[str, Any]:
+        """The OpenAI ``tool_calls`` entry: arguments as a JSON string."""
+        return {"id": self.id, "type": "function",
+                "function": {"name": self.name, "arguments": json.dumps(self.arguments, ensure_ascii=False)}}
+
+
+@dataclass(frozen=True)
+class ToolCallFormat:
+    """How one family of models writes tool calls.
+
+    `start` opens a call (or a list of calls); `end` closes one call, or is None when
+    the JSON's own closing bracket ends it. `bare_start` is the character that opens
+    calls written without the (control-token) `start` at the beginning of a reply.
+    `grammar_prefix`/`grammar_suffix` wrap the forced call's JSON in a grammar.
+    `id_length`: None gives ids ``call_`` + 24 hex digits; a number gives that many
+    letters and digits (Mistral's template accepts only 9-character ids).
+    """
+
+    name: str
+    start: str
+    end: str | None
+    arguments_key: str
+    bare_start: str | None
+    grammar_prefix: str
+    grammar_suffix: str
+    id_length: int | None = None
+
+    def new_call_id(self) -> str:
+        """A fresh, unique id for a call in this format."""
+        n = self.id_length
+        return "call_" + secrets.token_hex(12) if n is None else "".join(secrets.choice(_ID_ALPHABET) for _ in range(n))
+
+
+HERMES = ToolCallFormat("hermes", "<tool_call>", "</tool_call>", "arguments", None, "<tool_call>\n", "\n</tool_call>")
+LLAMA3 = ToolCallFormat("llama3", "<|python_tag|>", None, "parameters", "{", "", "")
+MISTRAL = ToolCallFormat("mistral", "[TOOL_CALLS]", None, "arguments", "[", "[TOOL_CALLS][", "]", id_length=9)
+
+
+def detect_format(chat_template_source: str) -> ToolCallFormat | None:
+    """The tool-call format a chat template shows, or None if it shows none."""
+    signs = ((HERMES, ["<tool_call>"]), (MISTRAL, ["[TOOL_CALLS]"]), (LLAMA3, ["<|python_tag|>", '"parameters"']))
+    for fmt, marks in signs:
+        if any(mark in chat_template_source for mark in marks):
+            return fmt
+    return None
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """Text of the reply (outside any tool call) that can be shown now."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolCallEvent:
+    """A whole tool call, emitted once its JSON is complete."""
+
+    call: ToolCall
+
+
+Event = TextDelta | ToolCallEvent
+"""What the streaming parser emits."""
+
+
+class StreamingToolCallParser:
+    """Splits streamed model output into text deltas and whole tool calls.
+
+    Text streams as it arrives, except a tail that could be the start of the call
+    marker and whitespace that may turn out to only separate calls. The events do
+    not depend on how the output is split into deltas.
+    """
+
+    def __init__(self, format: ToolCallFormat) -> None:
+        self.format = format
+        self._mode = "text"  # "text", "tagged" (start ... end) or "json" (JSON values, no end marker)
+        self._buf = ""  # unconsumed input of the current mode
+        self._marker = ""  # text that opened the current call, given back as text if it is malformed
+        self._blank = True  # the text since the start or the last call is whitespace so far
+        self._at_start = True  # the reply has shown nothing but whitespace yet
+        self._calls, self._finished = 0, False
+        self._enter("text", bare=False)
+
+    def feed(self, text_delta: str) -> list[Event]:
+        """Add a piece of model output; return the events it completes."""
+        if self._finished:
+            raise RuntimeError("feed() after finish()")
+        self._buf += text_delta
+        return self._run(final=False)
+
+    def finish(self) -> list[Event]:
+        """End of output: return the events still held (an unclosed call becomes text)."""
+        final, self._finished = not self._finished, True
+        return self._run(final=True) if final else []
+
+    def _run(self, *, final: bool) -> list[Event]:
+        out: list[Event] = []
+        while {"text": self._text_step, "tagged": self._tagged_step, "json": self._json_step}[self._mode](out, final):
+            pass
+        return out
+
+    def _enter(self, mode: str, *, bare: bool) -> None:
+        self._mode, self._bare, self._pos, self._value_start, self._depth = mode, bare, 0, 0, 0
+        self._in_string = self._escape = False
+        self._run_calls = 0
+
+    def _emit_text(self, text: str, out: list[Event]) -> None:
+        if text:
+            out.append(TextDelta(text))
+            self._blank = self._blank and not text.strip()
+
+    def _emit_calls(self, calls: list[ToolCall], out: list[Event]) -> None:
+        out.extend(ToolCallEvent(call) for call in calls)
+        self._calls += len(calls)
+        self._blank, self._at_start, self._marker = True, False, ""
+
+    def _malformed(self, text: str, out: list[Event]) -> None:
+        # A reply that merely starts like a bare call (plain JSON) is common and fine.
+        logger.log(logging.DEBUG if self._bare else logging.WARNING,
+                   "malformed %s tool call passed through as text: %.200r", self.format.name, text)
+        self._emit_text(text, out)
+        self._blank = False
+
+    def _text_step(self, out: list[Event], final: bool) -> bool:
+        fmt, buf = self.format, self._buf
+        if self._at_start and fmt.bare_start is not None:
+            stripped = buf.lstrip()
+            if not final and (not stripped or (len(stripped) < len(fmt.start) and fmt.start.startswith(stripped))):
+                return False  # nothing yet, or perhaps the marker
+            if stripped.startswith(fmt.bare_start) and not stripped.startswith(fmt.start):
+                self._marker, self._buf = buf[: len(buf) - len(stripped)], stripped
+                self._enter("json", bare=True)
+                return True
+            self._at_start = False
+        i = buf.find(fmt.start)
+        if i >= 0:
+            before, self._marker = buf[:i], fmt.start
+            if self._blank and not before.strip():
+                self._marker = before + fmt.start  # dropped if a call follows, text if not
+            else:
+                self._emit_text(before, out)
+            self._buf, self._at_start = buf[i + len(fmt.start):], False
+            self._enter("tagged" if fmt.end is not None else "json", bare=False)
+            return True
+        if final:
+            self._buf = ""
+            if not (self._calls and self._blank and not buf.strip()):
+                self._emit_text(buf, out)
+            return False
+        m = fmt.start  # hold back the longest tail that could start the marker
+        keep = next((n for n in range(min(len(buf), len(m) - 1), 0, -1) if m.startswith(buf[-n:])), 0)
+        text = buf[: len(buf) - keep]
+        if not (self._blank and not text.strip()):  # whitespace so far is held: a call may follow
+            self._emit_text(text, out)
+            self._buf = buf[len(text):]
+        return False
+
+    def _tagged_step(self, out: list[Event], final: bool) -> bool:
+        end = self.format.end or ""
+        j = self._buf.find(end, self._pos)
+        if j < 0 and not final:
+            self._pos = max(0, len(self._buf) - len(end) + 1)
+            return False
+        body, closing, rest = (self._buf, "", "") if j < 0 else (self._buf[:j], end, self._buf[j + len(end):])
+        calls = _read_calls(body, self.format, require_arguments=False)
+        if calls is None:
+            self._malformed(self._marker + body + closing, out)
+        else:
+            self._emit_calls(calls, out)
+        self._buf = rest
+        self._enter("text", bare=False)
+        return j >= 0
+
+    def _json_step(self, out: list[Event], final: bool) -> bool:
+        buf = self._buf
+        while self._pos < len(buf):
+            c = buf[self._pos]
+            if self._depth == 0:
+                if c.isspace() or (self._run_calls and c in ";,"):
+                    self._pos += 1
+                    continue
+                if c not in "{[":  # the calls (if any) are over, the rest is text
+                    if not self._run_calls:
+                        self._malformed(self._marker + buf[: self._pos], out)
+                        self._buf = buf[self._pos:]
+                    self._enter("text", bare=False)
+                    return True
+                self._value_start = self._pos
+            self._pos += 1
+            if self._in_string:
+                self._in_string = self._escape or c != '"'
+                self._escape = not self._escape and c == "\\"
+            elif c == '"':
+                self._in_string = True
+            elif c in "{[":
+                self._depth += 1
+            elif c in "}]":
+                self._depth -= 1
+                if self._depth == 0:
+                    calls = _read_calls(buf[self._value_start:self._pos], self.format, require_arguments=self._bare)
+                    if calls is None:
+                        self._malformed(self._marker + buf[: self._pos], out)
+                        self._buf = buf[self._pos:]
+                        self._enter("text", bare=False)
+                        return True
+                    self._emit_calls(calls, out)
+                    self._buf = buf = buf[self._pos:]
+                    self._pos, self._run_calls = 0, self._run_calls + 1
+        if final:
+            if self._depth or not self._run_calls:
+                self._malformed(self._marker + buf, out)  # cut off, or a marker with nothing after it
+            self._buf = ""
+            self._enter("text", bare=False)
+        return False
+
+
+def _read_calls(text: str, fmt: ToolCallFormat, *, require_arguments: bool) -> list[ToolCall] | None:
+    """The calls in one JSON object or array, or None if it is not (only) calls."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    calls = []
+    for item in value if isinstance(value, list) else [value]:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not item["name"]:
+            return None
+        key = next((k for k in (fmt.arguments_key, "arguments", "parameters") if k in item), None)
+        if key is None and require_arguments:
+            return None
+        arguments = {} if key is None else item[key]
+        if isinstance(arguments, str):  # some models write the arguments as a JSON string
+            try:
+                arguments = json.loads(arguments)
+            except (ValueError, RecursionError):
+                return None
+        if not isinstance(arguments, dict):
+            return None
+        calls.append(ToolCall(fmt.new_call_id(), item["name"], arguments))
+    return calls or None
+
+
+def parse_tool_calls(text: str, format: ToolCallFormat) -> tuple[str | None, list[ToolCall]]:
+    """Split a whole reply into its content and its tool calls.
+
+    With calls, content is the text outside them, stripped, or None if that is empty;
+    without calls it is the text unchanged.
+    """
+    parser = StreamingToolCallParser(format)
+    events = parser.feed(text) + parser.finish()
+    content = "".join(e.text for e in events if isinstance(e, TextDelta))
+    calls = [e.call for e in events if isinstance(e, ToolCallEvent)]
+    return (content.strip() or None, calls) if calls else (content, calls)
+
+
+# -- requests: tools, tool_choice and the grammar that forces a call --------------------------
+
+
+def validate_tools(tools: Sequence[Mapping[str, Any]] | None) -> dict[str, dict[str, Any]]:
+    """Check OpenAI function tools; return each tool's parameters schema by name, in order.
+
+    A tool without `parameters` takes none. Raises `InvalidRequestError(field="tools")`.
+    """
+    def bad(message: str) -> InvalidRequestError:
+        return InvalidRequestError(message, field="tools")
+
+    if not isinstance(tools, (list, tuple)) or not tools:
+        raise bad("tools must be a non-empty list of function tools")
+    functions: dict[str, dict[str, Any]] = {}
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, Mapping) else None
+        if not isinstance(tool, Mapping) or tool.get("type") != "function" or not isinstance(fn, Mapping):
+            raise bad(f'tools[{i}] must be {{"type": "function", "function": {{"name": ..., "parameters": ...}}}}')
+        name = fn.get("name")
+        if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
+            raise bad(f"tools[{i}].function.name must be 1 to 64 letters, digits, '_' or '-'")
+        if name in functions:
+            raise bad(f"tools[{i}].function.name {name!r} is used by an earlier tool")
+        if not isinstance(fn.get("description", ""), (str, type(None))):
+            raise bad(f"tools[{i}].function.description must be a string")
+        parameters = fn.get("parameters")
+        if parameters is not None and not isinstance(parameters, Mapping):
+            raise bad(f"tools[{i}].function.parameters must be a JSON schema object")
+        functions[name] = dict(parameters) if parameters is not None else {"type": "object", "properties": {}}
+    return functions
+
+
+def normalize_tool_choice(
+    tool_choice: str | Mapping[str, Any] | None, tools: Sequence[Mapping[str, Any]] | None
+) -> str:
+    """OpenAI's `tool_choice` as ``"none"``, ``"auto"``, ``"required"`` or the forced tool's name.
+
+    None means "auto" with tools and "none" without; "auto" without tools is "none".
+    Raises `InvalidRequestError` (field "tools" or "tool_choice").
+    """
+    names = list(validate_tools(tools)) if tools else []
+    if tool_choice is None or tool_choice == "auto":
+        return "auto" if names else "none"
+    if tool_choice == "none":
+        return "none"
+    if tool_choice == "required" and names:
+        return "required"
+    fn = tool_choice.get("function") if isinstance(tool_choice, Mapping) else None
+    name = fn.get("name") if isinstance(fn, Mapping) else None
+    if not isinstance(tool_choice, Mapping) or tool_choice.get("type") != "function" or not isinstance(name, str):
+        if tool_choice == "required":
+            raise InvalidRequestError('tool_choice "required" needs tools', field="tool_choice")
+        raise InvalidRequestError('tool_choice must be "none", "auto", "required" or '
+                                  '{"type": "function", "function": {"name": ...}}', field="tool_choice")
+    if name not in names:
+        raise InvalidRequestError(f"tool_choice names {name!r}, which is not in tools", field="tool_choice")
+    if name in _TOOL_CHOICE_MODES:
+        raise InvalidRequestError(f"a tool named {name!r} cannot be forced: that name is a tool_choice mode",
+                                  field="tool_choice")
+    return name
+
+
+def tool_call_grammar(tools: Sequence[Mapping[str, Any]], *, name: str | None = None,
+                      format: ToolCallFormat = HERMES) -> str:
+    """A GBNF grammar (rule `root`) for exactly one call, in `format`, of one of `tools`
+    (or of the tool called `name`), whose arguments match that tool's parameters schema.
+
+    Raises `InvalidRequestError`: field "tools" for bad tools or a schema the converter
+    cannot handle, field "tool_choice" for a `name` that is not among them.
+    """
+    functions = validate_tools(tools)
+    if name is not None:
+        if name not in functions:
+            raise InvalidRequestError(f"tool_choice names {name!r}, which is not in tools", field="tool_choice")
+        functions = {name: functions[name]}
+    defs: dict[str, Any] = {}
+    alternatives = [
+        {"type": "object",
+         "properties": {"name": {"const": fn_name}, format.arguments_key: _hoist_defs(params, f"tool{i}-", defs)},
+         "required": ["name", format.arguments_key]}
+        for i, (fn_name, params) in enumerate(functions.items())
+    ]
+    schema: dict[str, Any] = alternatives[0] if len(alternatives) == 1 else {"oneOf": alternatives}
+    if defs:
+        schema = {**schema, "$defs": defs}
+    try:
+        call_grammar = json_schema_to_grammar(schema)
+    except (InvalidRequestError, AssertionError) as exc:  # the converter asserts on some schemas
+        raise InvalidRequestError(f"tools: {exc}", field="tools") from exc
+    rules = set(re.findall(r"^([A-Za-z0-9_-]+)\s*::=", call_grammar, re.M))
+    call_rule = next(n for n in (f"call-json{k or ''}" for k in range(len(rules) + 1)) if n not in rules)
+    body = "".join(call_rule if tok == "root" else tok for tok in _GBNF_TOKEN.findall(call_grammar))
+    literals = [json.dumps(text) for text in (format.grammar_prefix, format.grammar_suffix)]  # GBNF escapes as JSON
+    wrapped = " ".join(part for part in (literals[0], call_rule, literals[1]) if part != '""')
+    return f"{body.rstrip()}\nroot ::= {wrapped}\n"
+
+
+
+def _hoist_defs(schema: dict[str, Any], prefix: str, defs: dict[str, Any]) -> dict[str, Any]:
+    """Move a parameters schema's `$defs`/`definitions` into `defs` (names prefixed) and
+    rewrite its `$ref`s to match, so they resolve once it is nested in the call schema."""
+    moved = {f"#/{k}/{n}": f"#/$defs/{prefix}{n}"
+             for k in _DEFS if isinstance(schema.get(k), Mapping) for n in schema[k]}
+
+    def rewrite(node: Any) -> Any:
+        if isinstance(node, list):
+            return [rewrite(v) for v in node]
+        if not isinstance(node, Mapping):
+            return node
+        ref = node.get("$ref")
+        old = next((o for o in moved if isinstance(ref, str) and (ref == o or ref.startswith(o + "/"))), None)
+        return {k: moved[old] + ref[len(old):] if k == "$ref" and old else rewrite(v) for k, v in node.items()}
+
+    if not moved:
+        return schema
+    defs.update({f"{prefix}{n}": rewrite(sub) for k in _DEFS if isinstance(schema.get(k), Mapping)
+                 for n, sub in schema[k].items()})
+    return rewrite({k: v for k, v in schema.items() if k not in _DEFS})

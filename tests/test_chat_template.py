@@ -1,0 +1,188 @@
+"""ChatTemplate: GGUF templates, the helpers templates expect, tool calls, the sandbox."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from kvchat.chat.template import CHATML_TEMPLATE, ChatTemplate, TemplateRenderError
+from kvchat.errors import InvalidRequestError
+from kvchat.llama import Model
+
+QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+HISTORY = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Hi there!"},
+    {"role": "assistant", "content": "Hello. How can I help?"},
+]
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def tool_call_history(arguments: object) -> list[dict]:
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+    return [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'},
+    ]
+
+
+# -- the model's own template ------------------------------------------------------------
+
+
+def test_qwen_template_renders_a_history_as_handwritten_chatml(qwen_model: Model) -> None:
+    template = ChatTemplate.for_model(qwen_model)
+    assert template.source == qwen_model.metadata["tokenizer.chat_template"]
+    assert (template.bos_token, template.eos_token) == ("<|endoftext|>", "<|im_end|>")
+    expected = (
+        "<|im_start|>system\nYou are terse.<|im_end|>\n"
+        "<|im_start|>user\nHi there!<|im_end|>\n"
+        "<|im_start|>assistant\nHello. How can I help?<|im_end|>\n"
+    )
+    assert template.render(HISTORY, add_generation_prompt=False) == expected
+    assert template.render(HISTORY) == expected + "<|im_start|>assistant\n"
+
+
+def test_qwen_template_adds_its_default_system_prompt(qwen_model: Model) -> None:
+    rendered = ChatTemplate.for_model(qwen_model).render([{"role": "user", "content": "Hi"}])
+    assert rendered == (
+        f"<|im_start|>system\n{QWEN_DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_gemma_without_template_falls_back_to_chatml_with_a_log_line(
+    gemma_model: Model, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert gemma_model.chat_template is None
+    with caplog.at_level(logging.INFO, logger="kvchat.chat"):
+        template = ChatTemplate.for_model(gemma_model)
+    assert template.source == CHATML_TEMPLATE
+    assert any(r.name == "kvchat.chat" and "no chat template" in r.message for r in caplog.records)
+    assert (template.bos_token, template.eos_token) == ("<bos>", "<eos>")
+    assert template.render(HISTORY[1:2]) == "<|im_start|>user\nHi there!<|im_end|>\n<|im_start|>assistant\n"
+
+
+# -- tool calls ------------------------------------------------------------------------
+
+
+def test_qwen_tool_call_arguments_are_rendered_as_a_json_object(qwen_model: Model) -> None:
+    template = ChatTemplate.for_model(qwen_model)
+    assert template.requires_object_arguments  # Qwen applies `tojson` to the arguments
+    as_string = template.render(tool_call_history('{"city": "Paris"}'), tools=[WEATHER_TOOL])
+    as_object = template.render(tool_call_history({"city": "Paris"}), tools=[WEATHER_TOOL])
+    assert as_string == as_object
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>\n' in as_string
+    assert "<|im_start|>user\n<tool_response>\n{\"temp\": 21}\n</tool_response><|im_end|>\n" in as_string
+    assert json.dumps(WEATHER_TOOL) in as_string  # tool definitions as plain JSON, not HTML-escaped
+
+
+def test_normalize_does_not_change_the_callers_messages(qwen_model: Model) -> None:
+    messages = tool_call_history('{"city": "Paris"}')
+    before = json.dumps(messages)
+    ChatTemplate.for_model(qwen_model).render(messages)
+    assert json.dumps(messages) == before
+
+
+def test_a_template_that_prints_arguments_gets_them_as_given() -> None:
+    template = ChatTemplate(
+        "{% for m in messages %}{% for c in m.tool_calls or [] %}{{ c.function.arguments }}{% endfor %}{% endfor %}"
+    )
+    assert not template.requires_object_arguments
+    assert template.render(tool_call_history('{"city": "Paris"}')) == '{"city": "Paris"}'
+
+
+def test_content_parts_are_joined_to_text() -> None:
+    template = ChatTemplate(CHATML_TEMPLATE)
+    parts = [{"type": "text", "text": "first"}, {"type": "text", "text": "second"}]
+    assert template.render([{"role": "user", "content": parts}], add_generation_prompt=False) == (
+        "<|im_start|>user\nfirst\nsecond<|im_end|>\n"
+    )
+    image = [{"type": "image_url", "image_url": {"url": "http://x"}}]
+    with pytest.raises(TemplateRenderError, match="image_url"):
+        template.render([{"role": "user", "content": image}])
+
+
+# -- helpers templates expect ------------------------------------------------------------
+
+
+def test_helpers_raise_exception_tojson_strftime_now_and_loop_controls() -> None:
+    template = ChatTemplate(
+        "{% if messages[0].role != 'user' %}{{ raise_exception('first message must be a user turn') }}{% endif %}"
+        "{{ messages[0] | tojson }}|{{ {'a': [1, 2]} | tojson(indent=2) }}|{{ strftime_now('%Y') }}|"
+        "{% for m in messages %}{% if loop.index > 2 %}{% break %}{% endif %}"
+        "{% if m.role == 'skip' %}{% continue %}{% endif %}{{ m.role }},{% endfor %}"
+        "{% generation %}gen{% endgeneration %}"
+    )
+    messages = [{"role": "user", "content": "<é>"}, {"role": "skip", "content": ""}, {"role": "x", "content": ""}]
+    year = __import__("datetime").datetime.now().strftime("%Y")
+    assert template.render(messages) == (
+        '{"role": "user", "content": "<é>"}|{\n  "a": [\n    1,\n    2\n  ]\n}|' + year + "|user,gen"
+    )
+    with pytest.raises(TemplateRenderError, match="first message must be a user turn") as info:
+        template.render([{"role": "assistant", "content": "x"}])
+    assert isinstance(info.value, InvalidRequestError)
+
+
+def test_a_template_that_does_not_compile_is_a_render_error() -> None:
+    with pytest.raises(TemplateRenderError) as info:
+        ChatTemplate("{% for m in messages %}")
+    assert info.value.field == "chat_template"
+
+
+# -- the sandbox -------------------------------------------------------------------------
+
+HOSTILE_TEMPLATES = [
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{{ ''.__class__ }}",
+    "{{ ''['__class__'] }}",
+    "{{ '' | attr('__class__') }}",
+    "{{ '{0.__class__}'.format('') }}",
+    "{{ messages | map(attribute='__class__') | list }}",
+    "{{ cycler.__init__.__globals__.os.environ['KVCHAT_SANDBOX_SECRET'] }}",
+    "{{ cycler.__init__.__globals__.os.system('touch {marker}') }}",
+    "{{ lipsum.__globals__['os'].popen('touch {marker}').read() }}",
+    "{{ self.__dict__ }}",
+    "{{ self._TemplateReference__context.cycler.__init__.__globals__.os.environ }}",
+    "{{ raise_exception.__globals__['__builtins__'] }}",
+    "{{ (messages | first).items.__self__.__class__ }}",
+    "{% import 'os' as os %}{{ os.environ['KVCHAT_SANDBOX_SECRET'] }}",
+    "{% include '/etc/passwd' %}",
+    "{% extends '/etc/passwd' %}",
+    "{{ messages.append({'role': 'system'}) }}",
+    "{{ 'a' * 100000000 }}",
+    "{{ 10 ** 100000000 }}",
+    "{% for x in range(10 ** 9) %}{% endfor %}",
+]
+
+
+@pytest.mark.parametrize("source", HOSTILE_TEMPLATES)
+def test_hostile_templates_fail_and_do_not_execute(
+    source: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = "s3cr3t-sandbox-value"
+    monkeypatch.setenv("KVCHAT_SANDBOX_SECRET", secret)
+    marker = tmp_path / "pwned"
+    template = ChatTemplate(source.replace("{marker}", str(marker)))
+    with pytest.raises(TemplateRenderError) as info:
+        template.render([{"role": "user", "content": "hi"}])
+    assert isinstance(info.value, InvalidRequestError)
+    assert secret not in str(info.value)
+    assert not marker.exists()
+    assert os.environ["KVCHAT_SANDBOX_SECRET"] == secret
+
+
+def test_unsafe_access_fails_even_where_it_would_render_empty() -> None:
+    # jinja2's sandbox alone would answer "not defined" here and render "".
+    with pytest.raises(TemplateRenderError, match="unsafe"):
+        ChatTemplate("{% if messages.__len__ is defined %}yes{% endif %}").render([])

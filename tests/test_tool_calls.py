@@ -1,0 +1,294 @@
+"""Tool calls: the streaming parser (pure logic), tool validation, and forced calls on Qwen."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvchat import Engine, InvalidRequestError, SamplingParams
+from kvchat.chat.template import CHATML_TEMPLATE
+from kvchat.chat.tool_calls import (
+    HERMES,
+    LLAMA3,
+    MISTRAL,
+    StreamingToolCallParser,
+    TextDelta,
+    ToolCall,
+    ToolCallEvent,
+    ToolCallFormat,
+    detect_format,
+    normalize_tool_choice,
+    parse_tool_calls,
+    tool_call_grammar,
+    validate_tools,
+)
+from kvchat.llama import Model
+
+ADD = {"type": "function", "function": {
+    "name": "add", "description": "Add two integers.",
+    "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                   "required": ["a", "b"]}}}
+MULTIPLY = {"type": "function", "function": {
+    "name": "multiply", "description": "Multiply two integers.",
+    "parameters": {"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}},
+                   "required": ["x", "y"]}}}
+
+
+def feed_all(fmt: ToolCallFormat, chunks: list[str]) -> list:
+    parser = StreamingToolCallParser(fmt)
+    events = [e for chunk in chunks for e in parser.feed(chunk)]
+    return events + parser.finish()
+
+
+def summary(events: list) -> list:
+    """Events with adjacent text merged and calls as (name, arguments): ids are random."""
+    out: list = []
+    for event in events:
+        if isinstance(event, TextDelta):
+            assert event.text, "empty text delta"
+            if out and isinstance(out[-1], str):
+                out[-1] += event.text
+            else:
+                out.append(event.text)
+        else:
+            assert isinstance(event, ToolCallEvent)
+            out.append((event.call.name, event.call.arguments))
+    return out
+
+
+def split_at(text: str, cuts: list[int]) -> list[str]:
+    bounds = [0, *sorted(set(cuts)), len(text)]
+    return [text[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+# (format, model output, expected summary)
+EXAMPLES = [
+    (HERMES, '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>', [("add", {"a": 2, "b": 3})]),
+    (HERMES, 'Let me add.\n<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>\n'
+             '<tool_call>\n{"name": "multiply", "arguments": {"x": 3, "y": 4}}\n</tool_call>\n',
+     ["Let me add.\n", ("add", {"a": 1, "b": 2}), ("multiply", {"x": 3, "y": 4})]),
+    # The first closing marker closes the call, even inside a JSON string: this one is malformed.
+    (HERMES, '<tool_call>{"name": "echo", "arguments": {"s": "</tool_call> is a tag"}}</tool_call>',
+     ['<tool_call>{"name": "echo", "arguments": {"s": "</tool_call> is a tag"}}</tool_call>']),
+    (HERMES, '<tool_call>\n{"name": "add", "arguments": {"a": 1,}}\n</tool_call> done',
+     ['<tool_call>\n{"name": "add", "arguments": {"a": 1,}}\n</tool_call> done']),
+    (HERMES, 'a < b and <tool_ca is not a tag', ['a < b and <tool_ca is not a tag']),
+    (HERMES, '<tool_call>{"name": "now"}</tool_call>\nDone.', [("now", {}), "\nDone."]),
+    (HERMES, '<tool_call>{"name": "s", "arguments": "{\\"q\\": 1}"}</tool_call>', [("s", {"q": 1})]),
+    (HERMES, '  \n', ['  \n']),
+    (LLAMA3, '{"name": "add", "parameters": {"a": 2, "b": 3}}', [("add", {"a": 2, "b": 3})]),
+    (LLAMA3, ' <|python_tag|>{"name": "add", "parameters": {"a": 1, "b": 1}}', [("add", {"a": 1, "b": 1})]),
+    (LLAMA3, '{"name": "a", "parameters": {}}; {"name": "b", "parameters": {"k": "}"}}\n',
+     [("a", {}), ("b", {"k": "}"})]),
+    (LLAMA3, '{"city": "Paris"} is JSON', ['{"city": "Paris"} is JSON']),
+    (LLAMA3, 'Call {"name": "add", "parameters": {}} later', ['Call {"name": "add", "parameters": {}} later']),
+    (LLAMA3, '<|python_tag|>brave_search.call(query="x")', ['<|python_tag|>brave_search.call(query="x")']),
+    (MISTRAL, '[TOOL_CALLS] [{"name": "add", "arguments": {"a": 2, "b": 3}}, {"name": "m", "arguments": {}}]',
+     [("add", {"a": 2, "b": 3}), ("m", {})]),
+    (MISTRAL, ' [{"name": "add", "arguments": {"a": 5, "b": 6}}]', [("add", {"a": 5, "b": 6})]),
+    (MISTRAL, '[{"name": "q", "arguments": {"s": "say \\"]}\\" \\\\"}}]', [("q", {"s": 'say "]}" \\'})]),
+    (MISTRAL, '[1, 2, 3] are numbers', ['[1, 2, 3] are numbers']),
+    (MISTRAL, 'Sure. [TOOL_CALLS][{"name": "add", "arguments": {"a": 0, "b": 0}}]',
+     ["Sure. ", ("add", {"a": 0, "b": 0})]),
+]
+EXAMPLE_IDS = [f"{fmt.name}-{i}" for i, (fmt, _, _) in enumerate(EXAMPLES)]
+
+
+@pytest.mark.parametrize(("fmt", "output", "expected"), EXAMPLES, ids=EXAMPLE_IDS)
+def test_whole_output_gives_the_expected_events(fmt: ToolCallFormat, output: str, expected: list) -> None:
+    assert summary(feed_all(fmt, [output])) == expected
+
+
+@pytest.mark.parametrize(("fmt", "output", "expected"), EXAMPLES, ids=EXAMPLE_IDS)
+def test_one_character_at_a_time_gives_the_same_events(fmt: ToolCallFormat, output: str, expected: list) -> None:
+    assert summary(feed_all(fmt, list(output))) == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(EXAMPLES), st.lists(st.integers(min_value=0, max_value=200), max_size=12))
+def test_any_split_of_an_example_gives_the_same_events(example, cuts) -> None:
+    fmt, output, expected = example
+    assert summary(feed_all(fmt, split_at(output, [c % (len(output) + 1) for c in cuts]))) == expected
+
+
+FRAGMENTS = ["<tool_call>", "</tool_call>", "<tool_", "</tool", "<|python_tag|>", "[TOOL_CALLS]", "[TOOL",
+             '{"name": "f", "arguments": {"a": 1}}', '{"name": "g", "parameters": {}}',
+             '[{"name": "h", "arguments": {}}]',
+             "{", "}", "[", "]", '"', "\\", ";", " ", "\n", "text", "<", "x"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from([HERMES, LLAMA3, MISTRAL]), st.lists(st.sampled_from(FRAGMENTS), max_size=14),
+       st.lists(st.integers(min_value=0, max_value=400), max_size=10))
+def test_any_output_split_anywhere_gives_the_events_of_the_whole(fmt, fragments, cuts) -> None:
+    output = "".join(fragments)
+    whole = summary(feed_all(fmt, [output]))
+    assert summary(feed_all(fmt, split_at(output, [c % (len(output) + 1) for c in cuts]))) == whole
+    if all(isinstance(item, str) for item in whole):  # no call: the text is the output, verbatim
+        assert "".join(whole) == output
+
+
+def test_text_before_a_call_is_released_before_the_call_completes() -> None:
+    parser = StreamingToolCallParser(HERMES)
+    assert parser.feed("I will call it") == [TextDelta("I will call it")]
+    assert parser.feed(" now <tool_") == [TextDelta(" now ")]  # "<tool_" is held: it may be the marker
+    assert parser.feed('call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}') == []
+    events = parser.feed("\n</tool_call>")
+    assert [type(e) for e in events] == [ToolCallEvent]
+    assert events[0].call.name == "add" and events[0].call.arguments == {"a": 1, "b": 2}
+    assert parser.finish() == []
+
+
+def test_two_calls_get_two_events_with_distinct_ids() -> None:
+    _, hermes_two, _ = EXAMPLES[1]
+    content, calls = parse_tool_calls(hermes_two, HERMES)
+    assert content == "Let me add."
+    assert [c.name for c in calls] == ["add", "multiply"]
+    assert calls[0].id != calls[1].id
+    assert all(re.fullmatch(r"call_[0-9a-f]{24}", c.id) for c in calls)
+    _, mistral_two, _ = next(e for e in EXAMPLES if e[0] is MISTRAL and e[1].startswith("[TOOL_CALLS] "))
+    _, mistral_calls = parse_tool_calls(mistral_two, MISTRAL)
+    assert len({c.id for c in mistral_calls}) == 2
+    assert all(re.fullmatch(r"[A-Za-z0-9]{9}", c.id) for c in mistral_calls)  # Mistral's template wants 9
+
+
+def test_malformed_call_is_text_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    output = '<tool_call>\n{"name": "add", "arguments": {"a": 1\n</tool_call>'
+    with caplog.at_level(logging.WARNING, logger="kvchat.chat"):
+        content, calls = parse_tool_calls(output, HERMES)
+    assert calls == [] and content == output
+    assert any("malformed hermes tool call" in r.getMessage() for r in caplog.records)
+
+
+def test_call_without_closing_marker_counts_if_its_json_is_complete() -> None:
+    content, calls = parse_tool_calls('<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n', HERMES)
+    assert content is None and [(c.name, c.arguments) for c in calls] == [("add", {"a": 1, "b": 2})]
+    cut = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b'
+    assert parse_tool_calls(cut, HERMES) == (cut, [])
+    cut = '{"name": "add", "parameters": {"a": 1'
+    assert parse_tool_calls(cut, LLAMA3) == (cut, [])
+
+
+def test_whitespace_around_calls_is_dropped_and_other_text_kept() -> None:
+    assert summary(feed_all(HERMES, ['\n<tool_call>{"name": "a", "arguments": {}}</tool_call>\n\n'])) == [("a", {})]
+    assert summary(feed_all(HERMES, ['<tool_call>{"name": "a", "arguments": {}}</tool_call>\nok '])) == [
+        ("a", {}), "\nok "]
+    assert parse_tool_calls("  just text \n", HERMES) == ("  just text \n", [])
+
+
+def test_tool_call_to_openai() -> None:
+    call = ToolCall("call_1", "add", {"a": 1, "s": "é"})
+    assert call.to_openai() == {"id": "call_1", "type": "function",
+                                "function": {"name": "add", "arguments": '{"a": 1, "s": "é"}'}}
+    assert json.loads(call.to_openai()["function"]["arguments"]) == call.arguments
+
+
+@pytest.mark.parametrize(("template", "expected"), [
+    ('{{- "\\n<tool_call>\\n{\\"name\\": \\"" }}{{ tool_call.name }}', HERMES),
+    ('{{- \'{"name": "\' + tool_call.name + \'", "parameters": \' }}', LLAMA3),
+    ("{{- '<|python_tag|>' + tool_call.name + '.call(' }}", LLAMA3),
+    ('{%- if message.tool_calls %}{{- "[TOOL_CALLS] [" }}', MISTRAL),
+    (CHATML_TEMPLATE, None),
+])
+def test_detect_format(template: str, expected: ToolCallFormat | None) -> None:
+    assert detect_format(template) is expected
+
+
+@pytest.mark.parametrize("tools", [
+    None, [], {"type": "function"}, [{"type": "retrieval"}], [{"type": "function"}],
+    [{"type": "function", "function": {"name": "bad name"}}],
+    [{"type": "function", "function": {"name": "x" * 65}}],
+    [{"type": "function", "function": {"name": "f", "parameters": "{}"}}],
+    [{"type": "function", "function": {"name": "f", "description": 3}}],
+    [ADD, ADD],
+])
+def test_bad_tools_are_rejected(tools) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        tool_call_grammar(tools, name=None, format=HERMES)
+    assert info.value.field == "tools"
+
+
+def test_validate_tools_gives_parameters_by_name() -> None:
+    no_params = {"type": "function", "function": {"name": "now"}}
+    assert validate_tools([ADD, no_params]) == {"add": ADD["function"]["parameters"],
+                                                "now": {"type": "object", "properties": {}}}
+
+
+@pytest.mark.parametrize(("choice", "tools", "expected"), [
+    (None, [ADD], "auto"), (None, None, "none"), ("auto", [ADD], "auto"), ("auto", [], "none"),
+    ("none", [ADD], "none"), ("required", [ADD], "required"),
+    ({"type": "function", "function": {"name": "multiply"}}, [ADD, MULTIPLY], "multiply"),
+])
+def test_normalize_tool_choice(choice, tools, expected: str) -> None:
+    assert normalize_tool_choice(choice, tools) == expected
+
+
+@pytest.mark.parametrize(("choice", "tools"), [
+    ("required", None), ("always", [ADD]), ({"type": "function"}, [ADD]),
+    ({"type": "function", "function": {"name": "divide"}}, [ADD]),
+    ({"type": "function", "function": {"name": "auto"}}, [{"type": "function", "function": {"name": "auto"}}]),
+])
+def test_bad_tool_choice_is_rejected(choice, tools) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        normalize_tool_choice(choice, tools)
+    assert info.value.field == "tool_choice"
+
+
+def test_grammar_for_an_unknown_named_tool_is_rejected() -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        tool_call_grammar([ADD], name="divide", format=HERMES)
+    assert info.value.field == "tool_choice"
+
+
+def test_grammar_renames_only_the_root_rule() -> None:
+    tricky = {"type": "function", "function": {"name": "root", "parameters": {
+        "type": "object", "properties": {"root": {"$ref": "#/$defs/root"}}, "required": ["root"],
+        "$defs": {"root": {"type": "string", "enum": ["root"]}}}}}
+    grammar = tool_call_grammar([ADD, tricky], name=None, format=HERMES)
+    rules = dict(re.findall(r"^([A-Za-z0-9-]+) ::= (.*)$", grammar, re.M))
+    assert rules["root"] == '"<tool_call>\\n" call-json "\\n</tool_call>"'
+    assert len(re.findall(r"^root ::=", grammar, re.M)) == 1
+    assert '"\\"root\\""' in grammar  # the tool's name, its property and its enum value are untouched
+    assert "tool1-root" in rules  # the tool's $defs moved to the top, renamed
+    assert tool_call_grammar([ADD], name=None, format=LLAMA3).endswith("\nroot ::= call-json\n")
+    assert tool_call_grammar([ADD], name=None, format=MISTRAL).endswith('\nroot ::= "[TOOL_CALLS][" call-json "]"\n')
+
+
+# -- forced calls on the real Qwen model -------------------------------------------------------
+
+
+@pytest.fixture
+def qwen(qwen_model: Model, qwen_engine: Engine) -> tuple[Model, Engine]:
+    """The session's Qwen model and engine."""
+    return qwen_model, qwen_engine
+
+
+def generate(qwen: tuple[Model, Engine], user: str, grammar: str) -> str:
+    model, engine = qwen
+    prompt = f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+    sampling = SamplingParams(temperature=0, max_tokens=64, grammar=grammar)
+    return engine.submit(model.tokenize(prompt, parse_special=True), sampling).collect().text
+
+
+@pytest.mark.parametrize("fmt", [HERMES, LLAMA3, MISTRAL], ids=lambda f: f.name)
+def test_forced_call_parses_to_one_add_call(qwen, fmt: ToolCallFormat) -> None:
+    text = generate(qwen, "Add 2 and 3 using the tool.", tool_call_grammar([ADD], name=None, format=fmt))
+    content, calls = parse_tool_calls(text, fmt)
+    assert content is None, text
+    assert len(calls) == 1 and calls[0].name == "add", text
+    arguments = calls[0].arguments
+    assert set(arguments) == {"a", "b"} and all(type(v) is int for v in arguments.values()), text
+    assert sorted(arguments.values()) == [2, 3], text
+
+
+def test_named_tool_is_the_one_called(qwen) -> None:
+    grammar = tool_call_grammar([ADD, MULTIPLY], name="multiply", format=HERMES)
+    text = generate(qwen, "Add 2 and 3 using the tool.", grammar)  # asks for add, the grammar forces multiply
+    _, calls = parse_tool_calls(text, HERMES)
+    assert [c.name for c in calls] == ["multiply"], text
+    assert set(calls[0].arguments) == {"x", "y"} and all(type(v) is int for v in calls[0].arguments.values())
