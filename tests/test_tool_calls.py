@@ -22,11 +22,9 @@ from kvchat.chat.tool_calls import (
     ToolCallEvent,
     ToolCallFormat,
     detect_format,
-    normalize_tool_choice,
     parse_tool_calls,
-    tool_call_grammar,
-    validate_tools,
 )
+from kvchat.chat.tool_requests import normalize_tool_choice, tool_call_grammar, validate_tools
 from kvchat.llama import Model
 
 ADD = {"type": "function", "function": {

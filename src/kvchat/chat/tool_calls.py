@@ -7,35 +7,27 @@ The engine's text leaves out control tokens such as ``<|python_tag|>`` and ``[TO
 a reply that *starts* with ``{`` (Llama 3) or ``[`` (Mistral) is read as calls too: it is held
 until its JSON closes and released as text if it is not calls. Whitespace that only separates
 calls from each other or from the ends of the reply is dropped. A malformed call becomes text
-(and a log line): parsing never raises.
+(and a log line): parsing never raises. Validating tool requests and forcing a
+call by grammar live in :mod:`kvchat.chat.tool_requests`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 import secrets
 import string
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kvchat.errors import InvalidRequestError
-from kvchat.llama import json_schema_to_grammar
 
 __all__ = [
     "HERMES", "LLAMA3", "MISTRAL", "Event", "StreamingToolCallParser", "TextDelta", "ToolCall",
-    "ToolCallEvent", "ToolCallFormat", "detect_format", "normalize_tool_choice", "parse_tool_calls",
-    "tool_call_grammar", "validate_tools",
+    "ToolCallEvent", "ToolCallFormat", "detect_format", "parse_tool_calls",
 ]
 
 logger = logging.getLogger("kvchat.chat")
 
-_TOOL_CHOICE_MODES = ("none", "auto", "required")
-_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_DEFS = ("$defs", "definitions")
-_GBNF_TOKEN = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]|#[^\n]*|[A-Za-z0-9_-]+|\s+|.', re.S)
 _ID_ALPHABET = string.ascii_letters + string.digits
 
 
@@ -299,123 +291,3 @@ def parse_tool_calls(text: str, format: ToolCallFormat) -> tuple[str | None, lis
     content = "".join(e.text for e in events if isinstance(e, TextDelta))
     calls = [e.call for e in events if isinstance(e, ToolCallEvent)]
     return (content.strip() or None, calls) if calls else (content, calls)
-
-
-# -- requests: tools, tool_choice and the grammar that forces a call --------------------------
-
-
-def validate_tools(tools: Sequence[Mapping[str, Any]] | None) -> dict[str, dict[str, Any]]:
-    """Check OpenAI function tools; return each tool's parameters schema by name, in order.
-
-    A tool without `parameters` takes none. Raises `InvalidRequestError(field="tools")`.
-    """
-    def bad(message: str) -> InvalidRequestError:
-        return InvalidRequestError(message, field="tools")
-
-    if not isinstance(tools, (list, tuple)) or not tools:
-        raise bad("tools must be a non-empty list of function tools")
-    functions: dict[str, dict[str, Any]] = {}
-    for i, tool in enumerate(tools):
-        fn = tool.get("function") if isinstance(tool, Mapping) else None
-        if not isinstance(tool, Mapping) or tool.get("type") != "function" or not isinstance(fn, Mapping):
-            raise bad(f'tools[{i}] must be {{"type": "function", "function": {{"name": ..., "parameters": ...}}}}')
-        name = fn.get("name")
-        if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
-            raise bad(f"tools[{i}].function.name must be 1 to 64 letters, digits, '_' or '-'")
-        if name in functions:
-            raise bad(f"tools[{i}].function.name {name!r} is used by an earlier tool")
-        if not isinstance(fn.get("description", ""), (str, type(None))):
-            raise bad(f"tools[{i}].function.description must be a string")
-        parameters = fn.get("parameters")
-        if parameters is not None and not isinstance(parameters, Mapping):
-            raise bad(f"tools[{i}].function.parameters must be a JSON schema object")
-        functions[name] = dict(parameters) if parameters is not None else {"type": "object", "properties": {}}
-    return functions
-
-
-def normalize_tool_choice(
-    tool_choice: str | Mapping[str, Any] | None, tools: Sequence[Mapping[str, Any]] | None
-) -> str:
-    """OpenAI's `tool_choice` as ``"none"``, ``"auto"``, ``"required"`` or the forced tool's name.
-
-    None means "auto" with tools and "none" without; "auto" without tools is "none".
-    Raises `InvalidRequestError` (field "tools" or "tool_choice").
-    """
-    names = list(validate_tools(tools)) if tools else []
-    if tool_choice is None or tool_choice == "auto":
-        return "auto" if names else "none"
-    if tool_choice == "none":
-        return "none"
-    if tool_choice == "required" and names:
-        return "required"
-    fn = tool_choice.get("function") if isinstance(tool_choice, Mapping) else None
-    name = fn.get("name") if isinstance(fn, Mapping) else None
-    if not isinstance(tool_choice, Mapping) or tool_choice.get("type") != "function" or not isinstance(name, str):
-        if tool_choice == "required":
-            raise InvalidRequestError('tool_choice "required" needs tools', field="tool_choice")
-        raise InvalidRequestError('tool_choice must be "none", "auto", "required" or '
-                                  '{"type": "function", "function": {"name": ...}}', field="tool_choice")
-    if name not in names:
-        raise InvalidRequestError(f"tool_choice names {name!r}, which is not in tools", field="tool_choice")
-    if name in _TOOL_CHOICE_MODES:
-        raise InvalidRequestError(f"a tool named {name!r} cannot be forced: that name is a tool_choice mode",
-                                  field="tool_choice")
-    return name
-
-
-def tool_call_grammar(tools: Sequence[Mapping[str, Any]], *, name: str | None = None,
-                      format: ToolCallFormat = HERMES) -> str:
-    """A GBNF grammar (rule `root`) for exactly one call, in `format`, of one of `tools`
-    (or of the tool called `name`), whose arguments match that tool's parameters schema.
-
-    Raises `InvalidRequestError`: field "tools" for bad tools or a schema the converter
-    cannot handle, field "tool_choice" for a `name` that is not among them.
-    """
-    functions = validate_tools(tools)
-    if name is not None:
-        if name not in functions:
-            raise InvalidRequestError(f"tool_choice names {name!r}, which is not in tools", field="tool_choice")
-        functions = {name: functions[name]}
-    defs: dict[str, Any] = {}
-    alternatives = [
-        {"type": "object",
-         "properties": {"name": {"const": fn_name}, format.arguments_key: _hoist_defs(params, f"tool{i}-", defs)},
-         "required": ["name", format.arguments_key]}
-        for i, (fn_name, params) in enumerate(functions.items())
-    ]
-    schema: dict[str, Any] = alternatives[0] if len(alternatives) == 1 else {"oneOf": alternatives}
-    if defs:
-        schema = {**schema, "$defs": defs}
-    try:
-        call_grammar = json_schema_to_grammar(schema)
-    except (InvalidRequestError, AssertionError) as exc:  # the converter asserts on some schemas
-        raise InvalidRequestError(f"tools: {exc}", field="tools") from exc
-    rules = set(re.findall(r"^([A-Za-z0-9_-]+)\s*::=", call_grammar, re.M))
-    call_rule = next(n for n in (f"call-json{k or ''}" for k in range(len(rules) + 1)) if n not in rules)
-    body = "".join(call_rule if tok == "root" else tok for tok in _GBNF_TOKEN.findall(call_grammar))
-    literals = [json.dumps(text) for text in (format.grammar_prefix, format.grammar_suffix)]  # GBNF escapes as JSON
-    wrapped = " ".join(part for part in (literals[0], call_rule, literals[1]) if part != '""')
-    return f"{body.rstrip()}\nroot ::= {wrapped}\n"
-
-
-
-def _hoist_defs(schema: dict[str, Any], prefix: str, defs: dict[str, Any]) -> dict[str, Any]:
-    """Move a parameters schema's `$defs`/`definitions` into `defs` (names prefixed) and
-    rewrite its `$ref`s to match, so they resolve once it is nested in the call schema."""
-    moved = {f"#/{k}/{n}": f"#/$defs/{prefix}{n}"
-             for k in _DEFS if isinstance(schema.get(k), Mapping) for n in schema[k]}
-
-    def rewrite(node: Any) -> Any:
-        if isinstance(node, list):
-            return [rewrite(v) for v in node]
-        if not isinstance(node, Mapping):
-            return node
-        ref = node.get("$ref")
-        old = next((o for o in moved if isinstance(ref, str) and (ref == o or ref.startswith(o + "/"))), None)
-        return {k: moved[old] + ref[len(old):] if k == "$ref" and old else rewrite(v) for k, v in node.items()}
-
-    if not moved:
-        return schema
-    defs.update({f"{prefix}{n}": rewrite(sub) for k in _DEFS if isinstance(schema.get(k), Mapping)
-                 for n, sub in schema[k].items()})
-    return rewrite({k: v for k, v in schema.items() if k not in _DEFS})

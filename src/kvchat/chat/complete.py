@@ -1,0 +1,235 @@
+"""`complete()`: the one chat entry point every front end uses.
+
+Messages in, a stream of message deltas out. It renders the history with the
+model's template (injection-safe, token-faithful), applies the context-overflow
+policy, turns `tool_choice` and `response_format` into a grammar, submits the
+tokens to the engine, and turns the engine's text back into content and tool
+calls in the model's own tool-call format.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+from kvchat.chat.history import GeneratedTokenMemory
+from kvchat.chat.response_format import grammar_for_response_format
+from kvchat.chat.tokenizer import ChatTokenizer
+from kvchat.chat.tool_calls import HERMES, StreamingToolCallParser, ToolCall, ToolCallEvent, detect_format
+from kvchat.chat.tool_requests import normalize_tool_choice, tool_call_grammar, validate_tools
+from kvchat.engine import Chunk, Engine, SamplingParams, Stream, Usage
+from kvchat.errors import ContextOverflowError, InvalidRequestError
+
+OverflowPolicy = Literal["error", "truncate_oldest"]
+ChatFinishReason = Literal["stop", "length", "tool_calls", "cancelled"]
+
+
+@dataclass(frozen=True)
+class ChatDelta:
+    """One piece of an assistant message: content text, or whole tool calls.
+
+    The last delta of a stream carries `usage` and `finish_reason` (``"tool_calls"``
+    when the model called tools).
+    """
+
+    content: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
+    usage: Usage | None = None
+    finish_reason: ChatFinishReason | None = None
+
+
+@dataclass(frozen=True)
+class ChatCompletion:
+    """A whole assistant message: content (None if it only called tools), tool calls, usage."""
+
+    content: str | None
+    tool_calls: tuple[ToolCall, ...]
+    usage: Usage
+    finish_reason: ChatFinishReason
+
+    def to_message(self) -> dict[str, Any]:
+        """The assistant message in OpenAI's shape, ready to append to the history."""
+        message: dict[str, Any] = {"role": "assistant", "content": self.content}
+        if self.tool_calls:
+            message["tool_calls"] = [call.to_openai() for call in self.tool_calls]
+        return message
+
+
+class _Translator:
+    """Engine chunks to chat deltas: tool-call parsing and remembering the reply's ids."""
+
+    def __init__(self, parser: StreamingToolCallParser | None, memory: GeneratedTokenMemory | None) -> None:
+        self._parser = parser
+        self._memory = memory
+        self._text: list[str] = []
+        self._ids: list[int] = []
+        self._called = False
+
+    def translate(self, chunk: Chunk) -> list[ChatDelta]:
+        self._text.append(chunk.text)
+        self._ids.extend(chunk.token_ids)
+        deltas = self._events(self._parser.feed(chunk.text)) if self._parser else [ChatDelta(chunk.text)]
+        if chunk.usage is not None:
+            if self._parser:
+                deltas += self._events(self._parser.finish())
+            reason: ChatFinishReason = "tool_calls" if self._called else chunk.usage.finish_reason
+            if self._memory is not None and not self._called:
+                self._memory.remember("".join(self._text), self._ids)
+            deltas.append(ChatDelta(usage=chunk.usage, finish_reason=reason))
+        return [d for d in deltas if d.content or d.tool_calls or d.usage]
+
+    def _events(self, events: list) -> list[ChatDelta]:
+        out = []
+        for event in events:
+            if isinstance(event, ToolCallEvent):
+                self._called = True
+                out.append(ChatDelta(tool_calls=(event.call,)))
+            else:
+                out.append(ChatDelta(event.text))
+        return out
+
+
+class ChatStream:
+    """The reply to :func:`complete`: iterate it (sync or async) for :class:`ChatDelta`s,
+    or :meth:`collect` it. Leaving an async iteration early, or :meth:`cancel`,
+    stops generation within one engine step."""
+
+    def __init__(self, stream: Stream, translator: _Translator, prompt_tokens: int) -> None:
+        self._stream = stream
+        self._translator = translator
+        self.prompt_tokens = prompt_tokens
+        """Tokens of the rendered prompt (after any truncation)."""
+
+    def cancel(self) -> None:
+        """Stop generating; the stream ends with finish reason ``cancelled``."""
+        self._stream.cancel()
+
+    def __iter__(self) -> Iterator[ChatDelta]:
+        for chunk in self._stream:
+            yield from self._translator.translate(chunk)
+
+    async def __aiter__(self) -> AsyncIterator[ChatDelta]:
+        async for chunk in self._stream:
+            for delta in self._translator.translate(chunk):
+                yield delta
+
+    def collect(self) -> ChatCompletion:
+        """Read the whole reply (blocking)."""
+        return _gather(iter(self))
+
+    async def acollect(self) -> ChatCompletion:
+        """Read the whole reply from asyncio code."""
+        return _gather([d async for d in self])
+
+
+def _gather(deltas: Iterator[ChatDelta] | list[ChatDelta]) -> ChatCompletion:
+    content: list[str] = []
+    calls: list[ToolCall] = []
+    last = None
+    for delta in deltas:
+        content.append(delta.content)
+        calls.extend(delta.tool_calls)
+        last = delta
+    assert last is not None and last.usage is not None and last.finish_reason is not None
+    text = "".join(content)
+    return ChatCompletion(text if text or not calls else None, tuple(calls), last.usage, last.finish_reason)
+
+
+_tokenizers: weakref.WeakKeyDictionary[Engine, ChatTokenizer] = weakref.WeakKeyDictionary()
+_tokenizers_lock = threading.Lock()
+
+
+def chat_tokenizer(engine: Engine) -> ChatTokenizer:
+    """The engine's shared chat tokenizer (one template, one generated-token memory)."""
+    with _tokenizers_lock:
+        tokenizer = _tokenizers.get(engine)
+        if tokenizer is None:
+            tokenizer = _tokenizers[engine] = ChatTokenizer(engine.model, memory=GeneratedTokenMemory())
+        return tokenizer
+
+
+def complete(
+    engine: Engine,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    tool_choice: str | Mapping[str, Any] | None = None,
+    response_format: Mapping[str, Any] | None = None,
+    sampling: SamplingParams | None = None,
+    overflow: OverflowPolicy = "error",
+    cache_key: str | None = None,
+) -> ChatStream:
+    """Answer a chat: render `messages`, generate, and stream the assistant's reply.
+
+    - `tools` (OpenAI function schemas) are rendered through the model's template;
+      `tool_choice` ``"auto"`` (default with tools) lets the model choose,
+      ``"required"`` or a named function forces a well-formed call by grammar,
+      ``"none"`` hides the tools.
+    - `response_format` ``{"type": "json_object"}`` or ``{"type": "json_schema", ...}``
+      constrains the output by grammar.
+    - `overflow`: when the prompt plus `max_tokens` exceed the context, ``"error"``
+      raises `ContextOverflowError`; ``"truncate_oldest"`` drops the oldest
+      non-system messages, whole turns at a time, until it fits.
+    - `cache_key` keeps tenants' cached prefixes apart.
+
+    Raises `InvalidRequestError` (or its subclasses) for bad input before anything
+    is queued.
+    """
+    sampling = sampling or SamplingParams()
+    tokenizer = chat_tokenizer(engine)
+    if tools is not None:
+        validate_tools(tools)
+    choice = normalize_tool_choice(tool_choice, tools)
+    visible_tools = None if choice == "none" else (list(tools) if tools else None)
+    tool_format = (detect_format(tokenizer.template.source) or HERMES) if visible_tools else None
+    if choice not in ("none", "auto"):
+        forced = None if choice == "required" else choice
+        grammar = tool_call_grammar(visible_tools or [], name=forced, format=tool_format or HERMES)
+    else:
+        grammar = grammar_for_response_format(response_format)
+    if grammar is not None:
+        sampling = replace(sampling, grammar=grammar)
+    tokens = _fit(engine, tokenizer, list(messages), visible_tools, sampling, overflow)
+    stream = engine.submit(tokens, sampling, cache_key=cache_key)
+    parser = StreamingToolCallParser(tool_format) if tool_format else None
+    return ChatStream(stream, _Translator(parser, tokenizer.memory), len(tokens))
+
+
+def _fit(
+    engine: Engine,
+    tokenizer: ChatTokenizer,
+    messages: list[Mapping[str, Any]],
+    tools: list[Mapping[str, Any]] | None,
+    sampling: SamplingParams,
+    overflow: OverflowPolicy,
+) -> list[int]:
+    """The prompt's tokens, after applying the overflow policy."""
+    if overflow not in ("error", "truncate_oldest"):
+        raise InvalidRequestError(f"unknown overflow policy {overflow!r}", field="overflow")
+    need = sampling.max_tokens or 1
+    while True:
+        tokens = tokenizer.encode(messages, tools=tools)
+        if len(tokens) + need <= engine.context_limit:
+            return tokens
+        if overflow == "error" or not _drop_oldest_turn(messages):
+            raise ContextOverflowError(
+                prompt_tokens=len(tokens), max_tokens=need, context_limit=engine.context_limit
+            )
+
+
+def _drop_oldest_turn(messages: list[Mapping[str, Any]]) -> bool:
+    """Remove the oldest non-system turn (a message and the replies that follow it up
+    to the next user message). False if only the last turn is left."""
+    first = next((i for i, m in enumerate(messages) if m.get("role") not in ("system", "developer")), None)
+    if first is None:
+        return False
+    end = first + 1
+    while end < len(messages) and messages[end].get("role") != "user":
+        end += 1
+    if end >= len(messages):  # that is the turn being answered: nothing older to drop
+        return False
+    del messages[first:end]
+    return True

@@ -1,0 +1,144 @@
+"""`kvchat.chat.complete` on the real Qwen model: stateless chat, tools, JSON, overflow."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import jsonschema
+import pytest
+
+from kvchat import ContextOverflowError, Engine, EngineSettings, InvalidRequestError, SamplingParams
+from kvchat.chat import chat_tokenizer, complete
+from kvchat.llama import Model
+
+from conftest import assert_idle
+
+ADD_TOOL = {"type": "function", "function": {
+    "name": "add", "description": "Add two integers.",
+    "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                   "required": ["a", "b"]}}}
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=n)
+
+
+def test_stateless_chat_through_complete_evaluates_only_the_new_turn(qwen_model: Model, qwen_engine: Engine) -> None:
+    tenant = f"complete-{uuid.uuid4()}"
+    tokenizer = chat_tokenizer(qwen_engine)
+    end_of_turn = len(qwen_model.tokenize("<|im_end|>\n", parse_special=True))
+    messages: list[dict] = [{"role": "system", "content": "You are terse. Answer in one short sentence."}]
+    previous = None
+    for turn in range(10):
+        messages.append({"role": "user", "content": f"Question {turn}: name one animal that starts with {'ABCDEFGHIJ'[turn]}."})
+        reply = complete(qwen_engine, messages, sampling=greedy(20), cache_key=tenant).collect()
+        usage = reply.usage
+        if previous is None:
+            assert usage.cached_tokens == 0
+        else:
+            with_reply = tokenizer.encode(messages[:-1], add_generation_prompt=False)
+            n_new = usage.prompt_tokens - len(with_reply) + end_of_turn + (previous.finish_reason == "length")
+            assert usage.cached_tokens == usage.prompt_tokens - n_new, (turn, usage)
+        assert reply.content and not reply.tool_calls
+        messages.append(reply.to_message())
+        previous = reply
+    assert_idle(qwen_engine)
+
+
+def test_required_tool_choice_gives_a_parsed_call_with_integer_arguments(qwen_engine: Engine) -> None:
+    messages = [{"role": "user", "content": "What is 17 plus 25? Use the tool."}]
+    reply = complete(qwen_engine, messages, tools=[ADD_TOOL], tool_choice="required", sampling=greedy(64)).collect()
+    assert reply.finish_reason == "tool_calls"
+    assert len(reply.tool_calls) == 1
+    call = reply.tool_calls[0]
+    assert call.name == "add" and call.id.startswith("call_")
+    assert isinstance(call.arguments["a"], int) and isinstance(call.arguments["b"], int)
+    assert sorted([call.arguments["a"], call.arguments["b"]]) == [17, 25]
+    message = reply.to_message()
+    assert message["tool_calls"][0]["function"]["name"] == "add"
+
+
+def test_tool_result_reaches_the_final_answer(qwen_engine: Engine) -> None:
+    messages: list[dict] = [{"role": "user", "content": "What is 17 plus 25? Use the tool."}]
+    first = complete(qwen_engine, messages, tools=[ADD_TOOL], tool_choice="required", sampling=greedy(64)).collect()
+    call = first.tool_calls[0]
+    messages += [first.to_message(), {"role": "tool", "tool_call_id": call.id, "content": "42"}]
+    answer = complete(qwen_engine, messages, tools=[ADD_TOOL], sampling=greedy(40)).collect()
+    assert answer.finish_reason in ("stop", "length") and "42" in (answer.content or "")
+
+
+def test_tool_choice_none_hides_the_tools(qwen_engine: Engine) -> None:
+    messages = [{"role": "user", "content": "Say hello."}]
+    hidden = complete(qwen_engine, messages, tools=[ADD_TOOL], tool_choice="none", sampling=greedy(2))
+    plain = complete(qwen_engine, messages, sampling=greedy(2))
+    shown = complete(qwen_engine, messages, tools=[ADD_TOOL], sampling=greedy(2))
+    assert hidden.prompt_tokens == plain.prompt_tokens < shown.prompt_tokens
+    for stream in (hidden, plain, shown):
+        stream.collect()
+
+
+def test_json_schema_response_format_validates(qwen_engine: Engine) -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
+              "required": ["city", "population"], "additionalProperties": False}
+    messages = [{"role": "user", "content": "Give the largest city of Japan and its population as JSON."}]
+    reply = complete(qwen_engine, messages, sampling=greedy(60),
+                     response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}}).collect()
+    import json
+
+    jsonschema.validate(json.loads(reply.content), schema)
+    assert reply.finish_reason == "stop"
+
+
+def test_async_iteration_streams_deltas(qwen_engine: Engine) -> None:
+    async def run():
+        stream = complete(qwen_engine, [{"role": "user", "content": "Count from 1 to 5."}], sampling=greedy(16))
+        return [d async for d in stream]
+
+    deltas = asyncio.run(run())
+    assert len(deltas) > 2 and deltas[-1].usage is not None and deltas[-1].finish_reason in ("stop", "length")
+    assert "".join(d.content for d in deltas).strip()
+
+
+@pytest.fixture(scope="module")
+def small_qwen_engine(qwen_model: Model) -> Engine:
+    with Engine(qwen_model, EngineSettings(n_ctx=256, max_running=2, n_seq_max=4)) as engine:
+        yield engine
+
+
+def long_history(turns: int) -> list[dict]:
+    messages = [{"role": "system", "content": "You are a helpful assistant."}]
+    for i in range(turns):
+        messages += [{"role": "user", "content": f"Tell me fact number {i} about the ocean, please, in detail."},
+                     {"role": "assistant", "content": f"Fact {i}: the ocean is deep, wide, salty and full of life."}]
+    messages.append({"role": "user", "content": "Now summarise in one word."})
+    return messages
+
+
+def test_overflow_error_reports_the_numbers(small_qwen_engine: Engine) -> None:
+    with pytest.raises(ContextOverflowError) as caught:
+        complete(small_qwen_engine, long_history(10), sampling=greedy(16))
+    assert caught.value.context_limit == small_qwen_engine.context_limit
+    assert caught.value.prompt_tokens + 16 > small_qwen_engine.context_limit
+
+
+def test_overflow_truncate_oldest_keeps_the_system_prompt_and_the_last_turn(small_qwen_engine: Engine) -> None:
+    messages = long_history(10)
+    stream = complete(small_qwen_engine, messages, sampling=greedy(16), overflow="truncate_oldest")
+    reply = stream.collect()
+    assert reply.usage.prompt_tokens + 16 <= small_qwen_engine.context_limit
+    assert reply.usage.finish_reason in ("stop", "length")
+    # The prompt is the system message, the newest whole turns that fit, and the question.
+    tokenizer = chat_tokenizer(small_qwen_engine)
+    system, turns, question = messages[:1], messages[1:-1], messages[-1:]
+    fits = [k for k in range(0, len(turns) + 1, 2)
+            if len(tokenizer.encode(system + turns[k:] + question)) + 16 <= small_qwen_engine.context_limit]
+    assert fits and stream.prompt_tokens == len(tokenizer.encode(system + turns[fits[0]:] + question))
+    assert fits[0] > 0  # something was dropped
+    assert len(messages) == 22  # the caller's list is not changed
+
+
+def test_unknown_overflow_policy_is_refused(qwen_engine: Engine) -> None:
+    with pytest.raises(InvalidRequestError) as caught:
+        complete(qwen_engine, [{"role": "user", "content": "hi"}], overflow="shift-everything")
+    assert caught.value.field == "overflow"
