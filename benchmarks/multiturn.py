@@ -11,9 +11,11 @@ to first token. "New tokens" are the tokens the caller added since its previous
 call (the user message); the previous answer's last token is also evaluated,
 because a request returns its last sampled token without evaluating it.
 
-    python benchmarks/multiturn.py [--model qwen2.5-coder-0.5b-instruct] [--turns 16] [--users 8]
+    python benchmarks/multiturn.py [--mode tokens|chat] [--model qwen2.5-coder-0.5b-instruct] [--turns 16]
 
-Prints tables and writes benchmarks/results/multiturn.json.
+`--mode chat` sends messages through `kvchat.chat.complete` (the model's own chat
+template) instead of token lists. Prints tables and writes
+benchmarks/results/multiturn.json (tokens) or multiturn_chat.json (chat).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from kvchat import Engine, EngineSettings, SamplingParams
+from kvchat.chat import complete
 from kvchat.llama import Batch, Context, ContextParams, Model
 from kvchat.models import DEFAULT_CHAT_MODEL, resolve
 
@@ -68,6 +71,28 @@ class Conversation:
                 "ttft_s": u.time_to_first_token, "completion_tokens": u.completion_tokens}
 
 
+class ChatConversation:
+    """The same conversation as chat messages through `kvchat.chat.complete` (the
+    model's own template, token-faithful history): what a chat client sends."""
+
+    def __init__(self, model: Model, user: int) -> None:
+        self.user = user
+        self.messages: list[dict] = [{"role": "system", "content": f"A helpful assistant talks with user {user}."}]
+        self.previous = 0  # prompt + completion tokens of the previous call
+
+    def ask(self, engine: Engine, turn: int, answer_tokens: int) -> dict[str, float]:
+        self.messages.append({"role": "user", "content": user_message(self.user, turn)})
+        reply = complete(engine, self.messages, sampling=SamplingParams(temperature=0, max_tokens=answer_tokens),
+                         ).collect()
+        self.messages.append(reply.to_message())
+        u = reply.usage
+        n_new = u.prompt_tokens - self.previous  # template text and the new message
+        self.previous = u.prompt_tokens + u.completion_tokens
+        return {"turn": turn, "user": self.user, "prompt_tokens": u.prompt_tokens, "new_tokens": n_new,
+                "cached_tokens": u.cached_tokens, "evaluated_tokens": u.evaluated_tokens,
+                "ttft_s": u.time_to_first_token, "completion_tokens": u.completion_tokens}
+
+
 def bare_prefill_seconds(model: Model, settings: EngineSettings, cached: int, new: int, repeats: int = 3) -> float:
     """Best time of one llama_decode of `new` tokens on top of `cached` resident ones:
     the backend's own cost for a turn, without the engine (attention grows with `cached`)."""
@@ -90,16 +115,17 @@ def bare_prefill_seconds(model: Model, settings: EngineSettings, cached: int, ne
     return best
 
 
-def single(model: Model, settings: EngineSettings, turns: int, answer_tokens: int) -> list[dict[str, float]]:
+def single(model: Model, settings: EngineSettings, turns: int, answer_tokens: int,
+           kind: type = Conversation) -> list[dict[str, float]]:
     with Engine(model, settings) as engine:
-        conversation = Conversation(model, 0)
+        conversation = kind(model, 0)
         return [conversation.ask(engine, turn, answer_tokens) for turn in range(1, turns + 1)]
 
 
 def interleaved(model: Model, settings: EngineSettings, users: int, turns: int,
-                answer_tokens: int) -> list[dict[str, float]]:
+                answer_tokens: int, kind: type = Conversation) -> list[dict[str, float]]:
     with Engine(model, settings) as engine:
-        conversations = [Conversation(model, u) for u in range(users)]
+        conversations = [kind(model, u) for u in range(users)]
         return [c.ask(engine, turn, answer_tokens) for turn in range(1, turns + 1) for c in conversations]
 
 
@@ -133,15 +159,19 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=8)
     parser.add_argument("--user-turns", type=int, default=8, help="turns per user in the interleaved scenario")
     parser.add_argument("--answer-tokens", type=int, default=48)
+    parser.add_argument("--mode", choices=["tokens", "chat"], default="tokens",
+                        help="tokens: token lists; chat: messages through kvchat.chat.complete")
     args = parser.parse_args()
+    kind = Conversation if args.mode == "tokens" else ChatConversation
+    results = RESULTS.with_name(f"multiturn_{args.mode}.json") if args.mode != "tokens" else RESULTS
 
     model = Model(resolve(args.model))
     cache_on = EngineSettings(n_ctx=16384, max_running=8, n_seq_max=32)
     cache_off = EngineSettings(n_ctx=16384, max_running=8, n_seq_max=32, prefix_cache=False)
-    on = single(model, cache_on, args.turns, args.answer_tokens)
-    off = single(model, cache_off, args.turns, args.answer_tokens)
+    on = single(model, cache_on, args.turns, args.answer_tokens, kind)
+    off = single(model, cache_off, args.turns, args.answer_tokens, kind)
     print_single(on, off)
-    mixed = interleaved(model, cache_on, args.users, args.user_turns, args.answer_tokens)
+    mixed = interleaved(model, cache_on, args.users, args.user_turns, args.answer_tokens, kind)
     print(f"\n{args.users} interleaved users, {args.user_turns} turns each (cache on)")
     print(f"{'turn':>4} {'mean TTFT':>10} {'new':>6} {'evaluated':>10}")
     for turn in range(1, args.user_turns + 1):
@@ -155,13 +185,13 @@ def main() -> None:
     for key, value in summary.items():
         print(f"  {key}: {value:.3f}")
     model.close()
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps({
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
-        "model": args.model, "answer_tokens": args.answer_tokens, "summary": summary,
+        "model": args.model, "mode": args.mode, "answer_tokens": args.answer_tokens, "summary": summary,
         "single_cache_on": on, "single_cache_off": off, "interleaved_cache_on": mixed,
     }, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    print(f"wrote {results}")
 
 
 if __name__ == "__main__":

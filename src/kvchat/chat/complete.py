@@ -21,9 +21,10 @@ from kvchat.chat.tokenizer import ChatTokenizer
 from kvchat.chat.tool_calls import HERMES, StreamingToolCallParser, ToolCall, ToolCallEvent, detect_format
 from kvchat.chat.tool_requests import normalize_tool_choice, tool_call_grammar, validate_tools
 from kvchat.engine import Chunk, Engine, SamplingParams, Stream, Usage
+from kvchat.engine.context_shift import ContextShift
 from kvchat.errors import ContextOverflowError, InvalidRequestError
 
-OverflowPolicy = Literal["error", "truncate_oldest"]
+OverflowPolicy = Literal["error", "truncate_oldest", "shift"]
 ChatFinishReason = Literal["stop", "length", "tool_calls", "cancelled"]
 
 
@@ -160,6 +161,7 @@ def complete(
     response_format: Mapping[str, Any] | None = None,
     sampling: SamplingParams | None = None,
     overflow: OverflowPolicy = "error",
+    n_keep: int | None = None,
     cache_key: str | None = None,
 ) -> ChatStream:
     """Answer a chat: render `messages`, generate, and stream the assistant's reply.
@@ -172,7 +174,11 @@ def complete(
       constrains the output by grammar.
     - `overflow`: when the prompt plus `max_tokens` exceed the context, ``"error"``
       raises `ContextOverflowError`; ``"truncate_oldest"`` drops the oldest
-      non-system messages, whole turns at a time, until it fits.
+      non-system messages, whole turns at a time, until it fits; ``"shift"`` keeps
+      the first `n_keep` tokens (default: the leading system messages) and drops
+      the oldest half of the rest, in whole halves, until it fits, building the
+      shortened prompt's KV by shifting the cached KV of the full one (models that
+      cannot shift positions raise `InvalidRequestError`).
     - `cache_key` keeps tenants' cached prefixes apart.
 
     Raises `InvalidRequestError` (or its subclasses) for bad input before anything
@@ -192,8 +198,8 @@ def complete(
         grammar = grammar_for_response_format(response_format)
     if grammar is not None:
         sampling = replace(sampling, grammar=grammar)
-    tokens = _fit(engine, tokenizer, list(messages), visible_tools, sampling, overflow)
-    stream = engine.submit(tokens, sampling, cache_key=cache_key)
+    tokens, shift = _fit(engine, tokenizer, list(messages), visible_tools, sampling, overflow, n_keep)
+    stream = engine.submit(tokens, sampling, cache_key=cache_key, shift=shift)
     parser = StreamingToolCallParser(tool_format) if tool_format else None
     return ChatStream(stream, _Translator(parser, tokenizer.memory), len(tokens))
 
@@ -205,19 +211,38 @@ def _fit(
     tools: list[Mapping[str, Any]] | None,
     sampling: SamplingParams,
     overflow: OverflowPolicy,
-) -> list[int]:
-    """The prompt's tokens, after applying the overflow policy."""
-    if overflow not in ("error", "truncate_oldest"):
+    n_keep: int | None,
+) -> tuple[list[int], ContextShift | None]:
+    """The prompt's tokens, after applying the overflow policy (and the shift, if any)."""
+    if overflow not in ("error", "truncate_oldest", "shift"):
         raise InvalidRequestError(f"unknown overflow policy {overflow!r}", field="overflow")
     need = sampling.max_tokens or 1
     while True:
         tokens = tokenizer.encode(messages, tools=tools)
         if len(tokens) + need <= engine.context_limit:
-            return tokens
+            return tokens, None
+        if overflow == "shift":
+            keep = _system_prefix_length(tokenizer, messages, tokens) if n_keep is None else n_keep
+            shift = ContextShift.to_fit(tuple(tokens), keep, engine.context_limit - need)
+            return list(shift.prompt), shift
         if overflow == "error" or not _drop_oldest_turn(messages):
             raise ContextOverflowError(
                 prompt_tokens=len(tokens), max_tokens=need, context_limit=engine.context_limit
             )
+
+
+def _system_prefix_length(tokenizer: ChatTokenizer, messages: list[Mapping[str, Any]], tokens: list[int]) -> int:
+    """Tokens at the start of the prompt that render the leading system messages."""
+    n = 0
+    while n < len(messages) and messages[n].get("role") in ("system", "developer"):
+        n += 1
+    if n == 0:
+        return 0
+    system = tokenizer.encode(messages[:n], add_generation_prompt=False)
+    common = 0
+    while common < min(len(system), len(tokens)) and system[common] == tokens[common]:
+        common += 1
+    return common
 
 
 def _drop_oldest_turn(messages: list[Mapping[str, Any]]) -> bool:

@@ -5,6 +5,7 @@
 - :class:`Stream`, :class:`Chunk`, :class:`Usage`, :class:`Completion`: what a request returns.
 """
 
+from kvchat.engine.context_shift import ContextShift
 from kvchat.engine.engine import Engine
 from kvchat.engine.sampling import GREEDY, SamplingParams
 from kvchat.engine.settings import EngineSettings, EngineStats
@@ -14,6 +15,7 @@ __all__ = [
     "GREEDY",
     "Chunk",
     "Completion",
+    "ContextShift",
     "Engine",
     "EngineSettings",
     "EngineStats",

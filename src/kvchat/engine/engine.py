@@ -14,6 +14,7 @@ from types import TracebackType
 
 import numpy as np
 
+from kvchat.engine.context_shift import ContextShift, shifted_namespace
 from kvchat.engine.kv_pool import KVPool
 from kvchat.engine.prefix_cache import PrefixCache
 from kvchat.engine.sampling import SamplingParams
@@ -59,7 +60,11 @@ class Engine:
         except BaseException:
             self._close_owned_model()
             raise
-        self.context_limit: int = min(self._context.n_ctx_seq, self.model.n_ctx_train or self._context.n_ctx_seq)
+        self.context_limit: int = min(
+            self._context.n_ctx_seq,
+            self.model.n_ctx_train or self._context.n_ctx_seq,
+            self.settings.max_request_tokens or self._context.n_ctx_seq,
+        )
         """Most tokens (prompt + generated) one request may hold."""
         self._scheduler = Scheduler()
         self._commands: queue.SimpleQueue[object] = queue.SimpleQueue()
@@ -107,13 +112,21 @@ class Engine:
     # -- public API ------------------------------------------------------------------
 
     def submit(
-        self, prompt_tokens: SequenceOf[int], sampling: SamplingParams | None = None, *, cache_key: str | None = None
+        self,
+        prompt_tokens: SequenceOf[int],
+        sampling: SamplingParams | None = None,
+        *,
+        cache_key: str | None = None,
+        shift: ContextShift | None = None,
     ) -> Stream:
         """Queue a request for `prompt_tokens` and return its stream.
 
         The longest prefix of the prompt still held by the cache is reused and
         only the rest is evaluated. Requests with different `cache_key`s (tenants)
-        never share cached cells.
+        never share cached cells. With `shift`, `prompt_tokens` must be
+        ``shift.prompt``: its KV may then be built by shifting the cached KV of
+        ``shift.original`` (models that cannot shift positions raise
+        `InvalidRequestError`).
 
         Raises `InvalidRequestError` (empty prompt, token ids outside the vocabulary,
         bad sampling values), `ContextOverflowError` (prompt + max_tokens exceed
@@ -133,6 +146,9 @@ class Engine:
         request_id = next(self._request_ids)
         stream = Stream(request_id, on_cancel=lambda: self._request_cancel(seq))
         seq = Sequence(request_id, prompt, sampling, max_new, stream, cache_key=cache_key)
+        if shift is not None:
+            self._check_shift(prompt, shift)
+            seq.shift, seq.original_cache_key, seq.cache_key = shift, cache_key, shifted_namespace(cache_key)
         with self._submit_lock:
             if self._closing:
                 raise EngineClosedError("the engine is closed")
@@ -194,6 +210,12 @@ class Engine:
         if any(t < 0 or t >= n_vocab for t in prompt):
             raise InvalidRequestError(f"prompt token ids must be in [0, {n_vocab})", field="prompt")
         return prompt
+
+    def _check_shift(self, prompt: tuple[int, ...], shift: ContextShift) -> None:
+        if not self._context.can_shift:
+            raise InvalidRequestError(f"{self.model.description} cannot shift KV positions", field="overflow")
+        if shift.prompt != prompt or shift.n_keep < 0 or shift.n_drop < 0:
+            raise InvalidRequestError("the prompt is not the shift's shortened original", field="prompt")
 
     def _request_cancel(self, seq: Sequence) -> None:
         seq.cancel_requested = True
@@ -377,6 +399,7 @@ class Engine:
             evictions=pool.counters.evictions,
             spills=pool.counters.spills,
             restores=pool.counters.restores,
+            shifts=pool.counters.shifts,
             **self._counters,
         )
 

@@ -16,6 +16,7 @@ decode never runs out of cells while evictable entries exist.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvchat.engine.prefix_cache import Eviction, Node, PrefixCache
@@ -39,6 +40,31 @@ class PoolCounters:
     spills: int = 0
     restores: int = 0
     restore_failures: int = 0
+    shifts: int = 0
+
+
+class _Once:
+    """A callable that runs its function the first time only."""
+
+    def __init__(self, function: Callable[[], None]) -> None:
+        self._function: Callable[[], None] | None = function
+
+    def __call__(self) -> None:
+        function, self._function = self._function, None
+        if function is not None:
+            function()
+
+
+@dataclass(frozen=True)
+class _OwnPrefix:
+    """A prefix loaded as the sequence's own cells (not shared with the tree): `load`
+    fills the sequence and sets `cached_tokens`, or returns False and leaves it
+    empty. `extra_cells` are needed beyond the request's reservation while it loads."""
+
+    extra_cells: int
+    load: Callable[[Sequence], bool]
+    release: Callable[[], None] = lambda: None
+    """Called once the choice is made: unlocks what the plan locked."""
 
 
 class KVPool:
@@ -59,36 +85,49 @@ class KVPool:
     def try_admit(self, seq: Sequence, n_running: int) -> bool:
         """Give `seq` a sequence id and its cached prefix if room can be made.
 
-        The prefix comes from the KV pool (cells shared, no copy) or, when a lower
-        tier covers at least `MIN_RESTORE_GAIN` more tokens, from spilled state.
-        On success the sequence's `seq_id`, `n_past`, `cached_tokens` and
-        `pending` are set; on failure nothing changes and the request waits.
+        The prefix comes from the KV pool (cells shared, no copy) or, when it
+        covers at least `MIN_RESTORE_GAIN` more tokens, from spilled state or (for
+        a context-shifted prompt) from the original prompt's KV, shifted. On
+        success the sequence's `seq_id`, `n_past`, `cached_tokens` and `pending`
+        are set; on failure nothing changes and the request waits.
         """
         if n_running >= self._max_running:
             return False
         usable, holder, node = self._match(seq)
-        spilled = self._spilled_match(seq, usable)
         if node is not None:
             self.cache.lock(node)  # the matched path must survive the evictions below
-        need = len(seq.prompt) + seq.max_new_tokens - (0 if spilled else usable)
-        if not self._make_room(need):
+        own = self._spilled_match(seq, usable) or self._shift_match(seq, usable)
+        if own is not None and not self._reserve(seq, len(seq.prompt) + seq.max_new_tokens + own.extra_cells):
+            own.release()
+            own = None  # no room for the copy: share what the pool has instead
+        if own is None and not self._reserve(seq, len(seq.prompt) + seq.max_new_tokens - usable):
             if node is not None:
                 self.cache.unlock(node)
             return False
-        seq.seq_id = self._free_ids.pop()
-        self._reserved += need
-        seq.reserved_cells = need
-        if spilled is not None and self._restore(seq, spilled):
+        loaded = own is not None and own.load(seq)
+        if own is not None:
+            own.release()
+        if loaded:
             if node is not None:
                 self.cache.unlock(node)
-            seq.cached_tokens = self._usable(seq, spilled.length)
-            seq.shared_prefix = 0  # restored cells are this sequence's own, not the tree's
+            seq.shared_prefix = 0  # copied cells are this sequence's own, not the tree's
         elif usable:
             self._context.seq_copy(holder, seq.seq_id, 0, usable)
             seq.locked_node = node
             seq.cached_tokens = seq.shared_prefix = usable
+        elif node is not None:
+            self.cache.unlock(node)
         seq.n_past = seq.cached_tokens
         seq.pending = list(seq.prompt[seq.cached_tokens:])
+        return True
+
+    def _reserve(self, seq: Sequence, cells: int) -> bool:
+        """Take a sequence id and reserve `cells` for `seq`, evicting if needed."""
+        if not self._make_room(cells):
+            return False
+        seq.seq_id = self._free_ids.pop()
+        self._reserved += cells
+        seq.reserved_cells = cells
         return True
 
     @staticmethod
@@ -105,13 +144,13 @@ class KVPool:
             return 0, None, None
         return usable, found.holder, found.node
 
-    def _spilled_match(self, seq: Sequence, usable: int) -> StoreMatch | None:
+    def _spilled_match(self, seq: Sequence, usable: int) -> _OwnPrefix | None:
         if self.store is None:
             return None
         found = self.store.best_match(seq.prompt, namespace=seq.cache_key)
         if found is None or self._usable(seq, found.length) < usable + MIN_RESTORE_GAIN:
             return None
-        return found
+        return _OwnPrefix(extra_cells=0, load=lambda s: self._restore(s, found))
 
     def _restore(self, seq: Sequence, spilled: StoreMatch) -> bool:
         """Load spilled state into the request's (empty) sequence, trimmed to the prompt."""
@@ -123,11 +162,66 @@ class KVPool:
                 logger.warning("restoring %d cached tokens failed; evaluating them instead", spilled.length)
                 self._context.seq_remove(seq.seq_id)
             else:
-                self._context.seq_remove(seq.seq_id, self._usable(seq, spilled.length), -1)
+                seq.cached_tokens = self._usable(seq, spilled.length)
+                self._context.seq_remove(seq.seq_id, seq.cached_tokens, -1)
                 self.counters.restores += 1
                 return True
         self.counters.restore_failures += 1
         return False
+
+    def _shift_match(self, seq: Sequence, usable: int) -> _OwnPrefix | None:
+        """For a shifted prompt: the original's cached KV, if it reaches past the cut."""
+        shift = seq.shift
+        if shift is None or self.cache is None:
+            return None
+        found = self.cache.match(shift.original, namespace=seq.original_cache_key)
+        cut_end = shift.n_keep + shift.n_drop
+        if found.length <= cut_end or self._usable(seq, found.length - shift.n_drop) < usable + MIN_RESTORE_GAIN:
+            return None
+        holder, length, node = found.holder, found.length, found.node
+        self.cache.lock(node)  # the holder must survive the evictions that make room
+        unlock = _Once(lambda: self.cache.unlock(node))
+        # The moved cells are counted in the tree until the take-over, in the reservation after it.
+        moved = self._usable(seq, length - shift.n_drop)
+        return _OwnPrefix(extra_cells=-moved,
+                          load=lambda s: self._take_over_and_shift(s, holder, length, unlock, moved),
+                          release=unlock)
+
+    def _take_over_and_shift(
+        self, seq: Sequence, holder: int, length: int, unlock: Callable[[], None], moved: int
+    ) -> bool:
+        """Move the original's cells into `seq`, drop the shift's cut, move the rest back.
+
+        Positions are shifted in place, so the moved cells must belong to `seq`
+        alone: the holder leaves the cache (its exact entry is spilled if a lower
+        tier exists), and if other cached entries still share cells past the cut,
+        only the kept head is reused.
+        """
+        shift, ctx, target = seq.shift, self._context, seq.seq_id
+        ctx.seq_copy(holder, target, 0, length)
+        unlock()
+        self._reserved += moved  # from now on the request holds these cells itself
+        seq.reserved_cells += moved
+        try:
+            evictions = self.cache.evict_sequence(holder)
+        except ValueError:  # a running request shares those cells: leave them alone
+            ctx.seq_remove(target)
+            self._make_room(0)
+            return False
+        for eviction in evictions:
+            self._apply(eviction)
+        still_shared = self.cache.peek(shift.original[:length], namespace=seq.original_cache_key).length
+        cut_end = shift.n_keep + shift.n_drop
+        if still_shared > cut_end:
+            seq.cached_tokens = self._usable(seq, shift.n_keep)
+            ctx.seq_remove(target, seq.cached_tokens, -1)
+            return True
+        ctx.seq_remove(target, shift.n_keep, cut_end)
+        ctx.seq_shift(target, cut_end, length, -shift.n_drop)
+        seq.cached_tokens = self._usable(seq, length - shift.n_drop)
+        ctx.seq_remove(target, seq.cached_tokens, -1)
+        self.counters.shifts += 1
+        return True
 
     def _make_room(self, need: int) -> bool:
         """Evict parked entries until a sequence id and `need` cells are free."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from kvchat.engine.context_shift import ContextShift
 from kvchat.engine.sampling import SamplingParams
 from kvchat.engine.stream import FinishReason, Stream, Usage
 from kvchat.engine.text_output import TextOutput
@@ -26,6 +27,10 @@ class Sequence:
     stream: Stream
     cache_key: str | None = None
     """Prefix-cache namespace: requests with different keys never share cells."""
+    shift: ContextShift | None = None
+    """Set when the prompt was shortened by a context shift (its KV may come from the original's)."""
+    original_cache_key: str | None = None
+    """The tenant's own namespace, where the unshifted original may be cached."""
     submitted_at: float = field(default_factory=time.perf_counter)
     seq_id: int | None = None
     pending: list[int] = field(default_factory=list)

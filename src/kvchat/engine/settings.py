@@ -20,6 +20,8 @@ class EngineSettings:
     - `max_running`: requests decoded together; more wait in the queue.
     - `n_seq_max`: KV sequence ids in the context (at least `max_running`).
     - `n_threads`: CPU threads for llama.cpp (None: every core available).
+    - `max_request_tokens`: most tokens (prompt + max_tokens) one request may
+      hold (None: the whole pool, within the model's training context).
     - `prefix_cache`: keep finished requests' KV and reuse the longest cached
       prefix of each new request (off for recurrent and hybrid models).
     - `cache_ram_bytes`: host-RAM budget for KV state evicted from the pool
@@ -34,6 +36,7 @@ class EngineSettings:
     max_running: int = 16
     n_seq_max: int = 32
     n_threads: int | None = None
+    max_request_tokens: int | None = None
     prefix_cache: bool = True
     cache_ram_bytes: int = 256 * 1024 * 1024
     cache_dir: str | None = None
@@ -50,6 +53,10 @@ class EngineSettings:
             raise InvalidRequestError("max_running must be <= n_seq_max", field="max_running")
         if self.n_threads is not None and (not isinstance(self.n_threads, int) or self.n_threads < 1):
             raise InvalidRequestError("n_threads must be a positive integer or None", field="n_threads")
+        if self.max_request_tokens is not None and (
+            not isinstance(self.max_request_tokens, int) or not 1 <= self.max_request_tokens <= self.n_ctx
+        ):
+            raise InvalidRequestError("max_request_tokens must be in [1, n_ctx] or None", field="max_request_tokens")
         if not isinstance(self.cache_ram_bytes, int) or self.cache_ram_bytes < 0:
             raise InvalidRequestError("cache_ram_bytes must be an integer >= 0", field="cache_ram_bytes")
 
@@ -62,7 +69,8 @@ class EngineStats:
     a sequence; `free_sequences`: KV sequence ids neither running nor parked;
     `parked_sequences`: ids holding prefix-cache entries; `tokens_resident`: KV
     cells in use (cache and running requests, shared cells once);
-    `cache_tokens`, `ram_tokens`, `disk_tokens`: tokens held by each cache tier.
+    `cache_tokens`, `ram_tokens`, `disk_tokens`: tokens held by each cache tier;
+    `shifts`: context shifts that reused the original prompt's KV.
     Counters are cumulative since start; `cache_hit_rate` is cached / prompt tokens.
     """
 
@@ -77,6 +85,7 @@ class EngineStats:
     evictions: int
     spills: int
     restores: int
+    shifts: int
     steps: int
     requests_finished: int
     prompt_tokens: int
