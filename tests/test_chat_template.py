@@ -13,20 +13,9 @@ from kvchat.chat.template import CHATML_TEMPLATE, ChatTemplate, TemplateRenderEr
 from kvchat.errors import InvalidRequestError
 from kvchat.llama import Model
 
+from chat_data import HISTORY, WEATHER_TOOL
+
 QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-HISTORY = [
-    {"role": "system", "content": "You are terse."},
-    {"role": "user", "content": "Hi there!"},
-    {"role": "assistant", "content": "Hello. How can I help?"},
-]
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather of a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
 
 
 def tool_call_history(arguments: object) -> list[dict]:

@@ -6,6 +6,8 @@ import threading
 import uuid
 
 import pytest
+from chat_data import HISTORY, WEATHER_TOOL
+from conftest import assert_idle
 
 from kvchat import Engine, SamplingParams
 from kvchat.chat.history import GeneratedTokenMemory
@@ -14,21 +16,6 @@ from kvchat.chat.tokenizer import ChatTokenizer
 from kvchat.errors import InvalidRequestError
 from kvchat.llama import Model
 
-from conftest import assert_idle
-
-HISTORY = [
-    {"role": "system", "content": "You are terse."},
-    {"role": "user", "content": "Hi there!"},
-    {"role": "assistant", "content": "Hello. How can I help?"},
-]
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather of a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
 TOOL_HISTORY = [
     {"role": "user", "content": "Weather in Paris and Rome?"},
     {"role": "assistant", "content": "Let me look.", "tool_calls": [

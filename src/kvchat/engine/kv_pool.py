@@ -205,8 +205,7 @@ class KVPool:
         try:
             evictions = self.cache.evict_sequence(holder)
         except ValueError:  # a running request shares those cells: leave them alone
-            ctx.seq_remove(target)
-            self._make_room(0)
+            ctx.seq_remove(target)  # (the reservation stays larger than needed: safe)
             return False
         for eviction in evictions:
             self._apply(eviction)
