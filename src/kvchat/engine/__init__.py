@@ -8,7 +8,8 @@
 from kvchat.engine.context_shift import ContextShift
 from kvchat.engine.engine import Engine
 from kvchat.engine.sampling import GREEDY, SamplingParams
-from kvchat.engine.settings import EngineSettings, EngineStats
+from kvchat.engine.settings import EngineSettings
+from kvchat.engine.stats import EngineStats
 from kvchat.engine.stream import Chunk, Completion, FinishReason, Stream, Usage
 
 __all__ = [

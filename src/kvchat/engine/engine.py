@@ -20,7 +20,8 @@ from kvchat.engine.prefix_cache import PrefixCache
 from kvchat.engine.sampling import SamplingParams
 from kvchat.engine.scheduler import ScheduledRow, Scheduler
 from kvchat.engine.sequence import Sequence
-from kvchat.engine.settings import EngineSettings, EngineStats
+from kvchat.engine.settings import EngineSettings
+from kvchat.engine.stats import EngineStats, StatsBoard
 from kvchat.engine.state_store import StateStore
 from kvchat.engine.stream import Chunk, FinishReason, Stream
 from kvchat.errors import BackendError, ContextOverflowError, DecodeError, EngineClosedError, InvalidRequestError
@@ -75,11 +76,8 @@ class Engine:
         self._request_ids = itertools.count(1)
         self._closing = False
         self._submit_lock = threading.Lock()
-        self._stats_lock = threading.Lock()
-        self._counters = dict.fromkeys(
-            ("steps", "requests_finished", "prompt_tokens", "cached_tokens", "evaluated_tokens", "completion_tokens"), 0
-        )
-        self._stats = self._snapshot()
+        self._stats = StatsBoard()
+        self._publish_stats()
         self._thread = threading.Thread(target=self._run, name="kvchat-engine", daemon=True)
         self._thread.start()
 
@@ -166,8 +164,7 @@ class Engine:
 
     def stats(self) -> EngineStats:
         """The latest snapshot of the engine's state and counters."""
-        with self._stats_lock:
-            return self._stats
+        return self._stats.latest()
 
     @property
     def closed(self) -> bool:
@@ -262,7 +259,7 @@ class Engine:
                 logger.error("%s; failing the %d running requests", exc, len(self._running))
                 self._fail_running(exc)
                 return
-            self._counters["steps"] += 1
+            self._stats.counters.steps += 1
             for scheduled in rows:
                 self._sample(scheduled)
         self._publish_stats()
@@ -332,12 +329,7 @@ class Engine:
         tail = seq.text.finish().text
         usage = seq.usage(reason, completion_tokens=len(seq.generated))
         self._release(seq, keep=True)
-        counters = self._counters
-        counters["requests_finished"] += 1
-        counters["prompt_tokens"] += usage.prompt_tokens
-        counters["cached_tokens"] += usage.cached_tokens
-        counters["evaluated_tokens"] += usage.evaluated_tokens
-        counters["completion_tokens"] += usage.completion_tokens
+        self._stats.counters.count_finished(usage)
         self._publish_stats()
         seq.stream._push(Chunk(tail, (), usage))
 
@@ -384,26 +376,5 @@ class Engine:
 
     # -- stats ------------------------------------------------------------------------------------------
 
-    def _snapshot(self) -> EngineStats:
-        pool = self._pool
-        store = pool.store.stats() if pool.store is not None else None
-        return EngineStats(
-            active=len(self._running),
-            queued=len(self._waiting),
-            free_sequences=pool.free_sequences,
-            parked_sequences=pool.parked_sequences,
-            tokens_resident=pool.cached_tokens_resident + sum(s.n_past - s.shared_prefix for s in self._running),
-            cache_tokens=pool.cached_tokens_resident,
-            ram_tokens=store.ram_tokens if store else 0,
-            disk_tokens=store.disk_tokens if store else 0,
-            evictions=pool.counters.evictions,
-            spills=pool.counters.spills,
-            restores=pool.counters.restores,
-            shifts=pool.counters.shifts,
-            **self._counters,
-        )
-
     def _publish_stats(self) -> None:
-        snapshot = self._snapshot()
-        with self._stats_lock:
-            self._stats = snapshot
+        self._stats.publish(self._running, self._waiting, self._pool)

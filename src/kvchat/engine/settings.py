@@ -1,4 +1,4 @@
-"""`EngineSettings` and `EngineStats`: the engine's tunable numbers and its counters."""
+"""`EngineSettings`: the engine's tunable numbers."""
 
 from __future__ import annotations
 
@@ -59,41 +59,3 @@ class EngineSettings:
             raise InvalidRequestError("max_request_tokens must be in [1, n_ctx] or None", field="max_request_tokens")
         if not isinstance(self.cache_ram_bytes, int) or self.cache_ram_bytes < 0:
             raise InvalidRequestError("cache_ram_bytes must be an integer >= 0", field="cache_ram_bytes")
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """A snapshot of the engine, taken by its worker thread after each change.
-
-    `active`: requests admitted (prefilling or generating); `queued`: waiting for
-    a sequence; `free_sequences`: KV sequence ids neither running nor parked;
-    `parked_sequences`: ids holding prefix-cache entries; `tokens_resident`: KV
-    cells in use (cache and running requests, shared cells once);
-    `cache_tokens`, `ram_tokens`, `disk_tokens`: tokens held by each cache tier;
-    `shifts`: context shifts that reused the original prompt's KV.
-    Counters are cumulative since start; `cache_hit_rate` is cached / prompt tokens.
-    """
-
-    active: int
-    queued: int
-    free_sequences: int
-    parked_sequences: int
-    tokens_resident: int
-    cache_tokens: int
-    ram_tokens: int
-    disk_tokens: int
-    evictions: int
-    spills: int
-    restores: int
-    shifts: int
-    steps: int
-    requests_finished: int
-    prompt_tokens: int
-    cached_tokens: int
-    evaluated_tokens: int
-    completion_tokens: int
-
-    @property
-    def cache_hit_rate(self) -> float:
-        """Share of prompt tokens taken from the cache, since start."""
-        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0

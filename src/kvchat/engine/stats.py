@@ -1,0 +1,105 @@
+"""`EngineStats` and `StatsBoard`: what the engine reports about itself."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Collection
+from dataclasses import dataclass, fields
+
+from kvchat.engine.kv_pool import KVPool
+from kvchat.engine.sequence import Sequence
+from kvchat.engine.stream import Usage
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine, taken by its worker thread after each change.
+
+    `active`: requests admitted (prefilling or generating); `queued`: waiting for
+    a sequence; `free_sequences`: KV sequence ids neither running nor parked;
+    `parked_sequences`: ids holding prefix-cache entries; `tokens_resident`: KV
+    cells in use (cache and running requests, shared cells once);
+    `cache_tokens`, `ram_tokens`, `disk_tokens`: tokens held by each cache tier;
+    `shifts`: context shifts that reused the original prompt's KV.
+    Counters are cumulative since start; `cache_hit_rate` is cached / prompt tokens.
+    """
+
+    active: int
+    queued: int
+    free_sequences: int
+    parked_sequences: int
+    tokens_resident: int
+    cache_tokens: int
+    ram_tokens: int
+    disk_tokens: int
+    evictions: int
+    spills: int
+    restores: int
+    shifts: int
+    steps: int
+    requests_finished: int
+    prompt_tokens: int
+    cached_tokens: int
+    evaluated_tokens: int
+    completion_tokens: int
+
+    @property
+    def cache_hit_rate(self) -> float:
+        """Share of prompt tokens taken from the cache, since start."""
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+@dataclass
+class RequestCounters:
+    """Cumulative request and token counts."""
+
+    steps: int = 0
+    requests_finished: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    evaluated_tokens: int = 0
+    completion_tokens: int = 0
+
+    def count_finished(self, usage: Usage) -> None:
+        """Add one finished request."""
+        self.requests_finished += 1
+        self.prompt_tokens += usage.prompt_tokens
+        self.cached_tokens += usage.cached_tokens
+        self.evaluated_tokens += usage.evaluated_tokens
+        self.completion_tokens += usage.completion_tokens
+
+
+class StatsBoard:
+    """The worker thread writes snapshots here; any thread reads the latest."""
+
+    def __init__(self) -> None:
+        self.counters = RequestCounters()
+        self._lock = threading.Lock()
+        self._latest: EngineStats | None = None
+
+    def publish(self, running: Collection[Sequence], waiting: Collection[Sequence], pool: KVPool) -> None:
+        """Take a snapshot of the worker's state (worker thread only)."""
+        store = pool.store.stats() if pool.store is not None else None
+        snapshot = EngineStats(
+            active=len(running),
+            queued=len(waiting),
+            free_sequences=pool.free_sequences,
+            parked_sequences=pool.parked_sequences,
+            tokens_resident=pool.cached_tokens_resident + sum(s.n_past - s.shared_prefix for s in running),
+            cache_tokens=pool.cached_tokens_resident,
+            ram_tokens=store.ram_tokens if store else 0,
+            disk_tokens=store.disk_tokens if store else 0,
+            evictions=pool.counters.evictions,
+            spills=pool.counters.spills,
+            restores=pool.counters.restores,
+            shifts=pool.counters.shifts,
+            **{f.name: getattr(self.counters, f.name) for f in fields(self.counters)},
+        )
+        with self._lock:
+            self._latest = snapshot
+
+    def latest(self) -> EngineStats:
+        """The most recent snapshot."""
+        with self._lock:
+            assert self._latest is not None, "the engine publishes a snapshot before it starts"
+            return self._latest
