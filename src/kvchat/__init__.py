@@ -18,9 +18,11 @@ from kvchat.engine import (
     Stream,
     Usage,
 )
+from kvchat.conversation import Conversation
 from kvchat.errors import (
     BackendError,
     ContextOverflowError,
+    ConversationFileError,
     DecodeError,
     EngineClosedError,
     InvalidRequestError,
@@ -41,6 +43,8 @@ __all__ = [
     "Chunk",
     "Completion",
     "ContextOverflowError",
+    "Conversation",
+    "ConversationFileError",
     "DecodeError",
     "Engine",
     "EngineClosedError",

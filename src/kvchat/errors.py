@@ -10,7 +10,8 @@ The hierarchy::
     ├── ModelLoadError            a model file is missing, unreadable or not GGUF
     │   └── ModelNotFoundError    a name or path that resolves to no model file
     ├── InvalidRequestError       a request's own values are wrong (has `field`)
-    │   └── ContextOverflowError  prompt + max_tokens exceed the context (has the numbers)
+    │   ├── ContextOverflowError  prompt + max_tokens exceed the context (has the numbers)
+    │   └── ConversationFileError a saved conversation is damaged or from another model/layout
     ├── EngineClosedError         the engine was closed before or during the call
     └── BackendError              llama.cpp itself failed (decode, KV or state call)
         └── DecodeError           llama_decode returned an error code (has `code`)
@@ -26,6 +27,7 @@ __all__ = [
     "ModelNotFoundError",
     "InvalidRequestError",
     "ContextOverflowError",
+    "ConversationFileError",
     "EngineClosedError",
     "BackendError",
     "DecodeError",
@@ -69,6 +71,10 @@ class ContextOverflowError(InvalidRequestError):
         self.prompt_tokens = prompt_tokens
         self.max_tokens = max_tokens
         self.context_limit = context_limit
+
+
+class ConversationFileError(InvalidRequestError):
+    """A conversation file is missing, damaged, or from another model or KV layout."""
 
 
 class EngineClosedError(KVChatError, RuntimeError):

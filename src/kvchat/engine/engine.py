@@ -10,12 +10,15 @@ import random
 import threading
 from collections import deque
 from collections.abc import Sequence as SequenceOf
+from collections.abc import Callable
 from types import TracebackType
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
 from kvchat.engine.context_shift import ContextShift, shifted_namespace
 from kvchat.engine.kv_pool import KVPool
+from kvchat.engine.pinned import PinnedSequence
 from kvchat.engine.prefix_cache import PrefixCache
 from kvchat.engine.sampling import SamplingParams
 from kvchat.engine.scheduler import ScheduledRow, Scheduler
@@ -27,10 +30,32 @@ from kvchat.engine.stream import Chunk, FinishReason, Stream
 from kvchat.errors import BackendError, ContextOverflowError, DecodeError, EngineClosedError, InvalidRequestError
 from kvchat.llama import Batch, Context, ContextParams, Model, SamplerChain
 
+if TYPE_CHECKING:
+    from kvchat.conversation import Conversation
+
 logger = logging.getLogger("kvchat.engine")
 
 _WAKE = object()  # command: look at cancel flags
 _CLOSE = object()  # command: stop the worker
+T = TypeVar("T")
+
+
+class _Call:
+    """Command: run a function on the worker thread and hand back its result."""
+
+    def __init__(self, function: Callable[[KVPool], object]) -> None:
+        self.function = function
+        self.done = threading.Event()
+        self.result: object = None
+        self.error: BaseException | None = None
+
+    def run(self, pool: KVPool) -> None:
+        try:
+            self.result = self.function(pool)
+        except BaseException as exc:  # handed to the caller's thread
+            self.error = exc
+        finally:
+            self.done.set()
 
 
 class Engine:
@@ -116,6 +141,7 @@ class Engine:
         *,
         cache_key: str | None = None,
         shift: ContextShift | None = None,
+        pinned: PinnedSequence | None = None,
     ) -> Stream:
         """Queue a request for `prompt_tokens` and return its stream.
 
@@ -124,7 +150,9 @@ class Engine:
         never share cached cells. With `shift`, `prompt_tokens` must be
         ``shift.prompt``: its KV may then be built by shifting the cached KV of
         ``shift.original`` (models that cannot shift positions raise
-        `InvalidRequestError`).
+        `InvalidRequestError`). With `pinned` (used by `Conversation`), the request
+        runs in that pinned sequence: `prompt_tokens` must start with its resident
+        tokens, and only the rest is evaluated.
 
         Raises `InvalidRequestError` (empty prompt, token ids outside the vocabulary,
         bad sampling values), `ContextOverflowError` (prompt + max_tokens exceed
@@ -144,6 +172,8 @@ class Engine:
         request_id = next(self._request_ids)
         stream = Stream(request_id, on_cancel=lambda: self._request_cancel(seq))
         seq = Sequence(request_id, prompt, sampling, max_new, stream, cache_key=cache_key)
+        if pinned is not None:
+            seq.pinned = pinned
         if shift is not None:
             self._check_shift(prompt, shift)
             seq.shift, seq.original_cache_key, seq.cache_key = shift, cache_key, shifted_namespace(cache_key)
@@ -161,6 +191,33 @@ class Engine:
         `parse_special`) and :meth:`submit` it."""
         tokens = self.model.tokenize(prompt, add_special=True, parse_special=parse_special)
         return self.submit(tokens, sampling, cache_key=cache_key)
+
+    def run_on_worker(self, function: Callable[[KVPool], T]) -> T:
+        """Run `function(pool)` on the worker thread, between two steps, and return its
+        result (or raise its exception). For KV operations outside requests."""
+        if threading.current_thread() is self._thread:
+            return function(self._pool)
+        call = _Call(function)
+        with self._submit_lock:
+            if self._closing:
+                raise EngineClosedError("the engine is closed")
+            self._commands.put(call)
+        call.done.wait()
+        if call.error is not None:
+            raise call.error
+        return call.result  # type: ignore[return-value]
+
+    def conversation(self) -> Conversation:
+        """A new, empty :class:`~kvchat.Conversation` on this engine."""
+        from kvchat.conversation import Conversation  # the explicit API sits above the engine
+
+        return Conversation(self, self.run_on_worker(KVPool.pin))
+
+    def load_conversation(self, path: str | os.PathLike[str]) -> Conversation:
+        """Restore a conversation written by `Conversation.save` (same model and KV layout only)."""
+        from kvchat.conversation import Conversation
+
+        return Conversation.load(self, path)
 
     def stats(self) -> EngineStats:
         """The latest snapshot of the engine's state and counters."""
@@ -242,6 +299,8 @@ class Engine:
                 return False
             if isinstance(command, Sequence):
                 self._waiting.append(command)
+            elif isinstance(command, _Call):
+                command.run(self._pool)
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
@@ -362,6 +421,9 @@ class Engine:
                 break
             if isinstance(command, Sequence):
                 self._finish(command, "cancelled")
+            elif isinstance(command, _Call):
+                command.error = EngineClosedError("the engine is closed")
+                command.done.set()
         try:
             self._pool.persist()
         except Exception:  # never let a cache problem stop the shutdown

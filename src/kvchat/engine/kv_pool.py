@@ -19,10 +19,11 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from kvchat.engine.pinned import PinnedSequence
 from kvchat.engine.prefix_cache import Eviction, Node, PrefixCache
 from kvchat.engine.sequence import Sequence
 from kvchat.engine.state_store import SpilledState, StateStore, StoreMatch
-from kvchat.errors import BackendError
+from kvchat.errors import BackendError, InvalidRequestError
 from kvchat.llama import Context
 
 logger = logging.getLogger("kvchat.engine")
@@ -78,6 +79,7 @@ class KVPool:
         self.store = store if cache is not None else None
         self._free_ids = list(reversed(range(context.n_seq_max)))
         self._reserved = 0  # cells running requests may still add
+        self.pinned_cells = 0  # cells held by conversations (shared cells once)
         self.counters = PoolCounters()
 
     # -- admission -----------------------------------------------------------------------
@@ -93,6 +95,8 @@ class KVPool:
         """
         if n_running >= self._max_running:
             return False
+        if seq.pinned is not None:
+            return self._admit_pinned(seq)
         usable, holder, node = self._match(seq)
         if node is not None:
             self.cache.lock(node)  # the matched path must survive the evictions below
@@ -119,6 +123,19 @@ class KVPool:
             self.cache.unlock(node)
         seq.n_past = seq.cached_tokens
         seq.pending = list(seq.prompt[seq.cached_tokens:])
+        return True
+
+    def _admit_pinned(self, seq: Sequence) -> bool:
+        """A conversation's request runs in the conversation's own sequence."""
+        pinned = seq.pinned
+        if not self._make_room(len(seq.prompt) - len(pinned.tokens) + seq.max_new_tokens, need_id=False):
+            return False
+        cells = len(seq.prompt) - len(pinned.tokens) + seq.max_new_tokens
+        seq.seq_id = pinned.seq_id
+        self._reserved += cells
+        seq.reserved_cells = cells
+        seq.cached_tokens = seq.shared_prefix = seq.n_past = len(pinned.tokens)
+        seq.pending = list(seq.prompt[seq.n_past:])
         return True
 
     def _reserve(self, seq: Sequence, cells: int) -> bool:
@@ -222,16 +239,16 @@ class KVPool:
         self.counters.shifts += 1
         return True
 
-    def _make_room(self, need: int) -> bool:
-        """Evict parked entries until a sequence id and `need` cells are free."""
-        while not self._free_ids or self._cells_in_use() + need > self._context.n_ctx:
+    def _make_room(self, need: int, *, need_id: bool = True) -> bool:
+        """Evict parked entries until a sequence id (if `need_id`) and `need` cells are free."""
+        while (need_id and not self._free_ids) or self._cells_in_use() + need > self._context.n_ctx:
             if self.cache is None or not self._evict_one():
                 return False
         return True
 
     def _cells_in_use(self) -> int:
         tree = self.cache.total_tokens if self.cache is not None else 0
-        return tree + self._reserved
+        return tree + self._reserved + self.pinned_cells
 
     def _evict_one(self) -> bool:
         eviction = self.cache.evict_lru()
@@ -269,6 +286,11 @@ class KVPool:
         seq.reserved_cells = 0
         seq_id, seq.seq_id = seq.seq_id, None
         kv_tokens = (seq.prompt + tuple(seq.generated))[: seq.n_past]
+        if seq.pinned is not None:
+            self._finish_pinned(seq.pinned, kv_tokens, keep=keep)
+            seq.pinned.unevaluated = list((seq.prompt + tuple(seq.generated))[seq.n_past:]) if keep else []
+            seq.pinned.generating = False
+            return
         if not (keep and self.cache is not None and kv_tokens):
             self._free_id(seq_id)
             return
@@ -280,6 +302,101 @@ class KVPool:
             self._free_id(redundant)
         if not result.stored:
             self._free_id(seq_id)
+
+    # -- conversations (pinned sequences) --------------------------------------------------------
+
+    def pin(self) -> PinnedSequence:
+        """A new, empty pinned sequence (evicting a parked entry if no id is free)."""
+        if not self._make_room(0):
+            raise InvalidRequestError("no free KV sequence for a new conversation", field="conversation")
+        return PinnedSequence(self._free_ids.pop())
+
+    def _finish_pinned(self, pinned: PinnedSequence, kv_tokens: tuple[int, ...], *, keep: bool) -> None:
+        if not keep:  # the batch failed: its cells may be partial, keep what was there
+            self._context.seq_remove(pinned.seq_id, len(pinned.tokens), -1)
+            return
+        self.pinned_cells += len(kv_tokens) - len(pinned.tokens)
+        pinned.own_cells += len(kv_tokens) - len(pinned.tokens)
+        pinned.tokens = list(kv_tokens)
+
+    def fork(self, pinned: PinnedSequence) -> PinnedSequence:
+        """A new pinned sequence sharing every cell of `pinned` (no copy)."""
+        child = self.pin()
+        self._context.seq_copy(pinned.seq_id, child.seq_id, 0, len(pinned.tokens))
+        child.tokens = list(pinned.tokens)
+        child.parent, child.fork_point = pinned, len(pinned.tokens)
+        pinned.children.append(child)
+        return child
+
+    def truncate(self, pinned: PinnedSequence, length: int) -> None:
+        """Drop `pinned`'s cells from position `length` on."""
+        dropped = len(pinned.tokens) - length
+        self._context.seq_remove(pinned.seq_id, length, -1)
+        self._hand_over_shared(pinned, length)
+        freed = min(dropped, pinned.own_cells)  # cells below the fork point stay with the parent
+        pinned.own_cells -= freed
+        self.pinned_cells -= freed
+        pinned.fork_point = min(pinned.fork_point, length)
+        del pinned.tokens[length:]
+
+    def shift_left(self, pinned: PinnedSequence, keep: int, n: int) -> None:
+        """Drop `n` cells after the first `keep` and move the rest back by `n`."""
+        if not self._context.can_shift:
+            raise InvalidRequestError("this model's KV positions cannot be shifted", field="shift_left")
+        if pinned.children or pinned.parent is not None:
+            raise InvalidRequestError("cannot shift a conversation that shares cells with a fork",
+                                      field="shift_left")
+        self._context.seq_remove(pinned.seq_id, keep, keep + n)
+        self._context.seq_shift(pinned.seq_id, keep + n, -1, -n)
+        del pinned.tokens[keep:keep + n]
+        pinned.own_cells -= n
+        self.pinned_cells -= n
+
+    def sequence_state(self, seq_id: int) -> bytes:
+        """The KV state bytes of one sequence."""
+        return self._context.seq_state(seq_id)
+
+    def layout_key(self) -> str:
+        """What saved state depends on: the model file and the KV layout."""
+        return self._context.layout_key()
+
+    def restore(self, tokens: list[int], state: bytes) -> PinnedSequence:
+        """A pinned sequence loaded from saved state bytes."""
+        pinned = self.pin()
+        try:
+            self._context.set_seq_state(pinned.seq_id, state)
+        except BackendError:
+            self._free_id(pinned.seq_id)
+            raise
+        pinned.tokens = list(tokens)
+        pinned.own_cells = len(tokens)
+        self.pinned_cells += len(tokens)
+        return pinned
+
+    def unpin(self, pinned: PinnedSequence) -> None:
+        """Release a conversation's sequence (cells shared with forks stay with them)."""
+        self.truncate(pinned, 0)
+        if pinned.parent is not None:
+            pinned.parent.children.remove(pinned)
+        for child in pinned.children:
+            child.parent = None
+        pinned.closed = True
+        self._free_id(pinned.seq_id)
+
+    def _hand_over_shared(self, pinned: PinnedSequence, length: int) -> None:
+        """Cells [length, fork point) that forks still hold become the first fork's own."""
+        sharing = [c for c in pinned.children if c.fork_point > length]
+        if not sharing:
+            return
+        heir, others = sharing[0], sharing[1:]
+        handed = heir.fork_point - length
+        heir.own_cells += handed
+        self.pinned_cells += handed
+        for child in others:
+            pinned.children.remove(child)
+            child.parent = heir
+            heir.children.append(child)
+        heir.fork_point = length
 
     def _free_id(self, seq_id: int) -> None:
         self._context.seq_remove(seq_id)

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from kvchat.engine.context_shift import ContextShift
+from kvchat.engine.pinned import PinnedSequence
 from kvchat.engine.sampling import SamplingParams
 from kvchat.engine.stream import FinishReason, Stream, Usage
 from kvchat.engine.text_output import TextOutput
@@ -29,6 +30,8 @@ class Sequence:
     """Prefix-cache namespace: requests with different keys never share cells."""
     shift: ContextShift | None = None
     """Set when the prompt was shortened by a context shift (its KV may come from the original's)."""
+    pinned: PinnedSequence | None = None
+    """Set for a conversation's request: it runs in the conversation's own sequence."""
     original_cache_key: str | None = None
     """The tenant's own namespace, where the unshifted original may be cached."""
     submitted_at: float = field(default_factory=time.perf_counter)

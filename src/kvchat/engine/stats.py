@@ -18,7 +18,7 @@ class EngineStats:
     `active`: requests admitted (prefilling or generating); `queued`: waiting for
     a sequence; `free_sequences`: KV sequence ids neither running nor parked;
     `parked_sequences`: ids holding prefix-cache entries; `tokens_resident`: KV
-    cells in use (cache and running requests, shared cells once);
+    cells in use (cache, conversations and running requests, shared cells once);
     `cache_tokens`, `ram_tokens`, `disk_tokens`: tokens held by each cache tier;
     `shifts`: context shifts that reused the original prompt's KV.
     Counters are cumulative since start; `cache_hit_rate` is cached / prompt tokens.
@@ -85,7 +85,8 @@ class StatsBoard:
             queued=len(waiting),
             free_sequences=pool.free_sequences,
             parked_sequences=pool.parked_sequences,
-            tokens_resident=pool.cached_tokens_resident + sum(s.n_past - s.shared_prefix for s in running),
+            tokens_resident=(pool.cached_tokens_resident + pool.pinned_cells
+                             + sum(s.n_past - s.shared_prefix for s in running)),
             cache_tokens=pool.cached_tokens_resident,
             ram_tokens=store.ram_tokens if store else 0,
             disk_tokens=store.disk_tokens if store else 0,

@@ -1,0 +1,235 @@
+"""`Conversation`: explicit control of one KV sequence (prompt, generate, fork,
+rewind, shift, save, load), for callers who want to hold state themselves.
+
+A thin handle: every KV operation runs on the engine's worker thread (through
+`Engine.run_on_worker`) and generation goes through the same scheduler and
+`Stream` as `Engine.submit`. A conversation's sequence is pinned: the prefix
+cache never evicts it. Different conversations may be used from different
+threads or tasks at once; one conversation generates one reply at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from kvchat.engine import SamplingParams, Stream
+from kvchat.engine.kv_pool import KVPool
+from kvchat.engine.pinned import PinnedSequence
+from kvchat.errors import ConversationFileError, InvalidRequestError
+
+if TYPE_CHECKING:
+    from kvchat.engine import Engine
+
+_MAGIC = b"KVCHAT-CONVERSATION\x00"
+_VERSION = 1
+
+
+class Conversation:
+    """One conversation's tokens and KV state, created by `Engine.conversation()`.
+
+    `tokens` are resident in the KV cache; `pending` are queued by :meth:`prompt`
+    and evaluated by the next :meth:`generate`. Close it (or use `with`) to free
+    its sequence. Every call on a closed conversation raises `InvalidRequestError`.
+    """
+
+    def __init__(self, engine: Engine, pinned: PinnedSequence, pending: Sequence[int] = ()) -> None:
+        self._engine = engine
+        self._pinned = pinned
+        self._pending: list[int] = list(pending)
+        self._lock = threading.Lock()
+
+    # -- state -------------------------------------------------------------------------------
+
+    @property
+    def tokens(self) -> list[int]:
+        """The tokens whose KV is resident (a copy)."""
+        self._check_open()
+        return list(self._pinned.tokens)
+
+    @property
+    def pending(self) -> list[int]:
+        """Tokens queued for the next generation (a copy)."""
+        self._take_unevaluated()
+        return list(self._pending)
+
+    @property
+    def closed(self) -> bool:
+        """True once closed."""
+        return self._pinned.closed
+
+    def _check_open(self) -> None:
+        if self._pinned.closed:
+            raise InvalidRequestError("the conversation is closed", field="conversation")
+
+    def _check_idle(self) -> None:
+        self._check_open()
+        if self._pinned.generating:
+            raise InvalidRequestError("the conversation is generating; wait for its stream to end",
+                                      field="conversation")
+        self._take_unevaluated()
+
+    def _take_unevaluated(self) -> None:
+        """The last reply's sampled-but-unevaluated token goes first in line."""
+        pinned = self._pinned
+        if not pinned.generating and pinned.unevaluated:
+            self._pending[:0] = pinned.unevaluated
+            pinned.unevaluated = []
+
+    # -- generation ----------------------------------------------------------------------------
+
+    def prompt(self, tokens_or_text: Sequence[int] | str) -> None:
+        """Queue tokens (or text, tokenized as plain text; BOS added if this is the start)."""
+        with self._lock:
+            self._check_idle()
+            if isinstance(tokens_or_text, str):
+                at_start = not self._pinned.tokens and not self._pending
+                tokens = self._engine.model.tokenize(tokens_or_text, add_special=at_start)
+            else:
+                tokens = [int(t) for t in tokens_or_text]
+            self._pending.extend(tokens)
+
+    def generate(self, sampling: SamplingParams | None = None) -> Stream:
+        """Evaluate the pending tokens and generate; returns the same `Stream` as
+        `Engine.submit`. The reply's tokens become resident, except the last one
+        sampled, which is queued as pending (it has no KV yet)."""
+        with self._lock:
+            self._check_idle()
+            pinned = self._pinned
+            if not self._pending:
+                if not pinned.tokens:
+                    raise InvalidRequestError("nothing to generate from: prompt() first", field="prompt")
+                last = pinned.tokens[-1]  # fresh logits need one evaluated token
+                self._engine.run_on_worker(lambda pool: pool.truncate(pinned, len(pinned.tokens) - 1))
+                self._pending = [last]
+            prompt = pinned.tokens + self._pending
+            pinned.generating = True
+            try:
+                stream = self._engine.submit(prompt, sampling, pinned=pinned)
+            except BaseException:
+                pinned.generating = False
+                raise
+            self._pending = []
+            return stream
+
+    # -- KV operations ---------------------------------------------------------------------------
+
+    def fork(self) -> Conversation:
+        """A new conversation sharing every cell so far (no copy); both diverge from here."""
+        with self._lock:
+            self._check_idle()
+            child = self._engine.run_on_worker(lambda pool: pool.fork(self._pinned))
+            return Conversation(self._engine, child, self._pending)
+
+    def rewind(self, n: int) -> None:
+        """Drop the last `n` tokens (pending ones first, then resident ones)."""
+        with self._lock:
+            self._check_idle()
+            total = len(self._pinned.tokens) + len(self._pending)
+            if not isinstance(n, int) or not 0 <= n <= total:
+                raise InvalidRequestError(f"rewind needs 0 <= n <= {total}", field="n")
+            from_pending = min(n, len(self._pending))
+            del self._pending[len(self._pending) - from_pending:]
+            keep = len(self._pinned.tokens) - (n - from_pending)
+            self._engine.run_on_worker(lambda pool: pool.truncate(self._pinned, keep))
+
+    def shift_left(self, keep: int, n: int) -> None:
+        """Drop `n` resident tokens after the first `keep` and move the rest back
+        (models that cannot shift positions raise `InvalidRequestError`)."""
+        with self._lock:
+            self._check_idle()
+            resident = len(self._pinned.tokens)
+            if not (isinstance(keep, int) and isinstance(n, int) and keep >= 0 and n >= 1 and keep + n <= resident):
+                raise InvalidRequestError(f"shift_left needs keep >= 0, n >= 1, keep + n <= {resident}", field="n")
+            self._engine.run_on_worker(lambda pool: pool.shift_left(self._pinned, keep, n))
+
+    # -- persistence -----------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write tokens and KV state to `path` atomically, with a header naming the
+        model (sha256) and KV layout it belongs to."""
+        with self._lock:
+            self._check_idle()
+            pinned = self._pinned
+            state, layout = self._engine.run_on_worker(
+                lambda pool: (pool.sequence_state(pinned.seq_id), pool.layout_key()))
+            header = {"layout_key": layout, "tokens": pinned.tokens, "pending": self._pending,
+                      "state_size": len(state), "state_sha256": hashlib.sha256(state).hexdigest()}
+            _write_atomically(Path(path), _encode(header, state))
+
+    @classmethod
+    def load(cls, engine: Engine, path: str | os.PathLike[str]) -> Conversation:
+        """Restore a saved conversation into `engine` (see `Engine.load_conversation`)."""
+        header, state = _decode(Path(path))
+        layout = engine.run_on_worker(KVPool.layout_key)
+        if header["layout_key"] != layout:
+            raise ConversationFileError(f"{path} was saved from another model or KV layout", field="path")
+        tokens = [int(t) for t in header["tokens"]]
+        pinned = engine.run_on_worker(lambda pool: pool.restore(tokens, state))
+        return cls(engine, pinned, [int(t) for t in header["pending"]])
+
+    # -- lifetime ---------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free the conversation's sequence. Safe to call twice."""
+        with self._lock:
+            if self._pinned.closed:
+                return
+            self._check_idle()
+            self._engine.run_on_worker(lambda pool: pool.unpin(self._pinned))
+
+    def __enter__(self) -> Conversation:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def _encode(header: dict[str, Any], state: bytes) -> bytes:
+    body = json.dumps(header).encode()
+    return _MAGIC + struct.pack("<HI", _VERSION, len(body)) + body + state
+
+
+def _decode(path: Path) -> tuple[dict[str, Any], bytes]:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConversationFileError(f"cannot read {path}: {exc}", field="path") from exc
+    fixed = len(_MAGIC) + struct.calcsize("<HI")
+    if len(data) < fixed or not data.startswith(_MAGIC):
+        raise ConversationFileError(f"{path} is not a kvchat conversation file", field="path")
+    version, size = struct.unpack_from("<HI", data, len(_MAGIC))
+    try:
+        header = json.loads(data[fixed:fixed + size])
+        state = data[fixed + size:]
+        valid = (version == _VERSION and len(state) == header["state_size"]
+                 and hashlib.sha256(state).hexdigest() == header["state_sha256"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConversationFileError(f"{path} has a damaged header", field="path") from exc
+    if not valid:
+        raise ConversationFileError(f"{path} is truncated, damaged or of another version", field="path")
+    return header, state
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise

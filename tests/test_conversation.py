@@ -1,0 +1,127 @@
+"""Conversation (token level) on the real Gemma model: fork, rewind, shift, save/load."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvchat import Conversation, ConversationFileError, Engine, EngineSettings, InvalidRequestError, SamplingParams
+from kvchat.llama import Model
+
+from conftest import wait_idle
+
+COUNTING = "1, 2, 3, 4, 5, 6, 7, 8,"
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=n)
+
+
+@pytest.fixture(scope="module")
+def engine(gemma_model: Model) -> Engine:
+    with Engine(gemma_model, EngineSettings(n_ctx=2048, max_running=4, n_seq_max=8)) as engine:
+        yield engine
+        stats = wait_idle(engine)
+        assert stats.free_sequences + stats.parked_sequences == 8  # no conversation leaked
+
+
+def cold(cold_engine: Engine, tokens: list[int], n: int) -> tuple[int, ...]:
+    return cold_engine.submit(tokens, greedy(n)).collect().token_ids
+
+
+def test_generate_then_continue_matches_a_cold_run(engine: Engine, idle_cold_engine: Engine) -> None:
+    with engine.conversation() as conv:
+        conv.prompt(COUNTING)
+        first = conv.generate(greedy(6)).collect()
+        assert first.usage.finish_reason == "length" and len(first.token_ids) == 6
+        assert conv.tokens + conv.pending == engine.model.tokenize(COUNTING, add_special=True) + list(first.token_ids)
+        assert conv.pending == [first.token_ids[-1]]  # sampled, not evaluated yet
+        second = conv.generate(greedy(6)).collect()
+        prompt = engine.model.tokenize(COUNTING, add_special=True)
+        # Only the first reply's last token (sampled, never evaluated) is new to the KV.
+        assert (second.usage.cached_tokens, second.usage.evaluated_tokens) == (len(prompt) + 5, 1)
+        assert first.token_ids + second.token_ids == cold(idle_cold_engine, prompt, 12)
+
+
+def test_fork_shares_cells_and_both_branches_continue(engine: Engine, idle_cold_engine: Engine) -> None:
+    with engine.conversation() as root:
+        root.prompt(COUNTING)
+        root.generate(greedy(4)).collect()
+        before = wait_idle(engine).tokens_resident
+        assert before >= len(root.tokens)  # the conversation's cells are counted
+        with root.fork() as branch:
+            assert wait_idle(engine).tokens_resident == before  # the fork copied nothing
+            assert branch.tokens == root.tokens and branch.pending == root.pending
+            root.prompt(" 20, 21,")
+            branch.prompt(" 100, 101,")
+            streams = [root.generate(greedy(6)), branch.generate(greedy(6))]  # decoded together
+            results = [s.collect() for s in streams]
+            for conv, result in zip((root, branch), results):
+                history = conv.tokens + conv.pending
+                prompt = history[: len(history) - len(result.token_ids)]
+                assert result.token_ids == cold(idle_cold_engine, prompt, 6)
+
+
+def test_rewind_then_reprompt_matches_a_cold_run(engine: Engine, idle_cold_engine: Engine) -> None:
+    with engine.conversation() as conv:
+        conv.prompt(COUNTING)
+        conv.generate(greedy(8)).collect()
+        conv.rewind(5)
+        conv.prompt(" 9,")
+        history = conv.tokens + conv.pending
+        after = conv.generate(greedy(8)).collect()
+        assert after.usage.cached_tokens == len(history) - len(engine.model.tokenize(" 9,"))
+        assert after.token_ids == cold(idle_cold_engine, history, 8)
+
+
+def test_shift_left_keeps_generating(engine: Engine) -> None:
+    with engine.conversation() as conv:
+        conv.prompt(COUNTING + " 9, 10, 11, 12, 13, 14, 15, 16,")
+        conv.generate(greedy(4)).collect()
+        length = len(conv.tokens)
+        conv.shift_left(1, 10)
+        assert len(conv.tokens) == length - 10
+        done = conv.generate(greedy(8)).collect()
+        assert done.usage.finish_reason == "length" and len(done.token_ids) == 8
+        assert done.text.strip()
+
+
+def test_save_and_load_continue_with_identical_tokens(engine: Engine, tmp_path) -> None:
+    path = tmp_path / "conv.kvchat"
+    with engine.conversation() as conv:
+        conv.prompt(COUNTING)
+        conv.generate(greedy(4)).collect()
+        conv.save(path)
+        with engine.load_conversation(path) as loaded:
+            assert loaded.tokens == conv.tokens and loaded.pending == conv.pending
+            a = conv.generate(greedy(8)).collect().token_ids
+            b = loaded.generate(greedy(8)).collect().token_ids
+    assert a == b
+
+
+def test_a_file_from_another_model_or_damaged_is_refused(engine: Engine, qwen_engine: Engine, tmp_path) -> None:
+    path = tmp_path / "gemma.kvchat"
+    with engine.conversation() as conv:
+        conv.prompt(COUNTING)
+        conv.generate(greedy(2)).collect()
+        conv.save(path)
+    with pytest.raises(ConversationFileError, match="another model"):
+        qwen_engine.load_conversation(path)
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ConversationFileError):
+        engine.load_conversation(path)
+
+
+def test_closed_and_busy_conversations_give_clear_errors(engine: Engine) -> None:
+    conv = engine.conversation()
+    conv.prompt(COUNTING)
+    stream = conv.generate(greedy(32))
+    with pytest.raises(InvalidRequestError, match="generating"):
+        conv.generate(greedy(2))
+    stream.collect()
+    conv.close()
+    conv.close()
+    with pytest.raises(InvalidRequestError, match="closed"):
+        conv.prompt("more")
+    assert isinstance(conv, Conversation) and conv.closed
