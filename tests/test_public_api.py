@@ -6,7 +6,7 @@ import kvchat
 import kvchat.errors
 
 EXPECTED = {
-    "GREEDY", "BackendError", "Chunk", "Completion", "ContextOverflowError", "Conversation",
+    "GREEDY", "BackendError", "ChatSession", "Chunk", "Completion", "ContextOverflowError", "Conversation",
     "ConversationFileError", "DecodeError", "Engine",
     "EngineClosedError", "EngineSettings", "EngineStats", "InvalidRequestError", "KVChatError", "ModelLoadError",
     "ModelNotFoundError", "SamplingParams", "Stream", "Usage", "__version__",

@@ -18,6 +18,7 @@ from kvchat.engine import (
     Stream,
     Usage,
 )
+from kvchat.chat.session import ChatSession
 from kvchat.conversation import Conversation
 from kvchat.errors import (
     BackendError,
@@ -40,6 +41,7 @@ logging.getLogger("kvchat").addHandler(logging.NullHandler())
 __all__ = [
     "GREEDY",
     "BackendError",
+    "ChatSession",
     "Chunk",
     "Completion",
     "ContextOverflowError",

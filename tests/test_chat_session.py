@@ -1,0 +1,101 @@
+"""ChatSession on the real Qwen model: each operation costs only the tokens after the first change."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from kvchat import ChatSession, Engine, InvalidRequestError, SamplingParams
+from kvchat.chat import chat_tokenizer
+
+QUESTIONS = ["Name a colour.", "Name a fruit.", "Name a country.", "Name a planet.", "Name a metal.",
+             "Name a river."]
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+@pytest.fixture
+def session(qwen_engine: Engine) -> ChatSession:
+    """A session after 6 turns, in its own cache namespace."""
+    chat = ChatSession(qwen_engine, system="Answer with one word.", cache_key=f"session-{uuid.uuid4()}",
+                       sampling=SamplingParams(temperature=0, max_tokens=8))
+    for question in QUESTIONS:
+        chat.send(question).collect()
+    assert len(chat.history) == 13
+    return chat
+
+
+def prompt_of(session: ChatSession) -> list[int]:
+    return chat_tokenizer(session.engine).encode(session.messages)
+
+
+def test_edit_then_send_evaluates_from_the_edited_message_on(session: ChatSession) -> None:
+    session.send("Name a bird.").collect()
+    last_prompt = prompt_of(session)[:]  # includes the reply now; what the KV holds is its prefix
+    session.edit(1, "Name a shade of blue.")
+    reply = session.send("Name a tree.")
+    new_prompt = prompt_of(session)
+    done = reply.collect()
+    start_of_message_1 = common_prefix(new_prompt, last_prompt)
+    assert done.usage.cached_tokens == start_of_message_1
+    assert done.usage.evaluated_tokens == done.usage.prompt_tokens - start_of_message_1
+    system_only = chat_tokenizer(session.engine).encode(session.messages[:1], add_generation_prompt=False)
+    assert start_of_message_1 >= len(system_only)  # nothing before message 1 was evaluated again
+
+
+def test_regenerate_evaluates_only_the_prompt_tail_and_replaces_the_answer(session: ChatSession) -> None:
+    before = session.history
+    done = session.regenerate().collect()
+    assert done.usage.evaluated_tokens == 1  # at least one prompt token is always evaluated
+    assert done.usage.cached_tokens == done.usage.prompt_tokens - 1
+    assert len(session.history) == len(before)  # replaced, not appended
+    assert session.history[:-1] == before[:-1]
+
+
+def test_undo_then_send_keeps_the_earlier_turns(session: ChatSession) -> None:
+    turn_six_prompt = chat_tokenizer(session.engine).encode(session.messages[:-1])
+    session.undo()
+    assert len(session.history) == 11
+    reply = session.send("Name a mountain.")
+    new_prompt = prompt_of(session)
+    done = reply.collect()
+    assert done.usage.cached_tokens == common_prefix(new_prompt, turn_six_prompt)
+    assert done.usage.evaluated_tokens < 20  # only the new user turn and its template text
+
+
+def test_delete_the_last_exchange_frees_nothing_it_should_keep(session: ChatSession) -> None:
+    turn_six_prompt = chat_tokenizer(session.engine).encode(session.messages[:-1])
+    session.delete(-1)
+    session.delete(-1)
+    assert len(session.history) == 11
+    reply = session.send("Name a mountain.")
+    new_prompt = prompt_of(session)
+    done = reply.collect()
+    assert done.usage.cached_tokens == common_prefix(new_prompt, turn_six_prompt)
+    assert done.usage.evaluated_tokens < 20
+
+
+def test_fork_save_load_and_errors(session: ChatSession, tmp_path) -> None:
+    branch = session.fork()
+    branch.send("Name a flower.").collect()
+    assert len(branch.history) == len(session.history) + 2
+    path = tmp_path / "chat.json"
+    session.save(path)
+    loaded = ChatSession.load(session.engine, path, cache_key=session.cache_key,
+                              sampling=SamplingParams(temperature=0, max_tokens=8))
+    assert loaded.history == session.history
+    done = loaded.send("Name an ocean.").collect()
+    assert done.usage.evaluated_tokens < 20  # the cache still holds the history
+    with pytest.raises(InvalidRequestError):
+        session.edit(99, "x")
+    fresh = ChatSession(session.engine)
+    with pytest.raises(InvalidRequestError):
+        fresh.regenerate()
+    with pytest.raises(InvalidRequestError):
+        fresh.undo()
