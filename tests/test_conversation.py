@@ -125,3 +125,19 @@ def test_closed_and_busy_conversations_give_clear_errors(engine: Engine) -> None
     with pytest.raises(InvalidRequestError, match="closed"):
         conv.prompt("more")
     assert isinstance(conv, Conversation) and conv.closed
+
+
+def test_conversations_on_several_threads_at_once(engine: Engine, idle_cold_engine: Engine) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(i: int) -> tuple[tuple[int, ...], list[int]]:
+        with engine.conversation() as conv:
+            conv.prompt(f"{i}, {i + 1}, {i + 2}, {i + 3},")
+            history = conv.pending
+            return conv.generate(greedy(8)).collect().token_ids, history
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(run, [10, 20, 30, 40]))
+    for tokens, history in results:
+        assert len(tokens) == 8
+        assert tokens == cold(idle_cold_engine, history, 8)
