@@ -14,13 +14,13 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from kvchat.atomic_file import write_atomically
 from kvchat.engine import SamplingParams, Stream
 from kvchat.engine.kv_pool import KVPool
 from kvchat.engine.pinned import PinnedSequence
@@ -163,7 +163,7 @@ class Conversation:
                 lambda pool: (pool.sequence_state(pinned.seq_id), pool.layout_key()))
             header = {"layout_key": layout, "tokens": pinned.tokens, "pending": self._pending,
                       "state_size": len(state), "state_sha256": hashlib.sha256(state).hexdigest()}
-            _write_atomically(Path(path), _encode(header, state))
+            write_atomically(path, _encode(header, state))
 
     @classmethod
     def load(cls, engine: Engine, path: str | os.PathLike[str]) -> Conversation:
@@ -219,17 +219,3 @@ def _decode(path: Path) -> tuple[dict[str, Any], bytes]:
     if not valid:
         raise ConversationFileError(f"{path} is truncated, damaged or of another version", field="path")
     return header, state
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise

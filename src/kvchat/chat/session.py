@@ -14,11 +14,11 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from kvchat.atomic_file import write_atomically
 from kvchat.chat.complete import ChatCompletion, ChatDelta, ChatStream, complete
 from kvchat.engine import Engine, SamplingParams
 from kvchat.errors import InvalidRequestError
@@ -149,17 +149,7 @@ class ChatSession:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the messages to a JSON file atomically."""
         data = json.dumps({"format": _FORMAT, "messages": self.messages}, ensure_ascii=False, indent=1)
-        path = Path(path)
-        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as file:
-                file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temp, path)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
+        write_atomically(path, data.encode("utf-8"))
 
     @classmethod
     def load(cls, engine: Engine, path: str | os.PathLike[str], **options: Any) -> ChatSession:
