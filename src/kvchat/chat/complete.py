@@ -191,6 +191,10 @@ def complete(
     choice = normalize_tool_choice(tool_choice, tools)
     visible_tools = None if choice == "none" else (list(tools) if tools else None)
     tool_format = (detect_format(tokenizer.template.source) or HERMES) if visible_tools else None
+    if tool_format is not None and tool_format.bare_start is None:
+        # Small models often write the call's JSON without its tags: a reply that
+        # starts with a JSON object naming a function and its arguments is a call.
+        tool_format = replace(tool_format, bare_start="{")
     if choice not in ("none", "auto"):
         forced = None if choice == "required" else choice
         grammar = tool_call_grammar(visible_tools or [], name=forced, format=tool_format or HERMES)
