@@ -204,17 +204,31 @@ def test_streaming_required_function_call(service):
     assert [(r.id, str(r.result)) for r in results] == [(calls[0].id, "5555")]
 
 
-def test_four_concurrent_calls_complete(service):
+def test_four_concurrent_calls_complete_batched(service, qwen_engine):
+    most_active = 0
+
+    async def watch(done: asyncio.Event) -> None:
+        nonlocal most_active
+        while not done.is_set():
+            most_active = max(most_active, qwen_engine.stats().active)
+            await asyncio.sleep(0.002)
+
     async def run() -> list:
         histories = []
         for i in range(4):
             history = ChatHistory()
             history.add_user_message(f"Name a color that starts with the letter {'BRGY'[i]}.")
             histories.append(history)
-        return await asyncio.gather(*(service.get_chat_message_content(h, greedy(16)) for h in histories))
+        done = asyncio.Event()
+        watcher = asyncio.create_task(watch(done))
+        replies = await asyncio.gather(*(service.get_chat_message_content(h, greedy(16)) for h in histories))
+        done.set()
+        await watcher
+        return replies
 
     replies = asyncio.run(run())
     assert len(replies) == 4
+    assert most_active >= 2, "the four calls never ran in the engine together"
     assert all(r is not None and r.content and r.metadata["usage"]["completion_tokens"] > 0 for r in replies)
 
 
@@ -241,3 +255,34 @@ def test_text_completion_and_streaming(qwen_engine):
     # and so, slightly, the logits (see conftest's `idle_cold_engine`).
     assert len([c for c in chunks if c.text]) > 1 and "".join(c.text for c in chunks)
     assert chunks[-1].metadata["usage"]["cached_tokens"] > 0  # the prompt was cached by the first call
+
+
+def test_multi_turn_through_kernel_invoke_with_a_prompt_template(service):
+    from semantic_kernel.functions import KernelArguments
+    from semantic_kernel.prompt_template import InputVariable, PromptTemplateConfig
+
+    kernel = Kernel()
+    kernel.add_service(service)
+    config = PromptTemplateConfig(
+        name="reply", template="{{$chat_history}}{{$user_input}}",
+        input_variables=[InputVariable(name="chat_history", allow_dangerously_set_content=True),
+                         InputVariable(name="user_input")])
+    chat = kernel.add_function(plugin_name="chat", function_name="reply", prompt_template_config=config)
+    history = ChatHistory(system_message="Answer with one short sentence.")
+
+    async def run() -> list[dict]:
+        usages = []
+        for question in ["Name a fruit.", "Name a vegetable.", "Name a grain.", "Name a nut."]:
+            result = await kernel.invoke(chat, KernelArguments(settings=greedy(16), chat_history=history,
+                                                               user_input=question))
+            reply = result.value[0]
+            usages.append(reply.metadata["usage"])
+            history.add_user_message(question)
+            history.add_message(reply)
+        return usages
+
+    usages = asyncio.run(run())
+    for previous, usage in zip(usages, usages[1:]):
+        assert usage["cached_tokens"] == usage["prompt_tokens"] - usage["evaluated_tokens"]
+        assert usage["cached_tokens"] >= previous["prompt_tokens"]  # the whole previous history was reused
+        assert usage["evaluated_tokens"] < 40
