@@ -17,6 +17,15 @@ from kvchat.llama.batch import Batch
 from kvchat.llama.model import Model
 
 
+_POOLING_TYPES: dict[str, int] = {
+    "none": llama_cpp.LLAMA_POOLING_TYPE_NONE,
+    "mean": llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+    "cls": llama_cpp.LLAMA_POOLING_TYPE_CLS,
+    "last": llama_cpp.LLAMA_POOLING_TYPE_LAST,
+    "rank": llama_cpp.LLAMA_POOLING_TYPE_RANK,
+}
+
+
 @dataclass(frozen=True, kw_only=True)
 class ContextParams:
     """Settings of one llama.cpp context.
@@ -32,6 +41,9 @@ class ContextParams:
     n_threads: int | None = None
     swa_full: bool = True
     embeddings: bool = False
+    pooling: str | None = None
+    """How `embeddings` pools a sequence's token vectors: "none", "mean", "cls",
+    "last" or "rank"; None lets llama.cpp choose (the model's own default)."""
 
     def resolved_threads(self) -> int:
         """`n_threads`, or every core the process may use."""
@@ -61,6 +73,17 @@ class Context:
         raw.swa_full = params.swa_full
         raw.kv_unified = True
         raw.embeddings = params.embeddings
+        if params.pooling is not None:
+            if params.pooling not in _POOLING_TYPES:
+                raise ValueError(f"unknown pooling {params.pooling!r}; expected one of {sorted(_POOLING_TYPES)}")
+            raw.pooling_type = _POOLING_TYPES[params.pooling]
+            if params.embeddings and params.pooling != "none" and raw.n_ubatch % params.n_seq_max:
+                # llama.cpp aborts the process (GGML_ASSERT in build_pooling while
+                # reserving the graph) when the micro-batch does not split evenly.
+                raise ValueError(
+                    f"pooled embeddings need n_ubatch ({raw.n_ubatch}) to be a multiple of "
+                    f"n_seq_max ({params.n_seq_max})"
+                )
         raw.no_perf = True
         handle = llama_cpp.llama_init_from_model(model.handle, raw)
         if not handle:
@@ -132,6 +155,18 @@ class Context:
         if not pointer:
             raise BackendError(f"no logits for batch row {row}")
         return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
+
+    def sequence_embedding(self, seq_id: int) -> np.ndarray:
+        """The pooled embedding of `seq_id` from the last decode: a float32 copy of
+        `n_embd` values.
+
+        Needs a context made with ``embeddings=True`` and a pooling other than
+        "none"; raises :class:`BackendError` when llama.cpp has no vector for it.
+        """
+        pointer = llama_cpp.llama_get_embeddings_seq(self.handle, seq_id)
+        if not pointer:
+            raise BackendError(f"no pooled embedding for sequence {seq_id}")
+        return np.ctypeslib.as_array(pointer, shape=(self.model.n_embd,)).astype(np.float32, copy=True)
 
     # -- KV memory ----------------------------------------------------------------
 

@@ -5,6 +5,8 @@ Needs the ``semantic-kernel`` extra (``pip install kvchat[semantic-kernel]``).
 - :class:`KVChatCompletion`: chat completion, streaming, and function calling
   through Semantic Kernel's `FunctionChoiceBehavior` loop;
 - :class:`KVTextCompletion`: plain text completion (no chat template);
+- :class:`KVTextEmbedding`: text embeddings (its own embedding context on the
+  model's shared weights);
 - :class:`KVChatPromptExecutionSettings`, :class:`KVTextPromptExecutionSettings`:
   their options;
 - :class:`EngineService`: what both share (a given or an owned engine).
@@ -18,12 +20,14 @@ from kvchat.integrations.semantic_kernel.settings import (
     KVTextPromptExecutionSettings,
 )
 from kvchat.integrations.semantic_kernel.text_completion import KVTextCompletion
+from kvchat.integrations.semantic_kernel.text_embedding import KVTextEmbedding
 
 __all__ = [
     "EngineService",
     "KVChatCompletion",
     "KVChatPromptExecutionSettings",
     "KVTextCompletion",
+    "KVTextEmbedding",
     "KVTextPromptExecutionSettings",
     "history_to_messages",
 ]
