@@ -173,6 +173,9 @@ class Engine:
         stream = Stream(request_id, on_cancel=lambda: self._request_cancel(seq))
         seq = Sequence(request_id, prompt, sampling, max_new, stream, cache_key=cache_key)
         if pinned is not None:
+            if pinned.closed or len(prompt) <= len(pinned.tokens) or list(prompt[: len(pinned.tokens)]) != pinned.tokens:
+                raise InvalidRequestError("the prompt must extend the pinned sequence's resident tokens",
+                                          field="prompt")
             seq.pinned = pinned
         if shift is not None:
             self._check_shift(prompt, shift)

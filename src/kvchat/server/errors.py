@@ -1,0 +1,89 @@
+"""OpenAI-shaped errors: ``{"error": {"message", "type", "param", "code"}}``.
+
+Mapping from kvchat's errors (see :mod:`kvchat.errors`):
+
+- `ContextOverflowError` -> 400, code ``context_length_exceeded``;
+- `InvalidRequestError` -> 400, ``param`` = its `field`;
+- request validation (malformed JSON, wrong types) -> 400;
+- :class:`APIError` raised by the server itself (401, 404, ...) -> its own status;
+- anything else -> 500 with a generic message; the traceback goes to the log only.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kvchat.errors import ContextOverflowError, EngineClosedError, InvalidRequestError
+
+log = logging.getLogger("kvchat.server")
+
+
+class APIError(Exception):
+    """An error the server answers with `status` and OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+
+def error_body(message: str, *, type: str, param: str | None = None, code: str | None = None) -> dict:
+    """The JSON body of an error response (also sent as an SSE event mid-stream)."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_for(exc: BaseException) -> APIError:
+    """The API error that `exc` becomes."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ContextOverflowError):
+        return APIError(400, str(exc), param=exc.field, code="context_length_exceeded")
+    if isinstance(exc, InvalidRequestError):
+        return APIError(400, str(exc), param=exc.field)
+    if isinstance(exc, EngineClosedError):
+        return APIError(503, "the model is not available", type="server_error", code="engine_closed")
+    log.exception("unhandled error while serving a request", exc_info=exc)
+    return APIError(500, "internal server error", type="server_error")
+
+
+def _response(error: APIError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+    return JSONResponse(error_body(error.message, type=error.type, param=error.param, code=error.code),
+                        status_code=error.status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Make every error response of `app` OpenAI-shaped."""
+
+    async def on_error(request: Request, exc: Exception) -> JSONResponse:
+        return _response(error_for(exc))
+
+    async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        message = first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":
+            message, param = "the request body is not valid JSON", None
+        elif param:
+            message = f"{param}: {message}"
+        return _response(APIError(400, message, param=param))
+
+    async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return _response(APIError(exc.status_code, str(exc.detail), type=kind))
+
+    app.add_exception_handler(APIError, on_error)
+    app.add_exception_handler(InvalidRequestError, on_error)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(Exception, on_error)
