@@ -272,7 +272,8 @@ def test_multi_turn_through_kernel_invoke_with_a_prompt_template(service):
 
     async def run() -> list[dict]:
         usages = []
-        for question in ["Name a fruit.", "Name a vegetable.", "Name a grain.", "Name a nut."]:
+        for question in ["Name a fruit.", "Name a vegetable.", "Name a grain.", "Name a nut.", "Name a herb.",
+                         "Name a spice.", "Name a berry.", "Name a bean.", "Name a root.", "Name a leaf."]:
             result = await kernel.invoke(chat, KernelArguments(settings=greedy(16), chat_history=history,
                                                                user_input=question))
             reply = result.value[0]
@@ -286,3 +287,17 @@ def test_multi_turn_through_kernel_invoke_with_a_prompt_template(service):
         assert usage["cached_tokens"] == usage["prompt_tokens"] - usage["evaluated_tokens"]
         assert usage["cached_tokens"] >= previous["prompt_tokens"]  # the whole previous history was reused
         assert usage["evaluated_tokens"] < 40
+
+
+def test_a_service_built_from_a_model_name_owns_and_closes_its_engine():
+    service = KVChatCompletion(model="gemma-3-270m")
+    try:
+        history = ChatHistory()
+        history.add_user_message("Say one word.")
+        reply = asyncio.run(service.get_chat_message_content(history, greedy(4)))
+        assert reply is not None and reply.metadata["usage"]["completion_tokens"] > 0
+        engine = service.engine
+        assert not engine.closed
+    finally:
+        service.close()
+    assert engine.closed

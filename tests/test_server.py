@@ -299,3 +299,32 @@ def test_long_generation_would_outlast_the_cancel_check(client: OpenAI) -> None:
         model=MODEL, messages=[{"role": "user", "content": "Count from 1 to 1000."}], max_tokens=200, temperature=0,
         logit_bias=NO_END)
     assert reply.choices[0].finish_reason == "length"
+
+
+def test_semantic_kernels_openai_connector_chats_through_the_server(server: RunningServer) -> None:
+    """The multi-process path: Semantic Kernel's own OpenAI connector, unchanged, against kvchat."""
+    import asyncio
+
+    from openai import AsyncOpenAI
+    from semantic_kernel.connectors.ai.open_ai import OpenAIChatCompletion, OpenAIChatPromptExecutionSettings
+    from semantic_kernel.contents import ChatHistory
+
+    async def chat() -> list:
+        client = AsyncOpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused")
+        service = OpenAIChatCompletion(ai_model_id=MODEL, async_client=client)
+        settings = OpenAIChatPromptExecutionSettings(max_tokens=16, temperature=0.0)
+        history = ChatHistory(system_message="Answer with one short sentence.")
+        replies = []
+        for question in ("Name a planet.", "Name a moon of that planet."):
+            history.add_user_message(question)
+            reply = await service.get_chat_message_content(history, settings)
+            history.add_message(reply)
+            replies.append(reply)
+        await client.close()
+        return replies
+
+    first, second = asyncio.run(chat())
+    assert first.content and second.content
+    # The second call re-sent the whole history; the server reused all of the first call's prompt.
+    first_usage, second_usage = first.inner_content.usage, second.inner_content.usage
+    assert second_usage.prompt_tokens_details.cached_tokens >= first_usage.prompt_tokens
