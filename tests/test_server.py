@@ -278,7 +278,7 @@ def test_api_keys(qwen_engine: Engine) -> None:
 
 
 def test_unexpected_error_is_generic_500(server: RunningServer, client: OpenAI, monkeypatch) -> None:
-    import kvchat.server.app as app_module
+    import kvchat.server.routes.chat as app_module
 
     def broken(*args, **kwargs):
         raise RuntimeError("secret internals")

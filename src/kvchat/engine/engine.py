@@ -164,7 +164,9 @@ class Engine:
         if sampling.grammar is not None:  # fail here, on the caller's thread, not in the worker
             self._new_sampler(sampling).close()
         room = self.context_limit - len(prompt)
-        max_new = sampling.max_tokens if sampling.max_tokens is not None else room
+        max_new = sampling.max_tokens
+        if max_new is None:
+            max_new = min(room, self.settings.open_max_tokens or room)
         if max_new > room or room < 1:
             raise ContextOverflowError(
                 prompt_tokens=len(prompt), max_tokens=max(max_new, 1), context_limit=self.context_limit

@@ -22,6 +22,8 @@ class EngineSettings:
     - `n_threads`: CPU threads for llama.cpp (None: every core available).
     - `max_request_tokens`: most tokens (prompt + max_tokens) one request may
       hold (None: the whole pool, within the model's training context).
+    - `open_max_tokens`: most tokens a request with ``max_tokens=None`` generates,
+      within its context (None: until the model stops or the context is full).
     - `prefix_cache`: keep finished requests' KV and reuse the longest cached
       prefix of each new request (off for recurrent and hybrid models).
     - `cache_ram_bytes`: host-RAM budget for KV state evicted from the pool
@@ -37,6 +39,7 @@ class EngineSettings:
     n_seq_max: int = 32
     n_threads: int | None = None
     max_request_tokens: int | None = None
+    open_max_tokens: int | None = None
     prefix_cache: bool = True
     cache_ram_bytes: int = 256 * 1024 * 1024
     cache_dir: str | None = None
@@ -57,5 +60,7 @@ class EngineSettings:
             not isinstance(self.max_request_tokens, int) or not 1 <= self.max_request_tokens <= self.n_ctx
         ):
             raise InvalidRequestError("max_request_tokens must be in [1, n_ctx] or None", field="max_request_tokens")
+        if self.open_max_tokens is not None and (not isinstance(self.open_max_tokens, int) or self.open_max_tokens < 1):
+            raise InvalidRequestError("open_max_tokens must be a positive integer or None", field="open_max_tokens")
         if not isinstance(self.cache_ram_bytes, int) or self.cache_ram_bytes < 0:
             raise InvalidRequestError("cache_ram_bytes must be an integer >= 0", field="cache_ram_bytes")

@@ -5,7 +5,7 @@ Mapping from kvchat's errors (see :mod:`kvchat.errors`):
 - `ContextOverflowError` -> 400, code ``context_length_exceeded``;
 - `InvalidRequestError` -> 400, ``param`` = its `field`;
 - request validation (malformed JSON, wrong types) -> 400;
-- :class:`APIError` raised by the server itself (401, 404, ...) -> its own status;
+- :class:`APIError` raised by the server itself (401, 404, 413, 429, ...) -> its own status;
 - anything else -> 500 with a generic message; the traceback goes to the log only.
 """
 
@@ -27,13 +27,15 @@ class APIError(Exception):
     """An error the server answers with `status` and OpenAI's error body."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type
         self.param = param
         self.code = code
+        self.headers = dict(headers or {})
 
 
 def error_body(message: str, *, type: str, param: str | None = None, code: str | None = None) -> dict:
@@ -55,8 +57,11 @@ def error_for(exc: BaseException) -> APIError:
     return APIError(500, "internal server error", type="server_error")
 
 
-def _response(error: APIError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+def error_response(error: APIError) -> JSONResponse:
+    """The HTTP response for `error` (an ASGI app too)."""
+    headers = dict(error.headers)
+    if error.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse(error_body(error.message, type=error.type, param=error.param, code=error.code),
                         status_code=error.status, headers=headers)
 
@@ -65,7 +70,7 @@ def install_error_handlers(app: FastAPI) -> None:
     """Make every error response of `app` OpenAI-shaped."""
 
     async def on_error(request: Request, exc: Exception) -> JSONResponse:
-        return _response(error_for(exc))
+        return error_response(error_for(exc))
 
     async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
@@ -76,11 +81,11 @@ def install_error_handlers(app: FastAPI) -> None:
             message, param = "the request body is not valid JSON", None
         elif param:
             message = f"{param}: {message}"
-        return _response(APIError(400, message, param=param))
+        return error_response(APIError(400, message, param=param))
 
     async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return _response(APIError(exc.status_code, str(exc.detail), type=kind))
+        return error_response(APIError(exc.status_code, str(exc.detail), type=kind))
 
     app.add_exception_handler(APIError, on_error)
     app.add_exception_handler(InvalidRequestError, on_error)

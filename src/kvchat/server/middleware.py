@@ -1,0 +1,117 @@
+"""ASGI middleware: request-body size limit and structured access logs.
+
+Both are plain ASGI (not Starlette's ``BaseHTTPMiddleware``) so streamed
+responses and client disconnects pass through untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from kvchat.server.errors import APIError, error_response
+
+access_log = logging.getLogger("kvchat.server.access")
+
+_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics")
+
+
+def endpoint_label(path: str) -> str:
+    """A bounded label for `path` (unknown paths share one label)."""
+    if path in _ENDPOINTS:
+        return path
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{model}"
+    return "other"
+
+
+class BodySizeLimit:
+    """Answers 413 (OpenAI-shaped) to a request whose body exceeds `max_bytes`.
+
+    The body is read here, up to the limit, and handed on whole, so the app
+    never sees a partial body; later ``receive`` calls (disconnect detection)
+    go to the client as usual.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = APIError(413, f"the request body is larger than {self.max_bytes} bytes",
+                             code="request_too_large")
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await error_response(too_large)(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await error_response(too_large)(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        body_sent = False
+
+        async def replay() -> Message:
+            nonlocal body_sent
+            if not body_sent:
+                body_sent = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+class AccessLog:
+    """Logs one JSON line per HTTP request to ``kvchat.server.access`` and counts it.
+
+    Fields: method, path, status, duration_ms (until the last body byte, so a
+    stream's whole length), client. `count(endpoint, status)` is called once
+    per request (the requests-by-status metric).
+    """
+
+    def __init__(self, app: ASGIApp, count: Callable[[str, int], None]) -> None:
+        self.app = app
+        self.count = count
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        status = 500  # if the app fails before sending a response start
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            path = scope.get("path", "")
+            self.count(endpoint_label(path), status)
+            client = scope.get("client")
+            access_log.info(json.dumps({
+                "event": "http_request",
+                "method": scope.get("method"),
+                "path": path,
+                "status": status,
+                "duration_ms": round((time.monotonic() - started) * 1000, 1),
+                "client": f"{client[0]}:{client[1]}" if client else None,
+            }))

@@ -1,0 +1,106 @@
+"""``POST /v1/chat/completions``: a chat through :func:`kvchat.chat.complete.complete`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends
+
+from kvchat.chat.complete import ChatStream, complete
+from kvchat.server.errors import APIError, error_for
+from kvchat.server.routes.common import finish_reason, openai_usage
+from kvchat.server.runs import RequestRun
+from kvchat.server.schemas import ChatCompletionRequest
+from kvchat.server.sse import Event, data_event, sse_response
+from kvchat.server.state import ServerState, authorized, server_state
+
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, state: ServerState = Depends(server_state),
+                           cache_key: str | None = Depends(authorized)) -> Any:
+    state.check_model(body.model)
+    if body.n is not None and body.n != 1:
+        raise APIError(400, "only n=1 is supported", param="n")
+    if body.tools and len(body.tools) > state.settings.max_tools:
+        raise APIError(400, f"{len(body.tools)} tools; this server allows at most {state.settings.max_tools}",
+                       param="tools")
+    sampling = state.sampling(body, body.max_completion_tokens or body.max_tokens)
+    run = state.new_run()
+    try:
+        stream = await asyncio.to_thread(
+            complete, state.engine, body.history(), tools=body.tools, tool_choice=body.tool_choice,
+            response_format=body.response_format, sampling=sampling, cache_key=cache_key)
+    except BaseException as exc:
+        run.finish()
+        if isinstance(exc, Exception):
+            raise error_for(exc) from None
+        raise
+    run.attach(stream)
+    reply_id = "chatcmpl-" + uuid.uuid4().hex
+    model = state.settings.model_name
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        events = _chat_events(stream, run, reply_id, model, include_usage)
+        return sse_response(run, stream, events, shutdown_grace=state.settings.shutdown_grace)
+    try:
+        reply = await stream.acollect()
+    except BaseException as exc:
+        stream.cancel()
+        run.finish()
+        if isinstance(exc, Exception):
+            raise error_for(exc) from None
+        raise
+    run.finish(reply.usage)
+    if run.error is not None:
+        raise run.error
+    message: dict[str, Any] = {"role": "assistant", "content": reply.content, "refusal": None}
+    if reply.tool_calls:
+        message["tool_calls"] = [call.to_openai() for call in reply.tool_calls]
+    return {
+        "id": reply_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [{"index": 0, "message": message, "logprobs": None,
+                     "finish_reason": finish_reason(reply.finish_reason)}],
+        "usage": openai_usage(reply.usage),
+    }
+
+
+async def _chat_events(stream: ChatStream, run: RequestRun, reply_id: str, model: str,
+                       include_usage: bool) -> AsyncIterator[Event]:
+    """The chunks of a streamed reply (``[DONE]`` and errors are added by `sse_response`)."""
+    created = int(time.time())
+
+    def chunk(delta: dict[str, Any], finish: str | None = None, usage: dict | None = None) -> Event:
+        body: dict[str, Any] = {
+            "id": reply_id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "system_fingerprint": None,
+            "choices": [] if usage is not None else [
+                {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
+        if usage is not None:
+            body["usage"] = usage
+        return data_event(body)
+
+    calls = 0
+    yield chunk({"role": "assistant", "content": ""})
+    async for delta in stream:
+        if delta.content:
+            yield chunk({"content": delta.content})
+        for call in delta.tool_calls:
+            yield chunk({"tool_calls": [{"index": calls, **call.to_openai()}]})
+            calls += 1
+        if delta.usage is not None:
+            run.usage = delta.usage
+        if delta.finish_reason is not None and run.error is None:
+            yield chunk({}, finish_reason(delta.finish_reason))
+            if include_usage and delta.usage is not None:
+                yield chunk({}, usage=openai_usage(delta.usage))

@@ -1,0 +1,23 @@
+"""Small translations shared by the completion routes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvchat.engine import Usage
+
+
+def finish_reason(reason: str | None) -> str | None:
+    """OpenAI's finish reason for kvchat's (a request cancelled by the server stopped)."""
+    return "stop" if reason == "cancelled" else reason
+
+
+def openai_usage(usage: Usage) -> dict[str, Any]:
+    """A `Usage` in OpenAI's shape, with the cached prompt tokens."""
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": 0},
+    }

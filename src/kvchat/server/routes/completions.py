@@ -1,0 +1,163 @@
+"""``POST /v1/completions``: raw text completion (no chat template).
+
+Decisions: a text prompt is tokenized with the model's BOS and with
+special-token text parsed (the caller writes the whole prompt, as with
+llama.cpp's server); token-id prompts are used as given. Several prompts give
+one choice each, generated together in the engine's batch; streaming takes one
+prompt. ``max_tokens`` defaults to 16 (as OpenAI). ``echo`` is supported;
+``suffix``, ``logprobs`` and ``best_of`` other than 1 are refused (400).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends
+
+from kvchat.engine import Completion, Engine, Stream, Usage
+from kvchat.server.errors import APIError, error_for
+from kvchat.server.routes.common import finish_reason, openai_usage
+from kvchat.server.runs import RequestRun
+from kvchat.server.schemas import CompletionRequest
+from kvchat.server.sse import Event, data_event, sse_response
+from kvchat.server.state import ServerState, authorized, server_state
+
+router = APIRouter()
+
+
+class _StreamGroup:
+    """The streams of one request's prompts, cancelled together."""
+
+    def __init__(self, streams: list[Stream]) -> None:
+        self.streams = streams
+
+    def cancel(self) -> None:
+        for stream in self.streams:
+            stream.cancel()
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, state: ServerState = Depends(server_state),
+                      cache_key: str | None = Depends(authorized)) -> Any:
+    state.check_model(body.model)
+    _check_supported(body, max_prompts=state.engine.settings.max_running)
+    sampling = state.sampling(body, body.max_tokens)
+    engine = state.engine
+    prompts = [_tokens(engine, prompt) for prompt in body.prompts()]
+    run = state.new_run()
+    streams: list[Stream] = []
+    try:
+        for tokens in prompts:
+            streams.append(engine.submit(tokens, sampling, cache_key=cache_key))
+    except BaseException as exc:
+        _StreamGroup(streams).cancel()
+        run.finish()
+        if isinstance(exc, Exception):
+            raise error_for(exc) from None
+        raise
+    group = _StreamGroup(streams)
+    run.attach(group)
+    reply_id = "cmpl-" + uuid.uuid4().hex
+    model = state.settings.model_name
+    echoed = [_echo_text(engine, prompt) if body.echo else "" for prompt in body.prompts()]
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        events = _text_events(streams[0], run, reply_id, model, echoed[0], include_usage)
+        return sse_response(run, group, events, shutdown_grace=state.settings.shutdown_grace)
+    try:
+        results: list[Completion] = await asyncio.gather(*(stream.acollect() for stream in streams))
+    except BaseException as exc:
+        group.cancel()
+        run.finish()
+        if isinstance(exc, Exception):
+            raise error_for(exc) from None
+        raise
+    total = _sum_usage([result.usage for result in results])
+    run.finish(total)
+    if run.error is not None:
+        raise run.error
+    return {
+        "id": reply_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [{"index": index, "text": echoed[index] + result.text, "logprobs": None,
+                     "finish_reason": finish_reason(result.usage.finish_reason)}
+                    for index, result in enumerate(results)],
+        "usage": openai_usage(total),
+    }
+
+
+def _check_supported(body: CompletionRequest, *, max_prompts: int) -> None:
+    if body.n is not None and body.n != 1:
+        raise APIError(400, "only n=1 is supported", param="n")
+    if body.best_of is not None and body.best_of != 1:
+        raise APIError(400, "only best_of=1 is supported", param="best_of")
+    if body.suffix:
+        raise APIError(400, "suffix (insertion) is not supported", param="suffix")
+    if body.logprobs is not None:
+        raise APIError(400, "logprobs are not supported", param="logprobs")
+    count = len(body.prompts())
+    if count == 0:
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    if count > max_prompts:
+        raise APIError(400, f"{count} prompts; at most {max_prompts} per request", param="prompt")
+    if body.stream and count > 1:
+        raise APIError(400, "a streamed completion takes one prompt", param="prompt")
+
+
+def _tokens(engine: Engine, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, str):
+        return engine.model.tokenize(prompt, add_special=True, parse_special=True)
+    return prompt
+
+
+def _echo_text(engine: Engine, prompt: str | list[int]) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    return b"".join(engine.model.token_to_bytes(token) for token in prompt).decode("utf-8", "replace")
+
+
+def _sum_usage(usages: list[Usage]) -> Usage:
+    first_tokens = [u.time_to_first_token for u in usages if u.time_to_first_token is not None]
+    return Usage(
+        prompt_tokens=sum(u.prompt_tokens for u in usages),
+        cached_tokens=sum(u.cached_tokens for u in usages),
+        evaluated_tokens=sum(u.evaluated_tokens for u in usages),
+        completion_tokens=sum(u.completion_tokens for u in usages),
+        time_to_first_token=min(first_tokens) if first_tokens else None,
+        finish_reason=usages[0].finish_reason,
+    )
+
+
+async def _text_events(stream: Stream, run: RequestRun, reply_id: str, model: str, echoed: str,
+                       include_usage: bool) -> AsyncIterator[Event]:
+    created = int(time.time())
+
+    def chunk(text: str, finish: str | None = None, usage: Usage | None = None) -> Event:
+        body: dict[str, Any] = {
+            "id": reply_id, "object": "text_completion", "created": created, "model": model,
+            "system_fingerprint": None,
+            "choices": [] if usage is not None else [
+                {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+        }
+        if usage is not None:
+            body["usage"] = openai_usage(usage)
+        return data_event(body)
+
+    if echoed:
+        yield chunk(echoed)
+    async for piece in stream:
+        if piece.text:
+            yield chunk(piece.text)
+        if piece.usage is not None:
+            run.usage = piece.usage
+            if run.error is None:
+                yield chunk("", finish_reason(piece.usage.finish_reason))
+                if include_usage:
+                    yield chunk("", usage=piece.usage)

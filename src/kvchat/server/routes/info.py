@@ -1,0 +1,45 @@
+"""``GET /health``, ``GET /v1/models``, ``GET /metrics``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Response
+
+from kvchat.server.errors import APIError
+from kvchat.server.metrics import CONTENT_TYPE_LATEST
+from kvchat.server.state import ServerState, authorized, server_state
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(state: ServerState = Depends(server_state)) -> dict[str, Any]:
+    """Up and able to serve (503 once the engine is closed). Needs no API key."""
+    if state.engine.closed:
+        raise APIError(503, "the model is not available", type="server_error", code="engine_closed")
+    stats = state.engine.stats()
+    return {"status": "ok", "model": state.settings.model_name, "active": stats.active, "queued": stats.queued}
+
+
+@router.get("/metrics")
+async def metrics(state: ServerState = Depends(server_state)) -> Response:
+    """Prometheus metrics (no API key: they carry counts, never content)."""
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/models")
+async def models(_: str | None = Depends(authorized),
+                 state: ServerState = Depends(server_state)) -> dict[str, Any]:
+    return {"object": "list", "data": [_model_card(state)]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def model(model_id: str, _: str | None = Depends(authorized),
+                state: ServerState = Depends(server_state)) -> dict[str, Any]:
+    state.check_model(model_id)
+    return _model_card(state)
+
+
+def _model_card(state: ServerState) -> dict[str, Any]:
+    return {"id": state.settings.model_name, "object": "model", "created": state.created, "owned_by": "kvchat"}

@@ -1,0 +1,63 @@
+"""`ServerSettings`: what an operator tunes about the HTTP server (not the engine)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvchat.errors import InvalidRequestError
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerSettings:
+    """The server's options. The defaults protect a small (2-core) machine.
+
+    - `model_name`: the model id clients send (and ``/v1/models`` lists).
+    - `api_keys`: if any, every ``/v1`` request needs ``Authorization: Bearer <key>``.
+    - `isolate_api_keys`: with API keys, each key's requests share cached prefixes
+      only with that key's own (on by default).
+    - `max_queued`: requests allowed to wait beyond the engine's running ones;
+      past that the server answers 429 with ``Retry-After: retry_after`` seconds.
+    - `request_timeout`: seconds a request may take, queueing included (None: no
+      limit); past it the request is cancelled and ends with a ``request_timeout`` error.
+    - `max_body_bytes`: largest request body (413 beyond it).
+    - `max_tokens_limit`: most tokens one request may generate; a request that
+      sets no limit generates at most this many (None: up to the context).
+    - `max_tools`: most tool definitions in one request.
+    - `max_embedding_inputs`: most texts in one ``/v1/embeddings`` request.
+    - `cors_origins`: origins allowed by CORS (none: CORS headers are not sent).
+    - `shutdown_grace`: seconds in-flight streams may run on after a shutdown
+      signal; streams still running then are cancelled with a ``server_shutdown`` error.
+    """
+
+    model_name: str
+    api_keys: tuple[str, ...] = ()
+    isolate_api_keys: bool = True
+    max_queued: int = 64
+    retry_after: int = 1
+    request_timeout: float | None = 600.0
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_tokens_limit: int | None = 4096
+    max_tools: int = 128
+    max_embedding_inputs: int = 256
+    cors_origins: tuple[str, ...] = ()
+    shutdown_grace: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.model_name:
+            raise InvalidRequestError("model_name must not be empty", field="model_name")
+        object.__setattr__(self, "api_keys", tuple(self.api_keys))
+        object.__setattr__(self, "cors_origins", tuple(self.cors_origins))
+        if any(not key for key in self.api_keys):
+            raise InvalidRequestError("API keys must not be empty", field="api_keys")
+        for name in ("max_queued", "retry_after", "max_tools", "max_embedding_inputs"):
+            if getattr(self, name) < 0:
+                raise InvalidRequestError(f"{name} must be >= 0", field=name)
+        for name in ("max_body_bytes",):
+            if getattr(self, name) < 1:
+                raise InvalidRequestError(f"{name} must be >= 1", field=name)
+        if self.max_tokens_limit is not None and self.max_tokens_limit < 1:
+            raise InvalidRequestError("max_tokens_limit must be >= 1 or None", field="max_tokens_limit")
+        if self.request_timeout is not None and self.request_timeout <= 0:
+            raise InvalidRequestError("request_timeout must be > 0 or None", field="request_timeout")
+        if self.shutdown_grace < 0:
+            raise InvalidRequestError("shutdown_grace must be >= 0", field="shutdown_grace")
