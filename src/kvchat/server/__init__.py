@@ -1,40 +1,80 @@
 """kvchat's OpenAI-compatible HTTP server.
 
 - :func:`create_app`: a FastAPI app over an engine the caller owns;
-- :func:`serve`: load a model, build the engine and run uvicorn until stopped.
+- :func:`serve`: load a model, build the engine and run uvicorn until stopped
+  (what ``kvchat serve`` runs).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import os
+import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kvchat.server.app import create_app
+from kvchat.server.settings import ServerSettings
 
 if TYPE_CHECKING:
     from kvchat.engine import EngineSettings
 
-__all__ = ["create_app", "serve"]
+__all__ = ["ServerSettings", "create_app", "default_model_name", "serve"]
+
+
+def default_model_name(model: str | os.PathLike[str]) -> str:
+    """The id clients send for `model`: a packaged model's name, or a GGUF file's stem."""
+    text = str(model)
+    return Path(text).stem if text.endswith(".gguf") or os.sep in text else text
 
 
 def serve(
-    model: str,
+    model: str | os.PathLike[str],
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
-    model_name: str | None = None,
-    api_keys: Sequence[str] = (),
-    settings: EngineSettings | None = None,
+    settings: ServerSettings | None = None,
+    engine_settings: EngineSettings | None = None,
     log_level: str = "info",
+    access_log: bool = True,
 ) -> None:
-    """Serve `model` (a packaged model name or a GGUF path) until interrupted.
+    """Serve `model` (a packaged model name or a GGUF path) until SIGINT or SIGTERM.
 
-    The model id clients must send is `model_name` (default: `model`).
+    On a shutdown signal the server stops accepting connections, lets in-flight
+    requests run for `settings.shutdown_grace` seconds, cancels those still
+    running (streams get a ``server_shutdown`` error event), then closes the engine.
+    Access logs are JSON lines on stderr (logger ``kvchat.server.access``).
     """
     import uvicorn
 
-    from kvchat.engine import Engine, EngineSettings
+    from kvchat.engine import Engine
 
-    with Engine(model, settings or EngineSettings()) as engine:
-        app = create_app(engine, model_name=model_name or model, api_keys=api_keys)
-        uvicorn.run(app, host=host, port=port, log_level=log_level)
+    settings = settings or ServerSettings(model_name=default_model_name(model))
+    _configure_logging(log_level, access_log)
+    with Engine(model, engine_settings) as engine:
+        app = create_app(engine, settings)
+        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                                timeout_graceful_shutdown=int(settings.shutdown_grace) + 5)
+        uvicorn.Server(config).run()
+
+
+def _configure_logging(log_level: str, access_log: bool) -> None:
+    level = getattr(logging, log_level.upper(), logging.INFO)
+    kvchat_log = logging.getLogger("kvchat")
+    if not kvchat_log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+        kvchat_log.addHandler(handler)
+    kvchat_log.setLevel(level)
+    # llama.cpp narrates every load at info level; keep it for debugging.
+    logging.getLogger("kvchat.llama.cpp").setLevel(level if level <= logging.DEBUG else logging.WARNING)
+    access = logging.getLogger("kvchat.server.access")
+    access.propagate = False
+    access.handlers.clear()
+    if access_log:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))  # each record is one JSON object
+        access.addHandler(handler)
+        access.setLevel(logging.INFO)
+    else:
+        access.addHandler(logging.NullHandler())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from datetime import datetime, timezone
 from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -79,7 +80,7 @@ class BodySizeLimit:
 class AccessLog:
     """Logs one JSON line per HTTP request to ``kvchat.server.access`` and counts it.
 
-    Fields: method, path, status, duration_ms (until the last body byte, so a
+    Fields: time (UTC), method, path, status, duration_ms (until the last body byte, so a
     stream's whole length), client. `count(endpoint, status)` is called once
     per request (the requests-by-status metric).
     """
@@ -108,6 +109,7 @@ class AccessLog:
             self.count(endpoint_label(path), status)
             client = scope.get("client")
             access_log.info(json.dumps({
+                "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
                 "event": "http_request",
                 "method": scope.get("method"),
                 "path": path,
