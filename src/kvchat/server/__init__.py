@@ -42,7 +42,9 @@ def serve(
 
     On a shutdown signal the server stops accepting connections, lets in-flight
     requests run for `settings.shutdown_grace` seconds, cancels those still
-    running (streams get a ``server_shutdown`` error event), then closes the engine.
+    running (streams get a ``server_shutdown`` error event), closes the engine
+    (saving the prefix cache to its disk tier, if any) and ends the process by
+    the signal it received (uvicorn's convention).
     Access logs are JSON lines on stderr (logger ``kvchat.server.access``).
     """
     import uvicorn
@@ -52,7 +54,9 @@ def serve(
     settings = settings or ServerSettings(model_name=default_model_name(model))
     _configure_logging(log_level, access_log)
     with Engine(model, engine_settings) as engine:
-        app = create_app(engine, settings)
+        # The app closes the engine at shutdown: uvicorn ends the process by
+        # re-raising the signal as soon as it returns, so `with` cannot be relied on.
+        app = create_app(engine, settings, owns_engine=True)
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                                 timeout_graceful_shutdown=int(settings.shutdown_grace) + 5)
         uvicorn.Server(config).run()

@@ -26,6 +26,7 @@ Decisions where OpenAI's API and kvchat differ, or OpenAI is silent:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -43,11 +44,13 @@ from kvchat.server.state import ServerState
 __all__ = ["create_app"]
 
 
-def create_app(engine: Engine, settings: ServerSettings | None = None, **options: Any) -> FastAPI:
+def create_app(engine: Engine, settings: ServerSettings | None = None, *, owns_engine: bool = False,
+               **options: Any) -> FastAPI:
     """An app that serves `engine`, configured by `settings` or by
     :class:`ServerSettings` keyword options (``model_name=...`` at least).
 
-    The caller owns `engine` and closes it after the app stops.
+    The caller closes `engine` after the app stops, unless `owns_engine`: then the
+    app's shutdown closes it (which also saves the prefix cache to its disk tier).
     """
     settings = settings or ServerSettings(**options)
     state = ServerState(engine, settings)
@@ -56,6 +59,8 @@ def create_app(engine: Engine, settings: ServerSettings | None = None, **options
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         state.close()
+        if owns_engine:
+            await asyncio.to_thread(engine.close)
 
     app = FastAPI(title="kvchat", version="0.1.0", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.kvchat = state

@@ -1,0 +1,175 @@
+"""The server's limits and its answers to bad input: every refusal is a 4xx with
+OpenAI's error shape, and the server keeps serving."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from kvchat import Engine, EngineSettings
+from kvchat.server import ServerSettings, create_app
+from tests.conftest import assert_idle
+from tests.http_server import RunningServer
+
+MODEL = "gemma-small"
+COUNTING = "1, 2, 3, 4, 5,"
+
+
+@pytest.fixture(scope="module")
+def one_slot_engine(gemma_model) -> Iterator[Engine]:
+    """One request at a time; no prefix cache, a small context; unbounded requests stop at 8 tokens."""
+    settings = EngineSettings(n_ctx=1024, max_running=1, n_seq_max=2, prefix_cache=False, open_max_tokens=8)
+    with Engine(gemma_model, settings) as engine:
+        yield engine
+
+
+def serve(engine: Engine, **options) -> RunningServer:
+    settings = ServerSettings(model_name=MODEL, **{"max_queued": 0, "max_tokens_limit": 512, **options})
+    return RunningServer(create_app(engine, settings))
+
+
+def assert_openai_error(response: httpx.Response, status: int, code: str | None = None,
+                        param: str | None = None) -> None:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert "Traceback" not in response.text
+    if code is not None:
+        assert error["code"] == code
+    if param is not None:
+        assert error["param"] == param
+
+
+def long_completion(url: str, **extra) -> dict:
+    return {"model": MODEL, "prompt": COUNTING, "max_tokens": 400, "temperature": 0, **extra}
+
+
+def test_full_server_answers_429_with_retry_after(one_slot_engine: Engine) -> None:
+    with serve(one_slot_engine, retry_after=3) as server:
+        with httpx.stream("POST", f"{server.url}/v1/completions",
+                          json=long_completion(server.url, stream=True), timeout=60) as busy:
+            lines = busy.iter_lines()  # kept: a dropped iterator would close the stream
+            next(lines)  # the first request holds the only slot
+            refused = httpx.post(f"{server.url}/v1/completions", json=long_completion(server.url), timeout=30)
+            assert_openai_error(refused, 429, code="rate_limit_exceeded")
+            assert refused.headers["retry-after"] == "3"
+            with pytest.raises(openai.RateLimitError):
+                server.client().completions.create(model=MODEL, prompt="hi", max_tokens=2)
+        # The first stream was closed early: its slot comes back and requests are served again.
+        deadline = time.monotonic() + 10
+        while True:
+            response = httpx.post(f"{server.url}/v1/completions",
+                                  json={"model": MODEL, "prompt": "hi", "max_tokens": 2}, timeout=30)
+            if response.status_code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert response.status_code == 200
+    assert_idle(one_slot_engine)
+
+
+def test_request_time_limit(one_slot_engine: Engine) -> None:
+    with serve(one_slot_engine, request_timeout=0.5) as server:
+        started = time.monotonic()
+        response = httpx.post(f"{server.url}/v1/completions", json=long_completion(server.url), timeout=60)
+        assert_openai_error(response, 504, code="request_timeout")
+        assert time.monotonic() - started < 10  # cut short: 400 tokens take far longer
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", timeout=60, json={
+                "model": MODEL, "messages": [{"role": "user", "content": "Count to 500."}], "max_tokens": 400,
+                "stream": True}) as stream:
+            events = [line[len("data: "):] for line in stream.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["error"]["code"] == "request_timeout"
+        # No finish event was sent for the cut-short reply.
+        assert all(not c["choices"] or c["choices"][0]["finish_reason"] is None
+                   for c in map(json.loads, events[:-2]))
+    assert_idle(one_slot_engine)
+
+
+def test_max_tokens_limit_and_open_requests(one_slot_engine: Engine) -> None:
+    with serve(one_slot_engine, max_tokens_limit=32) as server:
+        client = server.client()
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=33)
+        assert info.value.body["param"] == "max_tokens"
+        # No max_tokens: the engine's open_max_tokens (8) bounds the reply.
+        reply = client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=None, temperature=0,
+                                          extra_body={"max_tokens": None})
+        assert reply.usage.completion_tokens == 8 and reply.choices[0].finish_reason == "length"
+    assert_idle(one_slot_engine)
+
+
+def test_tools_limit(one_slot_engine: Engine) -> None:
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    with serve(one_slot_engine, max_tools=2) as server:
+        response = httpx.post(f"{server.url}/v1/chat/completions", json={
+            "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": [tool] * 3})
+        assert_openai_error(response, 400, param="tools")
+
+
+def test_cors_only_for_given_origins(one_slot_engine: Engine) -> None:
+    preflight = {"Origin": "http://app.example", "Access-Control-Request-Method": "POST"}
+    with serve(one_slot_engine) as server:
+        response = httpx.options(f"{server.url}/v1/chat/completions", headers=preflight)
+        assert "access-control-allow-origin" not in response.headers
+    with serve(one_slot_engine, cors_origins=["http://app.example"]) as server:
+        response = httpx.options(f"{server.url}/v1/chat/completions", headers=preflight)
+        assert response.headers["access-control-allow-origin"] == "http://app.example"
+        other = httpx.options(f"{server.url}/v1/chat/completions",
+                              headers={**preflight, "Origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+
+
+def chat(**fields) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **fields}
+
+
+BAD_REQUESTS = [
+    # (what, request options for httpx.post, status, code, param)
+    ("malformed JSON", {"content": b'{"model": "x", "messages": [', "headers": {"content-type": "application/json"}},
+     400, None, None),
+    ("missing messages", {"json": {"model": MODEL}}, 400, None, "messages"),
+    ("wrong type", {"json": chat(max_tokens="many")}, 400, None, "max_tokens"),
+    ("wrong role", {"json": chat(messages=[{"role": "wizard", "content": "hi"}])}, 400, None, None),
+    ("unknown model", {"json": chat(model="gpt-9")}, 404, "model_not_found", "model"),
+    ("n=3", {"json": chat(n=3)}, 400, None, "n"),
+    ("prompt + max_tokens over the context",
+     {"json": chat(messages=[{"role": "user", "content": "word " * 700}], max_tokens=500)},
+     400, "context_length_exceeded", None),
+    ("body over the size limit", {"json": chat(messages=[{"role": "user", "content": "x" * 5000}])},
+     413, "request_too_large", None),
+    ("bad API key", {"json": chat(), "headers": {"Authorization": "Bearer wrong"}}, 401, "invalid_api_key", None),
+    ("no API key", {"json": chat(), "headers": {"Authorization": ""}}, 401, "invalid_api_key", None),
+    ("temperature out of range", {"json": chat(temperature=9)}, 400, None, "temperature"),
+    ("bad tool_choice", {"json": chat(tool_choice={"type": "function", "function": {"name": "nope"}})},
+     400, None, None),
+]
+
+
+@pytest.mark.parametrize("what, http_options, status, code, param", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_input_gets_an_openai_shaped_4xx(one_slot_engine: Engine, what, http_options, status, code, param) -> None:
+    with serve(one_slot_engine, max_body_bytes=4000, api_keys=["sesame"]) as server:
+        headers = {"Authorization": "Bearer sesame", **http_options.pop("headers", {})}
+        response = httpx.post(f"{server.url}/v1/chat/completions", headers=headers, timeout=60, **http_options)
+        assert_openai_error(response, status, code=code, param=param)
+        ok = httpx.post(f"{server.url}/v1/chat/completions", json=chat(), headers={"Authorization": "Bearer sesame"},
+                        timeout=60)
+        assert ok.status_code == 200  # still serving
+    assert_idle(one_slot_engine)
+
+
+def test_body_limit_without_content_length(one_slot_engine: Engine) -> None:
+    with serve(one_slot_engine, max_body_bytes=4000) as server:
+        body = json.dumps(chat(messages=[{"role": "user", "content": "x" * 5000}])).encode()
+
+        def chunks() -> Iterator[bytes]:  # a chunked upload: the size is not declared
+            for start in range(0, len(body), 1000):
+                yield body[start:start + 1000]
+
+        response = httpx.post(f"{server.url}/v1/chat/completions", content=chunks(),
+                              headers={"content-type": "application/json"})
+        assert_openai_error(response, 413, code="request_too_large")
