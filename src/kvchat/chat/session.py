@@ -124,6 +124,10 @@ class ChatSession:
             self.messages.append(removed)
             raise
 
+    def respond(self, *, sampling: SamplingParams | None = None) -> SessionReply:
+        """Stream an assistant reply to the history as it stands (after an edit, say)."""
+        return self._reply(sampling)
+
     def edit(self, index: int, text: str) -> None:
         """Replace the text of message `index` (later messages stay; the next call
         re-evaluates from this message on)."""

@@ -1,4 +1,4 @@
-"""The ``kvchat`` command (typer): ``kvchat serve``, and more subcommands to come.
+"""The ``kvchat`` command (typer): ``chat``, ``serve``, ``models``, ``bench``.
 
 Each subcommand lives in a module of its own and registers itself on :data:`app`.
 """
@@ -22,7 +22,11 @@ def _root() -> None:
     """Run local GGUF language models with a content-keyed KV cache and continuous batching."""
 
 
-from kvchat.cli import serve as _serve  # noqa: E402,F401  (registers the subcommand)
+# Importing a subcommand's module registers it.
+from kvchat.cli import bench as _bench  # noqa: E402,F401
+from kvchat.cli import chat as _chat  # noqa: E402,F401
+from kvchat.cli import models as _models  # noqa: E402,F401
+from kvchat.cli import serve as _serve  # noqa: E402,F401
 
 
 def main() -> None:
