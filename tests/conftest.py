@@ -55,6 +55,7 @@ def assert_idle(engine: Engine) -> None:
     assert stats.active == 0 and stats.queued == 0
     assert stats.free_sequences + stats.parked_sequences == engine.settings.n_seq_max
     assert stats.tokens_resident == stats.cache_tokens  # nothing held outside the cache
+    assert stats.locked_cache_tokens == 0  # no cache node still locked by a finished request
 
 
 def wait_idle(engine: Engine, timeout: float = 10.0):

@@ -144,6 +144,9 @@ BAD_REQUESTS = [
      413, "request_too_large", None),
     ("bad API key", {"json": chat(), "headers": {"Authorization": "Bearer wrong"}}, 401, "invalid_api_key", None),
     ("no API key", {"json": chat(), "headers": {"Authorization": ""}}, 401, "invalid_api_key", None),
+    ("lone surrogate in content", {"content": b'{"model": "gemma-small", "max_tokens": 2, "messages": '
+                                              b'[{"role": "user", "content": "a\\ud800b"}]}',
+                                   "headers": {"content-type": "application/json"}}, 400, None, None),
     ("temperature out of range", {"json": chat(temperature=9)}, 400, None, "temperature"),
     ("bad tool_choice", {"json": chat(tool_choice={"type": "function", "function": {"name": "nope"}})},
      400, None, None),

@@ -20,6 +20,8 @@ class EngineStats:
     `parked_sequences`: ids holding prefix-cache entries; `tokens_resident`: KV
     cells in use (cache, conversations and running requests, shared cells once);
     `cache_tokens`, `ram_tokens`, `disk_tokens`: tokens held by each cache tier;
+    `locked_cache_tokens`: cached tokens that running requests depend on (not
+    evictable; 0 when the engine is idle);
     `shifts`: context shifts that reused the original prompt's KV.
     Counters are cumulative since start; `cache_hit_rate` is cached / prompt tokens.
     """
@@ -32,6 +34,7 @@ class EngineStats:
     cache_tokens: int
     ram_tokens: int
     disk_tokens: int
+    locked_cache_tokens: int
     evictions: int
     spills: int
     restores: int
@@ -90,6 +93,7 @@ class StatsBoard:
             cache_tokens=pool.cached_tokens_resident,
             ram_tokens=store.ram_tokens if store else 0,
             disk_tokens=store.disk_tokens if store else 0,
+            locked_cache_tokens=pool.cache.protected_tokens if pool.cache is not None else 0,
             evictions=pool.counters.evictions,
             spills=pool.counters.spills,
             restores=pool.counters.restores,

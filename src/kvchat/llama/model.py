@@ -10,7 +10,7 @@ from types import TracebackType
 
 import llama_cpp
 
-from kvchat.errors import ModelLoadError
+from kvchat.errors import InvalidRequestError, ModelLoadError
 from kvchat.llama.backend import ensure_backend
 
 _GGUF_MAGIC = b"GGUF"
@@ -113,9 +113,14 @@ class Model:
 
         `add_special` adds BOS/EOS where the model expects them. `parse_special`
         turns special-token text such as ``<|im_start|>`` into its single token;
-        without it such text is tokenized as ordinary characters.
+        without it such text is tokenized as ordinary characters. Text that is
+        not valid Unicode (a lone surrogate) raises `InvalidRequestError`.
         """
-        data = text.encode("utf-8")
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidRequestError(f"the text is not valid Unicode: {exc.reason} at index {exc.start}",
+                                      field="text") from None
         capacity = len(data) + 8
         tokens = (llama_cpp.llama_token * capacity)()
         n = llama_cpp.llama_tokenize(self._vocab, data, len(data), tokens, capacity, add_special, parse_special)

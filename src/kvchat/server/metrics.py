@@ -51,6 +51,13 @@ class _EngineCollector(Collector):
         for tier, value in (("kv", stats.cache_tokens), ("ram", stats.ram_tokens), ("disk", stats.disk_tokens)):
             tiers.add_metric([tier], value)
         yield tiers
+        sequences = GaugeMetricFamily("kvchat_sequences", "KV sequence ids by state.", labels=["state"])
+        for state, value in (("free", stats.free_sequences), ("parked", stats.parked_sequences),
+                             ("active", stats.active)):
+            sequences.add_metric([state], value)
+        yield sequences
+        yield GaugeMetricFamily("kvchat_cache_locked_tokens", "Cached tokens running requests depend on.",
+                                value=stats.locked_cache_tokens)
         yield GaugeMetricFamily("kvchat_requests_active", "Requests the engine is running.", value=stats.active)
         yield GaugeMetricFamily("kvchat_requests_queued", "Requests waiting for an engine slot.",
                                 value=stats.queued)

@@ -13,6 +13,8 @@ import asyncio
 import time
 from typing import Protocol
 
+import anyio
+
 from kvchat.engine import Usage
 from kvchat.server.errors import APIError
 from kvchat.server.metrics import ServerMetrics
@@ -73,10 +75,10 @@ class RequestRun:
             remaining = max(self._timeout - (time.monotonic() - self.submitted_at), 0.0)
             self._timer = asyncio.get_running_loop().call_later(remaining, self._stop, "timeout")
 
-    async def stop_on_shutdown(self, shutdown: asyncio.Event | object) -> None:
-        """Wait for `shutdown` (an event with ``wait()``), then give the stream the grace
-        period and cancel it. Run as a task; cancel the task when the stream ends."""
-        await shutdown.wait()  # type: ignore[attr-defined]
+    async def stop_on_shutdown(self, shutdown: anyio.Event) -> None:
+        """Wait for `shutdown`, then give the stream the grace period and cancel it.
+        Run as a task; cancel the task when the stream ends."""
+        await shutdown.wait()
         await asyncio.sleep(self._shutdown_grace)
         self._stop("shutdown")
 

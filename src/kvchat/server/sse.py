@@ -15,6 +15,7 @@ from contextlib import aclosing
 
 import anyio
 from sse_starlette.sse import EventSourceResponse
+from starlette.types import Receive, Scope, Send
 
 from kvchat.server.errors import APIError, error_body, error_for
 from kvchat.server.runs import Cancellable, RequestRun
@@ -38,27 +39,44 @@ def sse_response(run: RequestRun, stream: Cancellable, events: AsyncIterator[Eve
     The producer should stop early (no finish event) when ``run.error`` is set:
     the error event is then sent here.
     """
-    shutdown = anyio.Event()
+    return _RequestEventStream(run, stream, events, shutdown_grace)
 
-    async def guarded() -> AsyncIterator[Event]:
-        watcher = asyncio.create_task(run.stop_on_shutdown(shutdown))
+
+class _RequestEventStream(EventSourceResponse):
+    """An event stream whose request is cancelled and released however the response ends.
+
+    The cleanup sits around the whole ASGI call, not only in the generator: a
+    client that disconnects before the first event would otherwise leave a
+    generator that never started, and its request, behind.
+    """
+
+    def __init__(self, run: RequestRun, stream: Cancellable, events: AsyncIterator[Event],
+                 shutdown_grace: float) -> None:
+        self._run = run
+        self._stream = stream
+        # sse-starlette sets this event when the server begins to shut down and
+        # force-cancels the stream after its own grace period; ours ends first.
+        self._shutdown = anyio.Event()
+        super().__init__(self._guarded(events), ping=15, shutdown_event=self._shutdown,
+                         shutdown_grace_period=shutdown_grace + 2)
+
+    async def _guarded(self, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
         try:
-            try:
-                async with aclosing(events) as produced:
-                    async for event in produced:
-                        yield event
-                if run.error is not None:
-                    yield error_event(run.error)
-            except Exception as exc:  # noqa: BLE001 - the status line is already sent
-                yield error_event(error_for(exc))
-            yield {"data": "[DONE]"}
+            async with aclosing(events) as produced:
+                async for event in produced:
+                    yield event
+            if self._run.error is not None:
+                yield error_event(self._run.error)
+        except Exception as exc:  # noqa: BLE001 - the status line is already sent
+            yield error_event(error_for(exc))
+        yield {"data": "[DONE]"}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        watcher = asyncio.create_task(self._run.stop_on_shutdown(self._shutdown))
+        try:
+            await super().__call__(scope, receive, send)
         finally:
             # Client gone, error or normal end: the engine stops within one step.
             watcher.cancel()
-            stream.cancel()
-            run.finish()
-
-    # sse-starlette sets `shutdown` when the server begins to shut down and
-    # force-cancels the stream after its own grace period; ours ends first.
-    return EventSourceResponse(guarded(), ping=15, shutdown_event=shutdown,
-                               shutdown_grace_period=shutdown_grace + 2)
+            self._stream.cancel()
+            self._run.finish()
