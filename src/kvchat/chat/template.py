@@ -88,6 +88,13 @@ class _StrictSandbox(ImmutableSandboxedEnvironment):
     def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
         raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
 
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        # The base class answers "undefined" for a missing private attribute
+        # (``range.__self__``); any reach for one is refused, found or not.
+        if attribute.startswith("_"):
+            return self.unsafe_undefined(obj, attribute)
+        return super().getattr(obj, attribute)
+
     def call_binop(self, context: Any, op: str, left: Any, right: Any) -> Any:
         if op == "**":
             if isinstance(right, int) and abs(right) > MAX_POWER_EXPONENT:
@@ -174,7 +181,11 @@ class ChatTemplate:
                 raise TemplateRenderError(f"messages[{index}] is not an object", field="messages")
             copy = dict(message)
             copy["content"] = _content_text(copy.get("content"), index)
-            if copy.get("tool_calls"):
+            calls = copy.get("tool_calls")
+            if calls and (isinstance(calls, (str, bytes)) or not isinstance(calls, Sequence)):
+                raise TemplateRenderError(f"messages[{index}].tool_calls must be a list of tool calls",
+                                          field="messages")
+            if calls:
                 copy["tool_calls"] = [self._normalize_call(call) for call in copy["tool_calls"]]
             out.append(copy)
         return out

@@ -152,6 +152,7 @@ class StateStore:
         if not entry.tokens:
             raise ValueError("a spilled state must hold at least one token")
         n = len(entry.tokens)
+        superseded: list[_Entry] = []
         for tier in (self._ram, self._disk):
             for old in list(tier.values()):
                 if old.namespace != entry.namespace:
@@ -160,9 +161,20 @@ class StateStore:
                     self._touch(old)
                     return
                 if old.tokens == entry.tokens[: len(old.tokens)]:
-                    self._remove(old, delete_file=True)
-        new = _Entry(entry_key(self.layout_key, entry.namespace, entry.tokens), entry.namespace,
-                     entry.tokens, len(entry.state), self._tick(), entry.state)
+                    superseded.append(old)
+        # Superseded files are deleted only once the new entry is stored: a crash
+        # while its file is written must not lose the prefix that was saved.
+        stale_files = [self._path(old.key) for old in superseded if old.key in self._disk]
+        for old in superseded:
+            self._remove(old, delete_file=False)
+        self._store_new(_Entry(entry_key(self.layout_key, entry.namespace, entry.tokens), entry.namespace,
+                               entry.tokens, len(entry.state), self._tick(), entry.state))
+        for path in stale_files:
+            with suppress(OSError):
+                os.unlink(path)
+
+    def _store_new(self, new: _Entry) -> None:
+        """Index a new entry in RAM (spilling LRU entries over budget) or straight on disk."""
         if self.ram_budget_bytes == 0 or new.size > self.ram_budget_bytes:
             self._demote(new)
             return

@@ -65,7 +65,8 @@ def serve(
 def _configure_logging(log_level: str, access_log: bool) -> None:
     level = getattr(logging, log_level.upper(), logging.INFO)
     kvchat_log = logging.getLogger("kvchat")
-    if not kvchat_log.handlers:
+    # The library's own NullHandler does not count: logs must reach stderr.
+    if not any(not isinstance(h, logging.NullHandler) for h in kvchat_log.handlers):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
         kvchat_log.addHandler(handler)
