@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import openai
 from openai import AsyncOpenAI
 
 SYSTEM_PROMPT = (
@@ -145,6 +146,7 @@ class Record:
     prompt_tokens: int | None  # None: the server reported no usage
     cached_tokens: int | None  # None: the server reported no cached tokens
     usage_reported: bool  # False: completion_tokens counts content chunks
+    error: str | None = None  # the request failed (connection dropped, 5xx): excluded from the figures
 
 
 class ChatUser:
@@ -163,17 +165,23 @@ class ChatUser:
         """Send the next user message with the history; stream and time the answer."""
         self.messages.append({"role": "user", "content": user_message(self.user, self.turn, self.seed)})
         start = time.perf_counter()
-        stream = await self.client.chat.completions.create(
-            model=self.model, messages=self.messages, stream=True, temperature=0,
-            max_tokens=self.max_tokens, stream_options={"include_usage": True},
-        )
         first, parts, usage = None, [], None
-        async for chunk in stream:
-            if chunk.usage is not None:
-                usage = chunk.usage
-            if chunk.choices and chunk.choices[0].delta.content:
-                first = first or time.perf_counter()
-                parts.append(chunk.choices[0].delta.content)
+        try:
+            stream = await self.client.chat.completions.create(
+                model=self.model, messages=self.messages, stream=True, temperature=0,
+                max_tokens=self.max_tokens, stream_options={"include_usage": True},
+            )
+            async for chunk in stream:
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                if chunk.choices and chunk.choices[0].delta.content:
+                    first = first or time.perf_counter()
+                    parts.append(chunk.choices[0].delta.content)
+        except openai.APIError as exc:  # recorded, not fatal: one failed request must not end the run
+            self.messages.pop()
+            self.turn += 1
+            elapsed = time.perf_counter() - start
+            return Record(self.user, self.turn - 1, elapsed, elapsed, 0, None, None, False, error=repr(exc))
         end = time.perf_counter()
         self.messages.append({"role": "assistant", "content": "".join(parts)})
         record = Record(self.user, self.turn, (first or end) - start, end - start, len(parts), None, None, False)
@@ -259,13 +267,15 @@ def cached_share(records: list[Record]) -> float | None:
 
 
 def summarize(run: ScenarioRun) -> dict[str, object]:
-    """Per-turn median TTFT across users, TTFT p50/p90/p99, wall time and aggregate tokens/s."""
-    records = run.records
+    """Per-turn median TTFT across users, TTFT p50/p90/p99, wall time and aggregate tokens/s
+    (of the requests that succeeded; `failed` counts the others)."""
+    records = [r for r in run.records if r.error is None]
     ttfts = [r.ttft_s for r in records]
     turns = sorted({r.turn for r in records})
     completion = sum(r.completion_tokens for r in records)
     return {
         "requests": len(records),
+        "failed": len(run.records) - len(records),
         "wall_s": run.wall_s,
         "completion_tokens": completion,
         "tokens_per_s": completion / run.wall_s,
@@ -275,7 +285,7 @@ def summarize(run: ScenarioRun) -> dict[str, object]:
         "ttft_per_turn_s": [statistics.median(r.ttft_s for r in records if r.turn == t) for t in turns],
         "cached_share": cached_share(records),
         "usage_reported": all(r.usage_reported for r in records),
-        "records": [asdict(r) for r in records],
+        "records": [asdict(r) for r in run.records],
     }
 
 

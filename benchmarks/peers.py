@@ -159,10 +159,11 @@ def print_tables(results: dict[str, dict[str, dict]], ratio: dict) -> None:
         print(f"{'turn':>4} " + " ".join(f"{n:>10}" for n in names))
         for t in range(len(results[names[0]][s]["ttft_per_turn_s"])):
             print(f"{t + 1:>4} " + " ".join(f"{results[n][s]['ttft_per_turn_s'][t]:>10.3f}" for n in names))
-        print(f"\n{'server':>10} {'requests':>8} {'wall s':>8} {'tok/s':>7} {'TTFT p50':>9} {'p90':>7} {'p99':>7}")
+        print(f"\n{'server':>10} {'requests':>8} {'failed':>6} {'wall s':>8} {'tok/s':>7} {'TTFT p50':>9} {'p90':>7} "
+              f"{'p99':>7}")
         for n in names:
             r = results[n][s]
-            print(f"{n:>10} {r['requests']:>8} {r['wall_s']:>8.1f} {r['tokens_per_s']:>7.1f} "
+            print(f"{n:>10} {r['requests']:>8} {r['failed']:>6} {r['wall_s']:>8.1f} {r['tokens_per_s']:>7.1f} "
                   f"{r['ttft_p50_s']:>9.3f} {r['ttft_p90_s']:>7.3f} {r['ttft_p99_s']:>7.3f}")
         for peer, by_scenario in ratio.items():
             q = by_scenario[s]
@@ -197,16 +198,18 @@ def main() -> None:
     args = parse_args()
     python = peer_python() if any(n != "kvchat" for n in args.servers) else None
     servers = [kvchat_server(args) if n == "kvchat" else peer_server(args, n, python) for n in args.servers]
-    results = {server.name: run_server(server, args) for server in servers}
-    ratio = ratios(results)
-    print_tables(results, ratio)
     settings = {k: getattr(args, k) for k in ("model", "servers", "single_turns", "users", "turns", "max_tokens",
                                                "ctx_size", "threads")}
     settings["peer_package"] = PEER_PACKAGE
-    record = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
-              "settings": settings, "results": results, "ratios": ratio}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    results: dict[str, dict] = {}
+    for server in servers:  # written after each server, so a late failure keeps the earlier results
+        results[server.name] = run_server(server, args)
+        record = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+                  "settings": settings, "results": results, "ratios": ratios(results)}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=2) + "\n")
+    ratio = ratios(results)
+    print_tables(results, ratio)
     plot(results, args.plot, f"{args.users} interleaved users, {args.max_tokens} tokens per answer")
     print(f"\nwrote {args.out} and {args.plot}")
 

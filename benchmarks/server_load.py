@@ -39,6 +39,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--parallel", type=int, default=16, help="kvchat serve --parallel")
     p.add_argument("--ctx-size", type=int, default=8192, help="kvchat serve --ctx-size")
+    p.add_argument("--threads", type=int, help="kvchat serve --threads (default: every core)")
     p.add_argument("--out", type=Path, help=f"results file (default: {RESULTS}; with --quick: in the temp dir)")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 and 2 users, 2 turns, 16 tokens")
     args = p.parse_args()
@@ -51,7 +52,8 @@ def parse_args() -> argparse.Namespace:
 def serve_command(args: argparse.Namespace) -> Callable[[int], list[str]]:
     """The `kvchat serve` command line for a port."""
     return lambda port: [str(KVCHAT), "serve", "--model", args.model, "--port", str(port),
-                         "--parallel", str(args.parallel), "--ctx-size", str(args.ctx_size)]
+                         "--parallel", str(args.parallel), "--ctx-size", str(args.ctx_size),
+                         *(["--threads", str(args.threads)] if args.threads else [])]
 
 
 def print_table(rows: dict[int, dict]) -> None:

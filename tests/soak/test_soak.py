@@ -9,7 +9,7 @@ import asyncio
 import os
 
 from tests.http_server import ServeProcess
-from tests.soak.driver import SoakConfig, resident_bytes, run_soak, scrape_metrics, wait_until_idle
+from tests.soak.driver import SoakConfig, resident_bytes, run_soak, wait_until_idle
 
 MODEL = "gemma-3-270m"
 PARALLEL = 16
