@@ -87,7 +87,9 @@ def test_streaming_without_usage(client: OpenAI) -> None:
 def test_conversation_reuses_cached_history(client: OpenAI) -> None:
     messages = [{"role": "system", "content": "You are a helpful assistant. Answer briefly."}]
     previous_prompt = 0
-    for turn, question in enumerate(["Name a fruit.", "Name a colour.", "Name an animal.", "Name a city."]):
+    questions = ["Name a fruit.", "Name a colour.", "Name an animal.", "Name a city.", "Name a river.",
+                 "Name a planet."]
+    for turn, question in enumerate(questions):  # six turns, the whole history each time
         messages.append({"role": "user", "content": question})
         reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
         usage = reply.usage
@@ -212,7 +214,7 @@ NO_END = {"151643": -100, "151645": -100}
 
 
 def test_disconnect_mid_stream_cancels(server: RunningServer, qwen_engine: Engine, client: OpenAI) -> None:
-    from tests.conftest import wait_idle  # noqa: PLC0415
+    from tests.conftest import assert_idle, wait_idle  # noqa: PLC0415
 
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Count from 1 to 1000."}],
             "stream": True, "max_tokens": 4000, "temperature": 0, "logit_bias": NO_END}
@@ -227,6 +229,7 @@ def test_disconnect_mid_stream_cancels(server: RunningServer, qwen_engine: Engin
     started = time.monotonic()
     stats = wait_idle(qwen_engine, timeout=30)
     assert stats.active == 0 and stats.queued == 0
+    assert_idle(qwen_engine)  # its sequence is free or parked again, nothing locked
     # Far sooner than 4000 tokens would take: the request was cancelled.
     assert time.monotonic() - started < 5
     assert_serves(client)

@@ -13,6 +13,7 @@ import threading
 import weakref
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Literal
 
 from kvchat.chat.history import GeneratedTokenMemory
@@ -148,8 +149,16 @@ def chat_tokenizer(engine: Engine) -> ChatTokenizer:
     with _tokenizers_lock:
         tokenizer = _tokenizers.get(engine)
         if tokenizer is None:
-            tokenizer = _tokenizers[engine] = ChatTokenizer(engine.model, memory=GeneratedTokenMemory())
+            memory = GeneratedTokenMemory(journal=_journal_path(engine))
+            tokenizer = _tokenizers[engine] = ChatTokenizer(engine.model, memory=memory)
         return tokenizer
+
+
+def _journal_path(engine: Engine) -> Path | None:
+    """Where the generated-token memory persists: next to the engine's disk cache, per model file."""
+    if engine.settings.cache_dir is None:
+        return None
+    return Path(engine.settings.cache_dir) / f"generated-tokens-{engine.model.sha256()[:16]}.jsonl"
 
 
 def complete(
