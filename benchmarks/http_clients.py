@@ -268,23 +268,30 @@ def cached_share(records: list[Record]) -> float | None:
 
 def summarize(run: ScenarioRun) -> dict[str, object]:
     """Per-turn median TTFT across users, TTFT p50/p90/p99, wall time and aggregate tokens/s
-    (of the requests that succeeded; `failed` counts the others)."""
+    (of the requests that succeeded; `failed` counts the others). Figures without a
+    successful request to measure (a server that died) are None."""
     records = [r for r in run.records if r.error is None]
     ttfts = [r.ttft_s for r in records]
-    turns = sorted({r.turn for r in records})
+    turns = sorted({r.turn for r in run.records})
     completion = sum(r.completion_tokens for r in records)
+
+    def median_ttft(turn: int) -> float | None:
+        values = [r.ttft_s for r in records if r.turn == turn]
+        return statistics.median(values) if values else None
+
     return {
         "requests": len(records),
         "failed": len(run.records) - len(records),
         "wall_s": run.wall_s,
         "completion_tokens": completion,
-        "tokens_per_s": completion / run.wall_s,
-        "ttft_p50_s": percentile(ttfts, 50),
-        "ttft_p90_s": percentile(ttfts, 90),
-        "ttft_p99_s": percentile(ttfts, 99),
-        "ttft_per_turn_s": [statistics.median(r.ttft_s for r in records if r.turn == t) for t in turns],
+        "tokens_per_s": completion / run.wall_s if records else None,
+        "ttft_p50_s": percentile(ttfts, 50) if ttfts else None,
+        "ttft_p90_s": percentile(ttfts, 90) if ttfts else None,
+        "ttft_p99_s": percentile(ttfts, 99) if ttfts else None,
+        "ttft_per_turn_s": [median_ttft(t) for t in turns],
         "cached_share": cached_share(records),
         "usage_reported": all(r.usage_reported for r in records),
+        "first_error": next((r.error for r in run.records if r.error is not None), None),
         "records": [asdict(r) for r in run.records],
     }
 

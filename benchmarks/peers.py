@@ -58,6 +58,8 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct", help="packaged model name (also the model id)")
     p.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
+    p.add_argument("--keep-others", action="store_true",
+                   help="keep the results of servers not run now from the existing results file")
     p.add_argument("--single-turns", type=int, default=16, help="turns of scenario (a)")
     p.add_argument("--users", type=int, default=8, help="users of scenarios (b) and (c)")
     p.add_argument("--turns", type=int, default=8, help="turns per user in scenarios (b) and (c)")
@@ -144,7 +146,11 @@ def run_server(server: Server, args: argparse.Namespace) -> dict[str, dict]:
 def ratios(results: dict[str, dict[str, dict]]) -> dict[str, dict[str, dict[str, float]]]:
     """kvchat / peer for wall time, aggregate tokens/s and TTFT p50, by peer and scenario."""
     keys = ("wall_s", "tokens_per_s", "ttft_p50_s")
-    return {peer: {s: {k: results["kvchat"][s][k] / results[peer][s][k] for k in keys} for s in SCENARIOS}
+
+    def ratio(mine: float | None, theirs: float | None) -> float | None:
+        return None if mine is None or not theirs else mine / theirs
+
+    return {peer: {s: {k: ratio(results["kvchat"][s][k], results[peer][s][k]) for k in keys} for s in SCENARIOS}
             for peer in results if peer != "kvchat" and "kvchat" in results}
 
 
@@ -158,17 +164,23 @@ def print_tables(results: dict[str, dict[str, dict]], ratio: dict) -> None:
         print(f"\n== {s}: median TTFT (s) per turn")
         print(f"{'turn':>4} " + " ".join(f"{n:>10}" for n in names))
         for t in range(len(results[names[0]][s]["ttft_per_turn_s"])):
-            print(f"{t + 1:>4} " + " ".join(f"{results[n][s]['ttft_per_turn_s'][t]:>10.3f}" for n in names))
+            print(f"{t + 1:>4} " + " ".join(_fmt(results[n][s]["ttft_per_turn_s"][t], 10, ".3f") for n in names))
         print(f"\n{'server':>10} {'requests':>8} {'failed':>6} {'wall s':>8} {'tok/s':>7} {'TTFT p50':>9} {'p90':>7} "
               f"{'p99':>7}")
         for n in names:
             r = results[n][s]
-            print(f"{n:>10} {r['requests']:>8} {r['failed']:>6} {r['wall_s']:>8.1f} {r['tokens_per_s']:>7.1f} "
-                  f"{r['ttft_p50_s']:>9.3f} {r['ttft_p90_s']:>7.3f} {r['ttft_p99_s']:>7.3f}")
+            figures = (_fmt(r["tokens_per_s"], 7, ".1f"), _fmt(r["ttft_p50_s"], 9, ".3f"),
+                       _fmt(r["ttft_p90_s"], 7, ".3f"), _fmt(r["ttft_p99_s"], 7, ".3f"))
+            print(f"{n:>10} {r['requests']:>8} {r['failed']:>6} {r['wall_s']:>8.1f} " + " ".join(figures))
         for peer, by_scenario in ratio.items():
             q = by_scenario[s]
-            print(f"kvchat/{peer}: wall {q['wall_s']:.2f}x, tok/s {q['tokens_per_s']:.2f}x, "
-                  f"TTFT p50 {q['ttft_p50_s']:.2f}x")
+            print(f"kvchat/{peer}: wall {_fmt(q['wall_s'], 0, '.2f')}x, tok/s {_fmt(q['tokens_per_s'], 0, '.2f')}x, "
+                  f"TTFT p50 {_fmt(q['ttft_p50_s'], 0, '.2f')}x")
+
+
+def _fmt(value: float | None, width: int, spec: str) -> str:
+    """`value` formatted, or "-" when there was nothing to measure."""
+    return f"{'-' if value is None else format(value, spec):>{width}}"
 
 
 def plot(results: dict[str, dict[str, dict]], path: Path, title: str) -> None:
@@ -182,7 +194,9 @@ def plot(results: dict[str, dict[str, dict]], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, by_scenario in results.items():
         ttft = by_scenario["interleaved"]["ttft_per_turn_s"]
-        ax.plot(range(1, len(ttft) + 1), ttft, marker="o", label=name)
+        points = [(turn, t) for turn, t in enumerate(ttft, start=1) if t is not None]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=name)
     ax.set(xlabel="turn", ylabel="median time to first token (s)", yscale="log", title=title)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
@@ -202,6 +216,9 @@ def main() -> None:
                                                "ctx_size", "threads")}
     settings["peer_package"] = PEER_PACKAGE
     results: dict[str, dict] = {}
+    if args.keep_others and args.out.exists():  # re-run some servers, keep the others' results
+        results = {name: r for name, r in json.loads(args.out.read_text())["results"].items()
+                   if name not in args.servers}
     for server in servers:  # written after each server, so a late failure keeps the earlier results
         results[server.name] = run_server(server, args)
         record = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
