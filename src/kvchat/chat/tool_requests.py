@@ -105,13 +105,8 @@ def tool_call_grammar(tools: Sequence[Mapping[str, Any]], *, name: str | None = 
         schema = {**schema, "$defs": defs}
     try:
         call_grammar = json_schema_to_grammar(schema)
-    except (InvalidRequestError, AssertionError, AttributeError) as exc:  # the converter asserts (or trips) on some
+    except (InvalidRequestError, AssertionError) as exc:  # the converter asserts on some schemas
         raise InvalidRequestError(f"tools: {exc}", field="tools") from exc
-    try:  # a lone surrogate (e.g. in a pattern) reaches the grammar as it is
-        call_grammar.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidRequestError("tools: a parameters schema holds text that is not valid Unicode",
-                                  field="tools") from None
     rules = set(re.findall(r"^([A-Za-z0-9_-]+)\s*::=", call_grammar, re.M))
     call_rule = next(n for n in (f"call-json{k or ''}" for k in range(len(rules) + 1)) if n not in rules)
     body = "".join(call_rule if tok == "root" else tok for tok in _GBNF_TOKEN.findall(call_grammar))
