@@ -26,6 +26,7 @@ from kvchat.errors import InvalidRequestError, KVChatError
 from kvchat.llama import Model
 
 from conftest import assert_idle
+from test_tool_calls import summary
 
 # The module (the package exports the function under the same name).
 complete_module = importlib.import_module("kvchat.chat.complete")
@@ -257,19 +258,13 @@ def run_parser(fmt, chunks: list[str]) -> list:
     parser = StreamingToolCallParser(fmt)
     events = [e for chunk in chunks for e in parser.feed(chunk)]
     events += parser.finish()
-    out: list = []
-    for event in events:  # adjacent text merged, calls as (name, arguments): ids are random
+    for event in events:
+        assert isinstance(event, (TextDelta, ToolCallEvent))
         if isinstance(event, TextDelta):
-            assert isinstance(event.text, str) and event.text
-            if out and isinstance(out[-1], str):
-                out[-1] += event.text
-            else:
-                out.append(event.text)
+            assert isinstance(event.text, str)
         else:
-            assert isinstance(event, ToolCallEvent)
             assert isinstance(event.call.arguments, dict) and event.call.name
-            out.append((event.call.name, event.call.arguments))
-    return out
+    return summary(events)  # adjacent text merged, calls as (name, arguments): ids are random
 
 
 def split_at(whole: str, cuts: list[int]) -> list[str]:

@@ -11,12 +11,12 @@ import numpy as np
 import openai
 import pytest
 from openai import OpenAI
-from prometheus_client.parser import text_string_to_metric_families
 
 from kvchat import Engine
 from kvchat.server import create_app
 from tests.conftest import assert_idle
 from tests.http_server import RunningServer
+from tests.soak.driver import parse_metrics
 
 MODEL = "gemma-test"
 COUNTING = "1, 2, 3, 4, 5,"  # a prompt whose greedy continuation is unambiguous
@@ -131,8 +131,7 @@ def scrape(server: RunningServer) -> dict[tuple[str, tuple], float]:
     """Every sample of ``/metrics``: (name, sorted labels) -> value."""
     response = httpx.get(f"{server.url}/metrics")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(response.text) for s in family.samples}
+    return parse_metrics(response.text)
 
 
 def test_metrics_expose_the_counters_and_they_move(server: RunningServer, client: OpenAI) -> None:

@@ -174,13 +174,17 @@ def resident_bytes(pid: int) -> int:
     raise RuntimeError("no VmRSS line")
 
 
-def scrape_metrics(base_url: str) -> dict[tuple[str, tuple], float]:
-    """Every sample of the server's ``/metrics``: (name, sorted labels) -> value."""
+def parse_metrics(text: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of a Prometheus text exposition: (name, sorted labels) -> value."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = httpx.get(f"{base_url}/metrics", timeout=30).text
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def scrape_metrics(base_url: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of the server's ``/metrics``."""
+    return parse_metrics(httpx.get(f"{base_url}/metrics", timeout=30).text)
 
 
 def wait_until_idle(base_url: str, timeout: float = 60) -> dict[tuple[str, tuple], float]:

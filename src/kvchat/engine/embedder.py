@@ -133,7 +133,11 @@ class Embedder:
         """
         if isinstance(texts, str):
             raise TypeError("embed() takes a sequence of texts, not one string")
-        token_lists = [self.tokenize(text) for text in texts]
+        return self.embed_tokens([self.tokenize(text) for text in texts])
+
+    def embed_tokens(self, token_lists: Sequence[list[int]]) -> np.ndarray:
+        """Embed texts already tokenized by :meth:`tokenize` (one row per token list)."""
+        token_lists = list(token_lists)
         result = np.zeros((len(token_lists), self.n_embd), dtype=np.float32)
         with self._lock:
             if self._closed:

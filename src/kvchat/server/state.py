@@ -101,9 +101,16 @@ class ServerState:
                 self._embedder = Embedder(self.engine.model, n_threads=self.engine.settings.n_threads)
             return self._embedder
 
-    async def embed(self, texts: list[str]) -> Any:
-        """Embed `texts` off the event loop (a float32 array, one row per text)."""
-        return await asyncio.to_thread(lambda: self.embedder().embed(texts))
+    async def embed(self, texts: list[str]) -> tuple[Any, int]:
+        """Embed `texts` off the event loop: a float32 array (one row per text) and
+        the number of tokens evaluated."""
+
+        def work() -> tuple[Any, int]:
+            embedder = self.embedder()
+            token_lists = [embedder.tokenize(text) for text in texts]
+            return embedder.embed_tokens(token_lists), sum(len(tokens) for tokens in token_lists)
+
+        return await asyncio.to_thread(work)
 
     def close(self) -> None:
         """Free what the server made (the embedder); the engine belongs to the caller."""

@@ -44,14 +44,15 @@ class _StreamGroup:
 async def completions(body: CompletionRequest, state: ServerState = Depends(server_state),
                       cache_key: str | None = Depends(authorized)) -> Any:
     state.check_model(body.model)
-    _check_supported(body, max_prompts=state.engine.settings.max_running)
+    prompts = body.prompts()
+    _check_supported(body, len(prompts), max_prompts=state.engine.settings.max_running)
     sampling = state.sampling(body, body.max_tokens)
     engine = state.engine
-    prompts = [_tokens(engine, prompt) for prompt in body.prompts()]
+    token_lists = [_tokens(engine, prompt) for prompt in prompts]
     run = state.new_run()
     streams: list[Stream] = []
     try:
-        for tokens in prompts:
+        for tokens in token_lists:
             streams.append(engine.submit(tokens, sampling, cache_key=cache_key))
     except BaseException as exc:
         _StreamGroup(streams).cancel()
@@ -63,7 +64,7 @@ async def completions(body: CompletionRequest, state: ServerState = Depends(serv
     run.attach(group)
     reply_id = "cmpl-" + uuid.uuid4().hex
     model = state.settings.model_name
-    echoed = [_echo_text(engine, prompt) if body.echo else "" for prompt in body.prompts()]
+    echoed = [_echo_text(engine, prompt) if body.echo else "" for prompt in prompts]
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = _text_events(streams[0], run, reply_id, model, echoed[0], include_usage)
@@ -93,7 +94,7 @@ async def completions(body: CompletionRequest, state: ServerState = Depends(serv
     }
 
 
-def _check_supported(body: CompletionRequest, *, max_prompts: int) -> None:
+def _check_supported(body: CompletionRequest, count: int, *, max_prompts: int) -> None:
     if body.n is not None and body.n != 1:
         raise APIError(400, "only n=1 is supported", param="n")
     if body.best_of is not None and body.best_of != 1:
@@ -102,7 +103,6 @@ def _check_supported(body: CompletionRequest, *, max_prompts: int) -> None:
         raise APIError(400, "suffix (insertion) is not supported", param="suffix")
     if body.logprobs is not None:
         raise APIError(400, "logprobs are not supported", param="logprobs")
-    count = len(body.prompts())
     if count == 0:
         raise APIError(400, "prompt must not be empty", param="prompt")
     if count > max_prompts:

@@ -36,9 +36,7 @@ async def embeddings(body: EmbeddingRequest, state: ServerState = Depends(server
         raise APIError(400, f"this model's embeddings have {n_embd} dimensions", param="dimensions")
     run = state.new_run()
     try:
-        embedder = state.embedder()
-        prompt_tokens = sum(len(embedder.tokenize(text)) for text in texts)
-        vectors = await state.embed(texts)
+        vectors, prompt_tokens = await state.embed(texts)
     except Exception as exc:  # noqa: BLE001 - typed errors become OpenAI-shaped ones
         raise error_for(exc) from None
     finally:
