@@ -315,17 +315,19 @@ class Engine:
         self._reap_cancelled()
         if self._admit():
             self._publish_stats()
-        rows = self._scheduler.next_batch(self._running, self._batch)
-        if self._batch.n_tokens:
+        decoded = False
+        for rows in self._scheduler.calls(list(self._running), self._batch):
             try:
                 self._context.decode(self._batch)
             except DecodeError as exc:
                 logger.error("%s; failing the %d running requests", exc, len(self._running))
                 self._fail_running(exc)
                 return
-            self._stats.counters.steps += 1
+            decoded = True
             for scheduled in rows:
                 self._sample(scheduled)
+        if decoded:
+            self._stats.counters.steps += 1
         self._publish_stats()
 
     def _admit(self) -> bool:

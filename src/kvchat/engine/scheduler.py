@@ -1,7 +1,8 @@
-"""`Scheduler`: decides which tokens go into the next batch."""
+"""`Scheduler`: decides which tokens each `llama_decode` call of a step evaluates."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass
 
@@ -18,34 +19,74 @@ class ScheduledRow:
 
 
 class Scheduler:
-    """Fills one batch per step: one decode token for every generating sequence
-    first (so streams keep flowing), then prompt chunks in arrival order up to
-    the batch capacity. A prompt can span several steps (chunked prefill); only
-    its last token asks for logits.
+    """Plans one engine step: which tokens it evaluates, in which `llama_decode` calls.
+
+    The step takes one decode token from every generating sequence first (so
+    streams keep flowing), then prompt chunks in arrival order, up to the batch
+    capacity. A prompt can span several steps (chunked prefill); only its last
+    token asks for logits. The step's tokens then go to llama.cpp in one or more
+    calls on the same batch, sampled after each call.
+
+    The calls are shaped for llama.cpp's CPU flash attention. A call of 64 rows or
+    more is computed in 64x64 tiles, and a tile is skipped only when the mask
+    hides it from every row of the tile; below 64 rows every row skips each hidden
+    cell on its own. While several sequences run, their tokens take turns in the
+    cache, so each one's cells are spread among the others' and tiles rarely
+    skip: the step is then cut into calls of at most `EXACT_ATTENTION_ROWS` rows.
+    A sequence running alone has its cells together and gets one call (the tiled
+    kernel is the faster one on contiguous cells).
+
+    Measured on Qwen 0.5B, 2 cores, an 80-token chunk after 1,000 cached tokens:
+    contiguous history 0.54 s in one call, 0.72 s in two; history interleaved
+    with 7 other sequences 1.30 s in one call, 0.80 s in two; the same chunk
+    with 7 decode rows of other sequences in its call 1.05 s.
     """
 
-    def next_batch(self, running: SequenceOf[Sequence], batch: Batch) -> list[ScheduledRow]:
-        """Clear `batch`, fill it from `running`, advance each sequence's position,
-        and return the rows to sample from after the decode."""
+    EXACT_ATTENTION_ROWS = 63
+    """Most rows of a call whose rows each skip hidden cells exactly (llama.cpp CPU)."""
+
+    def calls(self, running: SequenceOf[Sequence], batch: Batch) -> Iterator[list[ScheduledRow]]:
+        """Fill `batch` for each call of the step in turn, advancing each sequence's
+        position, and yield the rows to sample from after that call.
+
+        The caller decodes the batch (and samples) before asking for the next call.
+        """
+        segments = self._plan(running, batch.capacity)
+        call_rows = self.EXACT_ATTENTION_ROWS if len(running) > 1 else batch.capacity
         batch.clear()
         rows: list[ScheduledRow] = []
+        for seq, tokens, wants_logits in segments:
+            while tokens:
+                if batch.n_tokens == call_rows:
+                    yield rows
+                    batch.clear()
+                    rows = []
+                part, tokens = tokens[: call_rows - batch.n_tokens], tokens[call_rows - batch.n_tokens :]
+                logits = wants_logits and not tokens
+                row = batch.add_chunk(part, seq.n_past, _seq_id(seq), logits_last=logits)
+                seq.n_past += len(part)
+                if logits:
+                    rows.append(ScheduledRow(seq, row))
+        if batch.n_tokens:
+            yield rows
+
+    @staticmethod
+    def _plan(running: SequenceOf[Sequence], capacity: int) -> list[tuple[Sequence, list[int], bool]]:
+        """The step's (sequence, tokens, wants logits) segments, taken from `pending`."""
+        segments: list[tuple[Sequence, list[int], bool]] = []
+        budget = capacity
         for seq in running:
-            if seq.is_generating and seq.pending and batch.free_slots:
-                token = seq.pending.pop()
-                row = batch.add(token, seq.n_past, _seq_id(seq), logits=True)
-                seq.n_past += 1
-                rows.append(ScheduledRow(seq, row))
+            if seq.is_generating and seq.pending and budget:
+                segments.append((seq, [seq.pending.pop()], True))
+                budget -= 1
         for seq in running:
-            if seq.is_generating or not seq.pending or not batch.free_slots:
+            if seq.is_generating or not seq.pending or not budget:
                 continue
-            take = min(len(seq.pending), batch.free_slots)
+            take = min(len(seq.pending), budget)
             chunk, seq.pending = seq.pending[:take], seq.pending[take:]
-            finishes_prompt = not seq.pending
-            row = batch.add_chunk(chunk, seq.n_past, _seq_id(seq), logits_last=finishes_prompt)
-            seq.n_past += take
-            if finishes_prompt:
-                rows.append(ScheduledRow(seq, row))
-        return rows
+            segments.append((seq, chunk, not seq.pending))
+            budget -= take
+        return segments
 
 
 def _seq_id(seq: Sequence) -> int:

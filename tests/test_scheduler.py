@@ -1,0 +1,87 @@
+"""The scheduler's step plans (pure logic on a real, empty `llama_batch`; no model)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from kvchat.engine.sampling import SamplingParams
+from kvchat.engine.scheduler import Scheduler
+from kvchat.engine.sequence import Sequence
+from kvchat.engine.stream import Stream
+from kvchat.llama import Batch
+
+EXACT = Scheduler.EXACT_ATTENTION_ROWS
+
+
+@dataclass
+class Call:
+    """What one decode call held: (seq_id, position) per row, and the sampled rows."""
+
+    rows: list[tuple[int, int]]
+    sampled: list[tuple[int, int]]  # (seq_id, row)
+
+
+def prompting(seq_id: int, pending: int, n_past: int = 0) -> Sequence:
+    seq = Sequence(seq_id, tuple(range(n_past + pending)), SamplingParams(), 16, Stream(seq_id, lambda: None))
+    seq.seq_id, seq.n_past, seq.pending = seq_id, n_past, list(range(n_past, n_past + pending))
+    return seq
+
+
+def generating(seq_id: int, n_past: int) -> Sequence:
+    seq = prompting(seq_id, 0, n_past)
+    seq.generated, seq.pending = [7], [7]
+    return seq
+
+
+def run_step(running: list[Sequence], capacity: int = 512) -> list[Call]:
+    calls = []
+    with Batch(capacity) as batch:
+        for sampled in Scheduler().calls(running, batch):
+            raw = batch.raw
+            rows = [(raw.seq_id[i][0], raw.pos[i]) for i in range(batch.n_tokens)]
+            wants = [i for i in range(batch.n_tokens) if raw.logits[i]]
+            assert wants == [s.row for s in sampled]  # only the rows handed back ask for logits
+            calls.append(Call(rows, [(s.sequence.seq_id, s.row) for s in sampled]))
+    return calls
+
+
+def test_a_sequence_running_alone_gets_its_chunk_in_one_call() -> None:
+    seq = prompting(0, 300, n_past=40)
+    [call] = run_step([seq])
+    assert call.rows == [(0, p) for p in range(40, 340)]
+    assert call.sampled == [(0, 299)]
+    assert seq.n_past == 340 and seq.pending == []
+
+
+def test_a_long_prompt_alone_is_cut_at_the_batch_capacity() -> None:
+    seq = prompting(0, 700)
+    [call] = run_step([seq], capacity=512)
+    assert len(call.rows) == 512 and call.sampled == []  # its last token comes in a later step
+    assert seq.n_past == 512 and len(seq.pending) == 188
+
+
+def test_with_several_sequences_every_call_stays_below_the_tiled_kernel() -> None:
+    decoders = [generating(i, 100 + i) for i in range(8)]
+    newcomer = prompting(8, 150, n_past=30)
+    calls = run_step([*decoders, newcomer])
+    assert all(len(c.rows) <= EXACT for c in calls)
+    assert [r for c in calls for r in c.rows] == (
+        [(i, 100 + i) for i in range(8)] + [(8, p) for p in range(30, 180)]  # decode rows first, then the prompt
+    )
+    assert calls[0].sampled == [(i, i) for i in range(8)]
+    assert [s for c in calls for s in c.sampled][8:] == [(8, len(calls[-1].rows) - 1)]
+    assert [s.pending for s in decoders] == [[]] * 8 and newcomer.pending == []
+
+
+@pytest.mark.parametrize("capacity", [64, 100])
+def test_the_step_budget_covers_decode_rows_and_prompt_chunks(capacity: int) -> None:
+    first, second = prompting(1, 80), prompting(2, 80)
+    running = [generating(0, 10), first, second]
+    calls = run_step(running, capacity=capacity)
+    evaluated = [r for c in calls for r in c.rows]
+    assert len(evaluated) == capacity
+    assert first.n_past == min(80, capacity - 1)
+    assert second.n_past == max(0, capacity - 81)
+    assert len(second.pending) == 80 - second.n_past  # the rest waits for the next step
