@@ -65,8 +65,9 @@ class Engine:
     :func:`kvchat.models.resolve`) and starts a worker thread that owns the llama
     context. :meth:`submit` queues a request and returns a :class:`Stream`. Each
     step the worker decodes one token for every generating request plus prompt
-    chunks of new ones, in one ``llama_decode`` call. Thread-safe; close it with
-    :meth:`close` or use it as a context manager.
+    chunks of new ones, batched into as few ``llama_decode`` calls as the CPU
+    attention kernels make worthwhile (see :class:`~kvchat.engine.scheduler.Scheduler`).
+    Thread-safe; close it with :meth:`close` or use it as a context manager.
     """
 
     def __init__(
