@@ -62,7 +62,8 @@ class Scheduler:
                     yield rows
                     batch.clear()
                     rows = []
-                part, tokens = tokens[: call_rows - batch.n_tokens], tokens[call_rows - batch.n_tokens :]
+                room = call_rows - batch.n_tokens
+                part, tokens = tokens[:room], tokens[room:]
                 logits = wants_logits and not tokens
                 row = batch.add_chunk(part, seq.n_past, _seq_id(seq), logits_last=logits)
                 seq.n_past += len(part)

@@ -30,11 +30,6 @@ class Batch:
         self._seq_id = self._batch.seq_id
         self.n_tokens = 0
 
-    @property
-    def free_slots(self) -> int:
-        """How many more tokens fit."""
-        return self.capacity - self.n_tokens
-
     def clear(self) -> None:
         """Empty the batch (keeps its memory)."""
         self.n_tokens = 0
