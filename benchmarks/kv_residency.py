@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
-
-import numpy as np
 
 from kvchat.llama import Batch, Context, ContextParams, Model
 from kvchat.models import resolve
 
 sys.path.insert(0, str(Path(__file__).parent))
 from machine_info import machine  # noqa: E402
+from throughput import bare_loop  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "kv_residency.json"
 FILLER_CHUNK = 500
@@ -42,18 +40,7 @@ def decode_rate(model: Model, ctx: Context, batch: Batch, streams: int, resident
         ctx.decode(batch)
         left, seq = left - n, seq + 1
     prompts = [model.tokenize(f"Story {i}: once upon a time", add_special=True) for i in range(streams)]
-    batch.clear()
-    rows = [batch.add_chunk(p, 0, s, logits_last=True) for s, p in enumerate(prompts)]
-    ctx.decode(batch)
-    positions = [len(p) for p in prompts]
-    start = time.perf_counter()
-    for _ in range(steps):
-        tokens = [int(np.argmax(ctx.logits(row))) for row in rows]
-        batch.clear()
-        rows = [batch.add(t, positions[s], s, logits=True) for s, t in enumerate(tokens)]
-        positions = [p + 1 for p in positions]
-        ctx.decode(batch)
-    return streams * steps / (time.perf_counter() - start)
+    return bare_loop(ctx, batch, prompts, steps, time_prefill=False)
 
 
 def main() -> None:

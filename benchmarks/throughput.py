@@ -46,13 +46,20 @@ def prompts_for(model: Model, k: int) -> list[list[int]]:
     return out
 
 
-def bare_loop(ctx: Context, batch: Batch, prompts: list[list[int]], n_tokens: int) -> float:
-    """Tokens per second of a plain prefill + decode loop over the same batch shapes."""
-    ctx.clear_memory()
+def bare_loop(
+    ctx: Context, batch: Batch, prompts: list[list[int]], n_tokens: int, *, time_prefill: bool = True
+) -> float:
+    """Tokens per second of a plain prefill + greedy decode loop, sequence i in seq id i.
+
+    The clock covers the prefill too unless `time_prefill` is False. Cells already
+    in `ctx` stay (callers clear the memory when they want it empty).
+    """
     batch.clear()
     start = time.perf_counter()
     rows = [batch.add_chunk(p, 0, seq, logits_last=True) for seq, p in enumerate(prompts)]
     ctx.decode(batch)
+    if not time_prefill:
+        start = time.perf_counter()
     positions = [len(p) for p in prompts]
     for _ in range(n_tokens):
         next_tokens = [int(np.argmax(ctx.logits(row))) for row in rows]
@@ -94,11 +101,13 @@ def main() -> None:
     rows = []
     with Engine(model, settings) as engine, Context(model, params) as ctx, Batch(params.n_batch) as batch:
         engine_run(engine, prompts_for(model, 2), 8)  # warm-up
+        ctx.clear_memory()
         bare_loop(ctx, batch, prompts_for(model, 2), 8)
         for k in stream_counts:
             prompts = prompts_for(model, k)
             bare, eng = [], []
             for _ in range(args.repeats):
+                ctx.clear_memory()
                 bare.append(bare_loop(ctx, batch, prompts, args.tokens))
                 rate, produced = engine_run(engine, prompts, args.tokens)
                 if produced != k * args.tokens:
