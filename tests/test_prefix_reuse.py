@@ -132,6 +132,34 @@ def test_spill_to_ram_then_restore_continues_like_a_cold_run(gemma_model, cold_e
     assert warm.token_ids == cold_engine.submit(extended, greedy(16)).collect().token_ids
 
 
+def test_compaction_moves_other_parked_entries_to_ram_and_back(gemma_model, cold_engine) -> None:
+    counting = gemma_model.tokenize(COUNTING + "".join(f" {n}," for n in range(6, 40)), add_special=True)
+    alphabet = gemma_model.tokenize(ALPHABET + " E, F, G, H, I, J, K, L, M, N, O, P, Q, R, S, T, U, V, W, X,"
+                                    " Y, Z, a, b, c, d, e, f, g, h, i, j,", add_special=True)
+    short = gemma_model.tokenize("Hello there,", add_special=True)
+    assert min(len(counting), len(alphabet)) >= 64  # compaction leaves shorter entries in the pool
+    extended = counting + gemma_model.tokenize(" 40, 41,")
+    for compact in (True, False):
+        settings = EngineSettings(n_ctx=1024, max_running=2, n_seq_max=8, compact_pool=compact)
+        with Engine(gemma_model, settings) as engine:
+            engine.submit(counting, greedy(2)).collect()
+            engine.submit(short, greedy(2)).collect()
+            engine.submit(alphabet, greedy(2)).collect()  # admitted while the other two are parked
+            parked = wait_idle(engine)
+            warm = engine.submit(extended, greedy(12)).collect()
+            after = wait_idle(engine)
+        if compact:
+            # The long entry went to RAM (the pool kept the short one and the running request's)...
+            assert parked.spills == 1 and parked.ram_tokens >= len(counting)
+            assert parked.parked_sequences == 2
+            # ...and came back as a copy when its conversation continued.
+            assert after.restores == 1
+        else:
+            assert (parked.spills, parked.parked_sequences, after.restores) == (0, 3, 0)
+        assert warm.usage.cached_tokens >= len(counting) - 1
+        assert warm.token_ids == cold_engine.submit(extended, greedy(12)).collect().token_ids
+
+
 def _disk_settings(cache_dir: Path) -> EngineSettings:
     return EngineSettings(n_ctx=512, max_running=2, n_seq_max=4, cache_ram_bytes=0, cache_dir=str(cache_dir))
 

@@ -93,6 +93,12 @@ EXAMPLES = [
     (MISTRAL, '[1, 2, 3] are numbers', ['[1, 2, 3] are numbers']),
     (MISTRAL, 'Sure. [TOOL_CALLS][{"name": "add", "arguments": {"a": 0, "b": 0}}]',
      ["Sure. ", ("add", {"a": 0, "b": 0})]),
+    # A reply that is a call in a Markdown code fence (small models write that) is a call.
+    (LLAMA3, '```json\n{"name": "add", "parameters": {"a": 2, "b": 3}}\n```\n', [("add", {"a": 2, "b": 3})]),
+    (MISTRAL, ' ```\n[{"name": "add", "arguments": {"a": 1, "b": 1}}]\n```', [("add", {"a": 1, "b": 1})]),
+    (LLAMA3, '```json\n{"city": "Paris"}\n```\nDone.', ['```json\n{"city": "Paris"}\n```\nDone.']),
+    (LLAMA3, '```python\nprint({"name": 1})\n```', ['```python\nprint({"name": 1})\n```']),
+    (LLAMA3, 'See ```json\n{"name": "add", "parameters": {}}\n```', ['See ```json\n{"name": "add", "parameters": {}}\n```']),
 ]
 EXAMPLE_IDS = [f"{fmt.name}-{i}" for i, (fmt, _, _) in enumerate(EXAMPLES)]
 

@@ -5,9 +5,10 @@ per call), :data:`LLAMA3` (``{"name": ..., "parameters": {...}}`` at the start o
 after ``<|python_tag|>``) and :data:`MISTRAL` (``[TOOL_CALLS] [{"name": ..., "arguments": ...}]``).
 The engine's text leaves out control tokens such as ``<|python_tag|>`` and ``[TOOL_CALLS]``, so
 a reply that *starts* with ``{`` (Llama 3) or ``[`` (Mistral) is read as calls too: it is held
-until its JSON closes and released as text if it is not calls. Whitespace that only separates
-calls from each other or from the ends of the reply is dropped. A malformed call becomes text
-(and a log line): parsing never raises. Validating tool requests and forcing a
+until its JSON closes and released as text if it is not calls. So is such a reply wrapped in a
+Markdown code fence (```` ```json ````), as small models often write it. Whitespace that only
+separates calls from each other or from the ends of the reply is dropped. A malformed call
+becomes text (and a log line): parsing never raises. Validating tool requests and forcing a
 call by grammar live in :mod:`kvchat.chat.tool_requests`.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 import string
 from dataclasses import dataclass
@@ -29,6 +31,10 @@ __all__ = [
 logger = logging.getLogger("kvchat.chat")
 
 _ID_ALPHABET = string.ascii_letters + string.digits
+_FENCE = re.compile(r"```(?:json)?[ \t]*\n\s*")
+"""A Markdown code fence opening a reply's calls (the closing fence ends them)."""
+_FENCE_SO_FAR = re.compile(r"`{1,2}|```(?:j(?:s(?:o(?:n)?)?)?)?[ \t]*(?:\n\s*)?")
+"""What the start of a reply looks like while it may still become `_FENCE`."""
 
 
 @dataclass(frozen=True)
@@ -115,6 +121,7 @@ class StreamingToolCallParser:
     def __init__(self, format: ToolCallFormat) -> None:
         self.format = format
         self._mode = "text"  # "text", "tagged" (start ... end) or "json" (JSON values, no end marker)
+        self._end = format.end or ""  # what closes the current tagged call
         self._buf = ""  # unconsumed input of the current mode
         self._marker = ""  # text that opened the current call, given back as text if it is malformed
         self._blank = True  # the text since the start or the last call is whitespace so far
@@ -166,11 +173,18 @@ class StreamingToolCallParser:
         fmt, buf = self.format, self._buf
         if self._at_start and fmt.bare_start is not None:
             stripped = buf.lstrip()
-            if not final and (not stripped or (len(stripped) < len(fmt.start) and fmt.start.startswith(stripped))):
-                return False  # nothing yet, or perhaps the marker
+            if not final and (not stripped or (len(stripped) < len(fmt.start) and fmt.start.startswith(stripped))
+                              or _FENCE_SO_FAR.fullmatch(stripped)):
+                return False  # nothing yet, or perhaps the marker or a code fence
             if stripped.startswith(fmt.bare_start) and not stripped.startswith(fmt.start):
                 self._marker, self._buf = buf[: len(buf) - len(stripped)], stripped
                 self._enter("json", bare=True)
+                return True
+            fence = _FENCE.match(stripped)
+            if fence and stripped[fence.end():].startswith(fmt.bare_start):
+                self._marker = buf[: len(buf) - len(stripped) + fence.end()]
+                self._buf, self._end = stripped[fence.end():], "```"
+                self._enter("tagged", bare=True)
                 return True
             self._at_start = False
         i = buf.find(fmt.start)
@@ -180,7 +194,7 @@ class StreamingToolCallParser:
                 self._marker = before + fmt.start  # dropped if a call follows, text if not
             else:
                 self._emit_text(before, out)
-            self._buf, self._at_start = buf[i + len(fmt.start):], False
+            self._buf, self._at_start, self._end = buf[i + len(fmt.start):], False, fmt.end or ""
             self._enter("tagged" if fmt.end is not None else "json", bare=False)
             return True
         if final:
@@ -197,13 +211,13 @@ class StreamingToolCallParser:
         return False
 
     def _tagged_step(self, out: list[Event], final: bool) -> bool:
-        end = self.format.end or ""
+        end = self._end
         j = self._buf.find(end, self._pos)
         if j < 0 and not final:
             self._pos = max(0, len(self._buf) - len(end) + 1)
             return False
         body, closing, rest = (self._buf, "", "") if j < 0 else (self._buf[:j], end, self._buf[j + len(end):])
-        calls = _read_calls(body, self.format, require_arguments=False)
+        calls = _read_calls(body, self.format, require_arguments=self._bare)
         if calls is None:
             self._malformed(self._marker + body + closing, out)
         else:

@@ -98,7 +98,8 @@ class Engine:
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
         self._pool = KVPool(self._context, max_running=self.settings.max_running,
-                            cache=self._new_prefix_cache(), store=self._new_state_store())
+                            cache=self._new_prefix_cache(), store=self._new_state_store(),
+                            compact=self.settings.compact_pool)
         self._request_ids = itertools.count(1)
         self._closing = False
         self._submit_lock = threading.Lock()

@@ -11,6 +11,14 @@ counted once); every running request reserves the cells it may still add
 (prompt tokens not taken from the cache, plus `max_new_tokens`). Admission
 evicts least-recently-used parked entries until the new reservation fits, so a
 decode never runs out of cells while evictable entries exist.
+
+Pool compaction: llama.cpp's attention reads the mask of every KV cell up to
+the highest one in use, for every row of every decode call, so parked cells
+slow down whatever runs. With `compact` on, each admission also moves the
+parked entries the new request does not use into the RAM tier (least recently
+used first, while the tier has room): a later restore is a copy of the state,
+far cheaper than the attention time they cost while resident
+(benchmarks/pool_compaction.py).
 """
 
 from __future__ import annotations
@@ -31,6 +39,10 @@ logger = logging.getLogger("kvchat.engine")
 MIN_RESTORE_GAIN = 16
 """Restore spilled state only when it covers this many more tokens than the KV
 pool does: below that, evaluating the tokens is as cheap as copying the state."""
+
+COMPACT_MIN_TOKENS = 4 * MIN_RESTORE_GAIN
+"""Pool compaction leaves shorter parked entries in the pool: they cost little
+attention time, and a restore of them would rarely pay (`MIN_RESTORE_GAIN`)."""
 
 
 @dataclass
@@ -72,11 +84,13 @@ class KVPool:
     """Sequence ids, KV cell reservations and the prefix cache of one context."""
 
     def __init__(self, context: Context, *, max_running: int, cache: PrefixCache | None,
-                 store: StateStore | None) -> None:
+                 store: StateStore | None, compact: bool = False) -> None:
         self._context = context
         self._max_running = max_running
         self.cache = cache
         self.store = store if cache is not None else None
+        self._compact = compact
+        self._state_bytes_per_token: float | None = None  # learned from spills
         self._free_ids = list(reversed(range(context.n_seq_max)))
         self._reserved = 0  # cells running requests may still add
         self.pinned_cells = 0  # cells held by conversations (shared cells once)
@@ -100,6 +114,8 @@ class KVPool:
         usable, holder, node = self._match(seq)
         if node is not None:
             self.cache.lock(node)  # the matched path must survive the evictions below
+        if self._compact:
+            self._spill_parked()
         own = self._spilled_match(seq, usable) or self._shift_match(seq, usable)
         if own is not None and not self._reserve(seq, len(seq.prompt) + seq.max_new_tokens + own.extra_cells):
             own.release()
@@ -246,6 +262,21 @@ class KVPool:
                 return False
         return True
 
+    def _spill_parked(self) -> None:
+        """Move unlocked parked entries to the RAM tier, least recently used first,
+        while it has room for them (an entry that would push another out stays)."""
+        while self.cache is not None and self.store is not None:
+            leaf = self.cache.lru_leaf(COMPACT_MIN_TOKENS)
+            if leaf is None or not self._ram_fits(leaf.end):
+                return
+            self._apply(self.cache.evict_lru(COMPACT_MIN_TOKENS))
+
+    def _ram_fits(self, tokens: int) -> bool:
+        room = self.store.ram_room_bytes
+        if self._state_bytes_per_token is None:  # size unknown until the first spill
+            return self.store.ram_budget_bytes > 0 and room == self.store.ram_budget_bytes
+        return tokens * self._state_bytes_per_token <= room
+
     def _cells_in_use(self) -> int:
         tree = self.cache.total_tokens if self.cache is not None else 0
         return tree + self._reserved + self.pinned_cells
@@ -261,6 +292,7 @@ class KVPool:
         self.counters.evictions += 1
         if self.store is not None and not self._store_covers(eviction):
             state = self._context.seq_state(eviction.seq_id)
+            self._state_bytes_per_token = len(state) / len(eviction.tokens)
             self.store.put(SpilledState(eviction.tokens, eviction.namespace, state))
             self.counters.spills += 1
         if eviction.released:

@@ -28,6 +28,10 @@ class EngineSettings:
       prefix of each new request (off for recurrent and hybrid models).
     - `cache_ram_bytes`: host-RAM budget for KV state evicted from the pool
       (0: evicted entries are dropped).
+    - `compact_pool`: when a request is admitted, move the parked entries it does
+      not use from the KV pool to the RAM tier while that has room (llama.cpp's
+      attention costs time for every cell up to the highest one in use; a restore
+      from RAM is a copy).
     - `cache_dir`: a directory where state falling out of RAM is kept across
       restarts (None: no disk tier); `cache_disk_bytes` bounds it (None: no bound).
     """
@@ -42,6 +46,7 @@ class EngineSettings:
     open_max_tokens: int | None = None
     prefix_cache: bool = True
     cache_ram_bytes: int = 256 * 1024 * 1024
+    compact_pool: bool = True
     cache_dir: str | None = None
     cache_disk_bytes: int | None = None
 

@@ -246,6 +246,11 @@ class StateStore:
         )
 
     @property
+    def ram_room_bytes(self) -> int:
+        """Bytes the RAM tier can still take without moving or dropping an entry."""
+        return max(0, self.ram_budget_bytes - self._ram_bytes)
+
+    @property
     def has_disk(self) -> bool:
         """True when a disk tier is configured."""
         return self.disk_dir is not None
