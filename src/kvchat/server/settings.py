@@ -20,8 +20,10 @@ class ServerSettings:
     - `request_timeout`: seconds a request may take, queueing included (None: no
       limit); past it the request is cancelled and ends with a ``request_timeout`` error.
     - `max_body_bytes`: largest request body (413 beyond it).
-    - `max_tokens_limit`: most tokens one request may generate; a request that
-      sets no limit generates at most this many (None: up to the context).
+    - `max_tokens_limit`: most tokens one request may ask for (a larger
+      `max_tokens` is rejected; None: no limit). A request that sets no limit is
+      bounded by the engine's `EngineSettings.open_max_tokens` (`kvchat serve`
+      sets both from `--max-tokens`).
     - `max_tools`: most tool definitions in one request.
     - `max_embedding_inputs`: most texts in one ``/v1/embeddings`` request.
     - `cors_origins`: origins allowed by CORS (none: CORS headers are not sent).
