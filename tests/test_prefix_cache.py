@@ -286,6 +286,28 @@ def test_lru_ties_go_to_the_first_touched(cache: PrefixCache) -> None:
     assert [cache.evict_lru().seq_id for _ in range(3)] == [3, 1, 2]  # type: ignore[union-attr]
 
 
+def test_lru_leaf_by_depth_and_evict_leaf(cache: PrefixCache, clock: FakeClock) -> None:
+    clock.now = 0.0
+    _insert(cache, [1], 1)  # the oldest, but only 1 token deep
+    clock.now = 1.0
+    _insert(cache, [2, 2, 2], 2)
+    clock.now = 2.0
+    _insert(cache, [3, 3, 3, 3], 3)
+    assert cache.lru_leaf().holder == 1  # type: ignore[union-attr]
+    deep = cache.lru_leaf(min_depth=3)
+    assert deep is not None and deep.holder == 2
+    assert cache.evict_leaf(deep) == Eviction(2, keep=0, tokens=(2, 2, 2), freed_tokens=3, released=True)
+    cache.check_integrity()
+    with pytest.raises(ValueError):
+        cache.evict_leaf(deep)  # no longer in the tree
+    three = cache.match([3, 3, 3, 3]).node
+    cache.lock(three)
+    assert cache.lru_leaf(min_depth=3) is None
+    with pytest.raises(ValueError):
+        cache.evict_leaf(three)
+    assert cache.holders() == {1, 3}
+
+
 def test_eviction_chain_trims_then_releases(cache: PrefixCache) -> None:
     _insert(cache, [1, 2], 1)
     _insert(cache, [1, 2, 3, 4], 2)  # [1, 2] -> [3, 4], all held by 2

@@ -265,11 +265,10 @@ class KVPool:
     def _spill_parked(self) -> None:
         """Move unlocked parked entries to the RAM tier, least recently used first,
         while it has room for them (an entry that would push another out stays)."""
-        while self.cache is not None and self.store is not None:
-            leaf = self.cache.lru_leaf(COMPACT_MIN_TOKENS)
-            if leaf is None or not self._ram_fits(leaf.end):
-                return
-            self._apply(self.cache.evict_lru(COMPACT_MIN_TOKENS))
+        if self.cache is None or self.store is None:
+            return
+        while (leaf := self.cache.lru_leaf(COMPACT_MIN_TOKENS)) is not None and self._ram_fits(leaf.end):
+            self._apply(self.cache.evict_leaf(leaf))
 
     def _ram_fits(self, tokens: int) -> bool:
         room = self.store.ram_room_bytes

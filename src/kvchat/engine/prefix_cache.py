@@ -231,21 +231,26 @@ class PrefixCache:
         self._touch(leaf)
         return InsertResult(len(leaf.tokens), True, redundant, shared_from)
 
-    def evict_lru(self, min_depth: int = 0) -> Eviction | None:
-        """Remove the least recently used unlocked leaf (among those ending at least
-        `min_depth` tokens deep); None if there is none.
+    def evict_lru(self) -> Eviction | None:
+        """Remove the least recently used unlocked leaf; None if every leaf is locked.
 
         If the leaf's parent is left childless (and is not a root) it becomes the
         holder's new leaf (``keep = parent.end``); otherwise the holder is released.
         """
-        leaf = self.lru_leaf(min_depth)
+        leaf = self.lru_leaf()
         return None if leaf is None else self._evict_leaf(leaf)
 
     def lru_leaf(self, min_depth: int = 0) -> Node | None:
-        """The leaf ``evict_lru(min_depth)`` would remove: the least recently used unlocked
-        leaf ending at least `min_depth` tokens below its root; None if there is none."""
+        """The least recently used unlocked leaf ending at least `min_depth` tokens below
+        its root; None if there is none."""
         candidates = [leaf for leaf in self._leaf_of.values() if leaf.lock_ref == 0 and leaf.end >= min_depth]
         return min(candidates, key=lambda n: (n.last_used, n.stamp)) if candidates else None
+
+    def evict_leaf(self, leaf: Node) -> Eviction:
+        """Remove `leaf` (an unlocked leaf, e.g. from :meth:`lru_leaf`) as :meth:`evict_lru` would."""
+        if leaf.holder is None or self._leaf_of.get(leaf.holder) is not leaf or leaf.lock_ref:
+            raise ValueError(f"{leaf!r} is not an unlocked leaf of this tree")
+        return self._evict_leaf(leaf)
 
     def evict_sequence(self, seq_id: int) -> list[Eviction]:
         """Remove every node only `seq_id` holds, leaf by leaf; the last eviction releases it.
