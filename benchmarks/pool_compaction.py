@@ -6,7 +6,9 @@ down whatever runs, even when no running request uses them. With
 `compact_pool`, each admission moves the parked entries the new request does not
 use to the RAM tier; a later restore is a copy.
 
-One engine per setting (on, then off), Qwen 0.5B, 16,384-cell pool:
+First, on a bare context: how long spilling (`llama_state_seq_get_data`) and
+restoring (`..._set_data`) 1,000 tokens of one sequence take (median of 5).
+Then one engine per setting (on, then off), Qwen 0.5B, 16,384-cell pool:
 1. `fill`: 8 earlier conversations of about 1,200 tokens each are parked
    (about 9,600 cells), as on a server that has been chatting for a while;
 2. `interleaved`: 8 new users whose turns interleave, one request at a time
@@ -34,7 +36,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from kvchat import Engine, EngineSettings, SamplingParams
-from kvchat.llama import Model
+from kvchat.llama import Batch, Context, ContextParams, Model
 from kvchat.models import resolve
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -45,6 +47,27 @@ RESULTS = Path(__file__).parent / "results" / "pool_compaction.json"
 MODEL = "qwen2.5-coder-0.5b-instruct"
 USERS = 8
 FILL_TOKENS = 1200
+
+
+def state_copy_ms(model: Model, tokens: int = 1000, repeats: int = 5) -> dict[str, float]:
+    """Median milliseconds to copy one sequence's KV state out of the pool and back in."""
+    text = model.tokenize("The harbour master kept a careful log. " * 200, add_special=True)[:tokens]
+    with Context(model, ContextParams(n_ctx=4096, n_batch=512)) as ctx, Batch(512) as batch:
+        for start in range(0, tokens, 512):
+            batch.clear()
+            batch.add_chunk(text[start:start + 512], start, 0, logits_last=False)
+            ctx.decode(batch)
+        spill, restore = [], []
+        for _ in range(repeats):
+            began = time.perf_counter()
+            state = ctx.seq_state(0)
+            spill.append(time.perf_counter() - began)
+            began = time.perf_counter()
+            ctx.set_seq_state(1, state)
+            restore.append(time.perf_counter() - began)
+            ctx.seq_remove(1)
+    return {"tokens": tokens, "state_bytes": len(state), "spill_ms": statistics.median(spill) * 1000,
+            "restore_ms": statistics.median(restore) * 1000}
 
 
 def fill(engine: Engine, model: Model) -> None:
@@ -93,7 +116,10 @@ def main() -> None:
     parser.add_argument("--answer-tokens", type=int, default=48)
     args = parser.parse_args()
     model = Model(resolve(MODEL, progress=False))
-    results = {}
+    copy = state_copy_ms(model)
+    print(f"state copy of {copy['tokens']} tokens ({copy['state_bytes'] / 1e6:.1f} MB): "
+          f"spill {copy['spill_ms']:.1f} ms, restore {copy['restore_ms']:.1f} ms", flush=True)
+    results: dict[str, object] = {}
     for compact in (True, False):
         label = "on" if compact else "off"
         results[label] = run(model, compact, args.turns, args.answer_tokens)
@@ -111,7 +137,7 @@ def main() -> None:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(), "model": MODEL,
         "settings": {"users": USERS, "turns": args.turns, "answer_tokens": args.answer_tokens,
                      "fill_tokens": FILL_TOKENS, "n_ctx": 16384},
-        "results": results, "ratios": ratios,
+        "state_copy": copy, "results": results, "ratios": ratios,
     }, indent=2) + "\n")
     print(f"wrote {RESULTS}")
 
