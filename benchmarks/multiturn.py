@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from kvchat.models import DEFAULT_CHAT_MODEL, resolve
 
 sys.path.insert(0, str(Path(__file__).parent))
 from machine_info import machine  # noqa: E402
+from prefill_shape import chunk_ms, fill, synthetic_tokens  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "multiturn.json"
 TOPICS = ["rivers", "bridges", "bees", "volcanoes", "libraries", "clocks", "kites", "harbours"]
@@ -96,23 +96,11 @@ class ChatConversation:
 def bare_prefill_seconds(model: Model, settings: EngineSettings, cached: int, new: int, repeats: int = 3) -> float:
     """Best time of one llama_decode of `new` tokens on top of `cached` resident ones:
     the backend's own cost for a turn, without the engine (attention grows with `cached`)."""
-    tokens = [(i * 7919) % 20000 + 100 for i in range(cached + new)]
     params = ContextParams(n_ctx=settings.n_ctx, n_batch=settings.n_batch, n_seq_max=settings.n_seq_max)
+    tokens = synthetic_tokens(cached + new)
     with Context(model, params) as ctx, Batch(settings.n_batch) as batch:
-        for start in range(0, cached, settings.n_batch):
-            batch.clear()
-            chunk = tokens[start:min(cached, start + settings.n_batch)]
-            batch.add_chunk(chunk, start, 0, logits_last=False)
-            ctx.decode(batch)
-        best = float("inf")
-        for _ in range(repeats):
-            ctx.seq_remove(0, cached, -1)
-            batch.clear()
-            batch.add_chunk(tokens[cached:], cached, 0, logits_last=True)
-            began = time.perf_counter()
-            ctx.decode(batch)
-            best = min(best, time.perf_counter() - began)
-    return best
+        fill(ctx, batch, tokens, cached)
+        return chunk_ms(ctx, batch, tokens, cached, new, repeats) / 1000
 
 
 def single(model: Model, settings: EngineSettings, turns: int, answer_tokens: int,

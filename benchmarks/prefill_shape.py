@@ -47,6 +47,11 @@ MULTITURN_SHAPES = {
 }
 
 
+def synthetic_tokens(n: int) -> list[int]:
+    """`n` ordinary token ids (the cost of a call does not depend on which)."""
+    return [(i * 7919) % 20000 + 100 for i in range(n)]
+
+
 def chunk_ms(ctx: Context, batch: Batch, tokens: list[int], cached: int, rows: int | tuple[int, ...],
              repeats: int = 3) -> float:
     """Best time of evaluating `rows` tokens after `cached` resident ones (the
@@ -80,7 +85,7 @@ def main() -> None:
     parser.add_argument("--model", default=DEFAULT_CHAT_MODEL)
     args = parser.parse_args()
     model = Model(resolve(args.model, progress=False))
-    tokens = [(i * 7919) % 20000 + 100 for i in range(max(HISTORIES) + max(ROWS) + 64)]
+    tokens = synthetic_tokens(max(HISTORIES) + max(ROWS) + 64)
     grid: dict[str, dict[str, float]] = {}
     splits: dict[str, dict[str, float]] = {}
     shapes: dict[str, dict[str, float]] = {}
