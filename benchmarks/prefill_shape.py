@@ -13,8 +13,8 @@ what that leaves to the engine:
 
 It also times 80 new tokens sent as one call or split into two, and prints the
 backend's ratio for the exact call shapes of benchmarks/multiturn.py (tokens
-and chat modes): one call of the turn's new tokens on top of the turn-2 and
-turn-16 histories.
+and chat modes, read from its results files): one call of the turn's new
+tokens on top of the turn-2 and turn-16 histories.
 
     python benchmarks/prefill_shape.py [--model qwen2.5-coder-0.5b-instruct]
 
@@ -40,11 +40,17 @@ RESULTS = Path(__file__).parent / "results" / "prefill_shape.json"
 ROWS = (48, 63, 64, 65, 72, 80, 86, 96, 128)
 HISTORIES = (0, 1000, 2400)
 SPLITS = ((80,), (64, 16), (40, 40))
-MULTITURN_SHAPES = {
-    # mode: ((cached, new) at turn 2, (cached, new) at turn 16), from the results files
-    "tokens": ((134, 79), (1910, 81)),
-    "chat": ((142, 84), (1988, 86)),
-}
+MULTITURN_RESULTS = {"tokens": "multiturn.json", "chat": "multiturn_chat.json"}
+
+
+def multiturn_shapes() -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
+    """Per mode, the (cached, evaluated) tokens of the second and the last turn of
+    multiturn.py's single conversation with the cache on, from its results files."""
+    shapes = {}
+    for mode, name in MULTITURN_RESULTS.items():
+        turns = json.loads((RESULTS.parent / name).read_text())["single_cache_on"]
+        shapes[mode] = tuple((t["cached_tokens"], t["evaluated_tokens"]) for t in (turns[1], turns[-1]))
+    return shapes
 
 
 def synthetic_tokens(n: int) -> list[int]:
@@ -102,7 +108,7 @@ def main() -> None:
                                    for c in SPLITS}
             print(f"{cached:>8} " + ", ".join(f"{k}: {v:.0f}" for k, v in splits[str(cached)].items()), flush=True)
         print("\nmultiturn.py's turns as one bare call each")
-        for mode, ((c2, n2), (c16, n16)) in MULTITURN_SHAPES.items():
+        for mode, ((c2, n2), (c16, n16)) in multiturn_shapes().items():
             fill(ctx, batch, tokens, c2)
             turn_2 = chunk_ms(ctx, batch, tokens, c2, n2)
             fill(ctx, batch, tokens, c16)
