@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.kvchat-installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test lint bench clean
 
 setup: $(STAMP)
 
@@ -23,8 +23,25 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
+# Lint, format and type checks of src/ (settings: [tool.ruff] and [tool.mypy] in pyproject.toml).
+lint: setup
+	$(PY) -m ruff check src
+	$(PY) -m ruff format --check src
+	$(PY) -m mypy
+
+# The test tiers (markers in tests/conftest.py); `make test` runs all three.
+.PHONY: test-fast test-model test-system
+test-fast: setup  # no model loaded: seconds, for the edit-test loop
+	$(PY) -m pytest -q -m "not model and not system"
+
+test-model: setup  # loads the packaged models in process
+	$(PY) -m pytest -q -m "model and not system"
+
+test-system: setup  # kvchat serve and CLI processes, soak, crash and restart
+	$(PY) -m pytest -q -m system
+
 bench: setup
 	$(PY) benchmarks/throughput.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis .mypy_cache .ruff_cache

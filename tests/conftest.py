@@ -1,12 +1,86 @@
-"""Shared fixtures: each packaged model is loaded once per test run."""
+"""Shared fixtures (each packaged model is loaded once per test run) and the test tiers.
+
+Three tiers, chosen with `-m` (see the Makefile's test targets):
+
+- unmarked: needs no model (`make test-fast`, seconds);
+- `model`: loads a real model in this process;
+- `system`: starts processes (`kvchat serve`, the CLI), soak, crash and restart.
+
+A test that uses a model fixture (`MODEL_FIXTURES`, or any fixture built on
+one) is marked `model` here; a test that loads a model any other way carries
+the mark itself. Every test without the `model` or `system` mark runs with
+model loading disabled, and one without `system` cannot start a Python or
+`kvchat` process: a test that would load a model unmarked fails loudly (in
+every tier) instead of slowing the fast tier down.
+
+Helpers shared by the test modules are in helpers.py, not here.
+"""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import llama_cpp
+import llama_cpp.llama_cpp
 import pytest
+from helpers import assert_idle
 
 from kvchat import Engine, EngineSettings
 from kvchat.llama import Model
 from kvchat.models import resolve
+
+MODEL_FIXTURES = frozenset({"gemma_model", "qwen_model"})
+"""Session fixtures that load a model; every test using one (even indirectly) is marked `model`."""
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if MODEL_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.model)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """Set-up, call and teardown of a test without the `model`/`system` marks run
+    with model loading (and, without `system`, Python child processes) disabled."""
+    marks = {mark.name for mark in item.iter_markers()}
+    with pytest.MonkeyPatch.context() as patch:
+        if not marks & {"model", "system"}:
+            load = llama_cpp.llama_model_load_from_file
+            guarded = _no_model_load(item.nodeid, load)
+            for module in (llama_cpp, llama_cpp.llama_cpp):
+                patch.setattr(module, "llama_model_load_from_file", guarded)
+        if "system" not in marks:
+            patch.setattr(subprocess.Popen, "__init__", _no_python_process(item.nodeid, subprocess.Popen.__init__))
+        return (yield)
+
+
+def _no_model_load(nodeid: str, load):
+    def guarded(path, params):
+        handle = load(path, params)  # a file llama.cpp refuses still gets its own error
+        if handle:
+            llama_cpp.llama_model_free(handle)
+            pytest.fail(f"{nodeid} loaded the model {os.fsdecode(path)} but is not marked `model` "
+                        "(use a model fixture or @pytest.mark.model; see tests/conftest.py)", pytrace=False)
+        return handle
+
+    return guarded
+
+
+def _no_python_process(nodeid: str, init):
+    def guarded(self, args, *rest, **options):
+        argv = [args] if isinstance(args, (str, bytes, os.PathLike)) else list(args)
+        program = os.path.basename(os.fsdecode(argv[0])) if argv else ""
+        if os.fsdecode(argv[0]) == sys.executable or program.startswith(("python", "kvchat")):
+            pytest.fail(f"{nodeid} started {program} but is not marked `system` (see tests/conftest.py)",
+                        pytrace=False)
+        init(self, args, *rest, **options)
+
+    return guarded
 
 
 @pytest.fixture(scope="session")
@@ -47,27 +121,6 @@ def idle_cold_engine(cold_engine: Engine) -> Engine:
     """
     yield cold_engine
     assert_idle(cold_engine)
-
-
-def assert_idle(engine: Engine) -> None:
-    """No request running or queued, no sequence or KV cell leaked."""
-    stats = wait_idle(engine)
-    assert stats.active == 0 and stats.queued == 0
-    assert stats.free_sequences + stats.parked_sequences == engine.settings.n_seq_max
-    assert stats.tokens_resident == stats.cache_tokens  # nothing held outside the cache
-    assert stats.locked_cache_tokens == 0  # no cache node still locked by a finished request
-
-
-def wait_idle(engine: Engine, timeout: float = 10.0):
-    """The engine's stats once it has nothing running (stats lag a step behind)."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    stats = engine.stats()
-    while (stats.active or stats.queued) and time.monotonic() < deadline:
-        time.sleep(0.02)
-        stats = engine.stats()
-    return stats
 
 
 @pytest.fixture(scope="session")

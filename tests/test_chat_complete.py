@@ -7,12 +7,11 @@ import uuid
 
 import jsonschema
 import pytest
+from helpers import assert_idle
 
 from kvchat import ContextOverflowError, Engine, EngineSettings, InvalidRequestError, SamplingParams
 from kvchat.chat import chat_tokenizer, complete
 from kvchat.llama import Model
-
-from conftest import assert_idle
 
 ADD_TOOL = {"type": "function", "function": {
     "name": "add", "description": "Add two integers.",
@@ -59,7 +58,15 @@ def test_required_tool_choice_gives_a_parsed_call_with_integer_arguments(qwen_en
     assert message["tool_calls"][0]["function"]["name"] == "add"
 
 
-def test_tool_result_reaches_the_final_answer(qwen_engine: Engine) -> None:
+def test_tool_result_reaches_the_final_answer(qwen_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    prompts: list[list[int]] = []
+    submit = qwen_engine.submit
+
+    def spy(prompt_tokens, *args, **kwargs):
+        prompts.append(list(prompt_tokens))
+        return submit(prompt_tokens, *args, **kwargs)
+
+    monkeypatch.setattr(qwen_engine, "submit", spy)
     messages: list[dict] = [{"role": "user", "content": "What is 17 plus 25? Use the tool."}]
     first = complete(qwen_engine, messages, tools=[ADD_TOOL], tool_choice="required", sampling=greedy(64)).collect()
     call = first.tool_calls[0]
@@ -67,7 +74,11 @@ def test_tool_result_reaches_the_final_answer(qwen_engine: Engine) -> None:
     # tool_choice="none": the answer must be text (Qwen 0.5B would otherwise call the tool again).
     answer = complete(qwen_engine, messages, tools=[ADD_TOOL], tool_choice="none", sampling=greedy(40)).collect()
     assert answer.finish_reason in ("stop", "length") and not answer.tool_calls
-    assert "42" in (answer.content or "")
+    # The answer was generated from a prompt holding the call and its result (tools hidden by "none").
+    assert len(prompts) == 2 and prompts[1] == chat_tokenizer(qwen_engine).encode(messages)
+    asked, answered = (qwen_engine.model.detokenize(p) for p in prompts)
+    assert "42" not in asked and "42" in answered
+    assert answer.usage.prompt_tokens == len(prompts[1])
 
 
 def test_tool_choice_none_hides_the_tools(qwen_engine: Engine) -> None:

@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from helpers import assert_idle, summary
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -24,9 +25,6 @@ from kvchat.chat.tokenizer import ChatTokenizer
 from kvchat.chat.tool_calls import HERMES, LLAMA3, MISTRAL, StreamingToolCallParser, TextDelta, ToolCallEvent
 from kvchat.errors import InvalidRequestError, KVChatError
 from kvchat.llama import Model
-
-from conftest import assert_idle
-from test_tool_calls import summary
 
 # The module (the package exports the function under the same name).
 complete_module = importlib.import_module("kvchat.chat.complete")

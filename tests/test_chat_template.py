@@ -8,12 +8,11 @@ import os
 from pathlib import Path
 
 import pytest
+from chat_data import HISTORY, WEATHER_TOOL
 
 from kvchat.chat.template import CHATML_TEMPLATE, ChatTemplate, TemplateRenderError
 from kvchat.errors import InvalidRequestError
 from kvchat.llama import Model
-
-from chat_data import HISTORY, WEATHER_TOOL
 
 QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 

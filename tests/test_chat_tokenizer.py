@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 from chat_data import HISTORY, WEATHER_TOOL
-from conftest import assert_idle
+from helpers import assert_idle
 
 from kvchat import Engine, SamplingParams
 from kvchat.chat.history import GeneratedTokenMemory

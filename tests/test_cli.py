@@ -14,6 +14,8 @@ import pytest
 
 from kvchat.bench import run_benchmark
 
+pytestmark = pytest.mark.system  # child processes (see tests/conftest.py)
+
 KVCHAT = [sys.executable, "-m", "kvchat.cli"]
 STATS = re.compile(r"prompt (\d+) · cached (\d+) · evaluated (\d+) · completion (\d+)")
 GEMMA = ["--model", "gemma-3-270m", "--ctx-size", "2048", "--temperature", "0"]

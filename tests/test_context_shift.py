@@ -4,13 +4,12 @@ half of the rest, and reuses the original's cached KV moved back in position."""
 from __future__ import annotations
 
 import pytest
+from helpers import assert_idle
 
 from kvchat import ContextOverflowError, Engine, EngineSettings, InvalidRequestError, SamplingParams
 from kvchat.chat import chat_tokenizer, complete
 from kvchat.engine import ContextShift
 from kvchat.llama import Model
-
-from conftest import assert_idle
 
 
 def greedy(n: int) -> SamplingParams:
@@ -70,19 +69,43 @@ def test_shift_prompt_must_match_the_shift(small_gemma: Engine) -> None:
         small_gemma.submit(list(range(10, 30)), greedy(2), shift=shift)
 
 
-def test_complete_with_shift_keeps_the_system_prompt(qwen_model: Model) -> None:
-    with Engine(qwen_model, EngineSettings(n_ctx=256, max_running=2, n_seq_max=4)) as engine:
+def test_complete_with_shift_keeps_the_system_prompt(qwen_model: Model, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Requests are limited to 320 tokens; the pool has room for the earlier KV and the shifted request
+    # (no RAM tier, as for `small_gemma`: the shift looks for the original's KV in the pool only).
+    settings = EngineSettings(n_ctx=1024, max_request_tokens=320, max_running=2, n_seq_max=4, cache_ram_bytes=0)
+    with Engine(qwen_model, settings) as engine:
         messages = [{"role": "system", "content": "You are a helpful assistant."}]
         for i in range(10):
             messages += [{"role": "user", "content": f"Tell me fact number {i} about the ocean, please."},
                          {"role": "assistant", "content": f"Fact {i}: the ocean is deep, wide and salty."}]
         messages.append({"role": "user", "content": "Now summarise in one word."})
-        stream = complete(engine, messages, sampling=greedy(16), overflow="shift")
-        reply = stream.collect()
         tokenizer = chat_tokenizer(engine)
         system = tokenizer.encode(messages[:1], add_generation_prompt=False)
         full = tokenizer.encode(messages)
         assert len(full) + 16 > engine.context_limit
-        assert stream.prompt_tokens + 16 <= engine.context_limit
+        assert full[: len(system)] == system
+        # An earlier call left the start of this conversation in the cache: the KV the shift moves.
+        earlier = engine.context_limit - 16
+        assert engine.submit(full[:earlier], greedy(1)).collect().usage.evaluated_tokens == earlier
+        submitted = []
+        submit = engine.submit
+
+        def spy(prompt_tokens, sampling=None, **options):
+            submitted.append((list(prompt_tokens), options.get("shift")))
+            return submit(prompt_tokens, sampling, **options)
+
+        monkeypatch.setattr(engine, "submit", spy)
+        stream = complete(engine, messages, sampling=greedy(16), overflow="shift")
+        reply = stream.collect()
+        [(prompt, shift)] = submitted
+        # The engine got the shortened prompt, and it starts with the system prompt, whole.
+        assert shift is not None and shift.original == tuple(full) and shift.n_drop > 0
+        assert shift.n_keep == len(system) and prompt == list(shift.prompt)
+        assert prompt[: len(system)] == system and prompt[len(system):] == full[len(system) + shift.n_drop:]
+        assert stream.prompt_tokens == len(prompt) and stream.prompt_tokens + 16 <= engine.context_limit
+        # Its KV is the earlier KV shifted: the system prompt's cells kept in place (not dropped, not
+        # evaluated again), the cut removed and the rest moved back.
+        assert engine.stats().shifts == 1
+        assert reply.usage.cached_tokens == earlier - shift.n_drop
         assert reply.usage.finish_reason in ("stop", "length")
-        assert full[: len(system)] == system  # the kept head is the system prompt
+        assert_idle(engine)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from helpers import wait_idle
 
-from kvchat import Conversation, ConversationFileError, Engine, EngineSettings, InvalidRequestError, SamplingParams
+from kvchat import ConversationFileError, Engine, EngineSettings, InvalidRequestError, SamplingParams
 from kvchat.llama import Model
-
-from conftest import wait_idle
 
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8,"
 
@@ -77,12 +76,16 @@ def test_shift_left_keeps_generating(engine: Engine) -> None:
     with engine.conversation() as conv:
         conv.prompt(COUNTING + " 9, 10, 11, 12, 13, 14, 15, 16,")
         conv.generate(greedy(4)).collect()
-        length = len(conv.tokens)
+        before = conv.tokens
         conv.shift_left(1, 10)
-        assert len(conv.tokens) == length - 10
+        assert conv.tokens == before[:1] + before[11:]
+        pending = conv.pending
         done = conv.generate(greedy(8)).collect()
         assert done.usage.finish_reason == "length" and len(done.token_ids) == 8
         assert done.text.strip()
+        # It generated on the shifted KV: nothing resident was evaluated again, only the pending token.
+        assert (done.usage.cached_tokens, done.usage.evaluated_tokens) == (len(before) - 10, len(pending))
+        assert conv.tokens + conv.pending == before[:1] + before[11:] + pending + list(done.token_ids)
 
 
 def test_save_and_load_continue_with_identical_tokens(engine: Engine, tmp_path) -> None:
@@ -113,18 +116,25 @@ def test_a_file_from_another_model_or_damaged_is_refused(engine: Engine, qwen_en
         engine.load_conversation(path)
 
 
-def test_closed_and_busy_conversations_give_clear_errors(engine: Engine) -> None:
+def test_closed_and_busy_conversations_give_clear_errors(engine: Engine, tmp_path) -> None:
     conv = engine.conversation()
     conv.prompt(COUNTING)
     stream = conv.generate(greedy(32))
-    with pytest.raises(InvalidRequestError, match="generating"):
-        conv.generate(greedy(2))
+    # While it generates, every call that needs it idle says so (the stream is still consumable).
+    for call in (lambda: conv.generate(greedy(2)), lambda: conv.prompt("more"), conv.fork, lambda: conv.rewind(1),
+                 lambda: conv.shift_left(1, 2), lambda: conv.save(tmp_path / "busy.kvchat"), conv.close):
+        with pytest.raises(InvalidRequestError, match="generating"):
+            call()
+    assert not conv.closed
     stream.collect()
     conv.close()
     conv.close()
-    with pytest.raises(InvalidRequestError, match="closed"):
-        conv.prompt("more")
-    assert isinstance(conv, Conversation) and conv.closed
+    assert conv.closed
+    # Once closed, every call says so.
+    for call in (lambda: conv.prompt("more"), lambda: conv.generate(greedy(2)), conv.fork, lambda: conv.rewind(1),
+                 lambda: conv.shift_left(1, 2), lambda: conv.save(tmp_path / "closed.kvchat"), lambda: conv.tokens):
+        with pytest.raises(InvalidRequestError, match="closed"):
+            call()
 
 
 def test_conversations_on_several_threads_at_once(engine: Engine, idle_cold_engine: Engine) -> None:

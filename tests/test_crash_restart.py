@@ -20,6 +20,7 @@ from pathlib import Path
 
 import openai
 import pytest
+from http_server import ServeProcess
 
 from kvchat.engine.state_store import (
     FILE_SUFFIX,
@@ -28,7 +29,8 @@ from kvchat.engine.state_store import (
     SpilledState,
     StateStore,
 )
-from tests.http_server import ServeProcess
+
+pytestmark = pytest.mark.system  # child processes (see tests/conftest.py)
 
 MODEL = "gemma-3-270m"
 USERS = 6  # conversations loaded before the kill

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from helpers import wait_idle
 
 from kvchat import (
     ContextOverflowError,
@@ -16,8 +17,6 @@ from kvchat import (
     SamplingParams,
 )
 from kvchat.llama import Model
-
-from conftest import wait_idle
 
 PROMPTS = [
     "The capital of France is",

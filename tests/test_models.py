@@ -333,6 +333,7 @@ def test_concurrent_resolves_do_not_corrupt(tmp_path: Path, monkeypatch: pytest.
     assert sorted(p.name for p in home.iterdir()) == [model.file_name, model.file_name + ".verified"]
 
 
+@pytest.mark.model  # the real packaged model's file (hashed, not loaded)
 def test_real_fast_model_resolves() -> None:
     """Assemble (once per machine, in the default models dir) the real packaged gemma model."""
     path = models.resolve(models.FAST_MODEL, progress=False)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from helpers import wait_idle
 
 from kvchat import Engine, EngineSettings, SamplingParams
 from kvchat.llama import Model
-
-from conftest import wait_idle
 
 # Prompts whose greedy continuations have clear top-1 margins: llama.cpp's logits
 # shift by up to ~1.0 between batch shapes, so cached and cold runs are compared

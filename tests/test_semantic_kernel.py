@@ -19,8 +19,10 @@ from semantic_kernel.contents import (
     FunctionResultContent,
 )
 from semantic_kernel.contents.utils.author_role import AuthorRole
+from semantic_kernel.contents.utils.finish_reason import FinishReason
 from semantic_kernel.functions import KernelArguments, kernel_function
 
+from kvchat.chat import chat_tokenizer
 from kvchat.integrations.semantic_kernel import (
     KVChatCompletion,
     KVChatPromptExecutionSettings,
@@ -47,8 +49,29 @@ def service(qwen_engine) -> KVChatCompletion:
     return KVChatCompletion(qwen_engine, service_id="qwen")
 
 
+@pytest.fixture
+def prompts(qwen_engine, monkeypatch) -> list[list[int]]:
+    """The prompt of every request the test submits to the engine, in order."""
+    submitted: list[list[int]] = []
+    submit = qwen_engine.submit
+
+    def spy(prompt_tokens, *args, **kwargs):
+        submitted.append(list(prompt_tokens))
+        return submit(prompt_tokens, *args, **kwargs)
+
+    monkeypatch.setattr(qwen_engine, "submit", spy)
+    return submitted
+
+
 def greedy(max_tokens: int = 24, **kwargs) -> KVChatPromptExecutionSettings:
     return KVChatPromptExecutionSettings(max_tokens=max_tokens, temperature=0.0, **kwargs)
+
+
+def left_in_kv(reply: ChatMessageContent) -> int:
+    """Tokens a finished call leaves in the KV cache: its prompt and its reply, but for a last token
+    cut by max_tokens (sampled, never evaluated; an end-of-generation token is not in the reply)."""
+    usage = reply.metadata["usage"]
+    return usage["prompt_tokens"] + usage["completion_tokens"] - (reply.finish_reason == FinishReason.LENGTH)
 
 
 def test_history_to_messages_shapes_every_role():
@@ -78,28 +101,34 @@ def test_settings_class_and_sampling(service):
         24, 0.0, ("\n",), 5, 3)
 
 
-def test_ten_turns_pay_only_for_new_messages(service):
+def test_ten_turns_pay_only_for_new_messages(service, qwen_engine):
+    tokenizer = chat_tokenizer(qwen_engine)
+
     async def run() -> None:
         history = ChatHistory(system_message="You are a helpful assistant. Answer in one short sentence.")
-        previous_prompt = 0
+        previous = None
         for turn in range(10):
             history.add_user_message(f"Tell me one fact about the number {turn + 2}.")
             reply = await service.get_chat_message_content(history, greedy())
             assert reply is not None and reply.content
             usage = reply.metadata["usage"]
-            assert usage["cached_tokens"] == usage["prompt_tokens"] - usage["evaluated_tokens"]
-            if turn:
+            if previous is not None:
                 assert usage["evaluated_tokens"] < 40, usage
-                assert usage["cached_tokens"] >= previous_prompt, usage
-            previous_prompt = usage["prompt_tokens"]
+                # All the previous call left in the KV, its prompt and its reply, was reused.
+                assert usage["cached_tokens"] == left_in_kv(previous), (usage, previous.metadata["usage"])
+            previous = reply
             history.add_message(reply)
 
         # Delete the last exchange and ask something else: only the new tail is evaluated.
+        last_prompt = tokenizer.encode(history_to_messages(history.messages[:-1]))
         del history.messages[-2:]
         history.add_user_message("And one fact about the number 100?")
+        prompt = tokenizer.encode(history_to_messages(history))
+        shared = next(i for i, (a, b) in enumerate(zip(last_prompt, prompt, strict=False)) if a != b)
         reply = await service.get_chat_message_content(history, greedy())
         usage = reply.metadata["usage"]
-        assert usage["cached_tokens"] == usage["prompt_tokens"] - usage["evaluated_tokens"]
+        assert usage["prompt_tokens"] == len(prompt)
+        assert usage["cached_tokens"] == shared  # the history up to the deleted exchange, nothing after it
         assert usage["evaluated_tokens"] < 40, usage
 
     asyncio.run(run())
@@ -119,7 +148,7 @@ def _math_history() -> ChatHistory:
     return history
 
 
-def test_required_function_call_result_reaches_the_answer(service):
+def test_required_function_call_result_reaches_the_answer(service, qwen_engine, prompts):
     kernel, plugin = _math_kernel(service)
     history = _math_history()
     settings = greedy(48, function_choice_behavior=FunctionChoiceBehavior.Required())
@@ -129,7 +158,9 @@ def test_required_function_call_result_reaches_the_answer(service):
     results = [item for m in history.messages for item in m.items if isinstance(item, FunctionResultContent)]
     assert len(calls) == 1 and calls[0].id and calls[0].index == 0 and calls[0].name == "math-add"
     assert results[0].id == calls[0].id and str(results[0].result) == "5555"
-    assert reply is not None and "5555" in reply.content.replace(",", "")
+    # The reply is the answer of a second call, whose prompt is the history with the result in it.
+    assert len(prompts) == 2 and prompts[-1] == chat_tokenizer(qwen_engine).encode(history_to_messages(history))
+    assert reply is not None and reply.metadata["usage"]["prompt_tokens"] == len(prompts[-1])
 
 
 def test_chat_after_a_function_call_reuses_the_cache(service):
@@ -142,19 +173,28 @@ def test_chat_after_a_function_call_reuses_the_cache(service):
     history.add_user_message("Thanks. Now say goodbye.")
     follow_up = asyncio.run(service.get_chat_message_content(history, greedy(16)))
     usage = follow_up.metadata["usage"]
-    assert usage["cached_tokens"] == usage["prompt_tokens"] - usage["evaluated_tokens"]
+    # All the answering call left in the KV (the call, its result and the answer) was reused.
+    assert usage["cached_tokens"] == left_in_kv(reply), (usage, reply.metadata["usage"])
     assert usage["evaluated_tokens"] < 40, usage
 
 
-def test_kernel_invoke_prompt_with_required_function(service):
+def test_kernel_invoke_prompt_with_required_function(service, qwen_engine, prompts):
     kernel, plugin = _math_kernel(service)
     settings = greedy(48, function_choice_behavior=FunctionChoiceBehavior.Required())
     result = asyncio.run(kernel.invoke_prompt("What is 1234 plus 4321?", arguments=KernelArguments(settings=settings)))
     assert plugin.calls == [(1234, 4321)]
-    assert "5555" in str(result).replace(",", "")
+    assert_answered_with_the_result(qwen_engine, prompts, result.value[0], "5555")
 
 
-def test_auto_function_call_is_invoked_and_answered(service):
+def assert_answered_with_the_result(engine, prompts: list[list[int]], reply: ChatMessageContent, result: str) -> None:
+    """Two calls: the first asked for the function, the second, whose reply this is, was sent its result."""
+    assert len(prompts) == 2
+    asked, answered = (engine.model.detokenize(p, special=True) for p in prompts)
+    assert result not in asked and result in answered
+    assert reply.metadata["usage"]["prompt_tokens"] == len(prompts[1])
+
+
+def test_auto_function_call_is_invoked_and_answered(service, qwen_engine, prompts):
     kernel, plugin = _math_kernel(service)
     # One round of automatic invocation, then Semantic Kernel asks for the answer without tools
     # (Qwen 0.5B would otherwise keep calling the tool).
@@ -163,7 +203,7 @@ def test_auto_function_call_is_invoked_and_answered(service):
     assert reply is not None and reply.content
     assert not any(isinstance(item, FunctionCallContent) for item in reply.items)
     assert plugin.calls == [(1234, 4321)]
-    assert "5555" in reply.content.replace(",", "")
+    assert_answered_with_the_result(qwen_engine, prompts, reply, "5555")
 
 
 def test_none_invoke_returns_calls_without_invoking(service):
@@ -270,25 +310,27 @@ def test_multi_turn_through_kernel_invoke_with_a_prompt_template(service):
     chat = kernel.add_function(plugin_name="chat", function_name="reply", prompt_template_config=config)
     history = ChatHistory(system_message="Answer with one short sentence.")
 
-    async def run() -> list[dict]:
-        usages = []
+    async def run() -> list[ChatMessageContent]:
+        replies = []
         for question in ["Name a fruit.", "Name a vegetable.", "Name a grain.", "Name a nut.", "Name a herb.",
                          "Name a spice.", "Name a berry.", "Name a bean.", "Name a root.", "Name a leaf."]:
             result = await kernel.invoke(chat, KernelArguments(settings=greedy(16), chat_history=history,
                                                                user_input=question))
             reply = result.value[0]
-            usages.append(reply.metadata["usage"])
+            replies.append(reply)
             history.add_user_message(question)
             history.add_message(reply)
-        return usages
+        return replies
 
-    usages = asyncio.run(run())
-    for previous, usage in zip(usages, usages[1:]):
-        assert usage["cached_tokens"] == usage["prompt_tokens"] - usage["evaluated_tokens"]
-        assert usage["cached_tokens"] >= previous["prompt_tokens"]  # the whole previous history was reused
+    replies = asyncio.run(run())
+    for previous, reply in zip(replies, replies[1:]):
+        usage = reply.metadata["usage"]
+        assert usage["cached_tokens"] >= previous.metadata["usage"]["prompt_tokens"]  # the previous history...
+        assert usage["cached_tokens"] == left_in_kv(previous), usage  # ...and its reply were reused
         assert usage["evaluated_tokens"] < 40
 
 
+@pytest.mark.model  # loads gemma itself, not through a model fixture
 def test_a_service_built_from_a_model_name_owns_and_closes_its_engine():
     service = KVChatCompletion(model="gemma-3-270m")
     try:

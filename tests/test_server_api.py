@@ -10,13 +10,13 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from helpers import assert_idle
+from http_server import RunningServer
 from openai import OpenAI
+from soak.driver import parse_metrics
 
-from kvchat import Engine
+from kvchat import Engine, SamplingParams
 from kvchat.server import create_app
-from tests.conftest import assert_idle
-from tests.http_server import RunningServer
-from tests.soak.driver import parse_metrics
 
 MODEL = "gemma-test"
 COUNTING = "1, 2, 3, 4, 5,"  # a prompt whose greedy continuation is unambiguous
@@ -40,10 +40,11 @@ def test_text_completion(client: OpenAI, gemma_engine: Engine) -> None:
     reply = client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=6, temperature=0)
     choice = reply.choices[0]
     assert reply.object == "text_completion" and reply.model == MODEL
-    assert choice.text.startswith(" 6, 7")
     assert choice.finish_reason == "length" and reply.usage.completion_tokens == 6
-    # The prompt is tokenized with the model's BOS.
-    assert reply.usage.prompt_tokens == len(gemma_engine.model.tokenize(COUNTING, add_special=True))
+    # The prompt is tokenized with the model's BOS, and the text is the engine's own reply to it.
+    prompt = gemma_engine.model.tokenize(COUNTING, add_special=True)
+    assert reply.usage.prompt_tokens == len(prompt)
+    assert choice.text == gemma_engine.submit(prompt, SamplingParams(temperature=0, max_tokens=6)).collect().text
     assert_idle(gemma_engine)
 
 
@@ -68,12 +69,17 @@ def test_several_prompts_echo_and_token_ids(client: OpenAI, gemma_engine: Engine
     ids = gemma_engine.model.tokenize("10, 11, 12,", add_special=True)
     reply = client.completions.create(model=MODEL, prompt=[COUNTING, "a, b, c, d,"], max_tokens=4,
                                       temperature=0, echo=True)
-    assert [c.index for c in reply.choices] == [0, 1]
-    assert reply.choices[0].text.startswith(COUNTING + " 6")
-    assert reply.choices[1].text.startswith("a, b, c, d, e")
+    plain = client.completions.create(model=MODEL, prompt=[COUNTING, "a, b, c, d,"], max_tokens=4, temperature=0)
+    assert [c.index for c in reply.choices] == [c.index for c in plain.choices] == [0, 1]
+    # Each choice answers its own prompt; with `echo`, after that prompt's text.
+    assert [c.text for c in reply.choices] == [COUNTING + plain.choices[0].text, "a, b, c, d," + plain.choices[1].text]
+    assert plain.choices[0].text != plain.choices[1].text
     assert reply.usage.completion_tokens == 8
+    # Token ids are the prompt as given: the same reply as their text (BOS included).
     by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=3, temperature=0)
-    assert by_ids.choices[0].text.startswith(" 13")
+    by_text = client.completions.create(model=MODEL, prompt="10, 11, 12,", max_tokens=3, temperature=0)
+    assert by_ids.usage.prompt_tokens == by_text.usage.prompt_tokens == len(ids)
+    assert by_ids.choices[0].text == by_text.choices[0].text
     assert_idle(gemma_engine)
 
 

@@ -12,12 +12,12 @@ from collections.abc import Iterator
 
 import pytest
 import schemathesis
+from http_server import RunningServer
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
 from kvchat import Engine, EngineSettings
 from kvchat.server import ServerSettings, create_app
-from tests.http_server import RunningServer
 
 MODEL = "gemma-fuzz"
 EXAMPLES = int(os.environ.get("KVCHAT_FUZZ_EXAMPLES", "25"))

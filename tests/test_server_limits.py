@@ -10,11 +10,11 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
+from helpers import assert_idle
+from http_server import RunningServer
 
 from kvchat import Engine, EngineSettings
 from kvchat.server import ServerSettings, create_app
-from tests.conftest import assert_idle
-from tests.http_server import RunningServer
 
 MODEL = "gemma-small"
 COUNTING = "1, 2, 3, 4, 5,"

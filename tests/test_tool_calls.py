@@ -7,6 +7,7 @@ import logging
 import re
 
 import pytest
+from helpers import summary
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -41,22 +42,6 @@ def feed_all(fmt: ToolCallFormat, chunks: list[str]) -> list:
     parser = StreamingToolCallParser(fmt)
     events = [e for chunk in chunks for e in parser.feed(chunk)]
     return events + parser.finish()
-
-
-def summary(events: list) -> list:
-    """Events with adjacent text merged and calls as (name, arguments): ids are random."""
-    out: list = []
-    for event in events:
-        if isinstance(event, TextDelta):
-            assert event.text, "empty text delta"
-            if out and isinstance(out[-1], str):
-                out[-1] += event.text
-            else:
-                out.append(event.text)
-        else:
-            assert isinstance(event, ToolCallEvent)
-            out.append((event.call.name, event.call.arguments))
-    return out
 
 
 def split_at(text: str, cuts: list[int]) -> list[str]:

@@ -1,12 +1,14 @@
 """kvchat: local language models with a content-keyed KV cache and continuous batching.
 
-    >>> from kvchat import Engine, SamplingParams
-    >>> with Engine("gemma-3-270m") as engine:
-    ...     print(engine.generate("The capital of France is", SamplingParams(max_tokens=8)).text())
+>>> from kvchat import Engine, SamplingParams
+>>> with Engine("gemma-3-270m") as engine:
+...     print(engine.generate("The capital of France is", SamplingParams(max_tokens=8)).text())
 """
 
 import logging
 
+from kvchat.chat.session import ChatSession
+from kvchat.conversation import Conversation
 from kvchat.engine import (
     GREEDY,
     Chunk,
@@ -18,8 +20,6 @@ from kvchat.engine import (
     Stream,
     Usage,
 )
-from kvchat.chat.session import ChatSession
-from kvchat.conversation import Conversation
 from kvchat.errors import (
     BackendError,
     ContextOverflowError,

@@ -19,9 +19,11 @@ from kvchat.chat.complete import complete
 from kvchat.engine import Engine, EngineSettings, SamplingParams
 from kvchat.llama import Model
 
-_WORDS = ("river mountain library engine garden signal harbor lantern meadow circuit compass orchard "
-          "glacier workshop canyon beacon archive valley market bridge forest planet kettle ladder "
-          "puzzle violin desert island tunnel window").split()
+_WORDS = (
+    "river mountain library engine garden signal harbor lantern meadow circuit compass orchard "
+    "glacier workshop canyon beacon archive valley market bridge forest planet kettle ladder "
+    "puzzle violin desert island tunnel window"
+).split()
 SYSTEM = "You are a helpful assistant. Answer briefly."
 
 
@@ -48,8 +50,9 @@ class TurnResult:
         return statistics.median(self.ttft)
 
 
-def run_turns(engine: Engine, users: int, turns: int, max_tokens: int,
-              progress: Callable[[str], None] | None = None) -> list[TurnResult]:
+def run_turns(
+    engine: Engine, users: int, turns: int, max_tokens: int, progress: Callable[[str], None] | None = None
+) -> list[TurnResult]:
     """Chat `turns` turns with `users` users on `engine`; one result per turn."""
     histories = [[{"role": "system", "content": SYSTEM}] for _ in range(users)]
     sampling = SamplingParams(temperature=0, max_tokens=max_tokens)
@@ -61,7 +64,7 @@ def run_turns(engine: Engine, users: int, turns: int, max_tokens: int,
         streams = [complete(engine, history, sampling=sampling) for history in histories]
         replies = [stream.collect() for stream in streams]
         result = TurnResult(turn + 1, seconds=time.perf_counter() - started)
-        for history, reply in zip(histories, replies):
+        for history, reply in zip(histories, replies, strict=True):
             history.append(reply.to_message())
             usage = reply.usage
             result.ttft.append(usage.time_to_first_token or 0.0)
@@ -75,13 +78,15 @@ def run_turns(engine: Engine, users: int, turns: int, max_tokens: int,
     return results
 
 
-def run_benchmark(model: Model, *, users: int, turns: int, max_tokens: int, n_ctx: int,
-                  progress: Callable[[str], None] | None = None) -> dict[str, list[TurnResult]]:
+def run_benchmark(
+    model: Model, *, users: int, turns: int, max_tokens: int, n_ctx: int, progress: Callable[[str], None] | None = None
+) -> dict[str, list[TurnResult]]:
     """The same chat with the prefix cache on and off: ``{"on": [...], "off": [...]}``."""
     results = {}
     for mode in ("on", "off"):
-        settings = EngineSettings(n_ctx=n_ctx, max_running=max(users, 1), n_seq_max=max(2 * users, 2),
-                                  prefix_cache=mode == "on")
+        settings = EngineSettings(
+            n_ctx=n_ctx, max_running=max(users, 1), n_seq_max=max(2 * users, 2), prefix_cache=mode == "on"
+        )
         with Engine(model, settings) as engine:
             say = (lambda text, mode=mode: progress(f"cache {mode}: {text}")) if progress else None
             results[mode] = run_turns(engine, users, turns, max_tokens, say)

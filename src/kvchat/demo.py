@@ -21,26 +21,35 @@ QUESTION = "What is a KV cache in a language model? Answer in two sentences."
 def run(model: str, question: str, max_tokens: int) -> None:
     """Run the two-turn demo and print to stdout."""
     with Engine(model) as engine:
-        tokenizer = ChatTokenizer(engine.model, memory=GeneratedTokenMemory())
-        messages = [{"role": "system", "content": "You are a concise assistant."},
-                    {"role": "user", "content": question}]
+        memory = GeneratedTokenMemory()
+        tokenizer = ChatTokenizer(engine.model, memory=memory)
+        messages = [
+            {"role": "system", "content": "You are a concise assistant."},
+            {"role": "user", "content": question},
+        ]
         for turn in (1, 2):
             print(f"\n[turn {turn}] user: {messages[-1]['content']}\nassistant: ", end="", flush=True)
             tokens = tokenizer.encode(messages)  # message text never becomes markup
             stream = engine.submit(tokens, SamplingParams(temperature=0, max_tokens=max_tokens))
-            answer, answer_ids = [], []
+            answer: list[str] = []
+            answer_ids: list[int] = []
             for chunk in stream:
                 answer.append(chunk.text)
                 answer_ids.extend(chunk.token_ids)
                 print(chunk.text, end="", flush=True)
             usage = stream.usage
+            assert usage is not None  # set by the last chunk, which ends the loop
             # The next call re-sends this answer: give it back as the exact ids sampled.
-            tokenizer.memory.remember("".join(answer), answer_ids)
-            print(f"\n  -> prompt {usage.prompt_tokens} tokens, cached {usage.cached_tokens}, "
-                  f"evaluated {usage.evaluated_tokens}, completion {usage.completion_tokens}, "
-                  f"time to first token {usage.time_to_first_token:.3f} s, finish: {usage.finish_reason}")
-            messages += [{"role": "assistant", "content": "".join(answer)},
-                         {"role": "user", "content": "Please answer the same question again: " + question}]
+            memory.remember("".join(answer), answer_ids)
+            print(
+                f"\n  -> prompt {usage.prompt_tokens} tokens, cached {usage.cached_tokens}, "
+                f"evaluated {usage.evaluated_tokens}, completion {usage.completion_tokens}, "
+                f"time to first token {usage.time_to_first_token:.3f} s, finish: {usage.finish_reason}"
+            )
+            messages += [
+                {"role": "assistant", "content": "".join(answer)},
+                {"role": "user", "content": "Please answer the same question again: " + question},
+            ]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -93,8 +93,6 @@ class DecodeError(BackendError):
     """
 
     def __init__(self, code: int) -> None:
-        meaning = {1: "no KV cache slot for the batch", 2: "aborted", -1: "invalid batch"}.get(
-            code, "fatal error"
-        )
+        meaning = {1: "no KV cache slot for the batch", 2: "aborted", -1: "invalid batch"}.get(code, "fatal error")
         super().__init__(f"llama_decode failed with code {code} ({meaning})")
         self.code = code

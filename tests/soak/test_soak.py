@@ -8,8 +8,11 @@ from __future__ import annotations
 import asyncio
 import os
 
-from tests.http_server import ServeProcess
-from tests.soak.driver import SoakConfig, resident_bytes, run_soak, wait_until_idle
+import pytest
+from http_server import ServeProcess
+from soak.driver import SoakConfig, resident_bytes, run_soak, wait_until_idle
+
+pytestmark = pytest.mark.system  # child processes (see tests/conftest.py)
 
 MODEL = "gemma-3-270m"
 PARALLEL = 16

@@ -204,6 +204,7 @@ def complete(
         # Small models often write the call's JSON without its tags: a reply that
         # starts with a JSON object naming a function and its arguments is a call.
         tool_format = replace(tool_format, bare_start="{")
+    grammar: str | None
     if choice not in ("none", "auto"):
         forced = None if choice == "required" else choice
         grammar = tool_call_grammar(visible_tools or [], name=forced, format=tool_format or HERMES)
@@ -239,9 +240,7 @@ def _fit(
             shift = ContextShift.to_fit(tuple(tokens), keep, engine.context_limit - need)
             return list(shift.prompt), shift
         if overflow == "error" or not _drop_oldest_turn(messages):
-            raise ContextOverflowError(
-                prompt_tokens=len(tokens), max_tokens=need, context_limit=engine.context_limit
-            )
+            raise ContextOverflowError(prompt_tokens=len(tokens), max_tokens=need, context_limit=engine.context_limit)
 
 
 def _system_prefix_length(tokenizer: ChatTokenizer, messages: list[Mapping[str, Any]], tokens: list[int]) -> int:

@@ -48,8 +48,9 @@ class GeneratedTokenMemory:
     the persistence, with a log line.
     """
 
-    def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES, *,
-                 journal: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self, max_entries: int = DEFAULT_MAX_ENTRIES, *, journal: str | os.PathLike[str] | None = None
+    ) -> None:
         if not isinstance(max_entries, int) or isinstance(max_entries, bool) or max_entries < 1:
             raise InvalidRequestError("max_entries must be a positive integer", field="max_entries")
         self.max_entries = max_entries
@@ -110,8 +111,7 @@ class GeneratedTokenMemory:
             if text and ids:
                 self._store(text, tuple(ids))
         if skipped:
-            logger.warning("skipped %d unreadable line(s) of the generated-token journal %s", skipped,
-                           self._journal)
+            logger.warning("skipped %d unreadable line(s) of the generated-token journal %s", skipped, self._journal)
         if len(lines) > len(self._entries):  # compact: one line per entry still remembered
             body = "".join(json.dumps([t, list(i)], ensure_ascii=False) + "\n" for t, i in self._entries.items())
             try:

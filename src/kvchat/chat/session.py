@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kvchat.atomic_file import write_atomically
-from kvchat.chat.complete import ChatCompletion, ChatDelta, ChatStream, complete
+from kvchat.chat.complete import ChatCompletion, ChatDelta, ChatStream, OverflowPolicy, complete
 from kvchat.engine import Engine, SamplingParams
 from kvchat.errors import InvalidRequestError
 
@@ -43,8 +43,9 @@ class SessionReply:
         self._calls.extend(delta.tool_calls)
         if delta.usage is not None and delta.finish_reason is not None:
             text = "".join(self._content)
-            self.completion = ChatCompletion(text if text or not self._calls else None, tuple(self._calls),
-                                             delta.usage, delta.finish_reason)
+            self.completion = ChatCompletion(
+                text if text or not self._calls else None, tuple(self._calls), delta.usage, delta.finish_reason
+            )
             self._session.messages.append(self.completion.to_message())
         return delta
 
@@ -86,7 +87,7 @@ class ChatSession:
         system: str | None = None,
         sampling: SamplingParams | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
-        overflow: str = "error",
+        overflow: OverflowPolicy = "error",
         cache_key: str | None = None,
         messages: Sequence[Mapping[str, Any]] = (),
     ) -> None:
@@ -147,8 +148,14 @@ class ChatSession:
 
     def fork(self) -> ChatSession:
         """An independent copy of this session (the cached prefix is shared)."""
-        return ChatSession(self.engine, sampling=self.sampling, tools=self.tools, overflow=self.overflow,
-                           cache_key=self.cache_key, messages=self.history)
+        return ChatSession(
+            self.engine,
+            sampling=self.sampling,
+            tools=self.tools,
+            overflow=self.overflow,
+            cache_key=self.cache_key,
+            messages=self.history,
+        )
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the messages to a JSON file atomically."""
@@ -174,6 +181,12 @@ class ChatSession:
             raise InvalidRequestError(f"no message at index {index!r}", field="index") from exc
 
     def _reply(self, sampling: SamplingParams | None) -> SessionReply:
-        stream = complete(self.engine, self.messages, tools=self.tools, sampling=sampling or self.sampling,
-                          overflow=self.overflow, cache_key=self.cache_key)  # type: ignore[arg-type]
+        stream = complete(
+            self.engine,
+            self.messages,
+            tools=self.tools,
+            sampling=sampling or self.sampling,
+            overflow=self.overflow,
+            cache_key=self.cache_key,
+        )
         return SessionReply(self, stream)

@@ -71,7 +71,7 @@ class _GenerationBlock(Extension):
     """``{% generation %}...{% endgeneration %}`` (Hugging Face's assistant-mask
     marker): renders its body unchanged."""
 
-    tags = {"generation"}
+    tags = {"generation"}  # noqa: RUF012 - jinja2 declares Extension.tags a plain set, not a ClassVar
 
     def parse(self, parser: Parser) -> nodes.Node:
         lineno = next(parser.stream).lineno
@@ -183,8 +183,9 @@ class ChatTemplate:
             copy["content"] = _content_text(copy.get("content"), index)
             calls = copy.get("tool_calls")
             if calls and (isinstance(calls, (str, bytes)) or not isinstance(calls, Sequence)):
-                raise TemplateRenderError(f"messages[{index}].tool_calls must be a list of tool calls",
-                                          field="messages")
+                raise TemplateRenderError(
+                    f"messages[{index}].tool_calls must be a list of tool calls", field="messages"
+                )
             if calls:
                 copy["tool_calls"] = [self._normalize_call(call) for call in copy["tool_calls"]]
             out.append(copy)
@@ -235,7 +236,7 @@ class ChatTemplate:
 
     def _probe_renders_arguments(self, arguments: Any) -> bool:
         call = {"id": "call_1___", "type": "function", "function": {"name": "ipython", "arguments": arguments}}
-        messages = [
+        messages: list[dict[str, Any]] = [
             {"role": "user", "content": "Hey"},
             {"role": "assistant", "content": "", "tool_calls": [call]},
         ]

@@ -22,10 +22,18 @@ import string
 from dataclasses import dataclass
 from typing import Any
 
-
 __all__ = [
-    "HERMES", "LLAMA3", "MISTRAL", "Event", "StreamingToolCallParser", "TextDelta", "ToolCall",
-    "ToolCallEvent", "ToolCallFormat", "detect_format", "parse_tool_calls",
+    "HERMES",
+    "LLAMA3",
+    "MISTRAL",
+    "Event",
+    "StreamingToolCallParser",
+    "TextDelta",
+    "ToolCall",
+    "ToolCallEvent",
+    "ToolCallFormat",
+    "detect_format",
+    "parse_tool_calls",
 ]
 
 logger = logging.getLogger("kvchat.chat")
@@ -47,8 +55,11 @@ class ToolCall:
 
     def to_openai(self) -> dict[str, Any]:
         """The OpenAI ``tool_calls`` entry: arguments as a JSON string."""
-        return {"id": self.id, "type": "function",
-                "function": {"name": self.name, "arguments": json.dumps(self.arguments, ensure_ascii=False)}}
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": json.dumps(self.arguments, ensure_ascii=False)},
+        }
 
 
 @dataclass(frozen=True)
@@ -164,8 +175,12 @@ class StreamingToolCallParser:
 
     def _malformed(self, text: str, out: list[Event]) -> None:
         # A reply that merely starts like a bare call (plain JSON) is common and fine.
-        logger.log(logging.DEBUG if self._bare else logging.WARNING,
-                   "malformed %s tool call passed through as text: %.200r", self.format.name, text)
+        logger.log(
+            logging.DEBUG if self._bare else logging.WARNING,
+            "malformed %s tool call passed through as text: %.200r",
+            self.format.name,
+            text,
+        )
         self._emit_text(text, out)
         self._blank = False
 
@@ -173,17 +188,20 @@ class StreamingToolCallParser:
         fmt, buf = self.format, self._buf
         if self._at_start and fmt.bare_start is not None:
             stripped = buf.lstrip()
-            if not final and (not stripped or (len(stripped) < len(fmt.start) and fmt.start.startswith(stripped))
-                              or _FENCE_SO_FAR.fullmatch(stripped)):
+            if not final and (
+                not stripped
+                or (len(stripped) < len(fmt.start) and fmt.start.startswith(stripped))
+                or _FENCE_SO_FAR.fullmatch(stripped)
+            ):
                 return False  # nothing yet, or perhaps the marker or a code fence
             if stripped.startswith(fmt.bare_start) and not stripped.startswith(fmt.start):
                 self._marker, self._buf = buf[: len(buf) - len(stripped)], stripped
                 self._enter("json", bare=True)
                 return True
             fence = _FENCE.match(stripped)
-            if fence and stripped[fence.end():].startswith(fmt.bare_start):
+            if fence and stripped[fence.end() :].startswith(fmt.bare_start):
                 self._marker = buf[: len(buf) - len(stripped) + fence.end()]
-                self._buf, self._end = stripped[fence.end():], "```"
+                self._buf, self._end = stripped[fence.end() :], "```"
                 self._enter("tagged", bare=True)
                 return True
             self._at_start = False
@@ -194,7 +212,7 @@ class StreamingToolCallParser:
                 self._marker = before + fmt.start  # dropped if a call follows, text if not
             else:
                 self._emit_text(before, out)
-            self._buf, self._at_start, self._end = buf[i + len(fmt.start):], False, fmt.end or ""
+            self._buf, self._at_start, self._end = buf[i + len(fmt.start) :], False, fmt.end or ""
             self._enter("tagged" if fmt.end is not None else "json", bare=False)
             return True
         if final:
@@ -207,7 +225,7 @@ class StreamingToolCallParser:
         text = buf[: len(buf) - keep]
         if not (self._blank and not text.strip()):  # whitespace so far is held: a call may follow
             self._emit_text(text, out)
-            self._buf = buf[len(text):]
+            self._buf = buf[len(text) :]
         return False
 
     def _tagged_step(self, out: list[Event], final: bool) -> bool:
@@ -216,7 +234,7 @@ class StreamingToolCallParser:
         if j < 0 and not final:
             self._pos = max(0, len(self._buf) - len(end) + 1)
             return False
-        body, closing, rest = (self._buf, "", "") if j < 0 else (self._buf[:j], end, self._buf[j + len(end):])
+        body, closing, rest = (self._buf, "", "") if j < 0 else (self._buf[:j], end, self._buf[j + len(end) :])
         calls = _read_calls(body, self.format, require_arguments=self._bare)
         if calls is None:
             self._malformed(self._marker + body + closing, out)
@@ -237,7 +255,7 @@ class StreamingToolCallParser:
                 if c not in "{[":  # the calls (if any) are over, the rest is text
                     if not self._run_calls:
                         self._malformed(self._marker + buf[: self._pos], out)
-                        self._buf = buf[self._pos:]
+                        self._buf = buf[self._pos :]
                     self._enter("text", bare=False)
                     return True
                 self._value_start = self._pos
@@ -252,14 +270,14 @@ class StreamingToolCallParser:
             elif c in "}]":
                 self._depth -= 1
                 if self._depth == 0:
-                    calls = _read_calls(buf[self._value_start:self._pos], self.format, require_arguments=self._bare)
+                    calls = _read_calls(buf[self._value_start : self._pos], self.format, require_arguments=self._bare)
                     if calls is None:
                         self._malformed(self._marker + buf[: self._pos], out)
-                        self._buf = buf[self._pos:]
+                        self._buf = buf[self._pos :]
                         self._enter("text", bare=False)
                         return True
                     self._emit_calls(calls, out)
-                    self._buf = buf = buf[self._pos:]
+                    self._buf = buf = buf[self._pos :]
                     self._pos, self._run_calls = 0, self._run_calls + 1
         if final:
             if self._depth or not self._run_calls:

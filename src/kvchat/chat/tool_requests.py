@@ -20,12 +20,12 @@ _DEFS = ("$defs", "definitions")
 _GBNF_TOKEN = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]|#[^\n]*|[A-Za-z0-9_-]+|\s+|.', re.S)
 
 
-
 def validate_tools(tools: Sequence[Mapping[str, Any]] | None) -> dict[str, dict[str, Any]]:
     """Check OpenAI function tools; return each tool's parameters schema by name, in order.
 
     A tool without `parameters` takes none. Raises `InvalidRequestError(field="tools")`.
     """
+
     def bad(message: str) -> InvalidRequestError:
         return InvalidRequestError(message, field="tools")
 
@@ -70,18 +70,22 @@ def normalize_tool_choice(
     if not isinstance(tool_choice, Mapping) or tool_choice.get("type") != "function" or not isinstance(name, str):
         if tool_choice == "required":
             raise InvalidRequestError('tool_choice "required" needs tools', field="tool_choice")
-        raise InvalidRequestError('tool_choice must be "none", "auto", "required" or '
-                                  '{"type": "function", "function": {"name": ...}}', field="tool_choice")
+        raise InvalidRequestError(
+            'tool_choice must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}',
+            field="tool_choice",
+        )
     if name not in names:
         raise InvalidRequestError(f"tool_choice names {name!r}, which is not in tools", field="tool_choice")
     if name in _TOOL_CHOICE_MODES:
-        raise InvalidRequestError(f"a tool named {name!r} cannot be forced: that name is a tool_choice mode",
-                                  field="tool_choice")
+        raise InvalidRequestError(
+            f"a tool named {name!r} cannot be forced: that name is a tool_choice mode", field="tool_choice"
+        )
     return name
 
 
-def tool_call_grammar(tools: Sequence[Mapping[str, Any]], *, name: str | None = None,
-                      format: ToolCallFormat = HERMES) -> str:
+def tool_call_grammar(
+    tools: Sequence[Mapping[str, Any]], *, name: str | None = None, format: ToolCallFormat = HERMES
+) -> str:
     """A GBNF grammar (rule `root`) for exactly one call, in `format`, of one of `tools`
     (or of the tool called `name`), whose arguments match that tool's parameters schema.
 
@@ -95,9 +99,11 @@ def tool_call_grammar(tools: Sequence[Mapping[str, Any]], *, name: str | None = 
         functions = {name: functions[name]}
     defs: dict[str, Any] = {}
     alternatives = [
-        {"type": "object",
-         "properties": {"name": {"const": fn_name}, format.arguments_key: _hoist_defs(params, f"tool{i}-", defs)},
-         "required": ["name", format.arguments_key]}
+        {
+            "type": "object",
+            "properties": {"name": {"const": fn_name}, format.arguments_key: _hoist_defs(params, f"tool{i}-", defs)},
+            "required": ["name", format.arguments_key],
+        }
         for i, (fn_name, params) in enumerate(functions.items())
     ]
     schema: dict[str, Any] = alternatives[0] if len(alternatives) == 1 else {"oneOf": alternatives}
@@ -115,12 +121,12 @@ def tool_call_grammar(tools: Sequence[Mapping[str, Any]], *, name: str | None = 
     return f"{body.rstrip()}\nroot ::= {wrapped}\n"
 
 
-
 def _hoist_defs(schema: dict[str, Any], prefix: str, defs: dict[str, Any]) -> dict[str, Any]:
     """Move a parameters schema's `$defs`/`definitions` into `defs` (names prefixed) and
     rewrite its `$ref`s to match, so they resolve once it is nested in the call schema."""
-    moved = {f"#/{k}/{n}": f"#/$defs/{prefix}{n}"
-             for k in _DEFS if isinstance(schema.get(k), Mapping) for n in schema[k]}
+    moved = {
+        f"#/{k}/{n}": f"#/$defs/{prefix}{n}" for k in _DEFS if isinstance(schema.get(k), Mapping) for n in schema[k]
+    }
 
     def rewrite(node: Any) -> Any:
         if isinstance(node, list):
@@ -129,10 +135,16 @@ def _hoist_defs(schema: dict[str, Any], prefix: str, defs: dict[str, Any]) -> di
             return node
         ref = node.get("$ref")
         old = next((o for o in moved if isinstance(ref, str) and (ref == o or ref.startswith(o + "/"))), None)
-        return {k: moved[old] + ref[len(old):] if k == "$ref" and old else rewrite(v) for k, v in node.items()}
+        return {k: moved[old] + v[len(old) :] if k == "$ref" and old else rewrite(v) for k, v in node.items()}
 
     if not moved:
         return schema
-    defs.update({f"{prefix}{n}": rewrite(sub) for k in _DEFS if isinstance(schema.get(k), Mapping)
-                 for n, sub in schema[k].items()})
+    defs.update(
+        {
+            f"{prefix}{n}": rewrite(sub)
+            for k in _DEFS
+            if isinstance(schema.get(k), Mapping)
+            for n, sub in schema[k].items()
+        }
+    )
     return rewrite({k: v for k, v in schema.items() if k not in _DEFS})

@@ -16,17 +16,17 @@ app = typer.Typer(
 )
 
 
-
 @app.callback()
 def _root() -> None:
     """Run local GGUF language models with a content-keyed KV cache and continuous batching."""
 
 
-# Importing a subcommand's module registers it.
-from kvchat.cli import bench as _bench  # noqa: E402,F401
-from kvchat.cli import chat as _chat  # noqa: E402,F401
-from kvchat.cli import models as _models  # noqa: E402,F401
-from kvchat.cli import serve as _serve  # noqa: E402,F401
+# Importing a subcommand's module registers it on `app`, so these imports come
+# after `app` exists (E402) and are not used by name (F401).
+from kvchat.cli import bench as _bench  # noqa: E402, F401 - registers `kvchat bench`
+from kvchat.cli import chat as _chat  # noqa: E402, F401 - registers `kvchat chat`
+from kvchat.cli import models as _models  # noqa: E402, F401 - registers `kvchat models`
+from kvchat.cli import serve as _serve  # noqa: E402, F401 - registers `kvchat serve`
 
 
 def main() -> None:

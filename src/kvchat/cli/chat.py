@@ -16,11 +16,13 @@ prompt, Ctrl-C or Ctrl-D leaves.
 
 from __future__ import annotations
 
+import functools
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Optional, TextIO
+from typing import TYPE_CHECKING, Annotated, TextIO
 
 import typer
 from rich.console import Console
@@ -29,6 +31,10 @@ from rich.table import Table
 from kvchat.cli import app
 from kvchat.errors import KVChatError
 from kvchat.models import DEFAULT_CHAT_MODEL
+
+if TYPE_CHECKING:  # imported when a command runs: `kvchat --help` stays fast
+    from kvchat.chat.session import ChatSession, SessionReply
+    from kvchat.engine import Usage
 
 HELP = """\
 /retry          answer the last message again
@@ -57,14 +63,16 @@ class TurnStats:
     def line(self) -> str:
         ttft = "-" if self.ttft is None else f"{self.ttft * 1000:.0f} ms"
         rate = "-" if self.tokens_per_second is None else f"{self.tokens_per_second:.1f} tok/s"
-        return (f"prompt {self.prompt_tokens} · cached {self.cached_tokens} · evaluated {self.evaluated_tokens} · "
-                f"completion {self.completion_tokens} · first token {ttft} · {rate}")
+        return (
+            f"prompt {self.prompt_tokens} · cached {self.cached_tokens} · evaluated {self.evaluated_tokens} · "
+            f"completion {self.completion_tokens} · first token {ttft} · {rate}"
+        )
 
 
 class ChatREPL:
     """The chat loop over a `ChatSession`: reads lines, runs commands, streams answers."""
 
-    def __init__(self, session, *, out: Console, info: Console) -> None:
+    def __init__(self, session: ChatSession, *, out: Console, info: Console) -> None:
         self.session = session
         self.out = out
         self.info = info
@@ -88,7 +96,7 @@ class ChatREPL:
                 if not self.command(line):
                     break
             else:
-                self.answer(lambda: self.session.send(line))
+                self.answer(functools.partial(self.session.send, line))
 
     def command(self, line: str) -> bool:
         """Run one slash command; False means leave."""
@@ -125,7 +133,7 @@ class ChatREPL:
 
     # -- commands -------------------------------------------------------------------
 
-    def answer(self, start) -> None:
+    def answer(self, start: Callable[[], SessionReply]) -> None:
         """Stream the reply that `start()` begins; Ctrl-C stops it."""
         try:
             reply = start()
@@ -152,11 +160,17 @@ class ChatREPL:
         if reply.completion is not None:
             self.record(reply.completion.usage, started, first)
 
-    def record(self, usage, started: float, first: float | None) -> None:
+    def record(self, usage: Usage, started: float, first: float | None) -> None:
         decoding = time.perf_counter() - (first or started)
         rate = (usage.completion_tokens - 1) / decoding if first and usage.completion_tokens > 1 else None
-        stats = TurnStats(usage.prompt_tokens, usage.cached_tokens, usage.evaluated_tokens,
-                          usage.completion_tokens, usage.time_to_first_token, rate)
+        stats = TurnStats(
+            usage.prompt_tokens,
+            usage.cached_tokens,
+            usage.evaluated_tokens,
+            usage.completion_tokens,
+            usage.time_to_first_token,
+            rate,
+        )
         self.turns.append(stats)
         self.info.print(stats.line(), style="dim", highlight=False)
 
@@ -169,7 +183,7 @@ class ChatREPL:
             raise ValueError(f"there is no message {number}; /history lists them")
         self.session.edit(index, text.strip())
         if self.session.messages[index]["role"] == "user":
-            del self.session.messages[index + 1:]
+            del self.session.messages[index + 1 :]
             self.answer(self.session.respond)
         else:
             self.info.print(f"message {number} changed")
@@ -207,9 +221,15 @@ class ChatREPL:
         for column in ("#", "prompt", "cached", "evaluated", "completion", "first token (ms)", "tok/s"):
             table.add_column(column, justify="right")
         for number, t in enumerate(self.turns, start=1):
-            table.add_row(str(number), str(t.prompt_tokens), str(t.cached_tokens), str(t.evaluated_tokens),
-                          str(t.completion_tokens), "-" if t.ttft is None else f"{t.ttft * 1000:.0f}",
-                          "-" if t.tokens_per_second is None else f"{t.tokens_per_second:.1f}")
+            table.add_row(
+                str(number),
+                str(t.prompt_tokens),
+                str(t.cached_tokens),
+                str(t.evaluated_tokens),
+                str(t.completion_tokens),
+                "-" if t.ttft is None else f"{t.ttft * 1000:.0f}",
+                "-" if t.tokens_per_second is None else f"{t.tokens_per_second:.1f}",
+            )
         self.info.print(table)
 
     @staticmethod
@@ -221,12 +241,13 @@ class ChatREPL:
 
 @app.command()
 def chat(
-    model: Annotated[str, typer.Option("--model", "-m", envvar="KVCHAT_MODEL",
-                                       help="Packaged model name or .gguf path.")] = DEFAULT_CHAT_MODEL,
-    system: Annotated[Optional[str], typer.Option(help="System prompt.")] = None,  # noqa: UP045
+    model: Annotated[
+        str, typer.Option("--model", "-m", envvar="KVCHAT_MODEL", help="Packaged model name or .gguf path.")
+    ] = DEFAULT_CHAT_MODEL,
+    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
     max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens per answer.")] = 1024,
     temperature: Annotated[float, typer.Option(min=0, max=2)] = 0.7,
-    seed: Annotated[Optional[int], typer.Option(help="Sampling seed (repeatable answers).")] = None,  # noqa: UP045
+    seed: Annotated[int | None, typer.Option(help="Sampling seed (repeatable answers).")] = None,
     ctx_size: Annotated[int, typer.Option(min=256, help="KV cells (history and cache).")] = 8192,
 ) -> None:
     """Chat with a model in the terminal; /help lists the commands."""

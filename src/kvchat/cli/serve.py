@@ -7,7 +7,7 @@ shown in ``--help``); a command-line value wins.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -26,46 +26,72 @@ def _size(text: str) -> int:
 
 @app.command()
 def serve(
-    model: Annotated[str, typer.Option("--model", "-m", envvar="KVCHAT_MODEL",
-                                       help="Packaged model name or path to a .gguf file.")] = DEFAULT_CHAT_MODEL,
-    model_name: Annotated[Optional[str], typer.Option(  # noqa: UP045 - typer reads the annotation
-        envvar="KVCHAT_MODEL_NAME", help="Model id clients send (default: the model's name or file stem).")] = None,
-    host: Annotated[str, typer.Option(envvar="KVCHAT_HOST",
-                                      help="Address to bind; 0.0.0.0 exposes the server to the network.")]
-    = "127.0.0.1",
+    model: Annotated[
+        str, typer.Option("--model", "-m", envvar="KVCHAT_MODEL", help="Packaged model name or path to a .gguf file.")
+    ] = DEFAULT_CHAT_MODEL,
+    model_name: Annotated[
+        str | None,
+        typer.Option(
+            envvar="KVCHAT_MODEL_NAME", help="Model id clients send (default: the model's name or file stem)."
+        ),
+    ] = None,
+    host: Annotated[
+        str, typer.Option(envvar="KVCHAT_HOST", help="Address to bind; 0.0.0.0 exposes the server to the network.")
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(envvar="KVCHAT_PORT", min=0, max=65535)] = 8000,
-    ctx_size: Annotated[int, typer.Option(envvar="KVCHAT_CTX_SIZE", min=16,
-                                          help="KV cells shared by all requests.")] = 8192,
-    parallel: Annotated[int, typer.Option(envvar="KVCHAT_PARALLEL", min=1, max=128,
-                                          help="Requests decoded together; more wait in the queue.")] = 16,
-    max_queued: Annotated[int, typer.Option(envvar="KVCHAT_MAX_QUEUED", min=0,
-                                            help="Requests that may wait; beyond them: 429.")] = 64,
-    cache_ram: Annotated[str, typer.Option(envvar="KVCHAT_CACHE_RAM",
-                                           help="Host RAM for KV state evicted from the pool (0: none).")]
-    = "256M",
-    cache_dir: Annotated[Optional[Path], typer.Option(  # noqa: UP045
-        envvar="KVCHAT_CACHE_DIR", help="Directory that keeps cached KV state across restarts.")] = None,
-    cache_disk: Annotated[Optional[str], typer.Option(  # noqa: UP045
-        envvar="KVCHAT_CACHE_DISK", help="Bound on --cache-dir's size (default: none).")] = None,
-    api_key: Annotated[Optional[list[str]], typer.Option(  # noqa: UP045
-        envvar="KVCHAT_API_KEY", help="Require 'Authorization: Bearer KEY' (repeatable; env: space-separated).")]
-    = None,
-    share_cache_between_keys: Annotated[bool, typer.Option(
-        envvar="KVCHAT_SHARE_CACHE_BETWEEN_KEYS", help="Let different API keys share cached prefixes.")] = False,
-    max_tokens: Annotated[int, typer.Option(envvar="KVCHAT_MAX_TOKENS", min=1,
-                                            help="Most tokens one request may generate.")] = 4096,
-    request_timeout: Annotated[float, typer.Option(envvar="KVCHAT_REQUEST_TIMEOUT", min=0,
-                                                   help="Seconds a request may take (0: no limit).")] = 600.0,
+    ctx_size: Annotated[
+        int, typer.Option(envvar="KVCHAT_CTX_SIZE", min=16, help="KV cells shared by all requests.")
+    ] = 8192,
+    parallel: Annotated[
+        int,
+        typer.Option(
+            envvar="KVCHAT_PARALLEL", min=1, max=128, help="Requests decoded together; more wait in the queue."
+        ),
+    ] = 16,
+    max_queued: Annotated[
+        int, typer.Option(envvar="KVCHAT_MAX_QUEUED", min=0, help="Requests that may wait; beyond them: 429.")
+    ] = 64,
+    cache_ram: Annotated[
+        str, typer.Option(envvar="KVCHAT_CACHE_RAM", help="Host RAM for KV state evicted from the pool (0: none).")
+    ] = "256M",
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(envvar="KVCHAT_CACHE_DIR", help="Directory that keeps cached KV state across restarts."),
+    ] = None,
+    cache_disk: Annotated[
+        str | None, typer.Option(envvar="KVCHAT_CACHE_DISK", help="Bound on --cache-dir's size (default: none).")
+    ] = None,
+    api_key: Annotated[
+        list[str] | None,
+        typer.Option(
+            envvar="KVCHAT_API_KEY", help="Require 'Authorization: Bearer KEY' (repeatable; env: space-separated)."
+        ),
+    ] = None,
+    share_cache_between_keys: Annotated[
+        bool,
+        typer.Option(envvar="KVCHAT_SHARE_CACHE_BETWEEN_KEYS", help="Let different API keys share cached prefixes."),
+    ] = False,
+    max_tokens: Annotated[
+        int, typer.Option(envvar="KVCHAT_MAX_TOKENS", min=1, help="Most tokens one request may generate.")
+    ] = 4096,
+    request_timeout: Annotated[
+        float, typer.Option(envvar="KVCHAT_REQUEST_TIMEOUT", min=0, help="Seconds a request may take (0: no limit).")
+    ] = 600.0,
     max_body: Annotated[str, typer.Option(envvar="KVCHAT_MAX_BODY", help="Largest request body.")] = "4M",
-    cors_origin: Annotated[Optional[list[str]], typer.Option(  # noqa: UP045
-        envvar="KVCHAT_CORS_ORIGIN", help="Allow this browser origin (repeatable; default: CORS off).")] = None,
-    shutdown_grace: Annotated[float, typer.Option(
-        envvar="KVCHAT_SHUTDOWN_GRACE", min=0, help="Seconds in-flight requests get on shutdown.")] = 10.0,
-    threads: Annotated[Optional[int], typer.Option(  # noqa: UP045
-        envvar="KVCHAT_THREADS", min=1, help="CPU threads (default: every core).")] = None,
+    cors_origin: Annotated[
+        list[str] | None,
+        typer.Option(envvar="KVCHAT_CORS_ORIGIN", help="Allow this browser origin (repeatable; default: CORS off)."),
+    ] = None,
+    shutdown_grace: Annotated[
+        float, typer.Option(envvar="KVCHAT_SHUTDOWN_GRACE", min=0, help="Seconds in-flight requests get on shutdown.")
+    ] = 10.0,
+    threads: Annotated[
+        int | None, typer.Option(envvar="KVCHAT_THREADS", min=1, help="CPU threads (default: every core).")
+    ] = None,
     log_level: Annotated[str, typer.Option(envvar="KVCHAT_LOG_LEVEL")] = "info",
-    access_log: Annotated[bool, typer.Option(envvar="KVCHAT_ACCESS_LOG",
-                                             help="One JSON line per request on stderr.")] = True,
+    access_log: Annotated[
+        bool, typer.Option(envvar="KVCHAT_ACCESS_LOG", help="One JSON line per request on stderr.")
+    ] = True,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions and more)."""
     from kvchat.engine import EngineSettings
@@ -74,19 +100,35 @@ def serve(
 
     try:
         engine_settings = EngineSettings(
-            n_ctx=ctx_size, max_running=parallel, n_seq_max=min(2 * parallel, 256), n_threads=threads,
-            open_max_tokens=max_tokens, cache_ram_bytes=_size(cache_ram),
+            n_ctx=ctx_size,
+            max_running=parallel,
+            n_seq_max=min(2 * parallel, 256),
+            n_threads=threads,
+            open_max_tokens=max_tokens,
+            cache_ram_bytes=_size(cache_ram),
             cache_dir=str(cache_dir) if cache_dir else None,
             cache_disk_bytes=_size(cache_disk) if cache_disk else None,
         )
         settings = ServerSettings(
-            model_name=model_name or default_model_name(model), api_keys=tuple(api_key or ()),
-            isolate_api_keys=not share_cache_between_keys, max_queued=max_queued, max_tokens_limit=max_tokens,
-            request_timeout=request_timeout or None, max_body_bytes=_size(max_body),
-            cors_origins=tuple(cors_origin or ()), shutdown_grace=shutdown_grace,
+            model_name=model_name or default_model_name(model),
+            api_keys=tuple(api_key or ()),
+            isolate_api_keys=not share_cache_between_keys,
+            max_queued=max_queued,
+            max_tokens_limit=max_tokens,
+            request_timeout=request_timeout or None,
+            max_body_bytes=_size(max_body),
+            cors_origins=tuple(cors_origin or ()),
+            shutdown_grace=shutdown_grace,
         )
-        run_server(model, host=host, port=port, settings=settings, engine_settings=engine_settings,
-                   log_level=log_level, access_log=access_log)
+        run_server(
+            model,
+            host=host,
+            port=port,
+            settings=settings,
+            engine_settings=engine_settings,
+            log_level=log_level,
+            access_log=access_log,
+        )
     except KVChatError as exc:
         typer.secho(f"kvchat serve: {exc}", err=True, fg="red")
         raise typer.Exit(2) from None

@@ -23,14 +23,22 @@ def json_schema_to_grammar(schema: Mapping[str, Any]) -> str:
     """
     try:
         grammar = llama_grammar.json_schema_to_gbnf(json.dumps(schema))
-    except (AssertionError, AttributeError, ValueError, KeyError, TypeError, NotImplementedError,
-            RecursionError) as exc:
+    except (
+        AssertionError,
+        AttributeError,
+        ValueError,
+        KeyError,
+        TypeError,
+        NotImplementedError,
+        RecursionError,
+    ) as exc:
         # The converter signals some unsupported schemas with assert, and trips on
         # others (``"properties": 5``) with AttributeError.
         raise InvalidRequestError(f"unsupported JSON schema: {exc}", field="response_format") from exc
     try:
         grammar.encode("utf-8")
     except UnicodeEncodeError:
-        raise InvalidRequestError("the JSON schema holds text that is not valid Unicode",
-                                  field="response_format") from None
+        raise InvalidRequestError(
+            "the JSON schema holds text that is not valid Unicode", field="response_format"
+        ) from None
     return grammar

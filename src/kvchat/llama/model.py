@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -80,7 +82,7 @@ class Model:
     @property
     def vocab_handle(self) -> llama_cpp.llama_vocab_p:
         """The raw `llama_vocab *`, for the other wrappers in this package only."""
-        self.handle  # raises if closed
+        _ = self.handle  # raises if closed
         return self._vocab
 
     def sha256(self) -> str:
@@ -119,8 +121,9 @@ class Model:
         try:
             data = text.encode("utf-8")
         except UnicodeEncodeError as exc:
-            raise InvalidRequestError(f"the text is not valid Unicode: {exc.reason} at index {exc.start}",
-                                      field="text") from None
+            raise InvalidRequestError(
+                f"the text is not valid Unicode: {exc.reason} at index {exc.start}", field="text"
+            ) from None
         capacity = len(data) + 8
         tokens = (llama_cpp.llama_token * capacity)()
         n = llama_cpp.llama_tokenize(self._vocab, data, len(data), tokens, capacity, add_special, parse_special)
@@ -151,10 +154,8 @@ class Model:
     def _read_metadata(self) -> dict[str, str]:
         metadata: dict[str, str] = {}
         for i in range(llama_cpp.llama_model_meta_count(self._handle)):
-            key = _read_c_string(lambda buf, size: llama_cpp.llama_model_meta_key_by_index(self._handle, i, buf, size))
-            value = _read_c_string(
-                lambda buf, size: llama_cpp.llama_model_meta_val_str_by_index(self._handle, i, buf, size)
-            )
+            key = _read_c_string(functools.partial(llama_cpp.llama_model_meta_key_by_index, self._handle, i))
+            value = _read_c_string(functools.partial(llama_cpp.llama_model_meta_val_str_by_index, self._handle, i))
             metadata[key] = value
         return metadata
 
@@ -165,7 +166,7 @@ class Model:
         return f"Model({str(self.path)!r}, {self.description!r})"
 
 
-def _read_c_string(read) -> str:  # type: ignore[no-untyped-def]
+def _read_c_string(read: Callable[[ctypes.Array[ctypes.c_char], int], int]) -> str:
     """Call a snprintf-style llama.cpp getter, growing the buffer when it is too small."""
     size = 256
     while True:

@@ -57,8 +57,14 @@ def serve(
         # The app closes the engine at shutdown: uvicorn ends the process by
         # re-raising the signal as soon as it returns, so `with` cannot be relied on.
         app = create_app(engine, settings, owns_engine=True)
-        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                                timeout_graceful_shutdown=int(settings.shutdown_grace) + 5)
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level=log_level,
+            access_log=False,
+            timeout_graceful_shutdown=int(settings.shutdown_grace) + 5,
+        )
         uvicorn.Server(config).run()
 
 

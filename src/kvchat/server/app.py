@@ -44,8 +44,9 @@ from kvchat.server.state import ServerState
 __all__ = ["create_app"]
 
 
-def create_app(engine: Engine, settings: ServerSettings | None = None, *, owns_engine: bool = False,
-               **options: Any) -> FastAPI:
+def create_app(
+    engine: Engine, settings: ServerSettings | None = None, *, owns_engine: bool = False, **options: Any
+) -> FastAPI:
     """An app that serves `engine`, configured by `settings` or by
     :class:`ServerSettings` keyword options (``model_name=...`` at least).
 
@@ -71,8 +72,10 @@ def create_app(engine: Engine, settings: ServerSettings | None = None, *, owns_e
     # too, and the access log sees every request.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
-                           allow_headers=["*"])
-    app.add_middleware(AccessLog, count=lambda endpoint, status: state.metrics.requests.labels(
-        endpoint, str(status)).inc())
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"], allow_headers=["*"]
+        )
+    app.add_middleware(
+        AccessLog, count=lambda endpoint, status: state.metrics.requests.labels(endpoint, str(status)).inc()
+    )
     return app

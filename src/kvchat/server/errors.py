@@ -26,9 +26,16 @@ log = logging.getLogger("kvchat.server")
 class APIError(Exception):
     """An error the server answers with `status` and OpenAI's error body."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -62,8 +69,11 @@ def error_response(error: APIError) -> JSONResponse:
     headers = dict(error.headers)
     if error.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
-    return JSONResponse(error_body(error.message, type=error.type, param=error.param, code=error.code),
-                        status_code=error.status, headers=headers)
+    return JSONResponse(
+        error_body(error.message, type=error.type, param=error.param, code=error.code),
+        status_code=error.status,
+        headers=headers,
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -89,6 +99,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     app.add_exception_handler(APIError, on_error)
     app.add_exception_handler(InvalidRequestError, on_error)
-    app.add_exception_handler(RequestValidationError, on_validation)
-    app.add_exception_handler(StarletteHTTPException, on_http)
+    # Through the decorator: add_exception_handler is typed for handlers of any Exception, not of one class.
+    app.exception_handler(RequestValidationError)(on_validation)
+    app.exception_handler(StarletteHTTPException)(on_http)
     app.add_exception_handler(Exception, on_error)

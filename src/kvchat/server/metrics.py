@@ -42,25 +42,29 @@ class _EngineCollector(Collector):
             ("cache_evictions", stats.evictions, "Cache entries evicted from the KV pool."),
         ):
             yield CounterMetricFamily(f"kvchat_{name}", doc, value=value)
-        yield GaugeMetricFamily("kvchat_cache_hit_rate", "Cached / prompt tokens since start.",
-                                value=stats.cache_hit_rate)
-        yield GaugeMetricFamily("kvchat_kv_cells_used", "KV cells in use (cache, conversations, running).",
-                                value=stats.tokens_resident)
-        tiers = GaugeMetricFamily("kvchat_cache_resident_tokens", "Tokens held by each cache tier.",
-                                  labels=["tier"])
+        yield GaugeMetricFamily(
+            "kvchat_cache_hit_rate", "Cached / prompt tokens since start.", value=stats.cache_hit_rate
+        )
+        yield GaugeMetricFamily(
+            "kvchat_kv_cells_used", "KV cells in use (cache, conversations, running).", value=stats.tokens_resident
+        )
+        tiers = GaugeMetricFamily("kvchat_cache_resident_tokens", "Tokens held by each cache tier.", labels=["tier"])
         for tier, value in (("kv", stats.cache_tokens), ("ram", stats.ram_tokens), ("disk", stats.disk_tokens)):
             tiers.add_metric([tier], value)
         yield tiers
         sequences = GaugeMetricFamily("kvchat_sequences", "KV sequence ids by state.", labels=["state"])
-        for state, value in (("free", stats.free_sequences), ("parked", stats.parked_sequences),
-                             ("active", stats.active)):
+        for state, value in (
+            ("free", stats.free_sequences),
+            ("parked", stats.parked_sequences),
+            ("active", stats.active),
+        ):
             sequences.add_metric([state], value)
         yield sequences
-        yield GaugeMetricFamily("kvchat_cache_locked_tokens", "Cached tokens running requests depend on.",
-                                value=stats.locked_cache_tokens)
+        yield GaugeMetricFamily(
+            "kvchat_cache_locked_tokens", "Cached tokens running requests depend on.", value=stats.locked_cache_tokens
+        )
         yield GaugeMetricFamily("kvchat_requests_active", "Requests the engine is running.", value=stats.active)
-        yield GaugeMetricFamily("kvchat_requests_queued", "Requests waiting for an engine slot.",
-                                value=stats.queued)
+        yield GaugeMetricFamily("kvchat_requests_queued", "Requests waiting for an engine slot.", value=stats.queued)
 
 
 class ServerMetrics:
@@ -68,16 +72,27 @@ class ServerMetrics:
 
     def __init__(self, engine: Engine) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("kvchat_http_requests", "HTTP requests by endpoint and status.",
-                                ["endpoint", "status"], registry=self.registry)
-        self.in_flight = Gauge("kvchat_http_requests_in_flight", "Model requests being served over HTTP.",
-                               registry=self.registry)
+        self.requests = Counter(
+            "kvchat_http_requests",
+            "HTTP requests by endpoint and status.",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "kvchat_http_requests_in_flight", "Model requests being served over HTTP.", registry=self.registry
+        )
         self.time_to_first_token = Histogram(
-            "kvchat_time_to_first_token_seconds", "From submitting a request to its first token.",
-            buckets=_TTFT_BUCKETS, registry=self.registry)
+            "kvchat_time_to_first_token_seconds",
+            "From submitting a request to its first token.",
+            buckets=_TTFT_BUCKETS,
+            registry=self.registry,
+        )
         self.time_per_output_token = Histogram(
-            "kvchat_time_per_output_token_seconds", "Mean time between output tokens, per request.",
-            buckets=_PER_TOKEN_BUCKETS, registry=self.registry)
+            "kvchat_time_per_output_token_seconds",
+            "Mean time between output tokens, per request.",
+            buckets=_PER_TOKEN_BUCKETS,
+            registry=self.registry,
+        )
         self.registry.register(_EngineCollector(engine))
 
     def observe(self, usage: Usage, submitted_at: float, finished_at: float) -> None:

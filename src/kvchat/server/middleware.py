@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from datetime import datetime, timezone
 from collections.abc import Callable
+from datetime import datetime, timezone
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -46,8 +46,7 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_large = APIError(413, f"the request body is larger than {self.max_bytes} bytes",
-                             code="request_too_large")
+        too_large = APIError(413, f"the request body is larger than {self.max_bytes} bytes", code="request_too_large")
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await error_response(too_large)(scope, receive, send)
@@ -108,12 +107,16 @@ class AccessLog:
             path = scope.get("path", "")
             self.count(endpoint_label(path), status)
             client = scope.get("client")
-            access_log.info(json.dumps({
-                "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-                "event": "http_request",
-                "method": scope.get("method"),
-                "path": path,
-                "status": status,
-                "duration_ms": round((time.monotonic() - started) * 1000, 1),
-                "client": f"{client[0]}:{client[1]}" if client else None,
-            }))
+            access_log.info(
+                json.dumps(
+                    {
+                        "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                        "event": "http_request",
+                        "method": scope.get("method"),
+                        "path": path,
+                        "status": status,
+                        "duration_ms": round((time.monotonic() - started) * 1000, 1),
+                        "client": f"{client[0]}:{client[1]}" if client else None,
+                    }
+                )
+            )

@@ -37,8 +37,10 @@ class Admission:
         """Take a slot or raise the 429 error. Call from the event loop only."""
         if self.in_flight >= self.capacity:
             raise APIError(
-                429, f"the server is busy ({self.in_flight} requests in flight); retry later",
-                type="rate_limit_error", code="rate_limit_exceeded",
+                429,
+                f"the server is busy ({self.in_flight} requests in flight); retry later",
+                type="rate_limit_error",
+                code="rate_limit_exceeded",
                 headers={"Retry-After": str(self.retry_after)},
             )
         self.in_flight += 1
@@ -53,8 +55,9 @@ class RequestRun:
     """One admitted request. Use :meth:`attach` once its stream exists and
     :meth:`finish` exactly when it ends (any path; further calls do nothing)."""
 
-    def __init__(self, admission: Admission, metrics: ServerMetrics, *, timeout: float | None,
-                 shutdown_grace: float) -> None:
+    def __init__(
+        self, admission: Admission, metrics: ServerMetrics, *, timeout: float | None, shutdown_grace: float
+    ) -> None:
         admission.enter()
         self._admission = admission
         self._metrics = metrics
@@ -91,8 +94,12 @@ class RequestRun:
     def error(self) -> APIError | None:
         """Why the server cut the request short, as the error to report (None if it did not)."""
         if self._stopped_by == "timeout":
-            return APIError(504, f"the request took longer than the server's limit of {self._timeout:g} s",
-                            type="server_error", code="request_timeout")
+            return APIError(
+                504,
+                f"the request took longer than the server's limit of {self._timeout:g} s",
+                type="server_error",
+                code="request_timeout",
+            )
         if self._stopped_by == "shutdown":
             return APIError(503, "the server is shutting down", type="server_error", code="server_shutdown")
         return None

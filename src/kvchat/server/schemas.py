@@ -7,7 +7,7 @@ and dropped (``extra="allow"``), so official clients never fail on them.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -78,9 +78,10 @@ class CompletionRequest(SamplingFields):
         """The prompts, one per choice (a bare list of ints is one prompt of token ids)."""
         if isinstance(self.prompt, str):
             return [self.prompt]
+        # `all(isinstance(...))` does not narrow the union for the type checker: say what it proved.
         if self.prompt and all(isinstance(item, int) for item in self.prompt):
-            return [list(self.prompt)]  # type: ignore[arg-type]
-        return list(self.prompt)  # type: ignore[arg-type]
+            return [cast("list[int]", list(self.prompt))]
+        return cast("list[str | list[int]]", list(self.prompt))
 
 
 class EmbeddingRequest(BaseModel):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 
 import anyio
@@ -32,8 +32,9 @@ def error_event(error: APIError) -> Event:
     return data_event(error_body(error.message, type=error.type, param=error.param, code=error.code))
 
 
-def sse_response(run: RequestRun, stream: Cancellable, events: AsyncIterator[Event],
-                 *, shutdown_grace: float) -> EventSourceResponse:
+def sse_response(
+    run: RequestRun, stream: Cancellable, events: AsyncGenerator[Event, None], *, shutdown_grace: float
+) -> EventSourceResponse:
     """Stream `events` (produced from `stream`) to the client under `run`'s rules.
 
     The producer should stop early (no finish event) when ``run.error`` is set:
@@ -50,17 +51,19 @@ class _RequestEventStream(EventSourceResponse):
     generator that never started, and its request, behind.
     """
 
-    def __init__(self, run: RequestRun, stream: Cancellable, events: AsyncIterator[Event],
-                 shutdown_grace: float) -> None:
+    def __init__(
+        self, run: RequestRun, stream: Cancellable, events: AsyncGenerator[Event, None], shutdown_grace: float
+    ) -> None:
         self._run = run
         self._stream = stream
         # sse-starlette sets this event when the server begins to shut down and
         # force-cancels the stream after its own grace period; ours ends first.
         self._shutdown = anyio.Event()
-        super().__init__(self._guarded(events), ping=15, shutdown_event=self._shutdown,
-                         shutdown_grace_period=shutdown_grace + 2)
+        super().__init__(
+            self._guarded(events), ping=15, shutdown_event=self._shutdown, shutdown_grace_period=shutdown_grace + 2
+        )
 
-    async def _guarded(self, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
+    async def _guarded(self, events: AsyncGenerator[Event, None]) -> AsyncIterator[Event]:
         try:
             async with aclosing(events) as produced:
                 async for event in produced:

@@ -32,8 +32,9 @@ class ServerState:
         self.settings = settings
         self.created = int(time.time())
         self.metrics = ServerMetrics(engine)
-        self.admission = Admission(engine.settings.max_running + settings.max_queued, settings.retry_after,
-                                   self.metrics)
+        self.admission = Admission(
+            engine.settings.max_running + settings.max_queued, settings.retry_after, self.metrics
+        )
         self._embedder: Embedder | None = None
         self._embedder_lock = threading.Lock()
 
@@ -60,13 +61,21 @@ class ServerState:
     def check_model(self, requested: str) -> None:
         """404 unless `requested` is the served model's id."""
         if requested != self.settings.model_name:
-            raise APIError(404, f"the model {requested!r} does not exist; this server serves "
-                           f"{self.settings.model_name!r}", param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"the model {requested!r} does not exist; this server serves {self.settings.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
 
     def new_run(self) -> RequestRun:
         """Admit a model request (429 if the server is full)."""
-        return RequestRun(self.admission, self.metrics, timeout=self.settings.request_timeout,
-                          shutdown_grace=self.settings.shutdown_grace)
+        return RequestRun(
+            self.admission,
+            self.metrics,
+            timeout=self.settings.request_timeout,
+            shutdown_grace=self.settings.shutdown_grace,
+        )
 
     def sampling(self, body: Any, max_tokens: int | None) -> SamplingParams:
         """Sampling options of a chat or text completion body; unset ones keep kvchat's defaults.
@@ -76,8 +85,9 @@ class ServerState:
         """
         limit = self.settings.max_tokens_limit
         if max_tokens is not None and limit is not None and max_tokens > limit:
-            raise InvalidRequestError(f"max_tokens is {max_tokens}; this server allows at most {limit}",
-                                      field="max_tokens")
+            raise InvalidRequestError(
+                f"max_tokens is {max_tokens}; this server allows at most {limit}", field="max_tokens"
+            )
         options: dict[str, Any] = {"max_tokens": max_tokens}
         for name in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty"):
             value = getattr(body, name)

@@ -158,6 +158,7 @@ def _write_tools(
     Semantic Kernel's `update_settings_from_function_call_configuration` does, but
     storing the choice as its plain string)."""
     if configuration.available_functions and hasattr(settings, "tools") and hasattr(settings, "tool_choice"):
-        settings.tools = [kernel_function_metadata_to_function_call_format(f)
-                          for f in configuration.available_functions]
+        settings.tools = [
+            kernel_function_metadata_to_function_call_format(f) for f in configuration.available_functions
+        ]
         settings.tool_choice = choice.value

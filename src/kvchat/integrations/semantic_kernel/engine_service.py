@@ -45,11 +45,16 @@ class EngineService(AIServiceClientBase):
             raise ValueError("give exactly one of engine or model")
         owns = engine is None
         if engine is None:
+            assert model is not None  # exactly one of them is given
             logger.info("starting a kvchat engine on %s", model)
             engine = Engine(model, engine_settings)
         try:
-            super().__init__(engine=engine, owns_engine=owns,
-                             ai_model_id=ai_model_id or _model_id(engine, model), service_id=service_id or "")
+            super().__init__(
+                engine=engine,
+                owns_engine=owns,
+                ai_model_id=ai_model_id or _model_id(engine, model),
+                service_id=service_id or "",
+            )
         except BaseException:
             if owns:
                 engine.close()

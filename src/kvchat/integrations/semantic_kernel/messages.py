@@ -62,8 +62,9 @@ def _text_of(message: ChatMessageContent) -> str:
         if isinstance(item, TextContent):
             texts.append(item.text)
         elif not isinstance(item, FunctionCallContent):
-            logger.warning("skipping a %s item of a %s message: only text is supported",
-                           type(item).__name__, message.role.value)
+            logger.warning(
+                "skipping a %s item of a %s message: only text is supported", type(item).__name__, message.role.value
+            )
     return "".join(texts)
 
 
@@ -84,8 +85,9 @@ def function_call_contents(calls: Iterable[ToolCall], start_index: int = 0) -> l
     """Semantic Kernel function calls for kvchat tool calls: each keeps kvchat's
     unique id and gets its position in the reply as `index`."""
     return [
-        FunctionCallContent(id=call.id, index=start_index + i, name=call.name,
-                            arguments=json.dumps(call.arguments, ensure_ascii=False))
+        FunctionCallContent(
+            id=call.id, index=start_index + i, name=call.name, arguments=json.dumps(call.arguments, ensure_ascii=False)
+        )
         for i, call in enumerate(calls)
     ]
 

@@ -18,8 +18,15 @@ __all__ = ["KVChatPromptExecutionSettings", "KVTextPromptExecutionSettings"]
 
 # Settings fields that map one to one onto `SamplingParams` fields.
 _SAMPLING_FIELDS = (
-    "max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty",
-    "presence_penalty", "frequency_penalty", "seed",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repeat_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
 )
 
 

@@ -42,16 +42,13 @@ class KVTextCompletion(EngineService, TextCompletionClientBase):
         """Settings type of this service: :class:`KVTextPromptExecutionSettings`."""
         return KVTextPromptExecutionSettings
 
-    async def _inner_get_text_contents(
-        self, prompt: str, settings: PromptExecutionSettings
-    ) -> list[TextContent]:
+    async def _inner_get_text_contents(self, prompt: str, settings: PromptExecutionSettings) -> list[TextContent]:
         completion = await (await self._start(prompt, settings)).acollect()
         return [
             TextContent(
                 text=completion.text,
                 ai_model_id=self.ai_model_id,
-                metadata={"usage": usage_metadata(completion.usage),
-                          "finish_reason": completion.usage.finish_reason},
+                metadata={"usage": usage_metadata(completion.usage), "finish_reason": completion.usage.finish_reason},
                 inner_content=completion,
             )
         ]
@@ -68,8 +65,11 @@ class KVTextCompletion(EngineService, TextCompletionClientBase):
                 metadata = {"usage": usage_metadata(chunk.usage), "finish_reason": chunk.usage.finish_reason}
             yield [
                 StreamingTextContent(
-                    choice_index=0, text=chunk.text, ai_model_id=self.ai_model_id,
-                    metadata=metadata, inner_content=chunk,
+                    choice_index=0,
+                    text=chunk.text,
+                    ai_model_id=self.ai_model_id,
+                    metadata=metadata,
+                    inner_content=chunk,
                 )
             ]
 
@@ -79,6 +79,9 @@ class KVTextCompletion(EngineService, TextCompletionClientBase):
             settings = self.get_prompt_execution_settings_from_settings(settings)
         assert isinstance(settings, KVTextPromptExecutionSettings)  # nosec
         return await asyncio.to_thread(
-            self.engine.generate, prompt, settings.to_sampling_params(),
-            parse_special=self.parse_special, cache_key=settings.cache_key,
+            self.engine.generate,
+            prompt,
+            settings.to_sampling_params(),
+            parse_special=self.parse_special,
+            cache_key=settings.cache_key,
         )

@@ -76,7 +76,8 @@ class KVTextEmbedding(EmbeddingGeneratorBase):
         try:
             embedder = Embedder(loaded, **(embedder_options or {}))
             super().__init__(
-                embedder=embedder, owns_model=owns_model,
+                embedder=embedder,
+                owns_model=owns_model,
                 ai_model_id=ai_model_id or os.path.basename(os.fspath(loaded.path)),
                 service_id=service_id or "",
             )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from fastapi import APIRouter, Depends
@@ -22,20 +22,29 @@ router = APIRouter()
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, state: ServerState = Depends(server_state),
-                           cache_key: str | None = Depends(authorized)) -> Any:
+async def chat_completions(
+    body: ChatCompletionRequest, state: ServerState = Depends(server_state), cache_key: str | None = Depends(authorized)
+) -> Any:
     state.check_model(body.model)
     if body.n is not None and body.n != 1:
         raise APIError(400, "only n=1 is supported", param="n")
     if body.tools and len(body.tools) > state.settings.max_tools:
-        raise APIError(400, f"{len(body.tools)} tools; this server allows at most {state.settings.max_tools}",
-                       param="tools")
+        raise APIError(
+            400, f"{len(body.tools)} tools; this server allows at most {state.settings.max_tools}", param="tools"
+        )
     sampling = state.sampling(body, body.max_completion_tokens or body.max_tokens)
     run = state.new_run()
     try:
         stream = await asyncio.to_thread(
-            complete, state.engine, body.history(), tools=body.tools, tool_choice=body.tool_choice,
-            response_format=body.response_format, sampling=sampling, cache_key=cache_key)
+            complete,
+            state.engine,
+            body.history(),
+            tools=body.tools,
+            tool_choice=body.tool_choice,
+            response_format=body.response_format,
+            sampling=sampling,
+            cache_key=cache_key,
+        )
     except BaseException as exc:
         run.finish()
         if isinstance(exc, Exception):
@@ -68,23 +77,29 @@ async def chat_completions(body: ChatCompletionRequest, state: ServerState = Dep
         "created": int(time.time()),
         "model": model,
         "system_fingerprint": None,
-        "choices": [{"index": 0, "message": message, "logprobs": None,
-                     "finish_reason": finish_reason(reply.finish_reason)}],
+        "choices": [
+            {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason(reply.finish_reason)}
+        ],
         "usage": openai_usage(reply.usage),
     }
 
 
-async def _chat_events(stream: ChatStream, run: RequestRun, reply_id: str, model: str,
-                       include_usage: bool) -> AsyncIterator[Event]:
+async def _chat_events(
+    stream: ChatStream, run: RequestRun, reply_id: str, model: str, include_usage: bool
+) -> AsyncGenerator[Event, None]:
     """The chunks of a streamed reply (``[DONE]`` and errors are added by `sse_response`)."""
     created = int(time.time())
 
     def chunk(delta: dict[str, Any], finish: str | None = None, usage: dict | None = None) -> Event:
         body: dict[str, Any] = {
-            "id": reply_id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "id": reply_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
             "system_fingerprint": None,
-            "choices": [] if usage is not None else [
-                {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            "choices": []
+            if usage is not None
+            else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
         }
         if usage is not None:
             body["usage"] = usage

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from fastapi import APIRouter, Depends
@@ -41,8 +41,9 @@ class _StreamGroup:
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, state: ServerState = Depends(server_state),
-                      cache_key: str | None = Depends(authorized)) -> Any:
+async def completions(
+    body: CompletionRequest, state: ServerState = Depends(server_state), cache_key: str | None = Depends(authorized)
+) -> Any:
     state.check_model(body.model)
     prompts = body.prompts()
     _check_supported(body, len(prompts), max_prompts=state.engine.settings.max_running)
@@ -87,9 +88,15 @@ async def completions(body: CompletionRequest, state: ServerState = Depends(serv
         "created": int(time.time()),
         "model": model,
         "system_fingerprint": None,
-        "choices": [{"index": index, "text": echoed[index] + result.text, "logprobs": None,
-                     "finish_reason": finish_reason(result.usage.finish_reason)}
-                    for index, result in enumerate(results)],
+        "choices": [
+            {
+                "index": index,
+                "text": echoed[index] + result.text,
+                "logprobs": None,
+                "finish_reason": finish_reason(result.usage.finish_reason),
+            }
+            for index, result in enumerate(results)
+        ],
         "usage": openai_usage(total),
     }
 
@@ -135,16 +142,21 @@ def _sum_usage(usages: list[Usage]) -> Usage:
     )
 
 
-async def _text_events(stream: Stream, run: RequestRun, reply_id: str, model: str, echoed: str,
-                       include_usage: bool) -> AsyncIterator[Event]:
+async def _text_events(
+    stream: Stream, run: RequestRun, reply_id: str, model: str, echoed: str, include_usage: bool
+) -> AsyncGenerator[Event, None]:
     created = int(time.time())
 
     def chunk(text: str, finish: str | None = None, usage: Usage | None = None) -> Event:
         body: dict[str, Any] = {
-            "id": reply_id, "object": "text_completion", "created": created, "model": model,
+            "id": reply_id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
             "system_fingerprint": None,
-            "choices": [] if usage is not None else [
-                {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+            "choices": []
+            if usage is not None
+            else [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
         }
         if usage is not None:
             body["usage"] = openai_usage(usage)

@@ -22,8 +22,9 @@ router = APIRouter()
 
 
 @router.post("/v1/embeddings")
-async def embeddings(body: EmbeddingRequest, state: ServerState = Depends(server_state),
-                     _: str | None = Depends(authorized)) -> Any:
+async def embeddings(
+    body: EmbeddingRequest, state: ServerState = Depends(server_state), _: str | None = Depends(authorized)
+) -> Any:
     state.check_model(body.model)
     texts = [body.input] if isinstance(body.input, str) else body.input
     limit = state.settings.max_embedding_inputs
@@ -43,8 +44,11 @@ async def embeddings(body: EmbeddingRequest, state: ServerState = Depends(server
         run.finish()
     data = []
     for index, vector in enumerate(vectors):
-        encoded: Any = (base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
-                        if body.encoding_format == "base64" else vector.tolist())
+        encoded: Any = (
+            base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+            if body.encoding_format == "base64"
+            else vector.tolist()
+        )
         data.append({"object": "embedding", "index": index, "embedding": encoded})
     return {
         "object": "list",

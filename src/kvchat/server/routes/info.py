@@ -29,14 +29,14 @@ async def metrics(state: ServerState = Depends(server_state)) -> Response:
 
 
 @router.get("/v1/models")
-async def models(_: str | None = Depends(authorized),
-                 state: ServerState = Depends(server_state)) -> dict[str, Any]:
+async def models(_: str | None = Depends(authorized), state: ServerState = Depends(server_state)) -> dict[str, Any]:
     return {"object": "list", "data": [_model_card(state)]}
 
 
 @router.get("/v1/models/{model_id:path}")
-async def model(model_id: str, _: str | None = Depends(authorized),
-                state: ServerState = Depends(server_state)) -> dict[str, Any]:
+async def model(
+    model_id: str, _: str | None = Depends(authorized), state: ServerState = Depends(server_state)
+) -> dict[str, Any]:
     state.check_model(model_id)
     return _model_card(state)
 
