@@ -1,7 +1,7 @@
 """kvchat: local language models with a content-keyed KV cache and continuous batching.
 
-    >>> from kvchat import Engine, SamplingParams
-    >>> with Engine("gemma-3-270m") as engine:
+    >>> from kvchat import Engine, SamplingParams, models
+    >>> with Engine(models.resolve("gemma-3-270m")) as engine:
     ...     print(engine.generate("The capital of France is", SamplingParams(max_tokens=8)).text())
 """
 
@@ -11,6 +11,7 @@ from kvchat.engine import (
     GREEDY,
     Chunk,
     Completion,
+    Conversation,
     Engine,
     EngineSettings,
     EngineStats,
@@ -19,7 +20,6 @@ from kvchat.engine import (
     Usage,
 )
 from kvchat.chat.session import ChatSession
-from kvchat.conversation import Conversation
 from kvchat.errors import (
     BackendError,
     ContextOverflowError,

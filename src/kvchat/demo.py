@@ -13,14 +13,14 @@ import sys
 from kvchat import Engine, SamplingParams
 from kvchat.chat.history import GeneratedTokenMemory
 from kvchat.chat.tokenizer import ChatTokenizer
-from kvchat.models import DEFAULT_CHAT_MODEL
+from kvchat.models import DEFAULT_CHAT_MODEL, resolve
 
 QUESTION = "What is a KV cache in a language model? Answer in two sentences."
 
 
 def run(model: str, question: str, max_tokens: int) -> None:
     """Run the two-turn demo and print to stdout."""
-    with Engine(model) as engine:
+    with Engine(resolve(model)) as engine:
         tokenizer = ChatTokenizer(engine.model, memory=GeneratedTokenMemory())
         messages = [{"role": "system", "content": "You are a concise assistant."},
                     {"role": "user", "content": question}]

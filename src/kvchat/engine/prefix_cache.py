@@ -142,11 +142,6 @@ class PrefixCache:
         length, node = self._walk(tokens, namespace)
         return MatchResult(length, node.holder, node) if node is not None else MatchResult(0, None, None)
 
-    def held_length(self, seq_id: int) -> int:
-        """How many positions parked `seq_id` holds (its leaf's end); 0 if not parked."""
-        leaf = self._leaf_of.get(seq_id)
-        return 0 if leaf is None else leaf.end
-
     def holders(self) -> set[int]:
         """The seq ids currently parked in the tree."""
         return set(self._leaf_of)

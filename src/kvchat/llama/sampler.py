@@ -82,10 +82,6 @@ class SamplerChain:
             raise RuntimeError("sampler chain is closed")
         return int(llama_cpp.llama_sampler_sample(self._chain, context.handle, row))
 
-    def accept(self, token: int) -> None:
-        """Record a token chosen elsewhere (so penalties see it)."""
-        llama_cpp.llama_sampler_accept(self._chain, token)
-
     def close(self) -> None:
         """Free the chain and its samplers. Safe to call twice."""
         if self._chain:

@@ -8,6 +8,7 @@ from pydantic import ConfigDict, Field
 from semantic_kernel.services.ai_service_client_base import AIServiceClientBase
 
 from kvchat.engine import Engine, EngineSettings
+from kvchat.models import resolve
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class EngineService(AIServiceClientBase):
         owns = engine is None
         if engine is None:
             logger.info("starting a kvchat engine on %s", model)
-            engine = Engine(model, engine_settings)
+            engine = Engine(resolve(model), engine_settings)
         try:
             super().__init__(engine=engine, owns_engine=owns,
                              ai_model_id=ai_model_id or _model_id(engine, model), service_id=service_id or "")

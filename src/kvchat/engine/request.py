@@ -1,4 +1,4 @@
-"""`Sequence`: one request's state inside the engine, from admission to finish."""
+"""`Request`: one request's state inside the engine, from submission to finish."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from kvchat.llama import SamplerChain
 
 
 @dataclass(eq=False)
-class Sequence:
-    """A request and the KV sequence it runs in.
+class Request:
+    """A submitted request and the KV sequence it runs in (once admitted).
 
     Owned by the engine's worker thread; only `cancel_requested` is written from
     other threads (a plain bool store, atomic in CPython).
@@ -72,6 +72,16 @@ class Sequence:
         self.note_first_token()
         self.generated.append(token)
         self.pending = [token]
+
+    @property
+    def all_tokens(self) -> tuple[int, ...]:
+        """The prompt and every token generated so far."""
+        return self.prompt + tuple(self.generated)
+
+    @property
+    def kv_tokens(self) -> tuple[int, ...]:
+        """The tokens whose KV this request's sequence holds (positions [0, n_past))."""
+        return self.all_tokens[: self.n_past]
 
     @property
     def evaluated_prompt_tokens(self) -> int:
