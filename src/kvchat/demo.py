@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kvchat import Engine, SamplingParams
+from kvchat.engine import Engine, SamplingParams
 from kvchat.chat.history import GeneratedTokenMemory
 from kvchat.chat.tokenizer import ChatTokenizer
 from kvchat.models import DEFAULT_CHAT_MODEL, resolve

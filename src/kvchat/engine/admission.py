@@ -95,33 +95,41 @@ class Admission:
         """Give `request` a sequence id, its cached prefix and its reservation, if
         room can be made. On success its `seq_id`, `n_past`, `cached_tokens` and
         `pending` are set; on failure nothing changes and the request waits."""
-        cache = self._pool.cache
         share = self.tree_plan(request)
-        if share.node is not None:
-            cache.lock(share.node)  # the matched path must survive the evictions below
+        self._lock(share.node)  # the matched path must survive the evictions below
         if self._compact:
             self._spill_parked()
         own = self.spilled_plan(request, share) or self.shifted_plan(request, share)
-        if own is not None and own.node is not None:
-            cache.lock(own.node)  # the original's holder must survive the evictions below
-        chosen = next((plan for plan in (own, share)
-                       if plan is not None and self._pool.reserve(request, plan.reserve_cells)), None)
-        if own is not None and own.node is not None and not (chosen is own and own.source == "shifted"):
-            cache.unlock(own.node)  # (a shift take-over unlocks it itself)
+        if own is not None:
+            self._lock(own.node)  # the original's holder must survive the evictions below
+        chosen = next(
+            (plan for plan in (own, share) if plan is not None and self._pool.reserve(request, plan.reserve_cells)),
+            None,
+        )
+        if own is not None and not (chosen is own and own.source == "shifted"):
+            self._unlock(own.node)  # (a shift take-over unlocks it itself)
         if chosen is None:
-            if share.node is not None:
-                cache.unlock(share.node)
+            self._unlock(share.node)
             return False
         if chosen is own and self._load_own(request, own):
-            if share.node is not None:
-                cache.unlock(share.node)
+            self._unlock(share.node)
         else:
             self._share(request, share)
         if not self._settle_reservation(request):
             return False
         request.n_past = request.cached_tokens
-        request.pending = list(request.prompt[request.cached_tokens:])
+        request.pending = list(request.prompt[request.cached_tokens :])
         return True
+
+    def _lock(self, node: Node | None) -> None:
+        if node is not None:
+            assert self._pool.cache is not None  # nodes come from the cache
+            self._pool.cache.lock(node)
+
+    def _unlock(self, node: Node | None) -> None:
+        if node is not None:
+            assert self._pool.cache is not None
+            self._pool.cache.unlock(node)
 
     # -- plans ---------------------------------------------------------------------------------
 
@@ -132,8 +140,9 @@ class Admission:
             found = cache.match(request.prompt, namespace=request.cache_key)
             usable = usable_prefix(request, found.length)
             if usable:
-                return AdmissionPlan("tree", usable, cells_to_reserve(request, usable), node=found.node,
-                                     source_tokens=usable)
+                return AdmissionPlan(
+                    "tree", usable, cells_to_reserve(request, usable), node=found.node, source_tokens=usable
+                )
         return AdmissionPlan("none", 0, cells_to_reserve(request, 0))
 
     def spilled_plan(self, request: Request, share: AdmissionPlan) -> AdmissionPlan | None:
@@ -165,8 +174,9 @@ class Admission:
         if moved < share.prefix_tokens + MIN_RESTORE_GAIN:
             return None
         # The moved cells are counted in the tree until the take-over, in the reservation after it.
-        return AdmissionPlan("shifted", moved, cells_to_reserve(request, moved), node=found.node,
-                             source_tokens=found.length)
+        return AdmissionPlan(
+            "shifted", moved, cells_to_reserve(request, moved), node=found.node, source_tokens=found.length
+        )
 
     # -- carrying a plan out -------------------------------------------------------------------------
 

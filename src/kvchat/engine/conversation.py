@@ -38,8 +38,13 @@ class ConversationHost(Protocol):
     @property
     def model(self) -> Model: ...
 
-    def submit(self, prompt_tokens: Sequence[int], sampling: SamplingParams | None = None, *,
-               pinned: PinnedSequence | None = None) -> Stream: ...
+    def submit(
+        self,
+        prompt_tokens: Sequence[int],
+        sampling: SamplingParams | None = None,
+        *,
+        pinned: PinnedSequence | None = None,
+    ) -> Stream: ...
 
     def _on_worker(self, function: Callable[[PinnedSequences], T]) -> T: ...
 
@@ -85,8 +90,9 @@ class Conversation:
     def _check_idle(self) -> None:
         self._check_open()
         if self._pinned.generating:
-            raise InvalidRequestError("the conversation is generating; wait for its stream to end",
-                                      field="conversation")
+            raise InvalidRequestError(
+                "the conversation is generating; wait for its stream to end", field="conversation"
+            )
         self._take_unevaluated()
 
     def _take_unevaluated(self) -> None:
@@ -149,7 +155,7 @@ class Conversation:
             if not isinstance(n, int) or not 0 <= n <= total:
                 raise InvalidRequestError(f"rewind needs 0 <= n <= {total}", field="n")
             from_pending = min(n, len(self._pending))
-            del self._pending[len(self._pending) - from_pending:]
+            del self._pending[len(self._pending) - from_pending :]
             keep = len(self._pinned.tokens) - (n - from_pending)
             self._engine._on_worker(lambda ops: ops.truncate(self._pinned, keep))
 
@@ -172,8 +178,9 @@ class Conversation:
             self._check_idle()
             pinned = self._pinned
             state, layout = self._engine._on_worker(lambda ops: ops.state(pinned))
-            state_file.write(path, CONVERSATION, layout_key=layout, tokens=pinned.tokens, state=state,
-                             pending=self._pending)
+            state_file.write(
+                path, CONVERSATION, layout_key=layout, tokens=pinned.tokens, state=state, pending=self._pending
+            )
 
     # -- lifetime ---------------------------------------------------------------------------------
 
@@ -209,10 +216,12 @@ def read_conversation_file(path: Path, *, layout_key: str) -> SavedConversation:
     try:
         saved = state_file.read(path, CONVERSATION, layout_key=layout_key)
     except StateFileError as exc:
-        why = {"io": f"cannot be read ({exc})",
-               "foreign": "was saved from another model or KV layout",
-               "header": f"is not a kvchat conversation file of this version ({exc})",
-               "data": f"is truncated or damaged ({exc})"}[exc.problem]
+        why = {
+            "io": f"cannot be read ({exc})",
+            "foreign": "was saved from another model or KV layout",
+            "header": f"is not a kvchat conversation file of this version ({exc})",
+            "data": f"is truncated or damaged ({exc})",
+        }[exc.problem]
         raise ConversationFileError(f"{path} {why}", field="path") from exc
     assert saved.state is not None
     return SavedConversation(list(saved.tokens), list(saved.header["pending"]), saved.state)

@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 import numpy as np
 
@@ -26,8 +26,8 @@ from kvchat.engine.prefix_cache import PrefixCache
 from kvchat.engine.request import Request
 from kvchat.engine.sampling import SamplingParams
 from kvchat.engine.settings import EngineSettings
-from kvchat.engine.stats import EngineStats, StatsBoard
 from kvchat.engine.state_store import StateStore
+from kvchat.engine.stats import EngineStats, StatsBoard
 from kvchat.engine.step_planner import ScheduledRow, StepPlanner
 from kvchat.engine.stream import Chunk, FinishReason, Stream
 from kvchat.errors import (
@@ -47,19 +47,20 @@ _CLOSE = object()  # command: stop the worker
 T = TypeVar("T")
 
 
-class _Call:
+class _Call(Generic[T]):
     """Command: run a conversation operation on the worker thread and hand back its result."""
 
-    def __init__(self, function: Callable[[PinnedSequences], object]) -> None:
+    result: T  # set by run() unless it sets `error`
+
+    def __init__(self, function: Callable[[PinnedSequences], T]) -> None:
         self.function = function
         self.done = threading.Event()
-        self.result: object = None
         self.error: BaseException | None = None
 
     def run(self, pinned: PinnedSequences) -> None:
         try:
             self.result = self.function(pinned)
-        except BaseException as exc:  # handed to the caller's thread
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread, which re-raises it
             self.error = exc
         finally:
             self.done.set()
@@ -115,7 +116,11 @@ class Engine:
         # Sliding-window models keep only the window's cells unless swa_full:
         # reusing a longer prefix needs them all.
         return ContextParams(
-            n_ctx=s.n_ctx, n_batch=s.n_batch, n_ubatch=s.n_ubatch, n_seq_max=s.n_seq_max, n_threads=s.n_threads,
+            n_ctx=s.n_ctx,
+            n_batch=s.n_batch,
+            n_ubatch=s.n_ubatch,
+            n_seq_max=s.n_seq_max,
+            n_threads=s.n_threads,
             swa_full=s.prefix_cache or self.model.n_swa == 0,
         )
 
@@ -123,8 +128,10 @@ class Engine:
         if not self.settings.prefix_cache:
             return None
         if self.model.is_recurrent or self.model.is_hybrid:
-            logger.info("prefix cache disabled: %s keeps recurrent state, which cannot be cut at a "
-                        "token boundary", self.model.description)
+            logger.info(
+                "prefix cache disabled: %s keeps recurrent state, which cannot be cut at a token boundary",
+                self.model.description,
+            )
             return None
         return PrefixCache()
 
@@ -133,8 +140,12 @@ class Engine:
         if not s.prefix_cache or (s.cache_ram_bytes == 0 and s.cache_dir is None):
             return None
         layout = "" if s.cache_dir is None else self._context.layout_key()
-        return StateStore(ram_budget_bytes=s.cache_ram_bytes, disk_dir=s.cache_dir,
-                          disk_budget_bytes=s.cache_disk_bytes, layout_key=layout)
+        return StateStore(
+            ram_budget_bytes=s.cache_ram_bytes,
+            disk_dir=s.cache_dir,
+            disk_budget_bytes=s.cache_disk_bytes,
+            layout_key=layout,
+        )
 
     # -- public API ------------------------------------------------------------------
 
@@ -179,9 +190,14 @@ class Engine:
         stream = Stream(request_id, on_cancel=lambda: self._request_cancel(request))
         request = Request(request_id, prompt, sampling, max_new, stream, cache_key=cache_key)
         if pinned is not None:
-            if pinned.closed or len(prompt) <= len(pinned.tokens) or list(prompt[: len(pinned.tokens)]) != pinned.tokens:
-                raise InvalidRequestError("the prompt must extend the pinned sequence's resident tokens",
-                                          field="prompt")
+            if (
+                pinned.closed
+                or len(prompt) <= len(pinned.tokens)
+                or list(prompt[: len(pinned.tokens)]) != pinned.tokens
+            ):
+                raise InvalidRequestError(
+                    "the prompt must extend the pinned sequence's resident tokens", field="prompt"
+                )
             request.pinned = pinned
         if shift is not None:
             self._check_shift(prompt, shift)
@@ -194,7 +210,11 @@ class Engine:
         return stream
 
     def generate(
-        self, prompt: str, sampling: SamplingParams | None = None, *, parse_special: bool = False,
+        self,
+        prompt: str,
+        sampling: SamplingParams | None = None,
+        *,
+        parse_special: bool = False,
         cache_key: str | None = None,
     ) -> Stream:
         """Tokenize `prompt` (with the model's BOS; special-token text parsed only if
@@ -215,7 +235,7 @@ class Engine:
         call.done.wait()
         if call.error is not None:
             raise call.error
-        return call.result  # type: ignore[return-value]
+        return call.result
 
     def conversation(self) -> Conversation:
         """A new, empty :class:`~kvchat.Conversation` on this engine."""
@@ -465,6 +485,8 @@ class Engine:
 def _load_model_file(path: str | os.PathLike[str]) -> Model:
     """Load a GGUF file; a name that is no file gets a hint about packaged models."""
     if not Path(path).is_file() and Path(path).suffix.lower() != ".gguf":
-        raise ModelLoadError(f"model file not found: {path} (for a packaged model, pass "
-                             f"kvchat.models.resolve({os.fspath(path)!r}))", path=Path(path))
+        raise ModelLoadError(
+            f"model file not found: {path} (for a packaged model, pass kvchat.models.resolve({os.fspath(path)!r}))",
+            path=Path(path),
+        )
     return Model(path)

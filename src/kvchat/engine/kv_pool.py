@@ -150,8 +150,7 @@ class KVPool:
         if not (keep and self.cache is not None and kv_tokens):
             self.free_id(seq_id)
             return
-        result = self.cache.insert(kv_tokens, seq_id, shared_prefix=request.shared_prefix,
-                                   namespace=request.cache_key)
+        result = self.cache.insert(kv_tokens, seq_id, shared_prefix=request.shared_prefix, namespace=request.cache_key)
         for holder, start, end in result.shared_from:  # tokens the tree had already: share, don't duplicate
             self.remove(seq_id, start, end)
             self.context.seq_copy(holder, seq_id, start, end)

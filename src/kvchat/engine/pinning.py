@@ -41,7 +41,7 @@ class PinnedSequences:
         if not self._pool.reserve(request, cells, seq_id=pinned.seq_id):
             return False
         request.cached_tokens = request.shared_prefix = request.n_past = len(pinned.tokens)
-        request.pending = list(request.prompt[request.n_past:])
+        request.pending = list(request.prompt[request.n_past :])
         return True
 
     def finish(self, request: Request, *, keep: bool) -> None:
@@ -60,7 +60,7 @@ class PinnedSequences:
             self._pool.pinned_cells += added
             pinned.own_cells += added
             pinned.tokens = list(kv_tokens)
-            pinned.unevaluated = list(request.all_tokens[request.n_past:])
+            pinned.unevaluated = list(request.all_tokens[request.n_past :])
         else:
             try:
                 self._pool.remove(pinned.seq_id, len(pinned.tokens), -1)
@@ -89,8 +89,11 @@ class PinnedSequences:
             try:
                 self._pool.remove(pinned.seq_id, length, -1)
             except BackendError as exc:
-                raise InvalidRequestError("this model's state cannot be cut at a token (recurrent or hybrid "
-                                          "memory): a conversation on it cannot rewind", field="n") from exc
+                raise InvalidRequestError(
+                    "this model's state cannot be cut at a token (recurrent or hybrid "
+                    "memory): a conversation on it cannot rewind",
+                    field="n",
+                ) from exc
         dropped = len(pinned.tokens) - length
         self._hand_over_shared(pinned, length)
         freed = min(dropped, pinned.own_cells)  # cells below the fork point stay with the parent
@@ -105,11 +108,10 @@ class PinnedSequences:
         if not context.can_shift:
             raise InvalidRequestError("this model's KV positions cannot be shifted", field="shift_left")
         if pinned.children or pinned.parent is not None:
-            raise InvalidRequestError("cannot shift a conversation that shares cells with a fork",
-                                      field="shift_left")
+            raise InvalidRequestError("cannot shift a conversation that shares cells with a fork", field="shift_left")
         self._pool.remove(pinned.seq_id, keep, keep + n)
         context.seq_shift(pinned.seq_id, keep + n, -1, -n)
-        del pinned.tokens[keep:keep + n]
+        del pinned.tokens[keep : keep + n]
         pinned.own_cells -= n
         self._pool.pinned_cells -= n
 

@@ -301,9 +301,10 @@ class PrefixCache:
                 protected += len(node.tokens) if node.lock_ref > 0 else 0
                 _check_node(node)
                 if node.parent is not None and not node.children:
-                    _require(node.holder is not None, f"leaf without a holder: {node!r}")
+                    if node.holder is None:
+                        raise IntegrityError(f"leaf without a holder: {node!r}")
                     _require(node.holder not in leaves, f"two leaves held by seq {node.holder}")
-                    leaves[node.holder] = node  # type: ignore[index]
+                    leaves[node.holder] = node
         _require(leaves.keys() == self._leaf_of.keys(), f"holders() {self.holders()} != leaf holders {set(leaves)}")
         for holder, leaf in leaves.items():
             _require(self._leaf_of[holder] is leaf, f"seq {holder}: recorded leaf is not its leaf")

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from kvchat.engine.context_shift import ContextShift
 from kvchat.engine.pinned import PinnedSequence
+from kvchat.engine.prefix_cache import Node
 from kvchat.engine.sampling import SamplingParams
 from kvchat.engine.stream import FinishReason, Stream, Usage
 from kvchat.engine.text_output import TextOutput
@@ -45,7 +46,7 @@ class Request:
     """Prompt tokens taken from the cache (shared cells or restored state)."""
     shared_prefix: int = 0
     """Leading positions whose cells are shared from the prefix cache's tree."""
-    locked_node: object | None = None
+    locked_node: Node | None = None
     """The prefix-cache node locked while this request uses its cells."""
     reserved_cells: int = 0
     """KV cells reserved for this request beyond its cached prefix."""

@@ -76,7 +76,8 @@ class EngineSettings:
         if self.interleaved_call_rows is not None and (
             not isinstance(self.interleaved_call_rows, int) or self.interleaved_call_rows < 1
         ):
-            raise InvalidRequestError("interleaved_call_rows must be a positive integer or None",
-                                      field="interleaved_call_rows")
+            raise InvalidRequestError(
+                "interleaved_call_rows must be a positive integer or None", field="interleaved_call_rows"
+            )
         if not isinstance(self.cache_ram_bytes, int) or self.cache_ram_bytes < 0:
             raise InvalidRequestError("cache_ram_bytes must be an integer >= 0", field="cache_ram_bytes")

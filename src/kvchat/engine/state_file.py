@@ -88,17 +88,30 @@ class StateFile:
         return tuple(self.header["tokens"])
 
 
-def header_bytes(kind: FileKind, *, layout_key: str, tokens: tuple[int, ...] | list[int], state: bytes,
-                 **fields: object) -> bytes:
+def header_bytes(
+    kind: FileKind, *, layout_key: str, tokens: tuple[int, ...] | list[int], state: bytes, **fields: object
+) -> bytes:
     """Everything of a file of `kind` that comes before the state bytes."""
-    header = {"layout_key": layout_key, "tokens": list(tokens), **fields,
-              "state_size": len(state), "state_sha256": hashlib.sha256(state).hexdigest()}
+    header = {
+        "layout_key": layout_key,
+        "tokens": list(tokens),
+        **fields,
+        "state_size": len(state),
+        "state_sha256": hashlib.sha256(state).hexdigest(),
+    }
     raw = json.dumps(header, separators=(",", ":")).encode()
     return kind.magic + _FIXED.pack(FORMAT_VERSION, len(raw)) + raw
 
 
-def write(path: str | os.PathLike[str], kind: FileKind, *, layout_key: str, tokens: tuple[int, ...] | list[int],
-          state: bytes, **fields: object) -> int:
+def write(
+    path: str | os.PathLike[str],
+    kind: FileKind,
+    *,
+    layout_key: str,
+    tokens: tuple[int, ...] | list[int],
+    state: bytes,
+    **fields: object,
+) -> int:
     """Write a file of `kind` atomically; returns its size. Raises OSError."""
     header = header_bytes(kind, layout_key=layout_key, tokens=tokens, state=state, **fields)
     write_atomically(path, header, state)
@@ -126,8 +139,9 @@ def read(path: Path, kind: FileKind, *, layout_key: str, load: bool = True) -> S
         raise StateFileError("file is missing", "io") from exc
     except OSError as exc:
         raise StateFileError(f"unreadable ({exc})", "io") from exc
-    if state is not None and (len(state) != header["state_size"]
-                              or hashlib.sha256(state).hexdigest() != header["state_sha256"]):
+    if state is not None and (
+        len(state) != header["state_size"] or hashlib.sha256(state).hexdigest() != header["state_sha256"]
+    ):
         raise StateFileError("checksum mismatch (corrupt state)", "data")
     return StateFile(header, state, st.st_size, st.st_mtime)
 
@@ -151,7 +165,8 @@ def _read_header(f: BinaryIO, kind: FileKind) -> tuple[dict[str, Any], int]:
     except (ValueError, RecursionError) as exc:
         raise StateFileError("header is not valid JSON", "header") from exc
     checks = {**_COMMON_FIELDS, **kind.fields}
-    if not isinstance(header, dict) or any(name not in header or not check(header[name])
-                                           for name, check in checks.items()):
+    if not isinstance(header, dict) or any(
+        name not in header or not check(header[name]) for name, check in checks.items()
+    ):
         raise StateFileError("header fields are missing or malformed", "header")
     return header, fixed_size + length

@@ -108,8 +108,14 @@ class StateStore:
     per directory. Not thread-safe: only the engine's worker thread calls it.
     """
 
-    def __init__(self, *, ram_budget_bytes: int, disk_dir: str | os.PathLike[str] | None = None,
-                 disk_budget_bytes: int | None = None, layout_key: str = "") -> None:
+    def __init__(
+        self,
+        *,
+        ram_budget_bytes: int,
+        disk_dir: str | os.PathLike[str] | None = None,
+        disk_budget_bytes: int | None = None,
+        layout_key: str = "",
+    ) -> None:
         if not isinstance(ram_budget_bytes, int) or ram_budget_bytes < 0:
             raise ValueError("ram_budget_bytes must be an integer >= 0")
         if disk_budget_bytes is not None and (not isinstance(disk_budget_bytes, int) or disk_budget_bytes < 0):
@@ -154,8 +160,16 @@ class StateStore:
         stale_files = [self._path(old.key) for old in superseded if old.key in self._disk]
         for old in superseded:
             self._remove(old, delete_file=False)
-        self._store_new(_Entry(entry_key(self.layout_key, entry.namespace, entry.tokens), entry.namespace,
-                               entry.tokens, len(entry.state), self._tick(), entry.state))
+        self._store_new(
+            _Entry(
+                entry_key(self.layout_key, entry.namespace, entry.tokens),
+                entry.namespace,
+                entry.tokens,
+                len(entry.state),
+                self._tick(),
+                entry.state,
+            )
+        )
         for path in stale_files:
             with suppress(OSError):
                 os.unlink(path)
@@ -183,7 +197,9 @@ class StateStore:
         best: tuple[int, bool, int] | None = None
         found: StoreMatch | None = None
         tiers: tuple[tuple[Literal["ram", "disk"], OrderedDict[str, _Entry]], ...] = (
-            ("ram", self._ram), ("disk", self._disk))
+            ("ram", self._ram),
+            ("disk", self._disk),
+        )
         for tier_name, tier in tiers:
             for e in tier.values():
                 if e.namespace != namespace or e.tokens[0] != query[0]:
@@ -277,8 +293,9 @@ class StateStore:
         if self.disk_dir is None or e.state is None:
             self._drop(e, "no disk tier")
             return
-        header = state_file.header_bytes(CACHE_ENTRY, layout_key=self.layout_key, tokens=e.tokens, state=e.state,
-                                         namespace=e.namespace)
+        header = state_file.header_bytes(
+            CACHE_ENTRY, layout_key=self.layout_key, tokens=e.tokens, state=e.state, namespace=e.namespace
+        )
         file_size = len(header) + len(e.state)
         if self.disk_budget_bytes is not None:
             if file_size > self.disk_budget_bytes:
@@ -342,8 +359,7 @@ class StateStore:
             entry = _Entry(path.stem, read.header["namespace"], read.tokens, read.file_size, 0)
             found.append((read.mtime, entry))
         if foreign:
-            logger.info("ignoring %d spilled KV state file(s) of another model or layout in %s",
-                        foreign, self.disk_dir)
+            logger.info("ignoring %d spilled KV state file(s) of another model or layout in %s", foreign, self.disk_dir)
         for _, e in sorted(found, key=lambda item: item[0]):
             e.last_used = self._tick()
             self._disk[e.key] = e

@@ -91,8 +91,9 @@ class StatsBoard:
             queued=len(waiting),
             free_sequences=pool.free_sequences,
             parked_sequences=pool.parked_sequences,
-            tokens_resident=(pool.cached_tokens_resident + pool.pinned_cells
-                             + sum(s.n_past - s.shared_prefix for s in running)),
+            tokens_resident=(
+                pool.cached_tokens_resident + pool.pinned_cells + sum(s.n_past - s.shared_prefix for s in running)
+            ),
             cache_tokens=pool.cached_tokens_resident,
             ram_tokens=store.ram_tokens if store else 0,
             disk_tokens=store.disk_tokens if store else 0,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-from importlib.metadata import version
 from dataclasses import dataclass
+from importlib.metadata import version
 from types import TracebackType
 
 import llama_cpp
@@ -15,7 +15,6 @@ import numpy as np
 from kvchat.errors import BackendError, DecodeError
 from kvchat.llama.batch import Batch
 from kvchat.llama.model import Model
-
 
 _POOLING_TYPES: dict[str, int] = {
     "none": llama_cpp.LLAMA_POOLING_TYPE_NONE,

@@ -51,7 +51,7 @@ class SamplerChain:
             add(grammar_sampler)
         if logit_bias:
             entries = (llama_cpp.llama_logit_bias * len(logit_bias))()
-            for entry, (token, bias) in zip(entries, logit_bias.items()):
+            for entry, (token, bias) in zip(entries, logit_bias.items(), strict=True):
                 entry.token = token
                 entry.bias = bias
             add(llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(logit_bias), entries))
