@@ -11,7 +11,7 @@ sequences holding 1,000 tokens each:
 - the chunk in one call (tiled kernel), in 2 calls of 40, in 4 calls of 20;
 - 7 decode rows of the other sequences alone, and in the chunk's call.
 
-Scheduler's rule follows from it (kvchat/engine/scheduler.py).
+step planner's rule follows from it (kvchat/engine/step_planner.py).
 
     python benchmarks/attention_calls.py
 

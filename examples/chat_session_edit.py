@@ -3,7 +3,7 @@
     python examples/chat_session_edit.py
 """
 
-from kvchat import ChatSession, Engine, SamplingParams
+from kvchat import ChatSession, Engine, SamplingParams, models
 
 
 def show(label: str, reply) -> None:
@@ -13,7 +13,7 @@ def show(label: str, reply) -> None:
           f"{u.evaluated_tokens} evaluated]")
 
 
-with Engine("qwen2.5-coder-0.5b-instruct") as engine:
+with Engine(models.resolve("qwen2.5-coder-0.5b-instruct")) as engine:
     chat = ChatSession(engine, system="You answer in one short sentence.",
                        sampling=SamplingParams(temperature=0, max_tokens=32))
     show("send", chat.send("What is the capital of France?"))

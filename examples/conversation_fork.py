@@ -6,11 +6,11 @@ line and the engine decodes all four in one batch per step.
     python examples/conversation_fork.py
 """
 
-from kvchat import Engine, SamplingParams
+from kvchat import Engine, SamplingParams, models
 
 STARTS = [" The dragon", " The robot", " The sailor", " The gardener"]
 
-with Engine("gemma-3-270m") as engine:
+with Engine(models.resolve("gemma-3-270m")) as engine:
     root = engine.conversation()
     root.prompt("Four very short stories, each one sentence long, all set in the same old lighthouse.\n")
     root.generate(SamplingParams(temperature=0, max_tokens=1)).collect()  # evaluate the shared prompt once

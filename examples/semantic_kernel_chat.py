@@ -11,7 +11,7 @@ import asyncio
 
 from semantic_kernel.contents import ChatHistory
 
-from kvchat import Engine
+from kvchat import Engine, models
 from kvchat.integrations.semantic_kernel import KVChatCompletion, KVChatPromptExecutionSettings
 
 QUESTIONS = ["What is a river delta?", "Name one famous delta.", "Which sea does it flow into?",
@@ -19,7 +19,7 @@ QUESTIONS = ["What is a river delta?", "Name one famous delta.", "Which sea does
 
 
 async def main() -> None:
-    with Engine("qwen2.5-coder-0.5b-instruct") as engine:
+    with Engine(models.resolve("qwen2.5-coder-0.5b-instruct")) as engine:
         service = KVChatCompletion(engine)
         settings = KVChatPromptExecutionSettings(max_tokens=48, temperature=0.0)
         history = ChatHistory(system_message="You are a concise geography tutor.")

@@ -12,7 +12,7 @@ from semantic_kernel.connectors.ai.function_choice_behavior import FunctionChoic
 from semantic_kernel.contents import ChatHistory
 from semantic_kernel.functions import kernel_function
 
-from kvchat import Engine
+from kvchat import Engine, models
 from kvchat.integrations.semantic_kernel import KVChatCompletion, KVChatPromptExecutionSettings
 
 
@@ -26,7 +26,7 @@ class MathPlugin:
 
 
 async def main() -> None:
-    with Engine("qwen2.5-coder-0.5b-instruct") as engine:
+    with Engine(models.resolve("qwen2.5-coder-0.5b-instruct")) as engine:
         kernel = Kernel()
         service = KVChatCompletion(engine)
         kernel.add_service(service)

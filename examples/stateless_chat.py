@@ -3,12 +3,12 @@
     python examples/stateless_chat.py
 """
 
-from kvchat import Engine, SamplingParams
+from kvchat import Engine, SamplingParams, models
 from kvchat.chat import complete
 
 QUESTIONS = ["Name a large river.", "Which country is it in?", "Name another one on a different continent."]
 
-with Engine("qwen2.5-coder-0.5b-instruct") as engine:
+with Engine(models.resolve("qwen2.5-coder-0.5b-instruct")) as engine:
     messages = [{"role": "system", "content": "You are a concise geography tutor."}]
     for question in QUESTIONS:
         messages.append({"role": "user", "content": question})

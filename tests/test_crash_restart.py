@@ -22,13 +22,8 @@ import openai
 import pytest
 from http_server import ServeProcess
 
-from kvchat.engine.state_store import (
-    FILE_SUFFIX,
-    TEMP_PREFIX,
-    TEMP_SUFFIX,
-    SpilledState,
-    StateStore,
-)
+from kvchat.atomic_file import leftover_temp_files
+from kvchat.engine.state_store import FILE_SUFFIX, SpilledState, StateStore
 
 pytestmark = pytest.mark.system  # child processes (see tests/conftest.py)
 
@@ -53,7 +48,7 @@ def state_files(cache_dir: Path) -> set[Path]:
 
 
 def temp_files(cache_dir: Path) -> set[Path]:
-    return set(cache_dir.glob(f"{TEMP_PREFIX}*{TEMP_SUFFIX}"))
+    return set(leftover_temp_files(cache_dir, FILE_SUFFIX))
 
 
 def question(user: int, turn: int) -> Message:
@@ -140,7 +135,7 @@ def plant_bad_files(cache_dir: Path, victim: Path) -> dict[str, Path]:
     garbage = cache_dir / f"{'0' * 64}{FILE_SUFFIX}"
     garbage.write_bytes(b"\x00garbage, not a kvchat state file" * 8)
     victim.write_bytes(victim.read_bytes()[:-100])  # one of ours, its tail lost
-    partial = cache_dir / f"{TEMP_PREFIX}interrupted{TEMP_SUFFIX}"
+    partial = cache_dir / f".{victim.name}.interrupted.tmp"  # as write_atomically names it
     partial.write_bytes(victim.read_bytes()[:50])
     return {"garbage": garbage, "truncated": victim, "temp": partial}
 
@@ -245,7 +240,7 @@ def test_kill_while_a_conversation_is_re_spilled_keeps_its_saved_prefix(
     restarted = StateStore(ram_budget_bytes=0, disk_dir=tmp_path, layout_key="L")
     match = restarted.best_match([1, 2, 3, 4, 5, 6])
     assert match is not None and match.entry_tokens == turn_1.tokens
-    assert restarted.take(match) == turn_1
+    assert restarted.load(match) == turn_1
     restarted.put(turn_2)  # written in full: the prefix's file goes
     assert len(state_files(tmp_path)) == 1
-    assert restarted.take(restarted.best_match([1, 2, 3, 4, 5, 6])) == turn_2
+    assert restarted.load(restarted.best_match([1, 2, 3, 4, 5, 6])) == turn_2

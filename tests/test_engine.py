@@ -228,6 +228,13 @@ def test_missing_and_corrupt_model_files_raise_model_load_error(tmp_path) -> Non
         Model(truncated)
 
 
+def test_a_packaged_model_name_is_not_a_path_and_the_error_says_how_to_resolve_it() -> None:
+    """The engine knows no model names: `kvchat.models.resolve` turns one into a file."""
+    with pytest.raises(ModelLoadError, match=r"kvchat\.models\.resolve\('gemma-3-270m'\)") as err:
+        Engine("gemma-3-270m")
+    assert err.value.path == "gemma-3-270m"
+
+
 def test_close_cancels_running_requests_and_refuses_new_ones(gemma_model: Model) -> None:
     engine = Engine(gemma_model, EngineSettings(n_ctx=1024, max_running=4, n_seq_max=4))
     streams = [engine.generate(p, greedy(400)) for p in PROMPTS[:6]]  # 2 of them wait in the queue

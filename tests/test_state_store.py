@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from kvchat.engine import state_store as store_module
+from kvchat.atomic_file import leftover_temp_files
+from kvchat.engine.state_file import CACHE_ENTRY
 from kvchat.engine.state_store import (
-    MAGIC,
+    FILE_SUFFIX,
     SpilledState,
     StateStore,
     StoreMatch,
@@ -23,6 +24,7 @@ from kvchat.engine.state_store import (
 
 LAYOUT = "model-sha256:abc|n_ctx=8192|type_k=f16"
 LOGGER = "kvchat.engine.state_store"
+MAGIC = CACHE_ENTRY.magic
 
 
 def blob(seed: int, size: int = 100) -> bytes:
@@ -42,10 +44,10 @@ def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING]
 
 
-def take_tokens(store: StateStore, tokens: list[int], namespace: str | None = None) -> SpilledState | None:
+def load_tokens(store: StateStore, tokens: list[int], namespace: str | None = None) -> SpilledState | None:
     match = store.best_match(tokens, namespace=namespace)
     assert match is not None
-    return store.take(match)
+    return store.load(match)
 
 
 # -- RAM tier ----------------------------------------------------------------------
@@ -57,7 +59,7 @@ def test_ram_round_trip() -> None:
     store.put(e)
     match = store.best_match([1, 2, 3, 4, 5, 6])
     assert match == StoreMatch(length=4, entry_tokens=(1, 2, 3, 4), tier="ram", key=entry_key(LAYOUT, None, e.tokens))
-    got = store.take(match)
+    got = store.load(match)
     assert got == e and got.state == blob(1)
     assert store.best_match([1, 2, 9]) == StoreMatch(2, (1, 2, 3, 4), "ram", match.key)
     assert store.best_match([1, 2, 3, 4]).length == 4  # type: ignore[union-attr]
@@ -78,7 +80,7 @@ def test_best_match_prefers_longest_then_most_recent() -> None:
     # [1, 2, 3] ties between the first two (length 3): the most recently put wins...
     assert store.best_match([1, 2, 3]).entry_tokens == (1, 2, 3, 4, 5)  # type: ignore[union-attr]
     # ...until the other one is used.
-    store.take(store.best_match([1, 2, 3, 7]))  # type: ignore[arg-type]
+    store.load(store.best_match([1, 2, 3, 7]))  # type: ignore[arg-type]
     assert store.best_match([1, 2, 3]).entry_tokens == (1, 2, 3, 7)  # type: ignore[union-attr]
 
 
@@ -88,7 +90,7 @@ def test_tie_prefers_ram_over_disk(tmp_path: Path) -> None:
     store.put(entry([1, 2, 3, 6], seed=2))  # pushes the first to disk
     disk_match = store.best_match([1, 2, 3, 5])
     assert disk_match is not None and disk_match.tier == "disk"
-    store.take(disk_match)  # the disk entry is now the most recently used
+    store.load(disk_match)  # the disk entry is now the most recently used
     match = store.best_match([1, 2, 3, 9])
     assert match is not None and match.tier == "ram" and match.entry_tokens == (1, 2, 3, 6)
 
@@ -102,9 +104,9 @@ def test_namespaces_are_isolated() -> None:
     store.put(entry([1, 2], seed=2, namespace="bob"))
     store.put(entry([1, 2, 3], seed=3))
     assert store.stats().ram_entries == 3
-    assert take_tokens(store, [1, 2, 3], "alice").state == blob(1)  # type: ignore[union-attr]
-    assert take_tokens(store, [1, 2, 3], "bob").state == blob(2)  # type: ignore[union-attr]
-    assert take_tokens(store, [1, 2, 3]).state == blob(3)  # type: ignore[union-attr]
+    assert load_tokens(store, [1, 2, 3], "alice").state == blob(1)  # type: ignore[union-attr]
+    assert load_tokens(store, [1, 2, 3], "bob").state == blob(2)  # type: ignore[union-attr]
+    assert load_tokens(store, [1, 2, 3]).state == blob(3)  # type: ignore[union-attr]
     assert entry_key(LAYOUT, "alice", [1, 2, 3]) != entry_key(LAYOUT, "bob", [1, 2, 3])
 
 
@@ -114,7 +116,7 @@ def test_prefix_dedupe() -> None:
     store.put(entry([1, 2, 3], seed=2))  # a prefix: served by the longer one
     store.put(entry([1, 2, 3, 4], seed=3))  # equal: not stored again
     assert store.stats().ram_entries == 1
-    assert take_tokens(store, [1, 2, 3]).state == blob(1)  # type: ignore[union-attr]
+    assert load_tokens(store, [1, 2, 3]).state == blob(1)  # type: ignore[union-attr]
     store.put(entry([1, 2, 3, 4, 5, 6], seed=4))  # longer: replaces the shorter one
     s = store.stats()
     assert (s.ram_entries, s.ram_bytes, s.ram_tokens, s.dropped) == (1, 100, 6, 0)
@@ -143,7 +145,7 @@ def test_prefix_dedupe_reaches_disk(tmp_path: Path) -> None:
     store.put(entry([1, 2, 3, 4], seed=3))  # supersedes the disk entry: its file goes
     assert not old_file.exists()
     assert store.stats().disk_entries == 1
-    assert take_tokens(store, [1, 2, 3, 4]).state == blob(3)  # type: ignore[union-attr]
+    assert load_tokens(store, [1, 2, 3, 4]).state == blob(3)  # type: ignore[union-attr]
 
 
 def test_put_rejects_empty_tokens() -> None:
@@ -157,7 +159,7 @@ def test_ram_budget_drops_lru_without_disk() -> None:
     store = StateStore(ram_budget_bytes=250)
     store.put(entry([1], seed=1))
     store.put(entry([2], seed=2))
-    assert take_tokens(store, [1]) is not None  # touch 1: 2 is now least recently used
+    assert load_tokens(store, [1]) is not None  # touch 1: 2 is now least recently used
     store.put(entry([3], seed=3))
     assert store.best_match([2]) is None
     assert store.best_match([1]) is not None and store.best_match([3]) is not None
@@ -172,7 +174,7 @@ def test_ram_budget_spills_lru_to_disk(tmp_path: Path) -> None:
     store = StateStore(ram_budget_bytes=250, disk_dir=tmp_path, layout_key=LAYOUT)
     store.put(entry([1], seed=1))
     store.put(entry([2], seed=2))
-    take_tokens(store, [1])
+    load_tokens(store, [1])
     store.put(entry([3], seed=3))
     match = store.best_match([2, 5])
     assert match is not None and match.tier == "disk" and match.length == 1
@@ -181,9 +183,9 @@ def test_ram_budget_spills_lru_to_disk(tmp_path: Path) -> None:
     s = store.stats()
     assert (s.ram_entries, s.ram_bytes, s.disk_entries, s.disk_tokens) == (2, 200, 1, 1)
     assert (s.disk_bytes, s.spills_to_disk, s.dropped) == (path.stat().st_size, 1, 0)
-    assert store.take(match) == entry([2], seed=2)
+    assert store.load(match) == entry([2], seed=2)
     assert store.stats().loads == 2
-    assert store.best_match([2]).tier == "disk"  # type: ignore[union-attr]  # take does not promote
+    assert store.best_match([2]).tier == "disk"  # type: ignore[union-attr]  # load does not promote
 
 
 def test_oversized_and_zero_budget_go_straight_to_disk(tmp_path: Path) -> None:
@@ -195,18 +197,7 @@ def test_oversized_and_zero_budget_go_straight_to_disk(tmp_path: Path) -> None:
     zero.put(entry([4], seed=3, size=10))
     s = zero.stats()
     assert (s.ram_entries, s.disk_entries, s.spills_to_disk) == (0, 2, 2)
-    assert take_tokens(zero, [4]).state == blob(3, 10)  # type: ignore[union-attr]
-
-
-def test_clear_forgets_ram_only(tmp_path: Path) -> None:
-    store = StateStore(ram_budget_bytes=100, disk_dir=tmp_path)
-    store.put(entry([1], seed=1))
-    store.put(entry([2], seed=2))
-    store.clear()
-    s = store.stats()
-    assert (s.ram_entries, s.ram_bytes, s.disk_entries) == (0, 0, 1)
-    assert store.best_match([1]).tier == "disk"  # type: ignore[union-attr]
-    assert store.best_match([2]) is None
+    assert load_tokens(zero, [4]).state == blob(3, 10)  # type: ignore[union-attr]
 
 
 # -- disk tier ---------------------------------------------------------------------
@@ -224,8 +215,8 @@ def test_restart_finds_disk_entries(tmp_path: Path) -> None:
     match = second.best_match(list(range(4000)) + [-1], namespace="tenant")
     assert match is not None and (match.length, match.tier) == (4000, "disk")
     assert match.key == entry_key(LAYOUT, "tenant", big.tokens)
-    assert second.take(match) == big
-    assert take_tokens(second, [1, 2, 3]) == entry([1, 2, 3], seed=8)
+    assert second.load(match) == big
+    assert load_tokens(second, [1, 2, 3]) == entry([1, 2, 3], seed=8)
 
 
 def test_foreign_layout_is_ignored(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -244,7 +235,7 @@ def test_foreign_layout_is_ignored(tmp_path: Path, caplog: pytest.LogCaptureFixt
     assert state_files(tmp_path) == foreign_files
 
 
-def test_foreign_file_at_take_is_not_deleted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_foreign_file_at_load_is_not_deleted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     store = StateStore(ram_budget_bytes=0, disk_dir=tmp_path, layout_key=LAYOUT)
     store.put(entry([1, 2, 3], seed=1))
     [path] = state_files(tmp_path)
@@ -253,7 +244,7 @@ def test_foreign_file_at_take_is_not_deleted(tmp_path: Path, caplog: pytest.LogC
     [alien_file] = state_files(alien)
     os.replace(alien_file, path)  # another process put a foreign file under our name
     match = store.best_match([1, 2, 3])
-    assert match is not None and store.take(match) is None
+    assert match is not None and store.load(match) is None
     assert any(str(path) in w and "foreign" in w for w in warnings_of(caplog))
     assert path.exists() and store.best_match([1, 2, 3]) is None
 
@@ -266,7 +257,7 @@ def _flip_last_byte(path: Path) -> None:
 
 def _assert_store_still_works(store: StateStore) -> None:
     store.put(entry([42, 43], seed=42))
-    got = take_tokens(store, [42, 43, 44])
+    got = load_tokens(store, [42, 43, 44])
     assert got is not None and got.state == blob(42)
 
 
@@ -281,19 +272,19 @@ def _assert_store_still_works(store: StateStore) -> None:
     ],
     ids=["flipped-byte", "truncated-state", "truncated-header", "garbage", "missing"],
 )
-def test_bad_file_at_take(tmp_path: Path, caplog: pytest.LogCaptureFixture, damage, reason: str) -> None:
+def test_bad_file_at_load(tmp_path: Path, caplog: pytest.LogCaptureFixture, damage, reason: str) -> None:
     store = StateStore(ram_budget_bytes=0, disk_dir=tmp_path, layout_key=LAYOUT)
     store.put(entry([1, 2, 3], seed=1))
     [path] = state_files(tmp_path)
     damage(path)
     match = store.best_match([1, 2, 3])
     assert match is not None
-    assert store.take(match) is None
+    assert store.load(match) is None
     assert any(str(path) in w and reason in w for w in warnings_of(caplog)), warnings_of(caplog)
     assert not path.exists()  # a broken file of ours is deleted
     s = store.stats()
     assert (s.load_failures, s.loads, s.disk_entries, s.disk_bytes) == (1, 0, 0, 0)
-    assert store.best_match([1, 2, 3]) is None and store.take(match) is None
+    assert store.best_match([1, 2, 3]) is None and store.load(match) is None
     _assert_store_still_works(store)
 
 
@@ -319,16 +310,17 @@ def test_bad_files_are_skipped_at_start_up(tmp_path: Path, caplog: pytest.LogCap
     assert not truncated.exists()  # ours but partial: deleted
     assert garbage.exists() and bad_json.exists()  # unknown origin: left alone
     assert store.stats().disk_entries == 2
-    assert take_tokens(store, [1, 100]) == entry([1, 100], seed=0)
+    assert load_tokens(store, [1, 100]) == entry([1, 100], seed=0)
     assert store.best_match([2, 100]) is None
-    assert take_tokens(store, [3, 100]) is None and not flipped.exists()
+    assert load_tokens(store, [3, 100]) is None and not flipped.exists()
     assert good.exists()
     _assert_store_still_works(store)
 
 
 def test_leftover_temp_file_is_removed_at_start_up(tmp_path: Path) -> None:
-    leftover = tmp_path / f"{store_module.TEMP_PREFIX}crashed{store_module.TEMP_SUFFIX}"
+    leftover = tmp_path / f".{'a' * 64}{FILE_SUFFIX}.crashed.tmp"  # as write_atomically names it
     leftover.write_bytes(MAGIC + b"half written")
+    assert leftover_temp_files(tmp_path, FILE_SUFFIX) == [leftover]
     store = StateStore(ram_budget_bytes=0, disk_dir=tmp_path)
     assert not leftover.exists()
     assert store.stats().disk_entries == 0
@@ -353,7 +345,7 @@ def test_crash_during_write_leaves_no_file(
     monkeypatch.undo()
     store.put(entry([1, 2, 3], seed=1))
     assert len(state_files(tmp_path)) == 1
-    assert take_tokens(store, [1, 2, 3]) == entry([1, 2, 3], seed=1)
+    assert load_tokens(store, [1, 2, 3]) == entry([1, 2, 3], seed=1)
 
 
 def test_disk_budget_evicts_least_recently_used(tmp_path: Path) -> None:
@@ -363,7 +355,7 @@ def test_disk_budget_evicts_least_recently_used(tmp_path: Path) -> None:
     store = StateStore(ram_budget_bytes=0, disk_dir=tmp_path / "d", disk_budget_bytes=2 * file_size)
     store.put(entry([1], seed=1))
     store.put(entry([2], seed=2))
-    take_tokens(store, [1])  # 2 is now the least recently used
+    load_tokens(store, [1])  # 2 is now the least recently used
     store.put(entry([3], seed=3))
     assert store.best_match([2]) is None and not (tmp_path / "d" / f"{entry_key('', None, (2,))}.kvstate").exists()
     s = store.stats()
@@ -424,4 +416,4 @@ def test_flush_to_disk_moves_ram_entries_so_a_restart_finds_them(tmp_path) -> No
     restarted = StateStore(ram_budget_bytes=1 << 20, disk_dir=tmp_path, layout_key="L")
     match = restarted.best_match([1, 2, 3, 4])
     assert match is not None and match.length == 3 and match.tier == "disk"
-    assert restarted.take(match).state == b"abc"
+    assert restarted.load(match).state == b"abc"

@@ -1,18 +1,18 @@
 """kvchat: local language models with a content-keyed KV cache and continuous batching.
 
->>> from kvchat import Engine, SamplingParams
->>> with Engine("gemma-3-270m") as engine:
+>>> from kvchat import Engine, SamplingParams, models
+>>> with Engine(models.resolve("gemma-3-270m")) as engine:
 ...     print(engine.generate("The capital of France is", SamplingParams(max_tokens=8)).text())
 """
 
 import logging
 
 from kvchat.chat.session import ChatSession
-from kvchat.conversation import Conversation
 from kvchat.engine import (
     GREEDY,
     Chunk,
     Completion,
+    Conversation,
     Engine,
     EngineSettings,
     EngineStats,

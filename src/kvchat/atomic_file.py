@@ -1,24 +1,49 @@
-"""`write_atomically`: a file appears whole or not at all."""
+"""`write_atomically`: a file appears whole or not at all, and stays after a crash."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import suppress
 from pathlib import Path
 
+TEMP_SUFFIX = ".tmp"
 
-def write_atomically(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, flush it to disk, then
-    rename it over `path`. A crash leaves the old file (or none), never half a file."""
+
+def write_atomically(path: str | os.PathLike[str], *parts: bytes) -> None:
+    """Write `parts` one after another to a temporary file beside `path`
+    (``.<name>.<random>.tmp``), flush it to disk, rename it over `path`, then
+    flush the directory so that the rename survives a power loss (POSIX).
+
+    A crash leaves the old file (or none), never half a file; on any error the
+    temporary file is removed and the error raised.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as file:
-            file.write(data)
+            for part in parts:
+                file.write(part)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+    _fsync_directory(path.parent)
+
+
+def leftover_temp_files(directory: Path, name_suffix: str) -> list[Path]:
+    """Temporary files that :func:`write_atomically` left in `directory` when the
+    process died mid-write, for final names ending in `name_suffix`."""
+    return sorted(directory.glob(f".*{name_suffix}.*{TEMP_SUFFIX}"))
+
+
+def _fsync_directory(directory: Path) -> None:
+    with suppress(OSError):  # some file systems cannot open or sync a directory
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -10,17 +10,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kvchat import Engine, SamplingParams
 from kvchat.chat.history import GeneratedTokenMemory
 from kvchat.chat.tokenizer import ChatTokenizer
-from kvchat.models import DEFAULT_CHAT_MODEL
+from kvchat.engine import Engine, SamplingParams
+from kvchat.models import DEFAULT_CHAT_MODEL, resolve
 
 QUESTION = "What is a KV cache in a language model? Answer in two sentences."
 
 
 def run(model: str, question: str, max_tokens: int) -> None:
     """Run the two-turn demo and print to stdout."""
-    with Engine(model) as engine:
+    with Engine(resolve(model)) as engine:
         memory = GeneratedTokenMemory()
         tokenizer = ChatTokenizer(engine.model, memory=memory)
         messages = [

@@ -253,11 +253,12 @@ def chat(
     """Chat with a model in the terminal; /help lists the commands."""
     from kvchat.chat.session import ChatSession
     from kvchat.engine import Engine, EngineSettings, SamplingParams
+    from kvchat.models import resolve
 
     interactive = sys.stdin.isatty()
     out, info = Console(soft_wrap=True), Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
     try:
-        with Engine(model, EngineSettings(n_ctx=ctx_size, max_running=2, n_seq_max=8)) as engine:
+        with Engine(resolve(model), EngineSettings(n_ctx=ctx_size, max_running=2, n_seq_max=8)) as engine:
             sampling = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed)
             session = ChatSession(engine, system=system, sampling=sampling, overflow="truncate_oldest")
             if interactive:

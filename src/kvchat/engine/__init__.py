@@ -1,11 +1,13 @@
 """Continuous batching over one llama context.
 
 - :class:`Engine`: the worker thread and `submit()`;
+- :class:`Conversation`: an explicit handle on one pinned KV sequence;
 - :class:`SamplingParams`, :class:`EngineSettings`, :class:`EngineStats`;
 - :class:`Stream`, :class:`Chunk`, :class:`Usage`, :class:`Completion`: what a request returns.
 """
 
 from kvchat.engine.context_shift import ContextShift
+from kvchat.engine.conversation import Conversation
 from kvchat.engine.engine import Engine
 from kvchat.engine.sampling import GREEDY, SamplingParams
 from kvchat.engine.settings import EngineSettings
@@ -17,6 +19,7 @@ __all__ = [
     "Chunk",
     "Completion",
     "ContextShift",
+    "Conversation",
     "Engine",
     "EngineSettings",
     "EngineStats",

@@ -64,22 +64,36 @@ class Embedder:
     (not the model). Usable as a context manager.
     """
 
-    def __init__(self, model: Model, *, n_ctx: int = 2048, n_batch: int = 2048, n_seq_max: int = 16,
-                 n_threads: int | None = None, pack_texts: bool = False) -> None:
+    def __init__(
+        self,
+        model: Model,
+        *,
+        n_ctx: int = 2048,
+        n_batch: int = 2048,
+        n_seq_max: int = 16,
+        n_threads: int | None = None,
+        pack_texts: bool = False,
+    ) -> None:
         if n_ctx <= 0 or n_batch <= 0 or n_seq_max <= 0:
             raise ValueError("n_ctx, n_batch and n_seq_max must be positive")
         if pack_texts and min(n_batch, n_ctx) % n_seq_max:
             # llama.cpp aborts the process on such a pooled context; fail politely instead.
-            raise ValueError(f"with pack_texts, n_batch ({min(n_batch, n_ctx)}) must be a multiple of "
-                             f"n_seq_max ({n_seq_max})")
+            raise ValueError(
+                f"with pack_texts, n_batch ({min(n_batch, n_ctx)}) must be a multiple of n_seq_max ({n_seq_max})"
+            )
         self.model = model
         self.n_embd: int = model.n_embd
         n_batch = min(n_batch, n_ctx)
         self._context = Context(
             model,
             ContextParams(
-                n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_seq_max=n_seq_max if pack_texts else 1,
-                embeddings=True, pooling="mean", n_threads=n_threads,
+                n_ctx=n_ctx,
+                n_batch=n_batch,
+                n_ubatch=n_batch,
+                n_seq_max=n_seq_max if pack_texts else 1,
+                embeddings=True,
+                pooling="mean",
+                n_threads=n_threads,
             ),
         )
         try:

@@ -9,29 +9,36 @@ import queue
 import random
 import threading
 from collections import deque
-from collections.abc import Sequence as SequenceOf
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, TypeVar
+from typing import Generic, TypeVar
 
 import numpy as np
 
+from kvchat.engine.admission import Admission
 from kvchat.engine.context_shift import ContextShift, shifted_namespace
+from kvchat.engine.conversation import Conversation, read_conversation_file
 from kvchat.engine.kv_pool import KVPool
 from kvchat.engine.pinned import PinnedSequence
+from kvchat.engine.pinning import PinnedSequences
 from kvchat.engine.prefix_cache import PrefixCache
+from kvchat.engine.request import Request
 from kvchat.engine.sampling import SamplingParams
-from kvchat.engine.scheduler import ScheduledRow, Scheduler
-from kvchat.engine.sequence import Sequence
 from kvchat.engine.settings import EngineSettings
-from kvchat.engine.stats import EngineStats, StatsBoard
 from kvchat.engine.state_store import StateStore
+from kvchat.engine.stats import EngineStats, StatsBoard
+from kvchat.engine.step_planner import ScheduledRow, StepPlanner
 from kvchat.engine.stream import Chunk, FinishReason, Stream
-from kvchat.errors import BackendError, ContextOverflowError, DecodeError, EngineClosedError, InvalidRequestError
+from kvchat.errors import (
+    BackendError,
+    ContextOverflowError,
+    DecodeError,
+    EngineClosedError,
+    InvalidRequestError,
+    ModelLoadError,
+)
 from kvchat.llama import Batch, Context, ContextParams, Model, SamplerChain
-
-if TYPE_CHECKING:
-    from kvchat.conversation import Conversation
 
 logger = logging.getLogger("kvchat.engine")
 
@@ -40,19 +47,20 @@ _CLOSE = object()  # command: stop the worker
 T = TypeVar("T")
 
 
-class _Call:
-    """Command: run a function on the worker thread and hand back its result."""
+class _Call(Generic[T]):
+    """Command: run a conversation operation on the worker thread and hand back its result."""
 
-    def __init__(self, function: Callable[[KVPool], object]) -> None:
+    result: T  # set by run() unless it sets `error`
+
+    def __init__(self, function: Callable[[PinnedSequences], T]) -> None:
         self.function = function
         self.done = threading.Event()
-        self.result: object = None
         self.error: BaseException | None = None
 
-    def run(self, pool: KVPool) -> None:
+    def run(self, pinned: PinnedSequences) -> None:
         try:
-            self.result = self.function(pool)
-        except BaseException as exc:  # handed to the caller's thread
+            self.result = self.function(pinned)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread, which re-raises it
             self.error = exc
         finally:
             self.done.set()
@@ -61,26 +69,21 @@ class _Call:
 class Engine:
     """Continuous-batching inference on one model.
 
-    ``Engine(model, settings)`` loads (if given a name or path, through
-    :func:`kvchat.models.resolve`) and starts a worker thread that owns the llama
-    context. :meth:`submit` queues a request and returns a :class:`Stream`. Each
-    step the worker decodes one token for every generating request plus prompt
-    chunks of new ones, batched into as few ``llama_decode`` calls as the CPU
-    attention kernels make worthwhile (see :class:`~kvchat.engine.scheduler.Scheduler`).
-    Thread-safe; close it with :meth:`close` or use it as a context manager.
+    ``Engine(model, settings)`` runs on a loaded :class:`~kvchat.llama.Model`
+    (left open on close) or on the path of a GGUF file, which it loads and frees
+    (a packaged model's path comes from :func:`kvchat.models.resolve`), and starts
+    a worker thread that owns the llama context. :meth:`submit` queues a request
+    and returns a :class:`Stream`. Each step the worker decodes one token for
+    every generating request plus prompt chunks of new ones, batched into as few
+    ``llama_decode`` calls as the CPU attention kernels make worthwhile (see
+    :class:`~kvchat.engine.step_planner.StepPlanner`). Thread-safe; close it with
+    :meth:`close` or use it as a context manager.
     """
 
-    def __init__(
-        self, model: Model | str | os.PathLike[str], settings: EngineSettings | None = None
-    ) -> None:
+    def __init__(self, model: Model | str | os.PathLike[str], settings: EngineSettings | None = None) -> None:
         self.settings = settings or EngineSettings()
         self._owns_model = not isinstance(model, Model)
-        if isinstance(model, Model):
-            self.model = model
-        else:
-            from kvchat.models import resolve  # the engine needs models only for names
-
-            self.model = Model(resolve(model))
+        self.model = model if isinstance(model, Model) else _load_model_file(model)
         try:
             self._context = Context(self.model, self._context_params())
             self._batch = Batch(self._context.n_batch)
@@ -93,13 +96,13 @@ class Engine:
             self.settings.max_request_tokens or self._context.n_ctx_seq,
         )
         """Most tokens (prompt + generated) one request may hold."""
-        self._scheduler = Scheduler()
+        self._planner = StepPlanner(interleaved_call_rows=self.settings.interleaved_call_rows)
         self._commands: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._waiting: deque[Sequence] = deque()
-        self._running: list[Sequence] = []
-        self._pool = KVPool(self._context, max_running=self.settings.max_running,
-                            cache=self._new_prefix_cache(), store=self._new_state_store(),
-                            compact=self.settings.compact_pool)
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []
+        self._pool = KVPool(self._context, cache=self._new_prefix_cache(), store=self._new_state_store())
+        self._admission = Admission(self._pool, compact=self.settings.compact_pool)
+        self._pinned = PinnedSequences(self._pool)
         self._request_ids = itertools.count(1)
         self._closing = False
         self._submit_lock = threading.Lock()
@@ -113,7 +116,11 @@ class Engine:
         # Sliding-window models keep only the window's cells unless swa_full:
         # reusing a longer prefix needs them all.
         return ContextParams(
-            n_ctx=s.n_ctx, n_batch=s.n_batch, n_ubatch=s.n_ubatch, n_seq_max=s.n_seq_max, n_threads=s.n_threads,
+            n_ctx=s.n_ctx,
+            n_batch=s.n_batch,
+            n_ubatch=s.n_ubatch,
+            n_seq_max=s.n_seq_max,
+            n_threads=s.n_threads,
             swa_full=s.prefix_cache or self.model.n_swa == 0,
         )
 
@@ -121,8 +128,10 @@ class Engine:
         if not self.settings.prefix_cache:
             return None
         if self.model.is_recurrent or self.model.is_hybrid:
-            logger.info("prefix cache disabled: %s keeps recurrent state, which cannot be cut at a "
-                        "token boundary", self.model.description)
+            logger.info(
+                "prefix cache disabled: %s keeps recurrent state, which cannot be cut at a token boundary",
+                self.model.description,
+            )
             return None
         return PrefixCache()
 
@@ -131,14 +140,18 @@ class Engine:
         if not s.prefix_cache or (s.cache_ram_bytes == 0 and s.cache_dir is None):
             return None
         layout = "" if s.cache_dir is None else self._context.layout_key()
-        return StateStore(ram_budget_bytes=s.cache_ram_bytes, disk_dir=s.cache_dir,
-                          disk_budget_bytes=s.cache_disk_bytes, layout_key=layout)
+        return StateStore(
+            ram_budget_bytes=s.cache_ram_bytes,
+            disk_dir=s.cache_dir,
+            disk_budget_bytes=s.cache_disk_bytes,
+            layout_key=layout,
+        )
 
     # -- public API ------------------------------------------------------------------
 
     def submit(
         self,
-        prompt_tokens: SequenceOf[int],
+        prompt_tokens: Sequence[int],
         sampling: SamplingParams | None = None,
         *,
         cache_key: str | None = None,
@@ -174,24 +187,34 @@ class Engine:
                 prompt_tokens=len(prompt), max_tokens=max(max_new, 1), context_limit=self.context_limit
             )
         request_id = next(self._request_ids)
-        stream = Stream(request_id, on_cancel=lambda: self._request_cancel(seq))
-        seq = Sequence(request_id, prompt, sampling, max_new, stream, cache_key=cache_key)
+        stream = Stream(request_id, on_cancel=lambda: self._request_cancel(request))
+        request = Request(request_id, prompt, sampling, max_new, stream, cache_key=cache_key)
         if pinned is not None:
-            if pinned.closed or len(prompt) <= len(pinned.tokens) or list(prompt[: len(pinned.tokens)]) != pinned.tokens:
-                raise InvalidRequestError("the prompt must extend the pinned sequence's resident tokens",
-                                          field="prompt")
-            seq.pinned = pinned
+            if (
+                pinned.closed
+                or len(prompt) <= len(pinned.tokens)
+                or list(prompt[: len(pinned.tokens)]) != pinned.tokens
+            ):
+                raise InvalidRequestError(
+                    "the prompt must extend the pinned sequence's resident tokens", field="prompt"
+                )
+            request.pinned = pinned
         if shift is not None:
             self._check_shift(prompt, shift)
-            seq.shift, seq.original_cache_key, seq.cache_key = shift, cache_key, shifted_namespace(cache_key)
+            request.shift, request.original_cache_key = shift, cache_key
+            request.cache_key = shifted_namespace(cache_key)
         with self._submit_lock:
             if self._closing:
                 raise EngineClosedError("the engine is closed")
-            self._commands.put(seq)
+            self._commands.put(request)
         return stream
 
     def generate(
-        self, prompt: str, sampling: SamplingParams | None = None, *, parse_special: bool = False,
+        self,
+        prompt: str,
+        sampling: SamplingParams | None = None,
+        *,
+        parse_special: bool = False,
         cache_key: str | None = None,
     ) -> Stream:
         """Tokenize `prompt` (with the model's BOS; special-token text parsed only if
@@ -199,11 +222,11 @@ class Engine:
         tokens = self.model.tokenize(prompt, add_special=True, parse_special=parse_special)
         return self.submit(tokens, sampling, cache_key=cache_key)
 
-    def run_on_worker(self, function: Callable[[KVPool], T]) -> T:
-        """Run `function(pool)` on the worker thread, between two steps, and return its
-        result (or raise its exception). For KV operations outside requests."""
+    def _on_worker(self, function: Callable[[PinnedSequences], T]) -> T:
+        """Run a conversation operation on the worker thread, between two steps, and
+        return its result (or raise its exception). For `Conversation` only."""
         if threading.current_thread() is self._thread:
-            return function(self._pool)
+            return function(self._pinned)
         call = _Call(function)
         with self._submit_lock:
             if self._closing:
@@ -212,19 +235,19 @@ class Engine:
         call.done.wait()
         if call.error is not None:
             raise call.error
-        return call.result  # type: ignore[return-value]
+        return call.result
 
     def conversation(self) -> Conversation:
         """A new, empty :class:`~kvchat.Conversation` on this engine."""
-        from kvchat.conversation import Conversation  # the explicit API sits above the engine
-
-        return Conversation(self, self.run_on_worker(KVPool.pin))
+        return Conversation(self, self._on_worker(PinnedSequences.pin))
 
     def load_conversation(self, path: str | os.PathLike[str]) -> Conversation:
-        """Restore a conversation written by `Conversation.save` (same model and KV layout only)."""
-        from kvchat.conversation import Conversation
-
-        return Conversation.load(self, path)
+        """Restore a conversation written by `Conversation.save` (same model and KV
+        layout only; `ConversationFileError` otherwise, or for a damaged file)."""
+        layout = self._on_worker(PinnedSequences.layout_key)
+        saved = read_conversation_file(Path(path), layout_key=layout)
+        pinned = self._on_worker(lambda ops: ops.restore(saved.tokens, saved.state))
+        return Conversation(self, pinned, saved.pending)
 
     def stats(self) -> EngineStats:
         """The latest snapshot of the engine's state and counters."""
@@ -260,7 +283,7 @@ class Engine:
 
     # -- checks on the caller's thread ---------------------------------------------------------
 
-    def _checked_prompt(self, prompt_tokens: SequenceOf[int]) -> tuple[int, ...]:
+    def _checked_prompt(self, prompt_tokens: Sequence[int]) -> tuple[int, ...]:
         try:
             prompt = tuple(int(t) for t in prompt_tokens)
         except (TypeError, ValueError) as exc:
@@ -278,8 +301,8 @@ class Engine:
         if shift.prompt != prompt or shift.n_keep < 0 or shift.n_drop < 0:
             raise InvalidRequestError("the prompt is not the shift's shortened original", field="prompt")
 
-    def _request_cancel(self, seq: Sequence) -> None:
-        seq.cancel_requested = True
+    def _request_cancel(self, request: Request) -> None:
+        request.cancel_requested = True
         self._commands.put(_WAKE)
 
     # -- the worker thread ------------------------------------------------------------------
@@ -304,10 +327,10 @@ class Engine:
         while True:
             if command is _CLOSE:
                 return False
-            if isinstance(command, Sequence):
+            if isinstance(command, Request):
                 self._waiting.append(command)
             elif isinstance(command, _Call):
-                command.run(self._pool)
+                command.run(self._pinned)
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
@@ -318,7 +341,7 @@ class Engine:
         if self._admit():
             self._publish_stats()
         decoded = False
-        for rows in self._scheduler.calls(list(self._running), self._batch):
+        for rows in self._planner.calls(list(self._running), self._batch):
             try:
                 self._context.decode(self._batch)
             except DecodeError as exc:
@@ -336,12 +359,17 @@ class Engine:
         """Admit waiting requests in arrival order while the pool can make room.
         True if any was admitted."""
         admitted = False
-        while self._waiting and self._pool.try_admit(self._waiting[0], len(self._running)):
-            seq = self._waiting.popleft()
-            seq.sampler = None if seq.sampling.is_plain_greedy else self._new_sampler(seq.sampling)
-            self._running.append(seq)
+        while self._waiting and len(self._running) < self.settings.max_running and self._admit_one(self._waiting[0]):
+            request = self._waiting.popleft()
+            request.sampler = None if request.sampling.is_plain_greedy else self._new_sampler(request.sampling)
+            self._running.append(request)
             admitted = True
         return admitted
+
+    def _admit_one(self, request: Request) -> bool:
+        if request.pinned is not None:
+            return self._pinned.admit(request)
+        return self._admission.admit(request)
 
     def _new_sampler(self, sampling: SamplingParams) -> SamplerChain:
         return SamplerChain(
@@ -360,75 +388,78 @@ class Engine:
         )
 
     def _sample(self, scheduled: ScheduledRow) -> None:
-        seq = scheduled.sequence
+        request = scheduled.request
         try:
-            if seq.sampler is None:
+            if request.sampler is None:
                 token = int(np.argmax(self._context.logits(scheduled.row)))
             else:
-                token = seq.sampler.sample(self._context, scheduled.row)
-            self._advance(seq, token)
+                token = request.sampler.sample(self._context, scheduled.row)
+            self._advance(request, token)
         except Exception as exc:
-            logger.exception("request %d failed while sampling", seq.request_id)
-            self._fail(seq, BackendError(f"sampling failed: {exc!r}"))
+            logger.exception("request %d failed while sampling", request.request_id)
+            self._fail(request, BackendError(f"sampling failed: {exc!r}"))
 
-    def _advance(self, seq: Sequence, token: int) -> None:
-        if token in seq.sampling.stop_token_ids or self.model.is_end_of_generation(token):
-            seq.note_first_token()
-            self._finish(seq, "stop")
+    def _advance(self, request: Request, token: int) -> None:
+        if token in request.sampling.stop_token_ids or self.model.is_end_of_generation(token):
+            request.note_first_token()
+            self._finish(request, "stop")
             return
-        seq.record_token(token)
-        delta = seq.text.push(self.model.token_to_bytes(token))
-        seq.stream._push(Chunk(delta.text, (token,)))
+        request.record_token(token)
+        delta = request.text.push(self.model.token_to_bytes(token))
+        request.stream._push(Chunk(delta.text, (token,)))
         if delta.stopped:
-            self._finish(seq, "stop")
-        elif len(seq.generated) >= seq.max_new_tokens:
-            self._finish(seq, "length")
+            self._finish(request, "stop")
+        elif len(request.generated) >= request.max_new_tokens:
+            self._finish(request, "length")
 
     def _reap_cancelled(self) -> None:
-        for seq in [s for s in self._running if s.cancel_requested]:
-            self._finish(seq, "cancelled")
-        for seq in [s for s in self._waiting if s.cancel_requested]:
-            self._waiting.remove(seq)
-            self._finish(seq, "cancelled")
+        for request in [s for s in self._running if s.cancel_requested]:
+            self._finish(request, "cancelled")
+        for request in [s for s in self._waiting if s.cancel_requested]:
+            self._waiting.remove(request)
+            self._finish(request, "cancelled")
 
     # -- ending requests --------------------------------------------------------------------------
 
-    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
-        tail = seq.text.finish().text
-        usage = seq.usage(reason, completion_tokens=len(seq.generated))
-        self._release(seq, keep=True)
+    def _finish(self, request: Request, reason: FinishReason) -> None:
+        tail = request.text.finish().text
+        usage = request.usage(reason, completion_tokens=len(request.generated))
+        self._release(request, keep=True)
         self._stats.counters.count_finished(usage)
         self._publish_stats()
-        seq.stream._push(Chunk(tail, (), usage))
+        request.stream._push(Chunk(tail, (), usage))
 
-    def _fail(self, seq: Sequence, error: BaseException) -> None:
-        if seq in self._waiting:
-            self._waiting.remove(seq)
-        self._release(seq, keep=False)  # its KV may be incomplete: keep nothing
+    def _fail(self, request: Request, error: BaseException) -> None:
+        if request in self._waiting:
+            self._waiting.remove(request)
+        self._release(request, keep=False)  # its KV may be incomplete: keep nothing
         self._publish_stats()
-        seq.stream._push(error)
+        request.stream._push(error)
 
     def _fail_running(self, error: BaseException) -> None:
-        for seq in list(self._running):
-            self._fail(seq, error)
+        for request in list(self._running):
+            self._fail(request, error)
 
-    def _release(self, seq: Sequence, *, keep: bool) -> None:
+    def _release(self, request: Request, *, keep: bool) -> None:
         """Free a request's sampler and sequence; park its KV in the cache if `keep`."""
-        seq.close_sampler()
-        if seq in self._running:
-            self._running.remove(seq)
-        self._pool.finish(seq, keep=keep)
+        request.close_sampler()
+        if request in self._running:
+            self._running.remove(request)
+        if request.pinned is not None:
+            self._pinned.finish(request, keep=keep)
+        else:
+            self._pool.finish(request, keep=keep)
 
     def _shutdown(self) -> None:
-        for seq in [*self._running, *self._waiting]:
-            self._finish(seq, "cancelled")
+        for request in [*self._running, *self._waiting]:
+            self._finish(request, "cancelled")
         self._waiting.clear()
         while True:  # requests submitted before close() took the lock
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 break
-            if isinstance(command, Sequence):
+            if isinstance(command, Request):
                 self._finish(command, "cancelled")
             elif isinstance(command, _Call):
                 command.error = EngineClosedError("the engine is closed")
@@ -449,3 +480,13 @@ class Engine:
 
     def _publish_stats(self) -> None:
         self._stats.publish(self._running, self._waiting, self._pool)
+
+
+def _load_model_file(path: str | os.PathLike[str]) -> Model:
+    """Load a GGUF file; a name that is no file gets a hint about packaged models."""
+    if not Path(path).is_file() and Path(path).suffix.lower() != ".gguf":
+        raise ModelLoadError(
+            f"model file not found: {path} (for a packaged model, pass kvchat.models.resolve({os.fspath(path)!r}))",
+            path=Path(path),
+        )
+    return Model(path)

@@ -142,11 +142,6 @@ class PrefixCache:
         length, node = self._walk(tokens, namespace)
         return MatchResult(length, node.holder, node) if node is not None else MatchResult(0, None, None)
 
-    def held_length(self, seq_id: int) -> int:
-        """How many positions parked `seq_id` holds (its leaf's end); 0 if not parked."""
-        leaf = self._leaf_of.get(seq_id)
-        return 0 if leaf is None else leaf.end
-
     def holders(self) -> set[int]:
         """The seq ids currently parked in the tree."""
         return set(self._leaf_of)
@@ -306,9 +301,10 @@ class PrefixCache:
                 protected += len(node.tokens) if node.lock_ref > 0 else 0
                 _check_node(node)
                 if node.parent is not None and not node.children:
-                    _require(node.holder is not None, f"leaf without a holder: {node!r}")
+                    if node.holder is None:
+                        raise IntegrityError(f"leaf without a holder: {node!r}")
                     _require(node.holder not in leaves, f"two leaves held by seq {node.holder}")
-                    leaves[node.holder] = node  # type: ignore[index]
+                    leaves[node.holder] = node
         _require(leaves.keys() == self._leaf_of.keys(), f"holders() {self.holders()} != leaf holders {set(leaves)}")
         for holder, leaf in leaves.items():
             _require(self._leaf_of[holder] is leaf, f"seq {holder}: recorded leaf is not its leaf")

@@ -46,28 +46,47 @@ class SamplingParams:
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         object.__setattr__(self, "logit_bias", MappingProxyType(dict(self.logit_bias)))
-        _check(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
-               "max_tokens", "must be a positive integer or None")
+        _check(
+            self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
+            "max_tokens",
+            "must be a positive integer or None",
+        )
         _check(_finite(self.temperature) and self.temperature >= 0, "temperature", "must be >= 0")
         _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "must be an integer >= 0 (0 = off)")
         _check(_finite(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         _check(_finite(self.min_p) and 0 <= self.min_p <= 1, "min_p", "must be in [0, 1]")
         _check(_finite(self.repeat_penalty) and self.repeat_penalty > 0, "repeat_penalty", "must be > 0")
-        _check(_finite(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
-               "presence_penalty", "must be in [-2, 2]")
-        _check(_finite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
-               "frequency_penalty", "must be in [-2, 2]")
-        _check(isinstance(self.penalty_last_n, int) and self.penalty_last_n >= -1,
-               "penalty_last_n", "must be >= -1 (-1 = whole output)")
+        _check(
+            _finite(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+            "presence_penalty",
+            "must be in [-2, 2]",
+        )
+        _check(
+            _finite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+            "frequency_penalty",
+            "must be in [-2, 2]",
+        )
+        _check(
+            isinstance(self.penalty_last_n, int) and self.penalty_last_n >= -1,
+            "penalty_last_n",
+            "must be >= -1 (-1 = whole output)",
+        )
         _check(self.seed is None or isinstance(self.seed, int), "seed", "must be an integer or None")
         _check(len(self.stop) <= MAX_STOP_STRINGS, "stop", f"at most {MAX_STOP_STRINGS} stop strings")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty text")
-        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
-               "stop_token_ids", "must be token ids >= 0")
-        _check(all(isinstance(t, int) and t >= 0 and _finite(b) for t, b in self.logit_bias.items()),
-               "logit_bias", "keys must be token ids >= 0 and values finite numbers")
-        _check(self.grammar is None or (isinstance(self.grammar, str) and self.grammar.strip() != ""),
-               "grammar", "must be non-empty GBNF text or None")
+        _check(
+            all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be token ids >= 0"
+        )
+        _check(
+            all(isinstance(t, int) and t >= 0 and _finite(b) for t, b in self.logit_bias.items()),
+            "logit_bias",
+            "keys must be token ids >= 0 and values finite numbers",
+        )
+        _check(
+            self.grammar is None or (isinstance(self.grammar, str) and self.grammar.strip() != ""),
+            "grammar",
+            "must be non-empty GBNF text or None",
+        )
 
     @property
     def is_plain_greedy(self) -> bool:

@@ -32,6 +32,11 @@ class EngineSettings:
       not use from the KV pool to the RAM tier while that has room (llama.cpp's
       attention costs time for every cell up to the highest one in use; a restore
       from RAM is a copy).
+    - `interleaved_call_rows`: most rows of one ``llama_decode`` call while
+      several requests run (None: one call per step). The default, 63, suits
+      llama.cpp's CPU flash attention, which from 64 rows up works in tiles that
+      rarely skip the cells of other requests (see `StepPlanner`); a GPU build
+      has no reason to split a step.
     - `cache_dir`: a directory where state falling out of RAM is kept across
       restarts (None: no disk tier); `cache_disk_bytes` bounds it (None: no bound).
     """
@@ -47,6 +52,7 @@ class EngineSettings:
     prefix_cache: bool = True
     cache_ram_bytes: int = 256 * 1024 * 1024
     compact_pool: bool = True
+    interleaved_call_rows: int | None = 63
     cache_dir: str | None = None
     cache_disk_bytes: int | None = None
 
@@ -67,5 +73,11 @@ class EngineSettings:
             raise InvalidRequestError("max_request_tokens must be in [1, n_ctx] or None", field="max_request_tokens")
         if self.open_max_tokens is not None and (not isinstance(self.open_max_tokens, int) or self.open_max_tokens < 1):
             raise InvalidRequestError("open_max_tokens must be a positive integer or None", field="open_max_tokens")
+        if self.interleaved_call_rows is not None and (
+            not isinstance(self.interleaved_call_rows, int) or self.interleaved_call_rows < 1
+        ):
+            raise InvalidRequestError(
+                "interleaved_call_rows must be a positive integer or None", field="interleaved_call_rows"
+            )
         if not isinstance(self.cache_ram_bytes, int) or self.cache_ram_bytes < 0:
             raise InvalidRequestError("cache_ram_bytes must be an integer >= 0", field="cache_ram_bytes")

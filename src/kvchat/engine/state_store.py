@@ -5,9 +5,9 @@ within a byte budget (LRU), then, if given a directory, disk (survives restarts)
 prompt sharing a longer prefix with a stored entry than with the KV pool can restore
 it instead of recomputing it. This module never talks to llama.cpp.
 
-Disk format, one file ``<key>.kvstate`` per entry: ``MAGIC``, then ``<HI``
-(format version, JSON header length), the UTF-8 JSON header ``{"layout_key",
-"namespace", "tokens", "state_size", "state_sha256"}``, then the state bytes.
+Disk format: one file ``<key>.kvstate`` per entry, of the kind
+:data:`~kvchat.engine.state_file.CACHE_ENTRY` (its header adds the entry's
+``namespace``).
 """
 
 from __future__ import annotations
@@ -16,24 +16,20 @@ import hashlib
 import json
 import logging
 import os
-import struct
-import tempfile
 from collections import OrderedDict
 from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import Literal
+
+from kvchat.atomic_file import leftover_temp_files, write_atomically
+from kvchat.engine import state_file
+from kvchat.engine.state_file import CACHE_ENTRY, StateFileError
 
 logger = logging.getLogger("kvchat.engine.state_store")
 
-MAGIC = b"KVCHAT-STATE\x00"
-FORMAT_VERSION = 1
 FILE_SUFFIX = ".kvstate"
-TEMP_PREFIX = ".kvstate-"
-TEMP_SUFFIX = ".tmp"
-_FIXED = struct.Struct("<HI")  # format version, JSON header length
-_MAX_HEADER_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -69,7 +65,7 @@ class StoreStats:
 
     Counters since construction: `spills_to_disk` files written, `dropped` entries
     discarded for lack of space (or a failed disk write), `loads` successful
-    :meth:`StateStore.take` calls (either tier), `load_failures` disk files that
+    :meth:`StateStore.load` calls (either tier), `load_failures` disk files that
     could not be loaded.
     """
 
@@ -95,15 +91,6 @@ class _Entry:
     state: bytes | None = None  # RAM tier only
 
 
-class _BadFile(Exception):
-    """A state file that cannot be used. `kind`: "io" (missing or unreadable), "foreign"
-    (another layout_key), "header" (bad magic or header), "data" (our header, bad state)."""
-
-    def __init__(self, reason: str, kind: Literal["io", "foreign", "header", "data"]) -> None:
-        super().__init__(reason)
-        self.kind = kind
-
-
 def entry_key(layout_key: str, namespace: str | None, tokens: Sequence[int]) -> str:
     """The stable key of an entry: sha256 hex of its layout key, namespace and tokens."""
     blob = json.dumps([layout_key, namespace, list(tokens)], separators=(",", ":"))
@@ -121,8 +108,14 @@ class StateStore:
     per directory. Not thread-safe: only the engine's worker thread calls it.
     """
 
-    def __init__(self, *, ram_budget_bytes: int, disk_dir: str | os.PathLike[str] | None = None,
-                 disk_budget_bytes: int | None = None, layout_key: str = "") -> None:
+    def __init__(
+        self,
+        *,
+        ram_budget_bytes: int,
+        disk_dir: str | os.PathLike[str] | None = None,
+        disk_budget_bytes: int | None = None,
+        layout_key: str = "",
+    ) -> None:
         if not isinstance(ram_budget_bytes, int) or ram_budget_bytes < 0:
             raise ValueError("ram_budget_bytes must be an integer >= 0")
         if disk_budget_bytes is not None and (not isinstance(disk_budget_bytes, int) or disk_budget_bytes < 0):
@@ -167,8 +160,16 @@ class StateStore:
         stale_files = [self._path(old.key) for old in superseded if old.key in self._disk]
         for old in superseded:
             self._remove(old, delete_file=False)
-        self._store_new(_Entry(entry_key(self.layout_key, entry.namespace, entry.tokens), entry.namespace,
-                               entry.tokens, len(entry.state), self._tick(), entry.state))
+        self._store_new(
+            _Entry(
+                entry_key(self.layout_key, entry.namespace, entry.tokens),
+                entry.namespace,
+                entry.tokens,
+                len(entry.state),
+                self._tick(),
+                entry.state,
+            )
+        )
         for path in stale_files:
             with suppress(OSError):
                 os.unlink(path)
@@ -196,7 +197,9 @@ class StateStore:
         best: tuple[int, bool, int] | None = None
         found: StoreMatch | None = None
         tiers: tuple[tuple[Literal["ram", "disk"], OrderedDict[str, _Entry]], ...] = (
-            ("ram", self._ram), ("disk", self._disk))
+            ("ram", self._ram),
+            ("disk", self._disk),
+        )
         for tier_name, tier in tiers:
             for e in tier.values():
                 if e.namespace != namespace or e.tokens[0] != query[0]:
@@ -207,8 +210,8 @@ class StateStore:
                     found = StoreMatch(rank[0], e.tokens, tier_name, e.key)
         return found
 
-    def take(self, match: StoreMatch) -> SpilledState | None:
-        """The stored entry of `match`, loaded from RAM or disk and touched as recently used.
+    def load(self, match: StoreMatch) -> SpilledState | None:
+        """The stored entry of `match`, read from RAM or disk and touched as recently used.
 
         The entry stays stored. None if it is gone, or if its file is missing,
         truncated, corrupt or foreign (logged at WARNING; the entry leaves the
@@ -223,11 +226,11 @@ class StateStore:
             return None
         path = self._path(e.key)
         try:
-            state = self._read_file(path, load=True)[3] or b""
-        except _BadFile as bad:
+            state = self._read_file(path, load=True).state or b""
+        except StateFileError as bad:
             logger.warning("cannot load spilled KV state %s: %s", path, bad)
             self._counts["load_failures"] += 1
-            self._remove(e, delete_file=bad.kind in ("header", "data"))
+            self._remove(e, delete_file=bad.problem in ("header", "data"))
             return None
         self._touch(e)
         self._counts["loads"] += 1
@@ -263,11 +266,6 @@ class StateStore:
             self._remove(entry, delete_file=False)
             self._demote(entry)
 
-    def clear(self) -> None:
-        """Forget every RAM entry; disk files stay (they survive restarts)."""
-        self._ram.clear()
-        self._ram_bytes = 0
-
     def _tick(self) -> int:
         self._clock += 1
         return self._clock
@@ -295,7 +293,9 @@ class StateStore:
         if self.disk_dir is None or e.state is None:
             self._drop(e, "no disk tier")
             return
-        header = _header_bytes(self.layout_key, e.namespace, e.tokens, e.state)
+        header = state_file.header_bytes(
+            CACHE_ENTRY, layout_key=self.layout_key, tokens=e.tokens, state=e.state, namespace=e.namespace
+        )
         file_size = len(header) + len(e.state)
         if self.disk_budget_bytes is not None:
             if file_size > self.disk_budget_bytes:
@@ -328,30 +328,12 @@ class StateStore:
         return self.disk_dir / f"{key}{FILE_SUFFIX}"
 
     def _write_file(self, path: Path, header: bytes, state: bytes) -> bool:
-        """Write atomically (temp file, fsync, rename); False, logged, on an OS error."""
-        tmp: str | None = None
+        """Write atomically; False, logged, on an OS error."""
         try:
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX)
-            with os.fdopen(fd, "wb") as f:
-                f.write(header)
-                f.write(state)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException as exc:
-            if tmp is not None:
-                with suppress(OSError):
-                    os.unlink(tmp)
-            if not isinstance(exc, OSError):
-                raise
+            write_atomically(path, header, state)
+        except OSError as exc:
             logger.warning("cannot write spilled KV state %s: %s", path, exc)
             return False
-        with suppress(OSError):  # make the rename durable (POSIX)
-            fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
         return True
 
     def _scan_disk(self) -> None:
@@ -359,27 +341,25 @@ class StateStore:
         assert self.disk_dir is not None
         found: list[tuple[float, _Entry]] = []
         foreign = 0
-        for path in self.disk_dir.iterdir():
-            if path.name.startswith(TEMP_PREFIX) and path.name.endswith(TEMP_SUFFIX):
-                logger.info("removing leftover temporary file %s", path)
-                with suppress(OSError):
-                    path.unlink()
-            elif path.name.endswith(FILE_SUFFIX):
-                try:
-                    header, file_size, mtime, _ = self._read_file(path, load=False)
-                except _BadFile as bad:
-                    foreign += bad.kind == "foreign"
-                    if bad.kind != "foreign":
-                        logger.warning("skipping spilled KV state file %s: %s", path, bad)
-                    if bad.kind == "data":  # ours (layout_key and name check out) but partial
-                        with suppress(OSError):
-                            path.unlink()
-                    continue
-                entry = _Entry(path.stem, header["namespace"], tuple(header["tokens"]), file_size, 0)
-                found.append((mtime, entry))
+        for path in leftover_temp_files(self.disk_dir, FILE_SUFFIX):
+            logger.info("removing leftover temporary file %s", path)
+            with suppress(OSError):
+                path.unlink()
+        for path in self.disk_dir.glob(f"*{FILE_SUFFIX}"):
+            try:
+                read = self._read_file(path, load=False)
+            except StateFileError as bad:
+                foreign += bad.problem == "foreign"
+                if bad.problem != "foreign":
+                    logger.warning("skipping spilled KV state file %s: %s", path, bad)
+                if bad.problem == "data":  # ours (the layout_key checks out) but partial
+                    with suppress(OSError):
+                        path.unlink()
+                continue
+            entry = _Entry(path.stem, read.header["namespace"], read.tokens, read.file_size, 0)
+            found.append((read.mtime, entry))
         if foreign:
-            logger.info("ignoring %d spilled KV state file(s) of another model or layout in %s",
-                        foreign, self.disk_dir)
+            logger.info("ignoring %d spilled KV state file(s) of another model or layout in %s", foreign, self.disk_dir)
         for _, e in sorted(found, key=lambda item: item[0]):
             e.last_used = self._tick()
             self._disk[e.key] = e
@@ -387,65 +367,14 @@ class StateStore:
         while self.disk_budget_bytes is not None and self._disk_bytes > self.disk_budget_bytes:
             self._evict_oldest_disk_entry()
 
-    def _read_file(self, path: Path, *, load: bool) -> tuple[dict, int, float, bytes | None]:
-        """Header, file size, mtime and (if `load`) verified state of one of our files, else `_BadFile`."""
-        try:
-            with open(path, "rb") as f:
-                header, offset = _read_header(f)
-                st = os.fstat(f.fileno())
-                state = f.read(header["state_size"]) if load else None
-        except FileNotFoundError as exc:
-            raise _BadFile("file is missing", "io") from exc
-        except OSError as exc:
-            raise _BadFile(f"unreadable ({exc})", "io") from exc
-        if header["layout_key"] != self.layout_key:
-            raise _BadFile("foreign file (another model or KV layout)", "foreign")
-        if entry_key(self.layout_key, header["namespace"], header["tokens"]) != path.stem:
-            raise _BadFile("file name does not match its header", "header")
-        expected = offset + header["state_size"]
-        if st.st_size != expected:
-            raise _BadFile(f"file is {st.st_size} bytes, expected {expected} (truncated or partial)", "data")
-        if state is not None and (len(state) != header["state_size"]
-                                  or hashlib.sha256(state).hexdigest() != header["state_sha256"]):
-            raise _BadFile("checksum mismatch (corrupt state)", "data")
-        return header, st.st_size, st.st_mtime, state
-
-
-def _header_bytes(layout_key: str, namespace: str | None, tokens: tuple[int, ...], state: bytes) -> bytes:
-    header = {"layout_key": layout_key, "namespace": namespace, "tokens": list(tokens),
-              "state_size": len(state), "state_sha256": hashlib.sha256(state).hexdigest()}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    return MAGIC + _FIXED.pack(FORMAT_VERSION, len(raw)) + raw
-
-
-def _read_header(f: BinaryIO) -> tuple[dict, int]:
-    """The JSON header of a state file and the offset of its state bytes; `_BadFile` if unusable."""
-    fixed = f.read(len(MAGIC) + _FIXED.size)
-    if len(fixed) < len(MAGIC) + _FIXED.size or not fixed.startswith(MAGIC):
-        raise _BadFile("bad magic bytes (not a kvchat state file)", "header")
-    version, length = _FIXED.unpack_from(fixed, len(MAGIC))
-    if version != FORMAT_VERSION:
-        raise _BadFile(f"unsupported format version {version}", "header")
-    if length > _MAX_HEADER_BYTES:
-        raise _BadFile(f"header length {length} is implausible", "header")
-    raw = f.read(length)
-    if len(raw) != length:
-        raise _BadFile("truncated header", "header")
-    try:
-        header = json.loads(raw)
-    except ValueError as exc:
-        raise _BadFile("header is not valid JSON", "header") from exc
-    if not _header_ok(header):
-        raise _BadFile("header fields are missing or malformed", "header")
-    return header, len(fixed) + length
-
-
-def _header_ok(h: object) -> bool:
-    return (isinstance(h, dict) and isinstance(h.get("layout_key"), str) and isinstance(h.get("state_sha256"), str)
-            and (h.get("namespace") is None or isinstance(h.get("namespace"), str))
-            and isinstance(h.get("tokens"), list) and len(h["tokens"]) > 0
-            and all(type(t) is int for t in h["tokens"])
-            and type(h.get("state_size")) is int and h["state_size"] >= 0)
+    def _read_file(self, path: Path, *, load: bool) -> state_file.StateFile:
+        """One of our files, checked (its state verified if `load`); else `StateFileError`."""
+        read = state_file.read(path, CACHE_ENTRY, layout_key=self.layout_key, load=load)
+        if not read.tokens:
+            raise StateFileError("an entry without tokens", "header")
+        if entry_key(self.layout_key, read.header["namespace"], read.tokens) != path.stem:
+            raise StateFileError("file name does not match its header", "header")
+        return read
 
 
 def _common_prefix_len(a: tuple[int, ...], b: tuple[int, ...]) -> int:

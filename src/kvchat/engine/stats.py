@@ -7,7 +7,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, fields
 
 from kvchat.engine.kv_pool import KVPool
-from kvchat.engine.sequence import Sequence
+from kvchat.engine.request import Request
 from kvchat.engine.stream import Usage
 
 
@@ -22,6 +22,8 @@ class EngineStats:
     `cache_tokens`, `ram_tokens`, `disk_tokens`: tokens held by each cache tier;
     `locked_cache_tokens`: cached tokens that running requests depend on (not
     evictable; 0 when the engine is idle);
+    `restore_failures`: spilled states chosen for a request that could not be
+    loaded (a damaged file, or llama.cpp refused the bytes; the tokens were evaluated);
     `shifts`: context shifts that reused the original prompt's KV.
     Counters are cumulative since start; `cache_hit_rate` is cached / prompt tokens.
     """
@@ -38,6 +40,7 @@ class EngineStats:
     evictions: int
     spills: int
     restores: int
+    restore_failures: int
     shifts: int
     steps: int
     requests_finished: int
@@ -80,7 +83,7 @@ class StatsBoard:
         self._lock = threading.Lock()
         self._latest: EngineStats | None = None
 
-    def publish(self, running: Collection[Sequence], waiting: Collection[Sequence], pool: KVPool) -> None:
+    def publish(self, running: Collection[Request], waiting: Collection[Request], pool: KVPool) -> None:
         """Take a snapshot of the worker's state (worker thread only)."""
         store = pool.store.stats() if pool.store is not None else None
         snapshot = EngineStats(
@@ -88,8 +91,9 @@ class StatsBoard:
             queued=len(waiting),
             free_sequences=pool.free_sequences,
             parked_sequences=pool.parked_sequences,
-            tokens_resident=(pool.cached_tokens_resident + pool.pinned_cells
-                             + sum(s.n_past - s.shared_prefix for s in running)),
+            tokens_resident=(
+                pool.cached_tokens_resident + pool.pinned_cells + sum(s.n_past - s.shared_prefix for s in running)
+            ),
             cache_tokens=pool.cached_tokens_resident,
             ram_tokens=store.ram_tokens if store else 0,
             disk_tokens=store.disk_tokens if store else 0,
@@ -97,6 +101,7 @@ class StatsBoard:
             evictions=pool.counters.evictions,
             spills=pool.counters.spills,
             restores=pool.counters.restores,
+            restore_failures=pool.counters.restore_failures,
             shifts=pool.counters.shifts,
             **{f.name: getattr(self.counters, f.name) for f in fields(self.counters)},
         )

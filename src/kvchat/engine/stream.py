@@ -8,6 +8,7 @@ from the iteration: it never just stops.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -92,10 +93,8 @@ class Stream:
             waker = self._waker
         if waker is not None:
             loop, event = waker
-            try:
+            with contextlib.suppress(RuntimeError):  # the consumer's loop is closed: nobody to wake
                 loop.call_soon_threadsafe(event.set)
-            except RuntimeError:  # the consumer's loop is closed: nobody to wake
-                pass
 
     # -- consumer side -------------------------------------------------------------
 

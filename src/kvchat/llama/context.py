@@ -5,8 +5,8 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-from importlib.metadata import version
 from dataclasses import dataclass
+from importlib.metadata import version
 from types import TracebackType
 
 import llama_cpp
@@ -15,7 +15,6 @@ import numpy as np
 from kvchat.errors import BackendError, DecodeError
 from kvchat.llama.batch import Batch
 from kvchat.llama.model import Model
-
 
 _POOLING_TYPES: dict[str, int] = {
     "none": llama_cpp.LLAMA_POOLING_TYPE_NONE,
@@ -181,21 +180,9 @@ class Context:
         """Share the cells of `src` at [start, end) with `dst` (no copy in a unified cache)."""
         llama_cpp.llama_memory_seq_cp(self._memory, src, dst, start, end)
 
-    def seq_keep(self, seq_id: int) -> None:
-        """Drop every cell that does not belong to `seq_id`."""
-        llama_cpp.llama_memory_seq_keep(self._memory, seq_id)
-
     def seq_shift(self, seq_id: int, start: int, end: int, delta: int) -> None:
         """Add `delta` to the positions of `seq_id`'s cells in [start, end)."""
         llama_cpp.llama_memory_seq_add(self._memory, seq_id, start, end, delta)
-
-    def seq_pos_max(self, seq_id: int) -> int:
-        """Highest position held for `seq_id`, or -1 when it holds nothing."""
-        return int(llama_cpp.llama_memory_seq_pos_max(self._memory, seq_id))
-
-    def seq_pos_min(self, seq_id: int) -> int:
-        """Lowest position held for `seq_id`, or -1 when it holds nothing."""
-        return int(llama_cpp.llama_memory_seq_pos_min(self._memory, seq_id))
 
     def clear_memory(self) -> None:
         """Drop every cell of every sequence."""

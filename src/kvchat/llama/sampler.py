@@ -51,7 +51,7 @@ class SamplerChain:
             add(grammar_sampler)
         if logit_bias:
             entries = (llama_cpp.llama_logit_bias * len(logit_bias))()
-            for entry, (token, bias) in zip(entries, logit_bias.items()):
+            for entry, (token, bias) in zip(entries, logit_bias.items(), strict=True):
                 entry.token = token
                 entry.bias = bias
             add(llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(logit_bias), entries))
@@ -81,10 +81,6 @@ class SamplerChain:
         if not self._chain:
             raise RuntimeError("sampler chain is closed")
         return int(llama_cpp.llama_sampler_sample(self._chain, context.handle, row))
-
-    def accept(self, token: int) -> None:
-        """Record a token chosen elsewhere (so penalties see it)."""
-        llama_cpp.llama_sampler_accept(self._chain, token)
 
     def close(self) -> None:
         """Free the chain and its samplers. Safe to call twice."""

@@ -50,10 +50,11 @@ def serve(
     import uvicorn
 
     from kvchat.engine import Engine
+    from kvchat.models import resolve
 
     settings = settings or ServerSettings(model_name=default_model_name(model))
     _configure_logging(log_level, access_log)
-    with Engine(model, engine_settings) as engine:
+    with Engine(resolve(model), engine_settings) as engine:
         # The app closes the engine at shutdown: uvicorn ends the process by
         # re-raising the signal as soon as it returns, so `with` cannot be relied on.
         app = create_app(engine, settings, owns_engine=True)

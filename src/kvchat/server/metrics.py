@@ -40,6 +40,11 @@ class _EngineCollector(Collector):
             ("evaluated_tokens", stats.evaluated_tokens, "Prompt tokens run through the model."),
             ("completion_tokens", stats.completion_tokens, "Tokens generated."),
             ("cache_evictions", stats.evictions, "Cache entries evicted from the KV pool."),
+            (
+                "cache_restore_failures",
+                stats.restore_failures,
+                "Spilled cache entries that could not be restored (their tokens were evaluated).",
+            ),
         ):
             yield CounterMetricFamily(f"kvchat_{name}", doc, value=value)
         yield GaugeMetricFamily(

@@ -8,6 +8,7 @@ from pydantic import ConfigDict, Field
 from semantic_kernel.services.ai_service_client_base import AIServiceClientBase
 
 from kvchat.engine import Engine, EngineSettings
+from kvchat.models import resolve
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class EngineService(AIServiceClientBase):
         if engine is None:
             assert model is not None  # exactly one of them is given
             logger.info("starting a kvchat engine on %s", model)
-            engine = Engine(model, engine_settings)
+            engine = Engine(resolve(model), engine_settings)
         try:
             super().__init__(
                 engine=engine,

@@ -1,12 +1,11 @@
-"""`Scheduler`: decides which tokens each `llama_decode` call of a step evaluates."""
+"""`StepPlanner`: decides which tokens each `llama_decode` call of a step evaluates."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from collections.abc import Sequence as SequenceOf
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from kvchat.engine.sequence import Sequence
+from kvchat.engine.request import Request
 from kvchat.llama import Batch
 
 
@@ -14,11 +13,11 @@ from kvchat.llama import Batch
 class ScheduledRow:
     """A batch row whose logits a sequence samples from after the decode."""
 
-    sequence: Sequence
+    request: Request
     row: int
 
 
-class Scheduler:
+class StepPlanner:
     """Plans one engine step: which tokens it evaluates, in which `llama_decode` calls.
 
     The step takes one decode token from every generating sequence first (so
@@ -32,7 +31,8 @@ class Scheduler:
     hides it from every row of the tile; below 64 rows every row skips each hidden
     cell on its own. While several sequences run, their tokens take turns in the
     cache, so each one's cells are spread among the others' and tiles rarely
-    skip: the step is then cut into calls of at most `EXACT_ATTENTION_ROWS` rows.
+    skip: the step is then cut into calls of at most `interleaved_call_rows` rows
+    (``EngineSettings.interleaved_call_rows``; 63 by default, None for one call).
     A sequence running alone has its cells together and gets one call (the tiled
     kernel is the faster one on contiguous cells).
 
@@ -43,20 +43,22 @@ class Scheduler:
     the others in its call, 1.21 s.
     """
 
-    EXACT_ATTENTION_ROWS = 63
-    """Most rows of a call whose rows each skip hidden cells exactly (llama.cpp CPU)."""
+    def __init__(self, *, interleaved_call_rows: int | None) -> None:
+        self._interleaved_call_rows = interleaved_call_rows
 
-    def calls(self, running: SequenceOf[Sequence], batch: Batch) -> Iterator[list[ScheduledRow]]:
+    def calls(self, running: Sequence[Request], batch: Batch) -> Iterator[list[ScheduledRow]]:
         """Fill `batch` for each call of the step in turn, advancing each sequence's
         position, and yield the rows to sample from after that call.
 
         The caller decodes the batch (and samples) before asking for the next call.
         """
         segments = self._plan(running, batch.capacity)
-        call_rows = self.EXACT_ATTENTION_ROWS if len(running) > 1 else batch.capacity
+        call_rows = batch.capacity
+        if len(running) > 1 and self._interleaved_call_rows is not None:
+            call_rows = min(call_rows, self._interleaved_call_rows)
         batch.clear()
         rows: list[ScheduledRow] = []
-        for seq, tokens, wants_logits in segments:
+        for request, tokens, wants_logits in segments:
             while tokens:
                 if batch.n_tokens == call_rows:
                     yield rows
@@ -65,33 +67,33 @@ class Scheduler:
                 room = call_rows - batch.n_tokens
                 part, tokens = tokens[:room], tokens[room:]
                 logits = wants_logits and not tokens
-                row = batch.add_chunk(part, seq.n_past, _seq_id(seq), logits_last=logits)
-                seq.n_past += len(part)
+                row = batch.add_chunk(part, request.n_past, _seq_id(request), logits_last=logits)
+                request.n_past += len(part)
                 if logits:
-                    rows.append(ScheduledRow(seq, row))
+                    rows.append(ScheduledRow(request, row))
         if batch.n_tokens:
             yield rows
 
     @staticmethod
-    def _plan(running: SequenceOf[Sequence], capacity: int) -> list[tuple[Sequence, list[int], bool]]:
-        """The step's (sequence, tokens, wants logits) segments, taken from `pending`."""
-        segments: list[tuple[Sequence, list[int], bool]] = []
+    def _plan(running: Sequence[Request], capacity: int) -> list[tuple[Request, list[int], bool]]:
+        """The step's (request, tokens, wants logits) segments, taken from `pending`."""
+        segments: list[tuple[Request, list[int], bool]] = []
         budget = capacity
-        for seq in running:
-            if seq.is_generating and seq.pending and budget:
-                segments.append((seq, [seq.pending.pop()], True))
+        for request in running:
+            if request.is_generating and request.pending and budget:
+                segments.append((request, [request.pending.pop()], True))
                 budget -= 1
-        for seq in running:
-            if seq.is_generating or not seq.pending or not budget:
+        for request in running:
+            if request.is_generating or not request.pending or not budget:
                 continue
-            take = min(len(seq.pending), budget)
-            chunk, seq.pending = seq.pending[:take], seq.pending[take:]
-            segments.append((seq, chunk, not seq.pending))
+            take = min(len(request.pending), budget)
+            chunk, request.pending = request.pending[:take], request.pending[take:]
+            segments.append((request, chunk, not request.pending))
             budget -= take
         return segments
 
 
-def _seq_id(seq: Sequence) -> int:
-    if seq.seq_id is None:
-        raise RuntimeError(f"request {seq.request_id} is scheduled without a KV sequence")
-    return seq.seq_id
+def _seq_id(request: Request) -> int:
+    if request.seq_id is None:
+        raise RuntimeError(f"request {request.request_id} is scheduled without a KV sequence")
+    return request.seq_id

@@ -1,4 +1,4 @@
-"""`Sequence`: one request's state inside the engine, from admission to finish."""
+"""`Request`: one request's state inside the engine, from submission to finish."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from kvchat.engine.context_shift import ContextShift
 from kvchat.engine.pinned import PinnedSequence
+from kvchat.engine.prefix_cache import Node
 from kvchat.engine.sampling import SamplingParams
 from kvchat.engine.stream import FinishReason, Stream, Usage
 from kvchat.engine.text_output import TextOutput
@@ -14,8 +15,8 @@ from kvchat.llama import SamplerChain
 
 
 @dataclass(eq=False)
-class Sequence:
-    """A request and the KV sequence it runs in.
+class Request:
+    """A submitted request and the KV sequence it runs in (once admitted).
 
     Owned by the engine's worker thread; only `cancel_requested` is written from
     other threads (a plain bool store, atomic in CPython).
@@ -45,7 +46,7 @@ class Sequence:
     """Prompt tokens taken from the cache (shared cells or restored state)."""
     shared_prefix: int = 0
     """Leading positions whose cells are shared from the prefix cache's tree."""
-    locked_node: object | None = None
+    locked_node: Node | None = None
     """The prefix-cache node locked while this request uses its cells."""
     reserved_cells: int = 0
     """KV cells reserved for this request beyond its cached prefix."""
@@ -72,6 +73,16 @@ class Sequence:
         self.note_first_token()
         self.generated.append(token)
         self.pending = [token]
+
+    @property
+    def all_tokens(self) -> tuple[int, ...]:
+        """The prompt and every token generated so far."""
+        return self.prompt + tuple(self.generated)
+
+    @property
+    def kv_tokens(self) -> tuple[int, ...]:
+        """The tokens whose KV this request's sequence holds (positions [0, n_past))."""
+        return self.all_tokens[: self.n_past]
 
     @property
     def evaluated_prompt_tokens(self) -> int:

@@ -1,4 +1,4 @@
-"""The scheduler's step plans (pure logic on a real, empty `llama_batch`; no model)."""
+"""The step planner's calls (pure logic on a real, empty `llama_batch`; no model)."""
 
 from __future__ import annotations
 
@@ -6,13 +6,15 @@ from dataclasses import dataclass
 
 import pytest
 
+from kvchat.engine.request import Request
 from kvchat.engine.sampling import SamplingParams
-from kvchat.engine.scheduler import Scheduler
-from kvchat.engine.sequence import Sequence
+from kvchat.engine.settings import EngineSettings
+from kvchat.engine.step_planner import StepPlanner
 from kvchat.engine.stream import Stream
 from kvchat.llama import Batch
 
-EXACT = Scheduler.EXACT_ATTENTION_ROWS
+EXACT = EngineSettings().interleaved_call_rows
+assert EXACT == 63  # the default: below 64 rows, llama.cpp's CPU flash attention skips hidden cells
 
 
 @dataclass
@@ -23,27 +25,27 @@ class Call:
     sampled: list[tuple[int, int]]  # (seq_id, row)
 
 
-def prompting(seq_id: int, pending: int, n_past: int = 0) -> Sequence:
-    seq = Sequence(seq_id, tuple(range(n_past + pending)), SamplingParams(), 16, Stream(seq_id, lambda: None))
+def prompting(seq_id: int, pending: int, n_past: int = 0) -> Request:
+    seq = Request(seq_id, tuple(range(n_past + pending)), SamplingParams(), 16, Stream(seq_id, lambda: None))
     seq.seq_id, seq.n_past, seq.pending = seq_id, n_past, list(range(n_past, n_past + pending))
     return seq
 
 
-def generating(seq_id: int, n_past: int) -> Sequence:
+def generating(seq_id: int, n_past: int) -> Request:
     seq = prompting(seq_id, 0, n_past)
     seq.generated, seq.pending = [7], [7]
     return seq
 
 
-def run_step(running: list[Sequence], capacity: int = 512) -> list[Call]:
+def run_step(running: list[Request], capacity: int = 512, call_rows: int | None = EXACT) -> list[Call]:
     calls = []
     with Batch(capacity) as batch:
-        for sampled in Scheduler().calls(running, batch):
+        for sampled in StepPlanner(interleaved_call_rows=call_rows).calls(running, batch):
             raw = batch.raw
             rows = [(raw.seq_id[i][0], raw.pos[i]) for i in range(batch.n_tokens)]
             wants = [i for i in range(batch.n_tokens) if raw.logits[i]]
             assert wants == [s.row for s in sampled]  # only the rows handed back ask for logits
-            calls.append(Call(rows, [(s.sequence.seq_id, s.row) for s in sampled]))
+            calls.append(Call(rows, [(s.request.seq_id, s.row) for s in sampled]))
     return calls
 
 
@@ -85,3 +87,18 @@ def test_the_step_budget_covers_decode_rows_and_prompt_chunks(capacity: int) -> 
     assert first.n_past == min(80, capacity - 1)
     assert second.n_past == max(0, capacity - 81)
     assert len(second.pending) == 80 - second.n_past  # the rest waits for the next step
+
+
+def test_without_a_row_cap_several_sequences_share_one_call() -> None:
+    """`interleaved_call_rows=None` (a GPU build): the step is not split."""
+    decoders = [generating(i, 100 + i) for i in range(8)]
+    newcomer = prompting(8, 150, n_past=30)
+    [call] = run_step([*decoders, newcomer], call_rows=None)
+    assert len(call.rows) == 8 + 150
+    assert call.sampled == [(i, i) for i in range(8)] + [(8, 157)]
+
+
+def test_a_custom_row_cap_bounds_every_call() -> None:
+    running = [generating(0, 10), prompting(1, 100)]
+    calls = run_step(running, call_rows=16)
+    assert [len(c.rows) for c in calls] == [16] * 6 + [5]

@@ -1,47 +1,64 @@
 """`Conversation`: explicit control of one KV sequence (prompt, generate, fork,
 rewind, shift, save, load), for callers who want to hold state themselves.
 
-A thin handle: every KV operation runs on the engine's worker thread (through
-`Engine.run_on_worker`) and generation goes through the same scheduler and
-`Stream` as `Engine.submit`. A conversation's sequence is pinned: the prefix
-cache never evicts it. Different conversations may be used from different
-threads or tasks at once; one conversation generates one reply at a time.
+An engine handle like `Stream`: every KV operation runs on the engine's worker
+thread (as a :class:`~kvchat.engine.pinning.PinnedSequences` operation) and
+generation goes through the same step planner and `Stream` as `Engine.submit`.
+A conversation's sequence is pinned: the prefix cache never evicts it.
+Different conversations may be used from different threads or tasks at once;
+one conversation generates one reply at a time. Files are of the kind
+:data:`~kvchat.engine.state_file.CONVERSATION`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Protocol, TypeVar
 
-from kvchat.atomic_file import write_atomically
-from kvchat.engine import SamplingParams, Stream
-from kvchat.engine.kv_pool import KVPool
+from kvchat.engine import state_file
 from kvchat.engine.pinned import PinnedSequence
+from kvchat.engine.pinning import PinnedSequences
+from kvchat.engine.sampling import SamplingParams
+from kvchat.engine.state_file import CONVERSATION, StateFileError
+from kvchat.engine.stream import Stream
 from kvchat.errors import ConversationFileError, InvalidRequestError
+from kvchat.llama import Model
 
-if TYPE_CHECKING:
-    from kvchat.engine import Engine
+T = TypeVar("T")
 
-_MAGIC = b"KVCHAT-CONVERSATION\x00"
-_VERSION = 1
+
+class ConversationHost(Protocol):
+    """What a conversation needs from its engine (`Engine` is the one host)."""
+
+    @property
+    def model(self) -> Model: ...
+
+    def submit(
+        self,
+        prompt_tokens: Sequence[int],
+        sampling: SamplingParams | None = None,
+        *,
+        pinned: PinnedSequence | None = None,
+    ) -> Stream: ...
+
+    def _on_worker(self, function: Callable[[PinnedSequences], T]) -> T: ...
 
 
 class Conversation:
-    """One conversation's tokens and KV state, created by `Engine.conversation()`.
+    """One conversation's tokens and KV state, made by `Engine.conversation()` or
+    `Engine.load_conversation()`.
 
     `tokens` are resident in the KV cache; `pending` are queued by :meth:`prompt`
     and evaluated by the next :meth:`generate`. Close it (or use `with`) to free
     its sequence. Every call on a closed conversation raises `InvalidRequestError`.
     """
 
-    def __init__(self, engine: Engine, pinned: PinnedSequence, pending: Sequence[int] = ()) -> None:
+    def __init__(self, engine: ConversationHost, pinned: PinnedSequence, pending: Sequence[int] = ()) -> None:
         self._engine = engine
         self._pinned = pinned
         self._pending: list[int] = list(pending)
@@ -73,8 +90,9 @@ class Conversation:
     def _check_idle(self) -> None:
         self._check_open()
         if self._pinned.generating:
-            raise InvalidRequestError("the conversation is generating; wait for its stream to end",
-                                      field="conversation")
+            raise InvalidRequestError(
+                "the conversation is generating; wait for its stream to end", field="conversation"
+            )
         self._take_unevaluated()
 
     def _take_unevaluated(self) -> None:
@@ -108,7 +126,7 @@ class Conversation:
                 if not pinned.tokens:
                     raise InvalidRequestError("nothing to generate from: prompt() first", field="prompt")
                 last = pinned.tokens[-1]  # fresh logits need one evaluated token
-                self._engine.run_on_worker(lambda pool: pool.truncate(pinned, len(pinned.tokens) - 1))
+                self._engine._on_worker(lambda ops: ops.truncate(pinned, len(pinned.tokens) - 1))
                 self._pending = [last]
             prompt = pinned.tokens + self._pending
             pinned.generating = True
@@ -126,7 +144,7 @@ class Conversation:
         """A new conversation sharing every cell so far (no copy); both diverge from here."""
         with self._lock:
             self._check_idle()
-            child = self._engine.run_on_worker(lambda pool: pool.fork(self._pinned))
+            child = self._engine._on_worker(lambda ops: ops.fork(self._pinned))
             return Conversation(self._engine, child, self._pending)
 
     def rewind(self, n: int) -> None:
@@ -137,9 +155,9 @@ class Conversation:
             if not isinstance(n, int) or not 0 <= n <= total:
                 raise InvalidRequestError(f"rewind needs 0 <= n <= {total}", field="n")
             from_pending = min(n, len(self._pending))
-            del self._pending[len(self._pending) - from_pending:]
+            del self._pending[len(self._pending) - from_pending :]
             keep = len(self._pinned.tokens) - (n - from_pending)
-            self._engine.run_on_worker(lambda pool: pool.truncate(self._pinned, keep))
+            self._engine._on_worker(lambda ops: ops.truncate(self._pinned, keep))
 
     def shift_left(self, keep: int, n: int) -> None:
         """Drop `n` resident tokens after the first `keep` and move the rest back
@@ -149,7 +167,7 @@ class Conversation:
             resident = len(self._pinned.tokens)
             if not (isinstance(keep, int) and isinstance(n, int) and keep >= 0 and n >= 1 and keep + n <= resident):
                 raise InvalidRequestError(f"shift_left needs keep >= 0, n >= 1, keep + n <= {resident}", field="n")
-            self._engine.run_on_worker(lambda pool: pool.shift_left(self._pinned, keep, n))
+            self._engine._on_worker(lambda ops: ops.shift_left(self._pinned, keep, n))
 
     # -- persistence -----------------------------------------------------------------------------
 
@@ -159,22 +177,10 @@ class Conversation:
         with self._lock:
             self._check_idle()
             pinned = self._pinned
-            state, layout = self._engine.run_on_worker(
-                lambda pool: (pool.sequence_state(pinned.seq_id), pool.layout_key()))
-            header = {"layout_key": layout, "tokens": pinned.tokens, "pending": self._pending,
-                      "state_size": len(state), "state_sha256": hashlib.sha256(state).hexdigest()}
-            write_atomically(path, _encode(header, state))
-
-    @classmethod
-    def load(cls, engine: Engine, path: str | os.PathLike[str]) -> Conversation:
-        """Restore a saved conversation into `engine` (see `Engine.load_conversation`)."""
-        header, state = _decode(Path(path))
-        layout = engine.run_on_worker(KVPool.layout_key)
-        if header["layout_key"] != layout:
-            raise ConversationFileError(f"{path} was saved from another model or KV layout", field="path")
-        tokens = [int(t) for t in header["tokens"]]
-        pinned = engine.run_on_worker(lambda pool: pool.restore(tokens, state))
-        return cls(engine, pinned, [int(t) for t in header["pending"]])
+            state, layout = self._engine._on_worker(lambda ops: ops.state(pinned))
+            state_file.write(
+                path, CONVERSATION, layout_key=layout, tokens=pinned.tokens, state=state, pending=self._pending
+            )
 
     # -- lifetime ---------------------------------------------------------------------------------
 
@@ -184,7 +190,7 @@ class Conversation:
             if self._pinned.closed:
                 return
             self._check_idle()
-            self._engine.run_on_worker(lambda pool: pool.unpin(self._pinned))
+            self._engine._on_worker(lambda ops: ops.unpin(self._pinned))
 
     def __enter__(self) -> Conversation:
         return self
@@ -195,27 +201,27 @@ class Conversation:
         self.close()
 
 
-def _encode(header: dict[str, Any], state: bytes) -> bytes:
-    body = json.dumps(header).encode()
-    return _MAGIC + struct.pack("<HI", _VERSION, len(body)) + body + state
+@dataclass(frozen=True)
+class SavedConversation:
+    """A conversation file's content."""
+
+    tokens: list[int]
+    pending: list[int]
+    state: bytes
 
 
-def _decode(path: Path) -> tuple[dict[str, Any], bytes]:
+def read_conversation_file(path: Path, *, layout_key: str) -> SavedConversation:
+    """Read a file written by `Conversation.save` for `layout_key`; `ConversationFileError` if it
+    cannot be used (missing, damaged, of another version, model or KV layout)."""
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ConversationFileError(f"cannot read {path}: {exc}", field="path") from exc
-    fixed = len(_MAGIC) + struct.calcsize("<HI")
-    if len(data) < fixed or not data.startswith(_MAGIC):
-        raise ConversationFileError(f"{path} is not a kvchat conversation file", field="path")
-    version, size = struct.unpack_from("<HI", data, len(_MAGIC))
-    try:
-        header = json.loads(data[fixed:fixed + size])
-        state = data[fixed + size:]
-        valid = (version == _VERSION and len(state) == header["state_size"]
-                 and hashlib.sha256(state).hexdigest() == header["state_sha256"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ConversationFileError(f"{path} has a damaged header", field="path") from exc
-    if not valid:
-        raise ConversationFileError(f"{path} is truncated, damaged or of another version", field="path")
-    return header, state
+        saved = state_file.read(path, CONVERSATION, layout_key=layout_key)
+    except StateFileError as exc:
+        why = {
+            "io": f"cannot be read ({exc})",
+            "foreign": "was saved from another model or KV layout",
+            "header": f"is not a kvchat conversation file of this version ({exc})",
+            "data": f"is truncated or damaged ({exc})",
+        }[exc.problem]
+        raise ConversationFileError(f"{path} {why}", field="path") from exc
+    assert saved.state is not None
+    return SavedConversation(list(saved.tokens), list(saved.header["pending"]), saved.state)

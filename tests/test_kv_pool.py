@@ -1,0 +1,440 @@
+"""The KV pool, admission plans and conversation operations on a fake KV memory (no model).
+
+`FakeKV` records every ``seq_cp``/``seq_rm``/``seq_add`` and holds real token
+contents per cell, so the tests check what the pool promises: each parked
+sequence's cells hold exactly its tree path, each request's cells hold its
+prompt and generated tokens, no cell is used that the accounting does not
+count, and a shift never moves cells another sequence shares.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from fake_kv import FakeKV
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from kvchat.engine.admission import MIN_RESTORE_GAIN, Admission, cells_to_reserve
+from kvchat.engine.context_shift import ContextShift, shifted_namespace
+from kvchat.engine.kv_pool import KVPool
+from kvchat.engine.pinned import PinnedSequence
+from kvchat.engine.pinning import PinnedSequences
+from kvchat.engine.prefix_cache import PrefixCache
+from kvchat.engine.request import Request
+from kvchat.engine.sampling import SamplingParams
+from kvchat.engine.state_store import SpilledState, StateStore
+from kvchat.engine.stream import Stream
+from kvchat.errors import InvalidRequestError
+
+_request_ids = itertools.count(1)
+
+
+class Pool:
+    """A pool on a fake KV memory, with its admission and conversation operations."""
+
+    def __init__(self, *, n_ctx: int = 256, n_seq_max: int = 8, ram_bytes: int = 0, compact: bool = False,
+                 partial_remove: bool = True) -> None:
+        self.kv = FakeKV(n_ctx=n_ctx, n_seq_max=n_seq_max, partial_remove=partial_remove)
+        ticks = itertools.count(1)
+        self.cache = PrefixCache(clock=lambda: float(next(ticks)))
+        store = StateStore(ram_budget_bytes=ram_bytes) if ram_bytes else None
+        self.pool = KVPool(self.kv, cache=self.cache, store=store)  # type: ignore[arg-type]
+        self.admission = Admission(self.pool, compact=compact)
+        self.pinned = PinnedSequences(self.pool)
+
+    def admit(self, prompt: list[int] | tuple[int, ...], *, max_new: int = 4, cache_key: str | None = None,
+              shift: ContextShift | None = None) -> Request | None:
+        """Admit a request and evaluate its prompt; None if it does not fit."""
+        request = new_request(prompt, max_new, cache_key=cache_key)
+        if shift is not None:
+            request.shift, request.original_cache_key = shift, cache_key
+            request.cache_key = shifted_namespace(cache_key)
+        if not self.admission.admit(request):
+            assert request.seq_id is None
+            return None
+        prefill(self.kv, request)
+        return request
+
+    def run(self, prompt: list[int] | tuple[int, ...], generated: list[int] = (), **options) -> Request:  # type: ignore[assignment]
+        """Admit, evaluate, generate and finish a request (parked in the tree)."""
+        request = self.admit(prompt, **options)
+        assert request is not None
+        generate(self.kv, request, generated)
+        self.pool.finish(request, keep=True)
+        return request
+
+
+def new_request(prompt: list[int] | tuple[int, ...], max_new: int = 4, *, cache_key: str | None = None,
+                pinned: PinnedSequence | None = None) -> Request:
+    request_id = next(_request_ids)
+    request = Request(request_id, tuple(prompt), SamplingParams(), max_new, Stream(request_id, lambda: None),
+                      cache_key=cache_key)
+    request.pinned = pinned
+    return request
+
+
+def prefill(kv: FakeKV, request: Request) -> None:
+    """What the engine's steps do with an admitted request's pending prompt tokens."""
+    assert request.seq_id is not None
+    kv.append(request.seq_id, request.n_past, request.pending)
+    request.n_past += len(request.pending)
+    request.pending = []
+
+
+def generate(kv: FakeKV, request: Request, tokens: list[int] | tuple[int, ...]) -> None:
+    """Sample `tokens` one by one; each is evaluated in the next step, the last one never."""
+    assert request.seq_id is not None and len(request.generated) + len(tokens) <= request.max_new_tokens
+    for token in tokens:
+        if request.pending:
+            prefill(kv, request)
+        request.record_token(token)
+
+
+def leaf_path(cache: PrefixCache, seq_id: int) -> list[int]:
+    return list(cache._leaf_of[seq_id].path())
+
+
+SYSTEM = [1, 2, 3, 4, 5, 6]
+
+
+# -- admission plans -------------------------------------------------------------------------------
+
+
+def test_a_request_shares_the_longest_resident_prefix() -> None:
+    p = Pool()
+    first = p.run(SYSTEM + [10, 11, 12], generated=[30, 31])
+    holder = first.kv_tokens
+    plan = p.admission.tree_plan(new_request(list(holder) + [40, 41]))
+    assert (plan.source, plan.prefix_tokens) == ("tree", len(holder))
+    second = p.admit(list(holder) + [40, 41])
+    assert second is not None and second.cached_tokens == second.shared_prefix == len(holder)
+    [copy] = [c for c in p.kv.calls if c[0] == "cp"]
+    assert copy[2:] == (second.seq_id, 0, len(holder))
+    assert p.kv.tokens(second.seq_id) == list(holder) + [40, 41]
+    assert p.cache.protected_tokens == len(holder)  # the shared path is locked while the request runs
+
+
+def test_at_least_one_prompt_token_is_evaluated() -> None:
+    p = Pool()
+    p.run(SYSTEM, generated=[9])
+    again = p.admit(SYSTEM)
+    assert again is not None and again.cached_tokens == len(SYSTEM) - 1
+
+
+def test_a_request_that_does_not_fit_changes_nothing() -> None:
+    p = Pool(n_ctx=64)
+    p.run(SYSTEM + [7, 8])
+    running = p.admit([20, 21, 22], max_new=20)
+    assert running is not None
+    calls, free = list(p.kv.calls), p.pool.free_sequences
+    protected, reserved = p.cache.protected_tokens, p.pool.reserved_cells
+    too_big = new_request(SYSTEM + [7, 8, 9], max_new=50)
+    assert not p.admission.admit(too_big)
+    assert too_big.seq_id is None and too_big.cached_tokens == 0
+    assert (p.pool.free_sequences, p.cache.protected_tokens, p.pool.reserved_cells) == (free, protected, reserved)
+    assert [c for c in p.kv.calls[len(calls):] if c[0] != "state"] == [("rm", c[1], c[2], c[3])
+                                                                       for c in p.kv.calls[len(calls):]
+                                                                       if c[0] == "rm"]  # evictions only
+
+
+def test_reservations_are_what_the_plan_says() -> None:
+    p = Pool()
+    request = p.admit(SYSTEM + [7], max_new=5)
+    assert request is not None and request.reserved_cells == cells_to_reserve(request, 0) == 7 + 5
+    assert p.pool.cells_in_use() == 12
+    generate(p.kv, request, [1, 2])
+    p.pool.finish(request, keep=True)
+    assert p.pool.reserved_cells == 0 and p.pool.cells_in_use() == p.cache.total_tokens == 8
+
+
+def test_spilled_state_is_restored_when_it_covers_more_than_the_pool() -> None:
+    p = Pool(ram_bytes=1 << 20)
+    long = SYSTEM + list(range(10, 10 + MIN_RESTORE_GAIN + 4))
+    p.run(long)
+    assert p.pool.evict_lru() and p.cache.total_tokens == 0 and p.pool.counters.spills == 1
+    request = p.admit(long + [99])
+    assert request is not None
+    assert request.cached_tokens == len(long) and request.shared_prefix == 0  # its own cells, not the tree's
+    assert p.pool.counters.restores == 1 and ("set_state", request.seq_id) in p.kv.calls
+    assert p.kv.tokens(request.seq_id) == long + [99]
+
+
+def test_a_restore_that_fails_is_counted_and_the_tokens_are_evaluated() -> None:
+    p = Pool(ram_bytes=1 << 20)
+    long = SYSTEM + list(range(10, 40))
+    assert p.pool.store is not None
+    p.pool.store.put(SpilledState(tuple(long), None, b"not a state llama.cpp accepts"))
+    request = p.admit(long + [99])
+    assert request is not None and request.cached_tokens == 0
+    assert (p.pool.counters.restores, p.pool.counters.restore_failures) == (0, 1)
+    assert p.kv.tokens(request.seq_id) == long + [99]
+
+
+def test_a_short_spilled_gain_is_not_worth_a_restore() -> None:
+    p = Pool(ram_bytes=1 << 20)
+    p.run(SYSTEM + [7, 8, 9])
+    p.pool.evict_lru()
+    request = p.admit(SYSTEM + [7, 8, 9, 10])
+    assert request is not None and request.cached_tokens == 0 and p.pool.counters.restores == 0
+
+
+def test_a_shifted_prompt_takes_over_the_originals_cells_and_moves_them_back() -> None:
+    p = Pool()
+    original = SYSTEM + list(range(20, 60))
+    p.run(original)
+    shift = ContextShift(tuple(original + [90, 91]), n_keep=len(SYSTEM), n_drop=10)
+    request = p.admit(shift.prompt, shift=shift)
+    assert request is not None and p.pool.counters.shifts == 1
+    assert request.cached_tokens == len(original) - 10
+    assert ("add", request.seq_id, len(SYSTEM) + 10, len(original), -10) in p.kv.calls
+    assert p.kv.tokens(request.seq_id) == list(shift.prompt)
+    assert p.cache.total_tokens == 0  # the original's entry left the tree: its cells moved
+
+
+def test_finish_reshares_tokens_that_another_request_parked_meanwhile() -> None:
+    p = Pool()
+    prompt = SYSTEM + [7, 8]
+    first, second = p.admit(prompt), p.admit(prompt)
+    assert first is not None and second is not None and second.cached_tokens == 0
+    first_id, second_id = first.seq_id, second.seq_id
+    generate(p.kv, first, [50, 51])  # holds prompt + [50]
+    generate(p.kv, second, [50, 52, 53])  # holds prompt + [50, 52]: extends the first
+    p.pool.finish(first, keep=True)
+    p.pool.finish(second, keep=True)
+    shared = len(prompt) + 1  # evaluated by both
+    assert ("rm", second_id, 0, shared) in p.kv.calls
+    assert ("cp", first_id, second_id, 0, shared) in p.kv.calls
+    assert ("rm", first_id, -1, -1) in p.kv.calls  # the first's entry is redundant now
+    assert p.cache.holders() == {second_id}
+    assert p.kv.cells_used() == p.cache.total_tokens == shared + 1  # one cell per tree token
+
+
+def test_compaction_moves_parked_entries_the_request_does_not_use_to_ram() -> None:
+    p = Pool(n_ctx=512, ram_bytes=1 << 20, compact=True)
+    unused = [50] * 3 + list(range(100, 170))
+    used = SYSTEM + list(range(200, 270))
+    p.run(unused)
+    p.run(used)
+    request = p.admit(used + [1])
+    assert request is not None and request.cached_tokens == len(used)
+    assert p.pool.store is not None and p.pool.store.best_match(unused) is not None
+    assert p.cache.peek(unused).length == 0  # out of the KV pool
+
+
+def test_an_exhausted_pool_evicts_least_recently_used_entries() -> None:
+    p = Pool(n_ctx=32, n_seq_max=4)
+    p.run([1, 2, 3, 4, 5, 6, 7, 8])
+    p.run([9, 10, 11, 12, 13, 14, 15, 16])
+    request = p.admit([20] * 20, max_new=4)
+    assert request is not None and p.pool.counters.evictions >= 1
+    assert p.kv.cells_used() <= p.pool.cells_in_use() <= 32
+
+
+# -- conversations -----------------------------------------------------------------------------------
+
+
+def conversation_turn(p: Pool, pinned: PinnedSequence, new: list[int], reply: list[int]) -> None:
+    prompt = pinned.tokens + pinned.unevaluated + new
+    request = new_request(prompt, max_new=len(reply) + 1, pinned=pinned)
+    assert p.pinned.admit(request)
+    prefill(p.kv, request)
+    generate(p.kv, request, reply)
+    p.pinned.finish(request, keep=True)
+
+
+def test_a_conversation_turn_evaluates_only_what_is_new() -> None:
+    p = Pool()
+    conv = p.pinned.pin()
+    conversation_turn(p, conv, SYSTEM, [30, 31])
+    before = p.kv.cells_used()
+    conversation_turn(p, conv, [40], [41])
+    assert p.kv.tokens(conv.seq_id) == SYSTEM + [30, 31, 40]
+    assert conv.unevaluated == [41]
+    assert p.kv.cells_used() == before + 2 == p.pool.pinned_cells
+
+
+def test_fork_truncate_and_unpin_keep_cells_and_accounting_together() -> None:
+    p = Pool()
+    parent = p.pinned.pin()
+    conversation_turn(p, parent, SYSTEM, [30, 31])
+    child = p.pinned.fork(parent)
+    assert p.kv.cells_used() == p.pool.pinned_cells == len(SYSTEM) + 1  # shared, counted once
+    conversation_turn(p, child, [31], [50])
+    p.pinned.truncate(parent, 2)
+    assert p.kv.tokens(parent.seq_id) == SYSTEM[:2]
+    assert p.kv.tokens(child.seq_id) == SYSTEM + [30, 31]
+    assert p.kv.cells_used() == p.pool.pinned_cells
+    p.pinned.unpin(parent)
+    p.pinned.unpin(child)
+    assert p.kv.cells_used() == p.pool.pinned_cells == 0 and p.pool.free_sequences == 8
+
+
+def test_rewinding_memory_that_cannot_be_cut_is_refused_and_changes_nothing() -> None:
+    p = Pool(partial_remove=False)  # recurrent or hybrid memory
+    conv = p.pinned.pin()
+    conversation_turn(p, conv, SYSTEM, [30])
+    with pytest.raises(InvalidRequestError, match="cannot be cut"):
+        p.pinned.truncate(conv, 2)
+    assert conv.tokens == SYSTEM and p.kv.tokens(conv.seq_id) == SYSTEM
+    p.pinned.truncate(conv, 0)  # dropping everything is always possible
+    assert conv.tokens == [] and not p.kv.holds_anything(conv.seq_id)
+
+
+def test_a_failed_conversation_batch_goes_back_to_what_was_resident() -> None:
+    p = Pool()
+    conv = p.pinned.pin()
+    conversation_turn(p, conv, SYSTEM, [30])
+    request = new_request(conv.tokens + conv.unevaluated + [40, 41], pinned=conv)
+    assert p.pinned.admit(request)
+    prefill(p.kv, request)
+    p.pinned.finish(request, keep=False)
+    assert conv.tokens == SYSTEM and p.kv.tokens(conv.seq_id) == SYSTEM and conv.unevaluated == []
+
+
+# -- the stateful property test ----------------------------------------------------------------------
+
+BASES = [SYSTEM + [10 + i] * 3 + list(range(20 + 10 * i, 60 + 10 * i)) for i in range(3)]
+
+
+class PoolMachine(RuleBasedStateMachine):
+    """Random admissions, generations, finishes, evictions and conversation operations;
+    after every step the fake KV memory must agree with the tree, the requests, the
+    conversations and the accounting."""
+
+    @initialize(n_ctx=st.sampled_from([96, 160, 320]), n_seq_max=st.sampled_from([4, 8]),
+                ram=st.sampled_from([0, 1 << 20]), compact=st.booleans())
+    def start(self, n_ctx: int, n_seq_max: int, ram: int, compact: bool) -> None:
+        self.p = Pool(n_ctx=n_ctx, n_seq_max=n_seq_max, ram_bytes=ram, compact=compact)
+        self.running: list[Request] = []
+        self.conversations: list[PinnedSequence] = []
+        self.shifted = False  # a shift took cells over into another namespace
+
+    @rule(base=st.sampled_from(BASES), length=st.integers(1, 52), extra=st.lists(st.integers(0, 9), max_size=4),
+          max_new=st.integers(1, 8), key=st.sampled_from([None, "tenant"]))
+    def admit(self, base: list[int], length: int, extra: list[int], max_new: int, key: str | None) -> None:
+        prompt = base[:length] + extra
+        if len(prompt) + max_new > self.p.kv.n_ctx:
+            return
+        protected = self.p.cache.protected_tokens
+        request = self.p.admit(prompt, max_new=max_new, cache_key=key)
+        if request is None:
+            assert self.p.cache.protected_tokens == protected  # a refused admission leaves no lock
+        else:
+            self.running.append(request)
+
+    @rule(base=st.sampled_from(BASES), n_drop=st.integers(1, 30), key=st.sampled_from([None, "tenant"]))
+    def admit_shifted(self, base: list[int], n_drop: int, key: str | None) -> None:
+        shift = ContextShift(tuple(base + [7]), n_keep=len(SYSTEM), n_drop=n_drop)
+        shifts = self.p.pool.counters.shifts
+        request = self.p.admit(shift.prompt, max_new=2, cache_key=key, shift=shift)
+        if request is not None:
+            self.running.append(request)
+            self.shifted |= self.p.pool.counters.shifts > shifts
+
+    @precondition(lambda self: self.running)
+    @rule(data=st.data())
+    def generate(self, data: st.DataObject) -> None:
+        request = data.draw(st.sampled_from(self.running))
+        room = request.max_new_tokens - len(request.generated)
+        tokens = data.draw(st.lists(st.integers(0, 9), max_size=room))
+        generate(self.p.kv, request, tokens)
+
+    @precondition(lambda self: self.running)
+    @rule(data=st.data(), keep=st.booleans())
+    def finish(self, data: st.DataObject, keep: bool) -> None:
+        request = data.draw(st.sampled_from(self.running))
+        self.running.remove(request)
+        self.p.pool.finish(request, keep=keep)
+
+    @rule()
+    def evict(self) -> None:
+        self.p.pool.evict_lru()
+
+    @rule()
+    def pin(self) -> None:
+        try:
+            self.conversations.append(self.p.pinned.pin())
+        except InvalidRequestError:
+            assert self.p.pool.free_sequences == 0
+
+    @precondition(lambda self: self.conversations)
+    @rule(data=st.data(), new=st.lists(st.integers(0, 9), min_size=1, max_size=6),
+          reply=st.lists(st.integers(0, 9), max_size=4))
+    def conversation_turn(self, data: st.DataObject, new: list[int], reply: list[int]) -> None:
+        conv = data.draw(st.sampled_from(self.conversations))
+        prompt = conv.tokens + conv.unevaluated + new
+        request = new_request(prompt, max_new=len(reply) + 1, pinned=conv)
+        if self.p.pinned.admit(request):
+            prefill(self.p.kv, request)
+            generate(self.p.kv, request, reply)
+            self.p.pinned.finish(request, keep=data.draw(st.booleans()))
+
+    @precondition(lambda self: self.conversations)
+    @rule(data=st.data())
+    def fork(self, data: st.DataObject) -> None:
+        conv = data.draw(st.sampled_from(self.conversations))
+        try:
+            self.conversations.append(self.p.pinned.fork(conv))
+        except InvalidRequestError:
+            assert self.p.pool.free_sequences == 0
+
+    @precondition(lambda self: self.conversations)
+    @rule(data=st.data())
+    def truncate(self, data: st.DataObject) -> None:
+        conv = data.draw(st.sampled_from(self.conversations))
+        self.p.pinned.truncate(conv, data.draw(st.integers(0, len(conv.tokens))))
+        conv.unevaluated = []
+
+    @precondition(lambda self: self.conversations)
+    @rule(data=st.data())
+    def shift_left(self, data: st.DataObject) -> None:
+        conv = data.draw(st.sampled_from(self.conversations))
+        if conv.children or conv.parent is not None or len(conv.tokens) < 2:
+            return
+        keep = data.draw(st.integers(0, len(conv.tokens) - 1))
+        self.p.pinned.shift_left(conv, keep, data.draw(st.integers(1, len(conv.tokens) - keep)))
+
+    @precondition(lambda self: self.conversations)
+    @rule(data=st.data())
+    def unpin(self, data: st.DataObject) -> None:
+        conv = data.draw(st.sampled_from(self.conversations))
+        self.conversations.remove(conv)
+        self.p.pinned.unpin(conv)
+
+    @invariant()
+    def kv_matches_the_bookkeeping(self) -> None:
+        p, kv = self.p, self.p.kv
+        p.cache.check_integrity()
+        parked = p.cache.holders()
+        running = [r.seq_id for r in self.running]
+        pinned = [c.seq_id for c in self.conversations]
+        in_use = [*parked, *running, *pinned]
+        assert len(set(in_use)) == len(in_use) and len(in_use) + p.pool.free_sequences == kv.n_seq_max
+        for holder in parked:
+            assert kv.tokens(holder) == leaf_path(p.cache, holder)
+        for request in self.running:
+            assert kv.tokens(request.seq_id) == list(request.kv_tokens)
+        for conv in self.conversations:
+            assert kv.tokens(conv.seq_id) == conv.tokens
+            # Charged for its positions past the fork point; its parent holds those before it.
+            own_start = conv.fork_point if conv.parent is not None else 0
+            assert conv.own_cells == len(conv.tokens) - own_start >= 0
+            if conv.parent is not None:
+                assert conv in conv.parent.children and conv.parent in self.conversations
+                assert conv.parent.tokens[:own_start] == conv.tokens[:own_start]
+            assert all(child.parent is conv for child in conv.children)
+        assert p.pool.pinned_cells == sum(c.own_cells for c in self.conversations)
+        assert kv.cells_used() <= p.pool.cells_in_use() <= kv.n_ctx
+        if not self.running:
+            # Exact, except that a shifted request's kept head can share cells with the
+            # original's entry in the unshifted namespace: each tree counts them.
+            counted = p.cache.total_tokens + p.pool.pinned_cells
+            assert kv.cells_used() == counted if not self.shifted else kv.cells_used() <= counted
+            assert p.cache.protected_tokens == 0 and p.pool.reserved_cells == 0
+
+
+TestPoolMachine = PoolMachine.TestCase
+TestPoolMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
