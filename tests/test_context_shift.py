@@ -32,7 +32,8 @@ def test_to_fit_drops_whole_halves_after_the_kept_head() -> None:
 
 @pytest.fixture(scope="module")
 def small_gemma(gemma_model: Model) -> Engine:
-    settings = EngineSettings(n_ctx=1024, max_request_tokens=256, max_running=2, n_seq_max=8, cache_ram_bytes=0)
+    # The default cache tiers (RAM tier, pool compaction): the shift must find the original's KV anyway.
+    settings = EngineSettings(n_ctx=1024, max_request_tokens=256, max_running=2, n_seq_max=8)
     with Engine(gemma_model, settings) as engine:
         yield engine
 
@@ -70,9 +71,8 @@ def test_shift_prompt_must_match_the_shift(small_gemma: Engine) -> None:
 
 
 def test_complete_with_shift_keeps_the_system_prompt(qwen_model: Model, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Requests are limited to 320 tokens; the pool has room for the earlier KV and the shifted request
-    # (no RAM tier, as for `small_gemma`: the shift looks for the original's KV in the pool only).
-    settings = EngineSettings(n_ctx=1024, max_request_tokens=320, max_running=2, n_seq_max=4, cache_ram_bytes=0)
+    # Requests are limited to 320 tokens; the pool has room for the earlier KV and the shifted request.
+    settings = EngineSettings(n_ctx=1024, max_request_tokens=320, max_running=2, n_seq_max=4)
     with Engine(qwen_model, settings) as engine:
         messages = [{"role": "system", "content": "You are a helpful assistant."}]
         for i in range(10):

@@ -194,6 +194,18 @@ def test_a_shifted_prompt_takes_over_the_originals_cells_and_moves_them_back() -
     assert p.cache.total_tokens == 0  # the original's entry left the tree: its cells moved
 
 
+def test_a_shifted_prompt_takes_over_the_original_with_compaction_on() -> None:
+    """The default settings: compaction must not move the original out before the shift uses it."""
+    p = Pool(ram_bytes=1 << 20, compact=True)
+    original = SYSTEM + list(range(100, 180))
+    p.run(original)
+    shift = ContextShift(tuple([*original, 90]), n_keep=len(SYSTEM), n_drop=40)
+    request = p.admit(shift.prompt, shift=shift)
+    assert request is not None and p.pool.counters.shifts == 1
+    assert request.cached_tokens == len(original) - 40
+    assert p.kv.tokens(request.seq_id) == list(shift.prompt)
+
+
 def test_finish_reshares_tokens_that_another_request_parked_meanwhile() -> None:
     p = Pool()
     prompt = SYSTEM + [7, 8]

@@ -1,11 +1,16 @@
 """The ``kvchat`` command (typer): ``chat``, ``serve``, ``models``, ``bench``.
 
-Each subcommand lives in a module of its own and registers itself on :data:`app`.
+Each subcommand is a function in a module of its own; this module puts them on :data:`app`.
 """
 
 from __future__ import annotations
 
 import typer
+
+from kvchat.cli.bench import bench
+from kvchat.cli.chat import chat
+from kvchat.cli.models import models
+from kvchat.cli.serve import serve
 
 app = typer.Typer(
     name="kvchat",
@@ -21,12 +26,8 @@ def _root() -> None:
     """Run local GGUF language models with a content-keyed KV cache and continuous batching."""
 
 
-# Importing a subcommand's module registers it on `app`, so these imports come
-# after `app` exists (E402) and are not used by name (F401).
-from kvchat.cli import bench as _bench  # noqa: E402, F401 - registers `kvchat bench`
-from kvchat.cli import chat as _chat  # noqa: E402, F401 - registers `kvchat chat`
-from kvchat.cli import models as _models  # noqa: E402, F401 - registers `kvchat models`
-from kvchat.cli import serve as _serve  # noqa: E402, F401 - registers `kvchat serve`
+for _command in (bench, chat, models, serve):
+    app.command()(_command)
 
 
 def main() -> None:

@@ -9,11 +9,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from kvchat.cli import app
 from kvchat.models import DEFAULT_CHAT_MODEL
 
 
-@app.command()
 def bench(
     model: Annotated[
         str, typer.Option("--model", "-m", help="Packaged model name or .gguf path.")

@@ -28,7 +28,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from kvchat.cli import app
 from kvchat.errors import KVChatError
 from kvchat.models import DEFAULT_CHAT_MODEL
 
@@ -239,7 +238,6 @@ class ChatREPL:
         return value
 
 
-@app.command()
 def chat(
     model: Annotated[
         str, typer.Option("--model", "-m", envvar="KVCHAT_MODEL", help="Packaged model name or .gguf path.")

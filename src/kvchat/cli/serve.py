@@ -11,7 +11,6 @@ from typing import Annotated
 
 import typer
 
-from kvchat.cli import app
 from kvchat.cli.sizes import parse_size
 from kvchat.errors import KVChatError
 from kvchat.models import DEFAULT_CHAT_MODEL
@@ -24,7 +23,6 @@ def _size(text: str) -> int:
         raise typer.BadParameter(str(exc)) from None
 
 
-@app.command()
 def serve(
     model: Annotated[
         str, typer.Option("--model", "-m", envvar="KVCHAT_MODEL", help="Packaged model name or path to a .gguf file.")

@@ -11,9 +11,11 @@ for each source that can give the prompt's prefix:
   back (likewise);
 - ``none``: nothing cached; every prompt token is evaluated.
 
-Then :meth:`Admission.admit` carries out the first plan, in that order of
-preference, whose cells can be reserved. If loading spilled or shifted state
-fails, the request falls back to the tree plan. Either way the request ends up
+Then :meth:`Admission.admit` carries out the first of spilled, shifted, and
+tree (or none) whose cells can be reserved: a plan that loads the request's own
+cells is made only when it gives `MIN_RESTORE_GAIN` more tokens than the tree.
+If loading spilled or shifted state fails, the request falls back to the tree
+plan. Either way the request ends up
 holding exactly :func:`cells_to_reserve` for what it shares with the tree (the
 one place that says how many cells a request holds back); if the difference
 cannot be made room for, the admission is undone and the request waits.
@@ -21,7 +23,8 @@ cannot be made room for, the admission is undone and the request waits.
 Pool compaction: llama.cpp's attention reads the mask of every KV cell up to
 the highest one in use, for every row of every decode call, so parked cells
 slow down whatever runs. With `compact` on, each admission first moves the
-parked entries the new request does not use into the RAM tier (least recently
+parked entries the new request does not use (the tree plan's and the shifted
+plan's are locked by then) into the RAM tier (least recently
 used first, while the tier has room): a later restore is a copy of the state,
 far cheaper than the attention time they cost while resident
 (benchmarks/pool_compaction.py).
@@ -97,11 +100,14 @@ class Admission:
         `pending` are set; on failure nothing changes and the request waits."""
         share = self.tree_plan(request)
         self._lock(share.node)  # the matched path must survive the evictions below
+        shifted = self.shifted_plan(request, share)
+        if shifted is not None:
+            self._lock(shifted.node)  # the original's holder too (compaction would spill it)
         if self._compact:
             self._spill_parked()
-        own = self.spilled_plan(request, share) or self.shifted_plan(request, share)
-        if own is not None:
-            self._lock(own.node)  # the original's holder must survive the evictions below
+        own = self.spilled_plan(request, share) or shifted
+        if shifted is not None and own is not shifted:
+            self._unlock(shifted.node)
         chosen = next(
             (plan for plan in (own, share) if plan is not None and self._pool.reserve(request, plan.reserve_cells)),
             None,
