@@ -152,7 +152,7 @@ class Record:
 class ChatUser:
     """One multi-turn conversation that resends its whole history on every call."""
 
-    def __init__(self, client: AsyncOpenAI, model: str, user: int, max_tokens: int = 64, seed: int = 0) -> None:
+    def __init__(self, client: AsyncOpenAI, model: str, user: int, max_tokens: int | None = 64, seed: int = 0) -> None:
         self.client = client
         self.model = model
         self.user = user
@@ -167,9 +167,11 @@ class ChatUser:
         start = time.perf_counter()
         first, parts, usage = None, [], None
         try:
+            # max_tokens=None: left out, as the official client's default does (the server's bound applies).
             stream = await self.client.chat.completions.create(
                 model=self.model, messages=self.messages, stream=True, temperature=0,
-                max_tokens=self.max_tokens, stream_options={"include_usage": True},
+                max_tokens=self.max_tokens if self.max_tokens is not None else openai.NOT_GIVEN,
+                stream_options={"include_usage": True},
             )
             async for chunk in stream:
                 if chunk.usage is not None:
@@ -231,7 +233,7 @@ async def round_robin(base_url: str, model: str, users: int, turns: int, max_tok
         return ScenarioRun(records, time.perf_counter() - start)
 
 
-async def concurrent(base_url: str, model: str, users: int, turns: int, max_tokens: int = 64,
+async def concurrent(base_url: str, model: str, users: int, turns: int, max_tokens: int | None = 64,
                      seed: int = 0, progress: Progress | None = None) -> ScenarioRun:
     """`users` conversations at once, each doing its `turns` turns one after another (seeds: see round_robin)."""
     async with client_for(base_url) as client:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import pytest
-from helpers import wait_idle
+from helpers import assert_idle, wait_idle
 
 from kvchat import (
     ContextOverflowError,
@@ -63,6 +65,42 @@ def test_eight_concurrent_requests_match_each_request_alone(idle_cold_engine: En
         assert len(a) == 16
         assert t == a, f"batched output differs for {prompt!r}"
     assert all(s.usage.finish_reason == "length" for s in streams)
+
+
+def test_requests_without_max_tokens_run_together_and_match_each_alone(
+    gemma_model: Model, idle_cold_engine: Engine
+) -> None:
+    """The official clients' default: no max_tokens. On a pool that could hold only one
+    of them at its full length, all four start at once; the pool fills, the youngest
+    are preempted and resumed, and every output is still the one it gives alone."""
+    prompts = ["1, 2, 3, 4, 5,", "0 1 2 3 4 5 6", "1\n2\n3\n4\n5\n", "5, 10, 15, 20,"]  # clear margins
+    length = 120
+    alone = [idle_cold_engine.generate(p, greedy(length)).collect().token_ids for p in prompts]
+    settings = EngineSettings(n_ctx=256, max_running=4, n_seq_max=8, open_max_tokens=length, reservation_step=32)
+    with Engine(gemma_model, settings) as engine:
+        streams = [engine.generate(p, greedy(None)) for p in prompts]
+        first_at: list[float] = [0.0] * len(prompts)
+        done_at: list[float] = [0.0] * len(prompts)
+        outputs: list[tuple[int, ...]] = [()] * len(prompts)
+
+        def consume(i: int) -> None:
+            chunks = iter(streams[i])
+            tokens = list(next(chunks).token_ids)
+            first_at[i] = time.monotonic()
+            tokens += [t for chunk in chunks for t in chunk.token_ids]
+            done_at[i], outputs[i] = time.monotonic(), tuple(tokens)
+
+        threads = [threading.Thread(target=consume, args=(i,)) for i in range(len(prompts))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert max(first_at) < min(done_at), "a request waited for another to finish before it started"
+        assert engine.stats().preemptions > 0  # the pool filled up: the youngest gave way and came back
+        for prompt, together, by_itself in zip(prompts, outputs, alone):
+            assert together == by_itself, f"output differs for {prompt!r}"
+        assert all(s.usage.finish_reason == "length" and s.usage.completion_tokens == length for s in streams)
+        assert_idle(engine)
 
 
 def test_cancel_one_of_four_frees_its_sequence(idle_engine: Engine) -> None:

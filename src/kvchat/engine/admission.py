@@ -11,9 +11,11 @@ for each source that can give the prompt's prefix:
   back (likewise);
 - ``none``: nothing cached; every prompt token is evaluated.
 
-Then :meth:`Admission.admit` carries out the first of spilled, shifted, and
-tree (or none) whose cells can be reserved: a plan that loads the request's own
-cells is made only when it gives `MIN_RESTORE_GAIN` more tokens than the tree.
+Then :meth:`Admission.admit` carries out the first of spilled, shifted, tree,
+and none whose cells can be reserved: a plan that loads the request's own cells
+is made only when it gives `MIN_RESTORE_GAIN` more tokens than the tree, and
+``none`` comes last, for a request whose shared prefix would keep the entry
+holding it locked while the request needs that entry's room.
 If loading spilled or shifted state fails, the request falls back to the tree
 plan. Either way the request ends up
 holding exactly :func:`cells_to_reserve` for what it shares with the tree (the
@@ -77,14 +79,15 @@ class AdmissionPlan:
 
 
 def cells_to_reserve(request: Request, prefix_tokens: int) -> int:
-    """Cells a request holds back at admission when `prefix_tokens` of its prompt
-    are not its own new cells: the rest of the prompt and every token it may generate."""
-    return len(request.prompt) - prefix_tokens + request.max_new_tokens
+    """Cells a request holds back at admission when `prefix_tokens` of its tokens
+    are not its own new cells: the rest of its tokens, and room for what it
+    generates until its reservation next grows (`Request.decode_cells`)."""
+    return len(request.admission_tokens) - prefix_tokens + request.decode_cells()
 
 
 def usable_prefix(request: Request, matched: int) -> int:
-    """A match's usable length: at least one prompt token is evaluated, for fresh logits."""
-    return max(0, min(matched, len(request.prompt) - 1))
+    """A match's usable length: at least one token is evaluated, for fresh logits."""
+    return max(0, min(matched, len(request.admission_tokens) - 1))
 
 
 class Admission:
@@ -96,8 +99,10 @@ class Admission:
 
     def admit(self, request: Request) -> bool:
         """Give `request` a sequence id, its cached prefix and its reservation, if
-        room can be made. On success its `seq_id`, `n_past`, `cached_tokens` and
-        `pending` are set; on failure nothing changes and the request waits."""
+        room can be made. On success its `seq_id`, `n_past`, `resident_prefix` and
+        `pending` are set (and `cached_tokens`, on its first admission); on failure
+        nothing changes and the request waits. A preempted request is admitted
+        again the same way, with everything it sampled so far as its tokens."""
         share = self.tree_plan(request)
         self._lock(share.node)  # the matched path must survive the evictions below
         shifted = self.shifted_plan(request, share)
@@ -116,15 +121,21 @@ class Admission:
             self._unlock(own.node)  # (a shift take-over unlocks it itself)
         if chosen is None:
             self._unlock(share.node)
-            return False
+            if share.node is None or not self._pool.reserve(request, cells_to_reserve(request, 0)):
+                return False
+            # The last resort: a short shared prefix must not keep a large parked entry
+            # locked in the pool when the request needs its room. Evaluate everything.
+            chosen = share = AdmissionPlan("none", 0, cells_to_reserve(request, 0))
         if chosen is own and self._load_own(request, own):
             self._unlock(share.node)
         else:
             self._share(request, share)
         if not self._settle_reservation(request):
             return False
-        request.n_past = request.cached_tokens
-        request.pending = list(request.prompt[request.cached_tokens :])
+        request.n_past = request.resident_prefix
+        request.pending = list(request.admission_tokens[request.resident_prefix :])
+        if not request.preemptions:
+            request.cached_tokens = request.resident_prefix
         return True
 
     def _lock(self, node: Node | None) -> None:
@@ -143,7 +154,7 @@ class Admission:
         """Share the longest prefix the KV pool holds (``none`` if it holds nothing of it)."""
         cache = self._pool.cache
         if cache is not None:
-            found = cache.match(request.prompt, namespace=request.cache_key)
+            found = cache.match(request.admission_tokens, namespace=request.cache_key)
             usable = usable_prefix(request, found.length)
             if usable:
                 return AdmissionPlan(
@@ -156,7 +167,7 @@ class Admission:
         store = self._pool.store
         if store is None:
             return None
-        found = store.best_match(request.prompt, namespace=request.cache_key)
+        found = store.best_match(request.admission_tokens, namespace=request.cache_key)
         if found is None:
             return None
         usable = usable_prefix(request, found.length)
@@ -171,7 +182,7 @@ class Admission:
         """For a shifted prompt: take over the original's cached cells, if they reach
         past the cut and give `MIN_RESTORE_GAIN` more tokens than `share`."""
         shift, cache = request.shift, self._pool.cache
-        if shift is None or cache is None:
+        if shift is None or cache is None or request.preemptions:  # resumed: its own KV is in the tree
             return None
         found = cache.match(shift.original, namespace=request.original_cache_key)
         if found.length <= shift.n_keep + shift.n_drop:
@@ -197,7 +208,7 @@ class Admission:
             assert seq_id is not None
             pool.release(request)
             pool.free_id(seq_id)
-            request.seq_id, request.cached_tokens, request.shared_prefix = None, 0, 0
+            request.seq_id, request.resident_prefix, request.shared_prefix = None, 0, 0
             return False
         pool.grow_reservation(request, extra)
         return True
@@ -209,7 +220,7 @@ class Admission:
         assert plan.node is not None and plan.node.holder is not None and request.seq_id is not None
         self._pool.context.seq_copy(plan.node.holder, request.seq_id, 0, plan.prefix_tokens)
         request.locked_node = plan.node
-        request.cached_tokens = request.shared_prefix = plan.prefix_tokens
+        request.resident_prefix = request.shared_prefix = plan.prefix_tokens
 
     def _load_own(self, request: Request, plan: AdmissionPlan) -> bool:
         """Load a spilled or shifted prefix as the request's own cells (not shared with
@@ -233,7 +244,7 @@ class Admission:
                 logger.warning("restoring %d cached tokens failed; evaluating them instead", plan.source_tokens)
                 pool.remove(seq_id)
             else:
-                request.cached_tokens = plan.prefix_tokens
+                request.resident_prefix = plan.prefix_tokens
                 pool.counters.restores += 1
                 return True
         pool.counters.restore_failures += 1
@@ -265,13 +276,13 @@ class Admission:
         cut_end = shift.n_keep + shift.n_drop
         still_shared = cache.peek(shift.original[:length], namespace=request.original_cache_key).length
         if still_shared > cut_end:
-            request.cached_tokens = usable_prefix(request, shift.n_keep)
-            pool.remove(target, request.cached_tokens, -1)
+            request.resident_prefix = usable_prefix(request, shift.n_keep)
+            pool.remove(target, request.resident_prefix, -1)
             return True
         pool.remove(target, shift.n_keep, cut_end)
         pool.context.seq_shift(target, cut_end, length, -shift.n_drop)
-        request.cached_tokens = plan.prefix_tokens
-        pool.remove(target, request.cached_tokens, -1)
+        request.resident_prefix = plan.prefix_tokens
+        pool.remove(target, request.resident_prefix, -1)
         pool.counters.shifts += 1
         return True
 

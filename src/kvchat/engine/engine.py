@@ -8,7 +8,6 @@ import os
 import queue
 import random
 import threading
-from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -25,6 +24,7 @@ from kvchat.engine.pinning import PinnedSequences
 from kvchat.engine.prefix_cache import PrefixCache
 from kvchat.engine.request import Request
 from kvchat.engine.sampling import SamplingParams
+from kvchat.engine.scheduler import Scheduler
 from kvchat.engine.settings import EngineSettings
 from kvchat.engine.state_store import StateStore
 from kvchat.engine.stats import EngineStats, StatsBoard
@@ -98,11 +98,14 @@ class Engine:
         """Most tokens (prompt + generated) one request may hold."""
         self._planner = StepPlanner(interleaved_call_rows=self.settings.interleaved_call_rows)
         self._commands: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._waiting: deque[Request] = deque()
-        self._running: list[Request] = []
         self._pool = KVPool(self._context, cache=self._new_prefix_cache(), store=self._new_state_store())
-        self._admission = Admission(self._pool, compact=self.settings.compact_pool)
         self._pinned = PinnedSequences(self._pool)
+        self._scheduler = Scheduler(
+            self._pool,
+            Admission(self._pool, compact=self.settings.compact_pool),
+            self._pinned,
+            max_running=self.settings.max_running,
+        )
         self._request_ids = itertools.count(1)
         self._closing = False
         self._submit_lock = threading.Lock()
@@ -188,7 +191,9 @@ class Engine:
             )
         request_id = next(self._request_ids)
         stream = Stream(request_id, on_cancel=lambda: self._request_cancel(request))
-        request = Request(request_id, prompt, sampling, max_new, stream, cache_key=cache_key)
+        request = Request(
+            request_id, prompt, sampling, max_new, stream, self.settings.reservation_step, cache_key=cache_key
+        )
         if pinned is not None:
             if (
                 pinned.closed
@@ -309,7 +314,7 @@ class Engine:
 
     def _run(self) -> None:
         try:
-            while self._take_commands(block=not (self._running or self._waiting)):
+            while self._take_commands(block=not (self._scheduler.running or self._scheduler.waiting)):
                 try:
                     self._step()
                 except Exception as exc:  # a bug must not strand the callers: fail them, keep serving
@@ -328,7 +333,7 @@ class Engine:
             if command is _CLOSE:
                 return False
             if isinstance(command, Request):
-                self._waiting.append(command)
+                self._scheduler.add(command)
             elif isinstance(command, _Call):
                 command.run(self._pinned)
             try:
@@ -338,14 +343,22 @@ class Engine:
 
     def _step(self) -> None:
         self._reap_cancelled()
-        if self._admit():
+        admitted = self._scheduler.admit()
+        for request in admitted:
+            if request.sampler is None and not request.sampling.is_plain_greedy:  # (a resumed one keeps its own)
+                request.sampler = self._new_sampler(request.sampling)
+        for request in self._scheduler.reserve_step():
+            logger.warning("request %d ends: the KV pool has no room for more tokens", request.request_id)
+            self._finish(request, "length")
+        if admitted:
             self._publish_stats()
         decoded = False
-        for rows in self._planner.calls(list(self._running), self._batch):
+        running = self._scheduler.running
+        for rows in self._planner.calls(list(running), self._batch):
             try:
                 self._context.decode(self._batch)
             except DecodeError as exc:
-                logger.error("%s; failing the %d running requests", exc, len(self._running))
+                logger.error("%s; failing the %d running requests", exc, len(running))
                 self._fail_running(exc)
                 return
             decoded = True
@@ -354,22 +367,6 @@ class Engine:
         if decoded:
             self._stats.counters.steps += 1
         self._publish_stats()
-
-    def _admit(self) -> bool:
-        """Admit waiting requests in arrival order while the pool can make room.
-        True if any was admitted."""
-        admitted = False
-        while self._waiting and len(self._running) < self.settings.max_running and self._admit_one(self._waiting[0]):
-            request = self._waiting.popleft()
-            request.sampler = None if request.sampling.is_plain_greedy else self._new_sampler(request.sampling)
-            self._running.append(request)
-            admitted = True
-        return admitted
-
-    def _admit_one(self, request: Request) -> bool:
-        if request.pinned is not None:
-            return self._pinned.admit(request)
-        return self._admission.admit(request)
 
     def _new_sampler(self, sampling: SamplingParams) -> SamplerChain:
         return SamplerChain(
@@ -413,10 +410,8 @@ class Engine:
             self._finish(request, "length")
 
     def _reap_cancelled(self) -> None:
-        for request in [s for s in self._running if s.cancel_requested]:
-            self._finish(request, "cancelled")
-        for request in [s for s in self._waiting if s.cancel_requested]:
-            self._waiting.remove(request)
+        scheduler = self._scheduler
+        for request in [r for r in (*scheduler.running, *scheduler.waiting) if r.cancel_requested]:
             self._finish(request, "cancelled")
 
     # -- ending requests --------------------------------------------------------------------------
@@ -430,30 +425,26 @@ class Engine:
         request.stream._push(Chunk(tail, (), usage))
 
     def _fail(self, request: Request, error: BaseException) -> None:
-        if request in self._waiting:
-            self._waiting.remove(request)
         self._release(request, keep=False)  # its KV may be incomplete: keep nothing
         self._publish_stats()
         request.stream._push(error)
 
     def _fail_running(self, error: BaseException) -> None:
-        for request in list(self._running):
+        for request in list(self._scheduler.running):
             self._fail(request, error)
 
     def _release(self, request: Request, *, keep: bool) -> None:
         """Free a request's sampler and sequence; park its KV in the cache if `keep`."""
         request.close_sampler()
-        if request in self._running:
-            self._running.remove(request)
+        self._scheduler.remove(request)
         if request.pinned is not None:
             self._pinned.finish(request, keep=keep)
         else:
             self._pool.finish(request, keep=keep)
 
     def _shutdown(self) -> None:
-        for request in [*self._running, *self._waiting]:
+        for request in [*self._scheduler.running, *self._scheduler.waiting]:
             self._finish(request, "cancelled")
-        self._waiting.clear()
         while True:  # requests submitted before close() took the lock
             try:
                 command = self._commands.get_nowait()
@@ -479,7 +470,7 @@ class Engine:
     # -- stats ------------------------------------------------------------------------------------------
 
     def _publish_stats(self) -> None:
-        self._stats.publish(self._running, self._waiting, self._pool)
+        self._stats.publish(self._scheduler, self._pool)
 
 
 def _load_model_file(path: str | os.PathLike[str]) -> Model:

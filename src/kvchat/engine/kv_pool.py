@@ -63,10 +63,34 @@ class KVPool:
 
     def make_room(self, cells: int, *, need_id: bool = True) -> bool:
         """Evict parked entries until `cells` more cells (and a sequence id, if
-        `need_id`) are free. False if not even evicting everything unlocked makes room."""
+        `need_id`) are free. False, evicting nothing, if not even evicting every
+        unlocked entry would make room for the cells."""
+        if not self._room_possible(cells):
+            return False
         while (need_id and not self._free_ids) or self.cells_in_use() + cells > self.context.n_ctx:
             if not self.evict_lru():
                 return False
+        return True
+
+    def _room_possible(self, cells: int) -> bool:
+        """Whether evicting every unlocked parked entry would free `cells` more cells."""
+        evictable = self.cache.evictable_tokens if self.cache is not None else 0
+        return self.cells_in_use() + cells - evictable <= self.context.n_ctx
+
+    def unshare(self, request: Request, cells: int) -> bool:
+        """Stop holding the tree entry `request` shares its prefix with locked, if that
+        makes room for `cells` more: the request keeps those cells (its sequence holds
+        them) and is charged for them; the entry may then be evicted."""
+        node = request.locked_node
+        if node is None or self.cache is None:
+            return False
+        self.cache.unlock(node)
+        if not self._room_possible(request.shared_prefix + cells):
+            self.cache.lock(node)
+            return False
+        request.locked_node = None
+        self.grow_reservation(request, request.shared_prefix)
+        request.shared_prefix = 0
         return True
 
     def take_id(self) -> int:

@@ -37,10 +37,11 @@ class PinnedSequences:
         resident ones are evaluated. False if its cells do not fit yet."""
         pinned = request.pinned
         assert pinned is not None
-        cells = len(request.prompt) - len(pinned.tokens) + request.max_new_tokens
+        cells = len(request.prompt) - len(pinned.tokens) + request.decode_cells()
         if not self._pool.reserve(request, cells, seq_id=pinned.seq_id):
             return False
-        request.cached_tokens = request.shared_prefix = request.n_past = len(pinned.tokens)
+        request.cached_tokens = request.resident_prefix = request.shared_prefix = len(pinned.tokens)
+        request.n_past = len(pinned.tokens)
         request.pending = list(request.prompt[request.n_past :])
         return True
 

@@ -27,6 +27,8 @@ class Request:
     sampling: SamplingParams
     max_new_tokens: int
     stream: Stream
+    reservation_step: int = 256
+    """KV cells for generated tokens reserved at a time (`EngineSettings.reservation_step`)."""
     cache_key: str | None = None
     """Prefix-cache namespace: requests with different keys never share cells."""
     shift: ContextShift | None = None
@@ -43,13 +45,18 @@ class Request:
     """Tokens of this sequence already in the KV cache (= the next position)."""
     generated: list[int] = field(default_factory=list)
     cached_tokens: int = 0
-    """Prompt tokens taken from the cache (shared cells or restored state)."""
+    """Prompt tokens taken from the cache (shared cells or restored state) at the first admission."""
+    resident_prefix: int = 0
+    """Tokens whose KV the latest admission found (shared, restored or shifted)."""
+    preemptions: int = 0
+    """Times the request was preempted: its KV parked, itself queued again to resume."""
     shared_prefix: int = 0
     """Leading positions whose cells are shared from the prefix cache's tree."""
     locked_node: Node | None = None
     """The prefix-cache node locked while this request uses its cells."""
     reserved_cells: int = 0
-    """KV cells reserved for this request beyond its cached prefix."""
+    """KV cells charged to this request: those it holds outside the tree, and room
+    for what it adds until its next growth (see `Scheduler`)."""
     first_token_at: float | None = None
     sampler: SamplerChain | None = None
     text: TextOutput = field(init=False)
@@ -59,9 +66,25 @@ class Request:
         self.text = TextOutput(self.sampling.stop)
 
     @property
-    def is_generating(self) -> bool:
-        """True once the prompt is evaluated and each step decodes one token."""
-        return bool(self.generated)
+    def is_decoding(self) -> bool:
+        """True while each step evaluates one token: the last sampled one."""
+        return bool(self.generated) and len(self.pending) == 1
+
+    @property
+    def admission_tokens(self) -> tuple[int, ...]:
+        """What an admission makes resident: the prompt, and for a preempted request
+        everything sampled so far (the last sampled token is evaluated on resuming)."""
+        return self.all_tokens
+
+    @property
+    def own_cells(self) -> int:
+        """Cells this request holds that no one else is charged for (positions past
+        what it shares with the tree or its conversation)."""
+        return self.n_past - self.shared_prefix
+
+    def decode_cells(self) -> int:
+        """Cells reserved at a time for what the request still generates."""
+        return max(1, min(self.reservation_step, self.max_new_tokens - len(self.generated)))
 
     def note_first_token(self) -> None:
         """Record the time of the first sampled token (once)."""

@@ -24,6 +24,11 @@ class EngineSettings:
       hold (None: the whole pool, within the model's training context).
     - `open_max_tokens`: most tokens a request with ``max_tokens=None`` generates,
       within its context (None: until the model stops or the context is full).
+    - `reservation_step`: KV cells a request reserves at a time for the tokens it
+      generates. A request reserves its uncached prompt and this much at
+      admission and grows by this much when it runs out; when the pool cannot
+      grow it, the youngest running request is preempted (parked, resumed later).
+      Requests whose `max_tokens` is at most this never grow.
     - `prefix_cache`: keep finished requests' KV and reuse the longest cached
       prefix of each new request (off for recurrent and hybrid models).
     - `cache_ram_bytes`: host-RAM budget for KV state evicted from the pool
@@ -49,6 +54,7 @@ class EngineSettings:
     n_threads: int | None = None
     max_request_tokens: int | None = None
     open_max_tokens: int | None = None
+    reservation_step: int = 256
     prefix_cache: bool = True
     cache_ram_bytes: int = 256 * 1024 * 1024
     compact_pool: bool = True
@@ -57,7 +63,7 @@ class EngineSettings:
     cache_disk_bytes: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("n_ctx", "n_batch", "n_ubatch", "max_running", "n_seq_max"):
+        for name in ("n_ctx", "n_batch", "n_ubatch", "max_running", "n_seq_max", "reservation_step"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise InvalidRequestError(f"{name} must be a positive integer", field=name)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Collection
 from dataclasses import dataclass, fields
 
 from kvchat.engine.kv_pool import KVPool
-from kvchat.engine.request import Request
+from kvchat.engine.scheduler import Scheduler
 from kvchat.engine.stream import Usage
 
 
@@ -24,7 +23,9 @@ class EngineStats:
     evictable; 0 when the engine is idle);
     `restore_failures`: spilled states chosen for a request that could not be
     loaded (a damaged file, or llama.cpp refused the bytes; the tokens were evaluated);
-    `shifts`: context shifts that reused the original prompt's KV.
+    `shifts`: context shifts that reused the original prompt's KV;
+    `preemptions`: running requests parked to make room for older ones' tokens
+    (they resumed later; see `Scheduler`).
     Counters are cumulative since start; `cache_hit_rate` is cached / prompt tokens.
     """
 
@@ -42,6 +43,7 @@ class EngineStats:
     restores: int
     restore_failures: int
     shifts: int
+    preemptions: int
     steps: int
     requests_finished: int
     prompt_tokens: int
@@ -83,8 +85,9 @@ class StatsBoard:
         self._lock = threading.Lock()
         self._latest: EngineStats | None = None
 
-    def publish(self, running: Collection[Request], waiting: Collection[Request], pool: KVPool) -> None:
+    def publish(self, scheduler: Scheduler, pool: KVPool) -> None:
         """Take a snapshot of the worker's state (worker thread only)."""
+        running, waiting = scheduler.running, scheduler.waiting
         store = pool.store.stats() if pool.store is not None else None
         snapshot = EngineStats(
             active=len(running),
@@ -103,6 +106,7 @@ class StatsBoard:
             restores=pool.counters.restores,
             restore_failures=pool.counters.restore_failures,
             shifts=pool.counters.shifts,
+            preemptions=scheduler.preemptions,
             **{f.name: getattr(self.counters, f.name) for f in fields(self.counters)},
         )
         with self._lock:

@@ -80,11 +80,11 @@ class StepPlanner:
         segments: list[tuple[Request, list[int], bool]] = []
         budget = capacity
         for request in running:
-            if request.is_generating and request.pending and budget:
+            if request.is_decoding and budget:
                 segments.append((request, [request.pending.pop()], True))
                 budget -= 1
         for request in running:
-            if request.is_generating or not request.pending or not budget:
+            if request.is_decoding or not request.pending or not budget:
                 continue
             take = min(len(request.pending), budget)
             chunk, request.pending = request.pending[:take], request.pending[take:]

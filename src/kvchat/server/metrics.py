@@ -40,6 +40,7 @@ class _EngineCollector(Collector):
             ("evaluated_tokens", stats.evaluated_tokens, "Prompt tokens run through the model."),
             ("completion_tokens", stats.completion_tokens, "Tokens generated."),
             ("cache_evictions", stats.evictions, "Cache entries evicted from the KV pool."),
+            ("preemptions", stats.preemptions, "Running requests parked to make room for older ones (resumed later)."),
             (
                 "cache_restore_failures",
                 stats.restore_failures,

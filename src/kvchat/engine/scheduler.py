@@ -1,0 +1,117 @@
+"""`Scheduler`: the waiting queue and the running requests, and the KV room each one holds.
+
+Requests are admitted in arrival order while fewer than `max_running` run and
+their cells can be reserved (:class:`~kvchat.engine.admission.Admission`, or a
+conversation's own sequence). A request reserves only what it needs now: its
+uncached tokens and room for `reservation_step` generated tokens (fewer if its
+`max_tokens` is smaller). Before every step, a request about to outgrow its
+reservation grows it by another step, evicting parked cache entries as needed;
+when nothing is left to evict, the youngest running request is preempted: its
+KV is parked in the prefix cache like a finished request's, and it goes back to
+the front of the queue, to resume where it stopped (from the parked KV, or by
+evaluating its tokens again if that was evicted meanwhile). Its stream only
+pauses. Before preempting itself, a request whose shared prefix keeps a large
+parked entry locked stops sharing it (its sequence keeps the cells). A request
+that cannot grow while no other request can give way ends with finish reason
+``length``: the pool is full.
+
+So requests without `max_tokens` (which may each generate thousands of tokens)
+run together instead of each holding the whole context from the start.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+from kvchat.engine.admission import Admission
+from kvchat.engine.kv_pool import KVPool
+from kvchat.engine.pinning import PinnedSequences
+from kvchat.engine.request import Request
+
+logger = logging.getLogger("kvchat.engine")
+
+
+class Scheduler:
+    """Waiting and running requests of one engine (worker thread only)."""
+
+    def __init__(self, pool: KVPool, admission: Admission, pinned: PinnedSequences, *, max_running: int) -> None:
+        self._pool = pool
+        self._admission = admission
+        self._pinned = pinned
+        self._max_running = max_running
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.preemptions = 0
+        """Requests preempted since start."""
+
+    def add(self, request: Request) -> None:
+        """Queue a newly submitted request."""
+        self.waiting.append(request)
+
+    def remove(self, request: Request) -> None:
+        """Take a request out of whichever queue holds it (it is ending)."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+
+    def admit(self) -> list[Request]:
+        """Admit waiting requests in order while they fit; returns the admitted ones."""
+        admitted = []
+        while self.waiting and len(self.running) < self._max_running and self._admit(self.waiting[0]):
+            request = self.waiting.popleft()
+            self.running.append(request)
+            admitted.append(request)
+        return admitted
+
+    def _admit(self, request: Request) -> bool:
+        if request.pinned is not None:
+            return self._pinned.admit(request)
+        return self._admission.admit(request)
+
+    def reserve_step(self) -> list[Request]:
+        """Make every running request's reservation cover what this step adds,
+        oldest first, growing reservations and preempting the youngest as needed.
+        Returns the requests that cannot go on for lack of room (the caller ends
+        them with finish reason ``length``); they stay in `running` until then."""
+        out_of_room = []
+        for request in sorted(self.running, key=lambda r: r.request_id):
+            if request not in self.running:  # preempted for an older request
+                continue
+            needed = request.own_cells + len(request.pending) - request.reserved_cells
+            if needed > 0 and not self._grow(request, max(needed, request.decode_cells())):
+                out_of_room.append(request)
+        return out_of_room
+
+    def _grow(self, request: Request, cells: int) -> bool:
+        """Reserve `cells` more for `request`, preempting younger requests (or the
+        request itself, if it is the youngest) until they fit. False if nothing can give way."""
+        while not self._pool.make_room(cells, need_id=False):
+            victim = self._youngest_preemptible()
+            if victim in (None, request) and self._pool.unshare(request, cells):
+                continue  # its shared prefix was what kept the room locked
+            if victim is None or (victim is request and len(self.running) == 1):
+                return False  # waiting would not make room: nothing else runs
+            self._preempt(victim)
+            if victim is request:
+                return True  # it waits now; it reserves again when it resumes
+        self._pool.grow_reservation(request, cells)
+        return True
+
+    def _youngest_preemptible(self) -> Request | None:
+        """The most recently submitted running request whose cells can be parked
+        (a conversation's cells stay with it, so preempting it frees nothing)."""
+        candidates = [r for r in self.running if r.pinned is None]
+        return max(candidates, key=lambda r: r.request_id, default=None)
+
+    def _preempt(self, request: Request) -> None:
+        """Park the request's KV in the prefix cache and queue it again, first."""
+        logger.debug("preempting request %d after %d tokens", request.request_id, len(request.generated))
+        self.running.remove(request)
+        self._pool.finish(request, keep=True)
+        request.preemptions += 1
+        request.n_past = request.resident_prefix = request.shared_prefix = 0
+        request.pending = []
+        self.waiting.appendleft(request)
+        self.preemptions += 1
