@@ -69,6 +69,22 @@ def test_settings_from_environment_and_access_log(tmp_path) -> None:
     assert_clean_exit(server, server.process.returncode)
 
 
+def test_hosts_shares_and_embedding_bound_from_options_and_environment(tmp_path) -> None:
+    env = {"KVCHAT_MODEL": "gemma-3-270m", "KVCHAT_MODEL_NAME": "gm", "KVCHAT_API_KEY": f"{KEY} other-key",
+           "KVCHAT_CTX_SIZE": "1024", "KVCHAT_PARALLEL": "2", "KVCHAT_KEY_SHARE": "0.5",
+           "KVCHAT_ALLOWED_HOST": "models.lan *.corp.example"}
+    with ServeProcess("--max-embedding-tokens", "8", env=env, log_path=str(tmp_path / "serve.log")) as server:
+        for host, status in [("evil.example", 403), ("models.lan:8000", 200), ("gpu.corp.example", 200),
+                             ("localhost:80", 200)]:
+            response = httpx.get(f"{server.url}/health", headers={"Host": host})
+            assert response.status_code == status, host
+        assert response.json()["status"] == "ok"
+        response = httpx.post(f"{server.url}/v1/embeddings", headers=AUTH, timeout=60,
+                              json={"model": "gm", "input": ["one two three four five six seven eight nine ten"]})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "input"
+    assert_clean_exit(server, server.process.returncode)
+
+
 def test_sigterm_lets_in_flight_streams_finish(tmp_path) -> None:
     server = serve_gemma(tmp_path, grace=60).start()
     try:

@@ -4,6 +4,7 @@ OpenAI's error shape, and the server keeps serving."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 
@@ -147,6 +148,13 @@ BAD_REQUESTS = [
     ("lone surrogate in content", {"content": b'{"model": "gemma-small", "max_tokens": 2, "messages": '
                                               b'[{"role": "user", "content": "a\\ud800b"}]}',
                                    "headers": {"content-type": "application/json"}}, 400, None, None),
+    # The converter's error names the unresolved $ref, surrogate and all: it used to make rendering fail (500).
+    ("lone surrogate echoed in the error", {"content": b'{"model": "gemma-small", "max_tokens": 2, "messages": '
+                                                       b'[{"role": "user", "content": "hi"}], "response_format": '
+                                                       b'{"type": "json_schema", "json_schema": {"name": "x", '
+                                                       b'"schema": {"$ref": "#/$defs/\\ud800"}}}}',
+                                            "headers": {"content-type": "application/json"}},
+     400, None, "response_format"),
     ("temperature out of range", {"json": chat(temperature=9)}, 400, None, "temperature"),
     ("bad tool_choice", {"json": chat(tool_choice={"type": "function", "function": {"name": "nope"}})},
      400, None, None),
@@ -176,3 +184,123 @@ def test_body_limit_without_content_length(one_slot_engine: Engine) -> None:
         response = httpx.post(f"{server.url}/v1/chat/completions", content=chunks(),
                               headers={"content-type": "application/json"})
         assert_openai_error(response, 413, code="request_too_large")
+
+
+def test_lone_surrogate_in_an_error_message_keeps_its_escape(one_slot_engine: Engine) -> None:
+    body = (b'{"model": "gemma-small", "max_tokens": 2, "stream": true, "messages": [{"role": "user", '
+            b'"content": "hi"}], "response_format": {"type": "json_schema", "json_schema": {"name": "x", '
+            b'"schema": {"$ref": "#/$defs/\\ud800"}}}}')
+    with serve(one_slot_engine) as server:
+        response = httpx.post(f"{server.url}/v1/chat/completions", content=body,
+                              headers={"content-type": "application/json"}, timeout=60)
+        assert_openai_error(response, 400, param="response_format")
+        assert "\\ud800" in response.json()["error"]["message"]  # the text the client sent, escaped
+
+
+# -- the Host header (DNS rebinding) --------------------------------------------------
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8000", "127.0.0.1.evil.example", "localhost.evil",
+                                  "[::2]:80", ""])
+def test_a_foreign_host_header_is_refused(one_slot_engine: Engine, host: str) -> None:
+    """A page whose name an attacker points at 127.0.0.1 (DNS rebinding) makes the browser send that name."""
+    with serve(one_slot_engine) as server:
+        for path in ("/health", "/metrics", "/v1/models"):
+            response = httpx.get(f"{server.url}{path}", headers={"Host": host})
+            assert_openai_error(response, 403, code="host_not_allowed")
+        response = httpx.post(f"{server.url}/v1/completions", headers={"Host": host},
+                              json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
+        assert_openai_error(response, 403, code="host_not_allowed")
+
+
+@pytest.mark.parametrize("host", ["localhost", "LOCALHOST:1234", "127.0.0.1", "127.0.0.2:8000", "[::1]:8000",
+                                  "localhost."])
+def test_loopback_host_names_are_served(one_slot_engine: Engine, host: str) -> None:
+    with serve(one_slot_engine) as server:
+        assert httpx.get(f"{server.url}/health", headers={"Host": host}).status_code == 200
+
+
+def test_allowed_hosts_adds_names(one_slot_engine: Engine) -> None:
+    with serve(one_slot_engine, allowed_hosts=["models.lan", "*.corp.example"]) as server:
+        for host in ("models.lan", "Models.LAN:8000", "gpu.corp.example", "localhost"):
+            assert httpx.get(f"{server.url}/health", headers={"Host": host}).status_code == 200, host
+        for host in ("corp.example", "evil.example"):
+            assert_openai_error(httpx.get(f"{server.url}/health", headers={"Host": host}), 403)
+    with serve(one_slot_engine, allowed_hosts=["*"]) as server:
+        assert httpx.get(f"{server.url}/health", headers={"Host": "anything.example"}).status_code == 200
+
+
+# -- one API key's share of the server --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_slot_engine(gemma_model) -> Iterator[Engine]:
+    """Two requests at a time; no prefix cache; unbounded requests stop at 8 tokens."""
+    settings = EngineSettings(n_ctx=1024, max_running=2, n_seq_max=4, prefix_cache=False, open_max_tokens=8)
+    with Engine(gemma_model, settings) as engine:
+        yield engine
+
+
+def hold_stream(url: str, key: str, started: list, stop: threading.Event) -> None:
+    """A long streamed completion as `key`: its status goes to `started`; it reads until `stop`."""
+    with httpx.stream("POST", f"{url}/v1/completions", headers={"Authorization": f"Bearer {key}"}, timeout=60,
+                      json=long_completion(url, stream=True)) as response:
+        started.append(response.status_code)
+        if response.status_code == 200:
+            for _ in response.iter_lines():
+                if stop.is_set():
+                    break
+
+
+def test_one_key_cannot_take_the_whole_server(two_slot_engine: Engine) -> None:
+    """2 running places + 2 queue places; with two keys each may hold one of each (key_share 0.5)."""
+    with serve(two_slot_engine, max_queued=2, api_keys=["alice", "bob"]) as server:
+        stop = threading.Event()
+        started: list = []
+        flood = [threading.Thread(target=hold_stream, args=(server.url, "alice", started, stop)) for _ in range(4)]
+        try:
+            for thread in flood:
+                thread.start()
+            deadline = time.monotonic() + 30
+            while len(started) < 3 and time.monotonic() < deadline:  # 1 streams, 2 refused, 1 waits for a place
+                time.sleep(0.05)
+            assert sorted(started) == [200, 429, 429], started
+            refused = httpx.post(f"{server.url}/v1/completions", headers={"Authorization": "Bearer alice"},
+                                 json=long_completion(server.url), timeout=30)
+            assert_openai_error(refused, 429, code="rate_limit_exceeded")
+            assert "share" in refused.json()["error"]["message"] and refused.headers["retry-after"] == "1"
+            # Bob is taken in and runs at once beside Alice's stream, ahead of her waiting request.
+            served = httpx.post(f"{server.url}/v1/completions", headers={"Authorization": "Bearer bob"},
+                                json={"model": MODEL, "prompt": "hi", "max_tokens": 2}, timeout=60)
+            assert served.status_code == 200, served.text
+            assert len(started) == 3  # Alice's second request still waits for her running place
+        finally:
+            stop.set()
+            for thread in flood:
+                thread.join(timeout=60)
+        assert sorted(started) == [200, 200, 429, 429]
+    assert_idle(two_slot_engine)
+
+
+def test_without_keys_one_client_may_use_the_whole_server(two_slot_engine: Engine) -> None:
+    """No API keys: one tenant, who gets every running and queue place, as before shares existed."""
+    with serve(two_slot_engine, max_queued=2) as server:
+        stop = threading.Event()
+        started: list = []
+        clients = [threading.Thread(target=hold_stream, args=(server.url, "x", started, stop)) for _ in range(4)]
+        try:
+            for thread in clients:
+                thread.start()
+            deadline = time.monotonic() + 30
+            while two_slot_engine.stats().active + two_slot_engine.stats().queued < 4:
+                assert time.monotonic() < deadline, started
+                time.sleep(0.05)
+            refused = httpx.post(f"{server.url}/v1/completions", json=long_completion(server.url), timeout=30)
+            assert_openai_error(refused, 429, code="rate_limit_exceeded")
+            assert "busy" in refused.json()["error"]["message"]
+        finally:
+            stop.set()
+            for thread in clients:
+                thread.join(timeout=60)
+        assert started == [200] * 4
+    assert_idle(two_slot_engine)

@@ -49,6 +49,15 @@ def serve(
     max_queued: Annotated[
         int, typer.Option(envvar="KVCHAT_MAX_QUEUED", min=0, help="Requests that may wait; beyond them: 429.")
     ] = 64,
+    key_share: Annotated[
+        float,
+        typer.Option(
+            envvar="KVCHAT_KEY_SHARE",
+            min=0.01,
+            max=1.0,
+            help="With several API keys: share of --parallel and of --max-queued one key may hold; beyond: 429.",
+        ),
+    ] = 0.5,
     cache_ram: Annotated[
         str, typer.Option(envvar="KVCHAT_CACHE_RAM", help="Host RAM for KV state evicted from the pool (0: none).")
     ] = "256M",
@@ -76,6 +85,18 @@ def serve(
         float, typer.Option(envvar="KVCHAT_REQUEST_TIMEOUT", min=0, help="Seconds a request may take (0: no limit).")
     ] = 600.0,
     max_body: Annotated[str, typer.Option(envvar="KVCHAT_MAX_BODY", help="Largest request body.")] = "4M",
+    max_embedding_tokens: Annotated[
+        int,
+        typer.Option(envvar="KVCHAT_MAX_EMBEDDING_TOKENS", min=1, help="Most tokens in one /v1/embeddings request."),
+    ] = 32768,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            envvar="KVCHAT_ALLOWED_HOST",
+            help="Answer requests for this Host name too, besides localhost (repeatable; '*': any; "
+            "env: space-separated).",
+        ),
+    ] = None,
     cors_origin: Annotated[
         list[str] | None,
         typer.Option(envvar="KVCHAT_CORS_ORIGIN", help="Allow this browser origin (repeatable; default: CORS off)."),
@@ -112,9 +133,12 @@ def serve(
             api_keys=tuple(api_key or ()),
             isolate_api_keys=not share_cache_between_keys,
             max_queued=max_queued,
+            key_share=key_share,
             max_tokens_limit=max_tokens,
             request_timeout=request_timeout or None,
             max_body_bytes=_size(max_body),
+            max_embedding_tokens=max_embedding_tokens,
+            allowed_hosts=tuple(allowed_host or ()),
             cors_origins=tuple(cors_origin or ()),
             shutdown_grace=shutdown_grace,
         )

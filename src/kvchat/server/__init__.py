@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kvchat.server.app import create_app
+from kvchat.server.middleware import host_name, is_loopback
 from kvchat.server.settings import ServerSettings
 
 if TYPE_CHECKING:
@@ -46,7 +47,15 @@ def serve(
     (saving the prefix cache to its disk tier, if any) and ends the process by
     the signal it received (uvicorn's convention).
     Access logs are JSON lines on stderr (logger ``kvchat.server.access``).
+
+    Requests must name a loopback host or one of `settings.allowed_hosts` in
+    their ``Host`` header; a specific address given as `host` is allowed too
+    (clients that reach the server by it are expected). Bound to every address
+    (``0.0.0.0``, ``::``), the server answers remote clients only for the names
+    the operator allows.
     """
+    import dataclasses
+
     import uvicorn
 
     from kvchat.engine import Engine
@@ -54,6 +63,14 @@ def serve(
 
     settings = settings or ServerSettings(model_name=default_model_name(model))
     _configure_logging(log_level, access_log)
+    everywhere = host in ("", "0.0.0.0", "::")
+    if not everywhere and not is_loopback(host_name(_bracketed(host)) or ""):
+        settings = dataclasses.replace(settings, allowed_hosts=(*settings.allowed_hosts, _bracketed(host)))
+    elif everywhere and not settings.allowed_hosts:
+        logging.getLogger("kvchat.server").warning(
+            "listening on every address, but answering only requests for localhost; "
+            "allow the names clients use with --allowed-host NAME (or '*')"
+        )
     with Engine(resolve(model), engine_settings) as engine:
         # The app closes the engine at shutdown: uvicorn ends the process by
         # re-raising the signal as soon as it returns, so `with` cannot be relied on.
@@ -67,6 +84,11 @@ def serve(
             timeout_graceful_shutdown=int(settings.shutdown_grace) + 5,
         )
         uvicorn.Server(config).run()
+
+
+def _bracketed(host: str) -> str:
+    """`host` as a Host header names it (an IPv6 address in brackets)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def _configure_logging(log_level: str, access_log: bool) -> None:

@@ -22,6 +22,10 @@ Decisions where OpenAI's API and kvchat differ, or OpenAI is silent:
   (``request_timeout`` 504, ``server_shutdown`` 503); mid-stream it is sent as
   one ``data: {"error": ...}`` event before ``[DONE]``.
 - ``/health`` and ``/metrics`` need no API key; everything under ``/v1`` does.
+- Every path answers only requests whose ``Host`` header names a loopback host
+  or one of `allowed_hosts` (403 otherwise): DNS rebinding cannot reach it.
+- One API key among several holds at most its `key_share` of the running places
+  and of the queue (429 beyond it); see :mod:`kvchat.server.admission`.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from kvchat.engine import Engine
 from kvchat.server.errors import install_error_handlers
-from kvchat.server.middleware import AccessLog, BodySizeLimit
+from kvchat.server.middleware import AccessLog, BodySizeLimit, HostCheck
 from kvchat.server.routes import chat, completions, embeddings, info
 from kvchat.server.settings import ServerSettings
 from kvchat.server.state import ServerState
@@ -69,12 +73,14 @@ def create_app(
     for module in (chat, completions, embeddings, info):
         app.include_router(module.router)
     # Added innermost first: the size check runs last, CORS headers reach 413s
-    # too, and the access log sees every request.
+    # too, a foreign Host is refused before anything else, and the access log
+    # sees every request.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"], allow_headers=["*"]
         )
+    app.add_middleware(HostCheck, allowed=settings.allowed_hosts)
     app.add_middleware(
         AccessLog, count=lambda endpoint, status: state.metrics.requests.labels(endpoint, str(status)).inc()
     )

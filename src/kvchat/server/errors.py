@@ -7,6 +7,11 @@ Mapping from kvchat's errors (see :mod:`kvchat.errors`):
 - request validation (malformed JSON, wrong types) -> 400;
 - :class:`APIError` raised by the server itself (401, 404, 413, 429, ...) -> its own status;
 - anything else -> 500 with a generic message; the traceback goes to the log only.
+
+Error text may echo what the client sent (a schema's ``$ref``, a tool name).
+Text that is not valid Unicode (a lone surrogate such as ``"\\ud800"``, which
+JSON's escapes can carry) is written as its escape sequence, so rendering an
+error never fails and the client gets the error it earned, not a 500.
 """
 
 from __future__ import annotations
@@ -46,8 +51,21 @@ class APIError(Exception):
 
 
 def error_body(message: str, *, type: str, param: str | None = None, code: str | None = None) -> dict:
-    """The JSON body of an error response (also sent as an SSE event mid-stream)."""
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    """The JSON body of an error response (also sent as an SSE event mid-stream); its
+    texts are valid Unicode (see :func:`valid_text`)."""
+    return {
+        "error": {
+            "message": valid_text(message),
+            "type": type,
+            "param": None if param is None else valid_text(param),
+            "code": code,
+        }
+    }
+
+
+def valid_text(text: str) -> str:
+    """`text` with each lone surrogate written as its escape (``\\ud800``), so it encodes as UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def error_for(exc: BaseException) -> APIError:

@@ -1,20 +1,23 @@
-"""ASGI middleware: request-body size limit and structured access logs.
+"""ASGI middleware: allowed Host names, request-body size limit and structured access logs.
 
-Both are plain ASGI (not Starlette's ``BaseHTTPMiddleware``) so streamed
+All three are plain ASGI (not Starlette's ``BaseHTTPMiddleware``) so streamed
 responses and client disconnects pass through untouched.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kvchat.server.errors import APIError, error_response
+from kvchat.server.errors import APIError, error_response, valid_text
 
 access_log = logging.getLogger("kvchat.server.access")
 
@@ -28,6 +31,77 @@ def endpoint_label(path: str) -> str:
     if path.startswith("/v1/models/"):
         return "/v1/models/{model}"
     return "other"
+
+
+_HOST_HEADER = re.compile(r"(?P<name>\[[0-9a-f:.]+\]|[^:\[\]]*)(?::[0-9]*)?")
+
+
+def host_name(header: str) -> str | None:
+    """The host name of a ``Host`` header, lower case, without port or trailing dot
+    (an IPv6 address keeps its brackets); None if the header is malformed."""
+    match = _HOST_HEADER.fullmatch(header.strip().lower())
+    if match is None or not match["name"]:
+        return None
+    return match["name"].rstrip(".")
+
+
+def is_loopback(name: str) -> bool:
+    """True for ``localhost`` and the loopback addresses (127.0.0.0/8, ``[::1]``)."""
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name.removeprefix("[").removesuffix("]")).is_loopback
+    except ValueError:
+        return False
+
+
+class HostCheck:
+    """Answers 403 (OpenAI-shaped) to a request whose ``Host`` header names a host
+    that is neither loopback nor in `allowed` (names; ``*.example.com`` for
+    subdomains; ``*`` for any), whatever the port.
+
+    A web page on another site cannot make the user's browser read this server's
+    answers (no CORS), unless it gets the browser to believe that the server *is*
+    that site: DNS rebinding points the page's own name at 127.0.0.1. The
+    browser then sends that name as ``Host``; refusing names the server does not
+    know stops the attack even when no API key is set. Starlette's
+    ``TrustedHostMiddleware`` does the same check but answers in plain text and
+    knows no loopback range, hence this one.
+    """
+
+    def __init__(self, app: ASGIApp, allowed: Iterable[str] = ()) -> None:
+        self.app = app
+        patterns = [pattern.lower() for pattern in allowed]
+        self.allow_any = "*" in patterns
+        self.names = frozenset(p for p in patterns if not p.startswith("*"))
+        self.suffixes = tuple(p[1:] for p in patterns if p.startswith("*."))
+
+    def allows(self, header: str | None) -> bool:
+        """Whether a request with this ``Host`` header may reach the app."""
+        if self.allow_any:
+            return True
+        name = host_name(header) if header is not None else None
+        if name is None:
+            return False
+        return is_loopback(name) or name in self.names or name.endswith(self.suffixes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.allow_any:
+            await self.app(scope, receive, send)
+            return
+        header = Headers(scope=scope).get("host")
+        if self.allows(header):
+            await self.app(scope, receive, send)
+            return
+        shown = valid_text(header or "")[:200]
+        await error_response(
+            APIError(
+                403,
+                f"the Host header {shown!r} names a host this server does not answer for; "
+                "its operator can allow it (kvchat serve --allowed-host NAME)",
+                code="host_not_allowed",
+            )
+        )(scope, receive, send)
 
 
 class BodySizeLimit:

@@ -17,6 +17,12 @@ class ServerSettings:
       only with that key's own (on by default).
     - `max_queued`: requests allowed to wait beyond the engine's running ones;
       past that the server answers 429 with ``Retry-After: retry_after`` seconds.
+    - `key_share`: with two or more `api_keys`, the share (0 to 1) of the running
+      places (the engine's `max_running`) and of the queue (`max_queued`) that one
+      key's requests may hold, each rounded up (at least one running place);
+      past it that key gets 429 while other keys are still served. With one key or
+      none there is one tenant, who may use the whole server (see
+      :class:`kvchat.server.admission.Admission`).
     - `request_timeout`: seconds a request may take, queueing included (None: no
       limit); past it the request is cancelled and ends with a ``request_timeout`` error.
     - `max_body_bytes`: largest request body (413 beyond it).
@@ -26,6 +32,15 @@ class ServerSettings:
       sets both from `--max-tokens`).
     - `max_tools`: most tool definitions in one request.
     - `max_embedding_inputs`: most texts in one ``/v1/embeddings`` request.
+    - `max_embedding_tokens`: most tokens (all texts together) in one
+      ``/v1/embeddings`` request (400 beyond it; each text is also bounded by the
+      embedding context).
+    - `allowed_hosts`: host names (besides the loopback ones, always allowed:
+      ``localhost``, ``127.0.0.1`` and the rest of 127.0.0.0/8, ``[::1]``) that a
+      request's ``Host`` header may name, with any port; ``*.example.com`` allows
+      the subdomains of example.com, ``*`` any host. Refusing other names stops
+      DNS rebinding: a web page whose name resolves to this machine cannot reach
+      the server through the user's browser (403 otherwise).
     - `cors_origins`: origins allowed by CORS (none: CORS headers are not sent).
     - `shutdown_grace`: seconds in-flight streams may run on after a shutdown
       signal; streams still running then are cancelled with a ``server_shutdown`` error.
@@ -35,12 +50,15 @@ class ServerSettings:
     api_keys: tuple[str, ...] = ()
     isolate_api_keys: bool = True
     max_queued: int = 64
+    key_share: float = 0.5
     retry_after: int = 1
     request_timeout: float | None = 600.0
     max_body_bytes: int = 4 * 1024 * 1024
     max_tokens_limit: int | None = 4096
     max_tools: int = 128
     max_embedding_inputs: int = 256
+    max_embedding_tokens: int = 32768
+    allowed_hosts: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
     shutdown_grace: float = 10.0
 
@@ -49,12 +67,13 @@ class ServerSettings:
             raise InvalidRequestError("model_name must not be empty", field="model_name")
         object.__setattr__(self, "api_keys", tuple(self.api_keys))
         object.__setattr__(self, "cors_origins", tuple(self.cors_origins))
+        object.__setattr__(self, "allowed_hosts", tuple(host.strip().lower() for host in self.allowed_hosts))
         if any(not key for key in self.api_keys):
             raise InvalidRequestError("API keys must not be empty", field="api_keys")
         for name in ("max_queued", "retry_after", "max_tools", "max_embedding_inputs"):
             if getattr(self, name) < 0:
                 raise InvalidRequestError(f"{name} must be >= 0", field=name)
-        for name in ("max_body_bytes",):
+        for name in ("max_body_bytes", "max_embedding_tokens"):
             if getattr(self, name) < 1:
                 raise InvalidRequestError(f"{name} must be >= 1", field=name)
         if self.max_tokens_limit is not None and self.max_tokens_limit < 1:
@@ -63,3 +82,10 @@ class ServerSettings:
             raise InvalidRequestError("request_timeout must be > 0 or None", field="request_timeout")
         if self.shutdown_grace < 0:
             raise InvalidRequestError("shutdown_grace must be >= 0", field="shutdown_grace")
+        if not 0 < self.key_share <= 1:
+            raise InvalidRequestError("key_share must be > 0 and <= 1", field="key_share")
+        for host in self.allowed_hosts:
+            if not host or "*" in host[1:] or (host.startswith("*") and host != "*" and not host.startswith("*.")):
+                raise InvalidRequestError(
+                    f"allowed host {host!r} must be a host name, '*.domain' or '*'", field="allowed_hosts"
+                )

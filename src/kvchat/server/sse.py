@@ -38,8 +38,10 @@ def sse_response(
     """Stream `events` (produced from `stream`) to the client under `run`'s rules.
 
     The producer should stop early (no finish event) when ``run.error`` is set:
-    the error event is then sent here.
+    the error event is then sent here. The response takes `run` over: it
+    watches the client and ends the run however the stream ends.
     """
+    run.handed_over = True
     return _RequestEventStream(run, stream, events, shutdown_grace)
 
 
@@ -75,6 +77,7 @@ class _RequestEventStream(EventSourceResponse):
         yield {"data": "[DONE]"}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._run.stop_watching_client()  # sse-starlette listens for the disconnect from here on
         watcher = asyncio.create_task(self._run.stop_on_shutdown(self._shutdown))
         try:
             await super().__call__(scope, receive, send)

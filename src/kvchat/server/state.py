@@ -1,4 +1,5 @@
-"""`ServerState`: what every route of one app shares (engine, settings, metrics, gate).
+"""`ServerState`: what every route of one app shares (engine, settings, metrics,
+admission, the embedding worker).
 
 The routes reach it through the :func:`server_state` dependency; the app is
 built around it in :func:`kvchat.server.app.create_app`.
@@ -6,11 +7,10 @@ built around it in :func:`kvchat.server.app.create_app`.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
-import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -18,10 +18,21 @@ from fastapi import Request
 from kvchat.engine import Engine, SamplingParams
 from kvchat.engine.embedder import Embedder
 from kvchat.errors import InvalidRequestError
+from kvchat.server.admission import Admission
+from kvchat.server.embedding_worker import EmbeddingWorker
 from kvchat.server.errors import APIError
 from kvchat.server.metrics import ServerMetrics
-from kvchat.server.runs import Admission, RequestRun
+from kvchat.server.runs import RequestRun
 from kvchat.server.settings import ServerSettings
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """Who sent a request: `key` names its API key (a digest; ``""`` on a server
+    without keys), `cache_key` is its cache namespace (None: the shared one)."""
+
+    key: str
+    cache_key: str | None
 
 
 class ServerState:
@@ -33,30 +44,34 @@ class ServerState:
         self.created = int(time.time())
         self.metrics = ServerMetrics(engine)
         self.admission = Admission(
-            engine.settings.max_running + settings.max_queued, settings.retry_after, self.metrics
+            max_running=engine.settings.max_running,
+            max_queued=settings.max_queued,
+            key_share=settings.key_share,
+            shared=len(set(settings.api_keys)) >= 2,
+            retry_after=settings.retry_after,
+            metrics=self.metrics,
         )
-        self._embedder: Embedder | None = None
-        self._embedder_lock = threading.Lock()
+        self.embeddings = EmbeddingWorker(lambda: Embedder(self.engine.model, n_threads=self.engine.settings.n_threads))
 
     # -- per request -----------------------------------------------------------
 
-    def authorize(self, request: Request) -> str | None:
-        """The request's cache namespace; 401 on a missing or wrong API key.
+    def authorize(self, request: Request) -> Tenant:
+        """Who sent the request; 401 on a missing or wrong API key.
 
-        Without API keys (or with `isolate_api_keys` off) every request shares one namespace (None).
+        Without API keys (or with `isolate_api_keys` off) every request shares one
+        cache namespace (None).
         """
         keys = self.settings.api_keys
         if not keys:
-            return None
+            return Tenant("", None)
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         token = token.strip()
         # Compare with every key (no early exit), in constant time per key.
         matches = [hmac.compare_digest(token.encode(), key.encode()) for key in keys]
         if scheme.lower() != "bearer" or not any(matches):
             raise APIError(401, "invalid or missing API key", code="invalid_api_key")
-        if not self.settings.isolate_api_keys:
-            return None
-        return "key-" + hashlib.sha256(token.encode()).hexdigest()[:32]
+        digest = "key-" + hashlib.sha256(token.encode()).hexdigest()[:32]
+        return Tenant(digest, digest if self.settings.isolate_api_keys else None)
 
     def check_model(self, requested: str) -> None:
         """404 unless `requested` is the served model's id."""
@@ -68,13 +83,16 @@ class ServerState:
                 code="model_not_found",
             )
 
-    def new_run(self) -> RequestRun:
-        """Admit a model request (429 if the server is full)."""
+    def new_run(self, request: Request, tenant: Tenant) -> RequestRun:
+        """Admit a model request of `tenant` (429 if the server or the tenant's share
+        is full); the run watches `request`'s client for a disconnect."""
         return RequestRun(
             self.admission,
+            tenant.key,
             self.metrics,
             timeout=self.settings.request_timeout,
             shutdown_grace=self.settings.shutdown_grace,
+            request=request,
         )
 
     def sampling(self, body: Any, max_tokens: int | None) -> SamplingParams:
@@ -102,32 +120,9 @@ class ServerState:
                 raise InvalidRequestError("logit_bias keys must be token ids", field="logit_bias") from None
         return SamplingParams(**options)
 
-    # -- embeddings --------------------------------------------------------------
-
-    def embedder(self) -> Embedder:
-        """The embedding context on the served model's weights, made at first use."""
-        with self._embedder_lock:
-            if self._embedder is None:
-                self._embedder = Embedder(self.engine.model, n_threads=self.engine.settings.n_threads)
-            return self._embedder
-
-    async def embed(self, texts: list[str]) -> tuple[Any, int]:
-        """Embed `texts` off the event loop: a float32 array (one row per text) and
-        the number of tokens evaluated."""
-
-        def work() -> tuple[Any, int]:
-            embedder = self.embedder()
-            token_lists = [embedder.tokenize(text) for text in texts]
-            return embedder.embed_tokens(token_lists), sum(len(tokens) for tokens in token_lists)
-
-        return await asyncio.to_thread(work)
-
     def close(self) -> None:
-        """Free what the server made (the embedder); the engine belongs to the caller."""
-        with self._embedder_lock:
-            if self._embedder is not None:
-                self._embedder.close()
-                self._embedder = None
+        """Stop the embedding worker and free its embedder; the engine belongs to the caller."""
+        self.embeddings.close()
 
 
 def server_state(request: Request) -> ServerState:
@@ -135,7 +130,7 @@ def server_state(request: Request) -> ServerState:
     return request.app.state.kvchat
 
 
-def authorized(request: Request) -> str | None:
+def authorized(request: Request) -> Tenant:
     """FastAPI dependency: check the API key (401) before the body is validated;
-    gives the request's cache namespace."""
+    gives the request's :class:`Tenant`."""
     return server_state(request).authorize(request)

@@ -1,4 +1,9 @@
-"""``POST /v1/chat/completions``: a chat through :func:`kvchat.chat.complete.complete`."""
+"""``POST /v1/chat/completions``: a chat through :func:`kvchat.chat.complete.complete`.
+
+The request is admitted before any work (rendering and tokenizing the prompt
+happen on a thread, once the request holds its running place); a client that
+disconnects cancels the request, streamed or not.
+"""
 
 from __future__ import annotations
 
@@ -8,22 +13,25 @@ import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 
 from kvchat.chat.complete import ChatStream, complete
-from kvchat.server.errors import APIError, error_for
+from kvchat.server.errors import APIError
 from kvchat.server.routes.common import finish_reason, openai_usage
-from kvchat.server.runs import RequestRun
+from kvchat.server.runs import RequestRun, serving
 from kvchat.server.schemas import ChatCompletionRequest
 from kvchat.server.sse import Event, data_event, sse_response
-from kvchat.server.state import ServerState, authorized, server_state
+from kvchat.server.state import ServerState, Tenant, authorized, server_state
 
 router = APIRouter()
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(
-    body: ChatCompletionRequest, state: ServerState = Depends(server_state), cache_key: str | None = Depends(authorized)
+    body: ChatCompletionRequest,
+    request: Request,
+    state: ServerState = Depends(server_state),
+    tenant: Tenant = Depends(authorized),
 ) -> Any:
     state.check_model(body.model)
     if body.n is not None and body.n != 1:
@@ -33,8 +41,9 @@ async def chat_completions(
             400, f"{len(body.tools)} tools; this server allows at most {state.settings.max_tools}", param="tools"
         )
     sampling = state.sampling(body, body.max_completion_tokens or body.max_tokens)
-    run = state.new_run()
-    try:
+    run = state.new_run(request, tenant)
+    with serving(run):
+        await run.start()
         stream = await asyncio.to_thread(
             complete,
             state.engine,
@@ -43,31 +52,19 @@ async def chat_completions(
             tool_choice=body.tool_choice,
             response_format=body.response_format,
             sampling=sampling,
-            cache_key=cache_key,
+            cache_key=tenant.cache_key,
         )
-    except BaseException as exc:
-        run.finish()
-        if isinstance(exc, Exception):
-            raise error_for(exc) from None
-        raise
-    run.attach(stream)
-    reply_id = "chatcmpl-" + uuid.uuid4().hex
-    model = state.settings.model_name
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _chat_events(stream, run, reply_id, model, include_usage)
-        return sse_response(run, stream, events, shutdown_grace=state.settings.shutdown_grace)
-    try:
+        run.attach(stream)
+        reply_id = "chatcmpl-" + uuid.uuid4().hex
+        model = state.settings.model_name
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = _chat_events(stream, run, reply_id, model, include_usage)
+            return sse_response(run, stream, events, shutdown_grace=state.settings.shutdown_grace)
         reply = await stream.acollect()
-    except BaseException as exc:
-        stream.cancel()
-        run.finish()
-        if isinstance(exc, Exception):
-            raise error_for(exc) from None
-        raise
-    run.finish(reply.usage)
-    if run.error is not None:
-        raise run.error
+        run.usage = reply.usage
+        if run.error is not None:
+            raise run.error
     message: dict[str, Any] = {"role": "assistant", "content": reply.content, "refusal": None}
     if reply.tool_calls:
         message["tool_calls"] = [call.to_openai() for call in reply.tool_calls]

@@ -6,6 +6,11 @@ llama.cpp's server); token-id prompts are used as given. Several prompts give
 one choice each, generated together in the engine's batch; streaming takes one
 prompt. ``max_tokens`` defaults to 16 (as OpenAI). ``echo`` is supported;
 ``suffix``, ``logprobs`` and ``best_of`` other than 1 are refused (400).
+
+The request is admitted before its prompts are tokenized, and they are
+tokenized on a thread: a prompt of megabytes neither does work for a request
+that gets 429 nor stalls the event loop. A client that disconnects cancels the
+request, streamed or not.
 """
 
 from __future__ import annotations
@@ -16,15 +21,15 @@ import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 
 from kvchat.engine import Completion, Engine, Stream, Usage
-from kvchat.server.errors import APIError, error_for
+from kvchat.server.errors import APIError
 from kvchat.server.routes.common import finish_reason, openai_usage
-from kvchat.server.runs import RequestRun
+from kvchat.server.runs import RequestRun, serving
 from kvchat.server.schemas import CompletionRequest
 from kvchat.server.sse import Event, data_event, sse_response
-from kvchat.server.state import ServerState, authorized, server_state
+from kvchat.server.state import ServerState, Tenant, authorized, server_state
 
 router = APIRouter()
 
@@ -42,46 +47,37 @@ class _StreamGroup:
 
 @router.post("/v1/completions")
 async def completions(
-    body: CompletionRequest, state: ServerState = Depends(server_state), cache_key: str | None = Depends(authorized)
+    body: CompletionRequest,
+    request: Request,
+    state: ServerState = Depends(server_state),
+    tenant: Tenant = Depends(authorized),
 ) -> Any:
     state.check_model(body.model)
     prompts = body.prompts()
     _check_supported(body, len(prompts), max_prompts=state.engine.settings.max_running)
     sampling = state.sampling(body, body.max_tokens)
     engine = state.engine
-    token_lists = [_tokens(engine, prompt) for prompt in prompts]
-    run = state.new_run()
-    streams: list[Stream] = []
-    try:
+    run = state.new_run(request, tenant)
+    with serving(run):
+        await run.start()
+        # A text prompt may be megabytes: tokenize it off the event loop, once admitted.
+        token_lists = await asyncio.to_thread(lambda: [_tokens(engine, prompt) for prompt in prompts])
+        group = _StreamGroup([])
+        run.attach(group)
         for tokens in token_lists:
-            streams.append(engine.submit(tokens, sampling, cache_key=cache_key))
-    except BaseException as exc:
-        _StreamGroup(streams).cancel()
-        run.finish()
-        if isinstance(exc, Exception):
-            raise error_for(exc) from None
-        raise
-    group = _StreamGroup(streams)
-    run.attach(group)
-    reply_id = "cmpl-" + uuid.uuid4().hex
-    model = state.settings.model_name
-    echoed = [_echo_text(engine, prompt) if body.echo else "" for prompt in prompts]
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _text_events(streams[0], run, reply_id, model, echoed[0], include_usage)
-        return sse_response(run, group, events, shutdown_grace=state.settings.shutdown_grace)
-    try:
-        results: list[Completion] = await asyncio.gather(*(stream.acollect() for stream in streams))
-    except BaseException as exc:
-        group.cancel()
-        run.finish()
-        if isinstance(exc, Exception):
-            raise error_for(exc) from None
-        raise
-    total = _sum_usage([result.usage for result in results])
-    run.finish(total)
-    if run.error is not None:
-        raise run.error
+            group.streams.append(engine.submit(tokens, sampling, cache_key=tenant.cache_key))
+        reply_id = "cmpl-" + uuid.uuid4().hex
+        model = state.settings.model_name
+        echoed = [_echo_text(engine, prompt) if body.echo else "" for prompt in prompts]
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = _text_events(group.streams[0], run, reply_id, model, echoed[0], include_usage)
+            return sse_response(run, group, events, shutdown_grace=state.settings.shutdown_grace)
+        results: list[Completion] = await asyncio.gather(*(stream.acollect() for stream in group.streams))
+        total = _sum_usage([result.usage for result in results])
+        run.usage = total
+        if run.error is not None:
+            raise run.error
     return {
         "id": reply_id,
         "object": "text_completion",

@@ -1,7 +1,11 @@
 """``POST /v1/embeddings``: vectors from the served model (mean pooled, unit length).
 
 The embedder is a second llama context on the same weights (see
-:class:`kvchat.engine.embedder.Embedder`), made at the first request. Vectors
+:class:`kvchat.engine.embedder.Embedder`), made at the first request and run by
+the server's one embedding thread (:mod:`kvchat.server.embedding_worker`). A
+request is admitted like a chat request (same slots, same per-key share), is
+bounded to `max_embedding_tokens` tokens (400 beyond), and stops between two
+texts when it passes the time limit (504) or its client disconnects. Vectors
 come as float lists or, with ``encoding_format="base64"`` (what the official
 client asks for by default), as little-endian float32 bytes in base64.
 ``dimensions`` other than the model's own size is refused (400).
@@ -12,18 +16,22 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 
-from kvchat.server.errors import APIError, error_for
+from kvchat.server.errors import APIError
+from kvchat.server.runs import serving
 from kvchat.server.schemas import EmbeddingRequest
-from kvchat.server.state import ServerState, authorized, server_state
+from kvchat.server.state import ServerState, Tenant, authorized, server_state
 
 router = APIRouter()
 
 
 @router.post("/v1/embeddings")
 async def embeddings(
-    body: EmbeddingRequest, state: ServerState = Depends(server_state), _: str | None = Depends(authorized)
+    body: EmbeddingRequest,
+    request: Request,
+    state: ServerState = Depends(server_state),
+    tenant: Tenant = Depends(authorized),
 ) -> Any:
     state.check_model(body.model)
     texts = [body.input] if isinstance(body.input, str) else body.input
@@ -35,15 +43,16 @@ async def embeddings(
     n_embd = state.engine.model.n_embd
     if body.dimensions is not None and body.dimensions != n_embd:
         raise APIError(400, f"this model's embeddings have {n_embd} dimensions", param="dimensions")
-    run = state.new_run()
-    try:
-        vectors, prompt_tokens = await state.embed(texts)
-    except Exception as exc:  # noqa: BLE001 - typed errors become OpenAI-shaped ones
-        raise error_for(exc) from None
-    finally:
-        run.finish()
+    run = state.new_run(request, tenant)
+    with serving(run):
+        await run.start()
+        job = state.embeddings.submit(texts, max_tokens=state.settings.max_embedding_tokens)
+        run.attach(job)
+        result = await job.result()
+        if result is None or run.error is not None:
+            raise run.error or APIError(503, "the server is shutting down", type="server_error", code="server_shutdown")
     data = []
-    for index, vector in enumerate(vectors):
+    for index, vector in enumerate(result.vectors):
         encoded: Any = (
             base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
             if body.encoding_format == "base64"
@@ -54,5 +63,5 @@ async def embeddings(
         "object": "list",
         "data": data,
         "model": state.settings.model_name,
-        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+        "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
     }

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Response
 
 from kvchat.server.errors import APIError
 from kvchat.server.metrics import CONTENT_TYPE_LATEST
-from kvchat.server.state import ServerState, authorized, server_state
+from kvchat.server.state import ServerState, Tenant, authorized, server_state
 
 router = APIRouter()
 
@@ -29,13 +29,13 @@ async def metrics(state: ServerState = Depends(server_state)) -> Response:
 
 
 @router.get("/v1/models")
-async def models(_: str | None = Depends(authorized), state: ServerState = Depends(server_state)) -> dict[str, Any]:
+async def models(_: Tenant = Depends(authorized), state: ServerState = Depends(server_state)) -> dict[str, Any]:
     return {"object": "list", "data": [_model_card(state)]}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def model(
-    model_id: str, _: str | None = Depends(authorized), state: ServerState = Depends(server_state)
+    model_id: str, _: Tenant = Depends(authorized), state: ServerState = Depends(server_state)
 ) -> dict[str, Any]:
     state.check_model(model_id)
     return _model_card(state)
