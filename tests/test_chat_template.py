@@ -90,6 +90,21 @@ def test_a_template_that_prints_arguments_gets_them_as_given() -> None:
     assert template.render(tool_call_history('{"city": "Paris"}')) == '{"city": "Paris"}'
 
 
+def test_tool_call_arguments_too_deep_for_json_are_text_or_a_render_error() -> None:
+    template = ChatTemplate(
+        "{% for m in messages %}{% for c in m.tool_calls or [] %}{{ c.function.arguments | tojson }}"
+        "{% endfor %}{% endfor %}"
+    )
+    assert template.requires_object_arguments
+    deep = "[" * 100_000 + "]" * 100_000  # json.loads gives up with a RecursionError
+    assert template.render(tool_call_history(deep)) == json.dumps(deep)
+    arguments: dict = {}
+    for _ in range(100_000):
+        arguments = {"a": arguments}
+    with pytest.raises(TemplateRenderError):
+        template.render(tool_call_history(arguments))
+
+
 def test_content_parts_are_joined_to_text() -> None:
     template = ChatTemplate(CHATML_TEMPLATE)
     parts = [{"type": "text", "text": "first"}, {"type": "text", "text": "second"}]

@@ -183,6 +183,7 @@ BAD_REQUESTS = [
                                               b'[{"role": "user", "content": "a\\ud800b"}]}',
                                    "headers": {"content-type": "application/json"}}, 400, None, None),
     ("temperature out of range", {"json": chat(temperature=9)}, 400, None, "temperature"),
+    ("stop string too long", {"json": chat(stop=["\n", "x" * 1001])}, 400, None, "stop"),
     ("bad tool_choice", {"json": chat(tool_choice={"type": "function", "function": {"name": "nope"}})},
      400, None, None),
 ]

@@ -217,8 +217,8 @@ class ChatTemplate:
             return call
         try:
             parsed = json.loads(arguments)
-        except ValueError:
-            return call  # not JSON: let the template show it as it is
+        except (ValueError, RecursionError):
+            return call  # not JSON (or too deep to read): let the template show it as it is
         if not isinstance(parsed, Mapping):
             return call
         return {**call, "function": {**call["function"], "arguments": parsed}}
