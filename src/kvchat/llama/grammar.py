@@ -38,7 +38,7 @@ tools' parameters together), which bounds the conversion time."""
 
 MAX_SCHEMA_PROPERTIES = 128
 """Most `properties` one object of a JSON schema may declare: the converter's time grows
-with the square of an object's optional properties (128 take 13 ms; 900 a second)."""
+with the square of an object's optional properties (128 take about 10 ms; 900 a second)."""
 
 MAX_GRAMMAR_LENGTH = 1 << 20
 """Longest GBNF text, in characters, that may reach llama.cpp's grammar parser."""
