@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -20,11 +21,14 @@ from hypothesis import strategies as st
 
 from kvchat import Engine, SamplingParams
 from kvchat.chat.complete import ChatCompletion, complete
+from kvchat.chat.response_format import grammar_for_response_format
 from kvchat.chat.template import ChatTemplate, TemplateRenderError
+from kvchat.chat.template_limits import MAX_RENDER_LENGTH
 from kvchat.chat.tokenizer import ChatTokenizer
 from kvchat.chat.tool_calls import HERMES, LLAMA3, MISTRAL, StreamingToolCallParser, TextDelta, ToolCallEvent
+from kvchat.chat.tool_requests import tool_call_grammar
 from kvchat.errors import InvalidRequestError, KVChatError
-from kvchat.llama import Model
+from kvchat.llama import Model, check_grammar
 
 # The module (the package exports the function under the same name).
 complete_module = importlib.import_module("kvchat.chat.complete")
@@ -139,6 +143,36 @@ def test_encode_raises_only_typed_errors_and_content_adds_no_control_token(
 
 # -- 2. complete() on the real engine: typed errors at submission, or a reply; no leaks ---------
 
+# Large counts, deep nesting and huge strings (issue 17): each once crashed the process, ran out
+# of memory or took seconds; now within the bounds or a typed error.
+count = st.one_of(st.integers(-2, 20), st.integers(0, 10**6),
+                  st.sampled_from([999, 1000, 1001, 100_000, 10**6, 10**12, 10**30]))
+huge_string = st.builds(lambda c, n: c * n, st.characters(codec="utf-8"), st.integers(0, 2_000_000))
+
+
+def nest_schema(leaf: dict, depth: int, kind: str) -> dict:
+    for _ in range(depth):
+        leaf = {"object": {"type": "object", "properties": {"a": leaf}}, "array": {"type": "array", "items": leaf},
+                "anyOf": {"anyOf": [leaf, {"type": "null"}]}}[kind]
+    return leaf
+
+
+huge_leaf = st.one_of(
+    st.builds(lambda n, m: {"type": "string", "minLength": n, "maxLength": m}, count, count),
+    st.builds(lambda n, m: {"type": "array", "items": {"type": "integer"}, "minItems": n, "maxItems": m},
+              count, count),
+    st.builds(lambda n, m: {"type": "string", "pattern": f"^a{{{n},{m}}}$"}, count, count),
+    st.builds(lambda n: {"type": "string", "pattern": f"^(ab|[c-e]){{{n}}}x{{{n},}}$"}, count),
+    st.builds(lambda n: {"type": "string", "pattern": "^" + "(a)?" * n + "$"}, st.integers(0, 30_000)),
+    st.builds(lambda s: {"const": s}, huge_string),
+    st.builds(lambda n: {"enum": [f"v{i}" for i in range(n)]}, st.integers(0, 30_000)),
+    st.builds(lambda n: {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(n)}},
+              st.integers(0, 2_000)),
+)
+huge_schema = st.builds(nest_schema, huge_leaf, st.one_of(st.integers(0, 3), st.integers(0, 5_000)),
+                        st.sampled_from(["object", "array", "anyOf"]))
+MAX_ITEMS_100000 = {"type": "array", "items": {"type": "integer"}, "maxItems": 100_000}
+
 SCHEMA_TYPES = ["string", "integer", "number", "boolean", "null", "object", "array", "bogus"]
 leaf_schema = st.one_of(
     st.just({}),
@@ -153,7 +187,7 @@ leaf_schema = st.one_of(
                                                                           "[", "(", "a{3"]), text),
                                     "format": st.one_of(st.sampled_from(["date", "date-time", "time", "uuid"]),
                                                         text),
-                                    "minLength": st.integers(-2, 20), "maxLength": st.integers(-2, 20)}),
+                                    "minLength": count, "maxLength": count}),
     st.fixed_dictionaries({"type": st.sampled_from(["integer", "number"])},
                           optional={"minimum": st.integers(-1000, 1000), "maximum": st.integers(-1000, 1000),
                                     "exclusiveMinimum": st.integers(-5, 5)}),
@@ -172,7 +206,7 @@ schema = st.recursive(
         st.fixed_dictionaries({"type": st.just("array")}, optional={
             "items": st.one_of(children, st.lists(children, max_size=2)),
             "prefixItems": st.lists(children, max_size=2),
-            "minItems": st.integers(-2, 6), "maxItems": st.integers(-2, 6)}),
+            "minItems": count, "maxItems": count}),
         st.fixed_dictionaries({st.sampled_from(["anyOf", "oneOf", "allOf"]): st.lists(children, max_size=3)}),
     ),
     max_leaves=6,
@@ -181,7 +215,8 @@ tool_name = st.one_of(st.sampled_from(["add", "get_weather", "none", "auto", "re
                       st.from_regex(r"[A-Za-z0-9_-]{1,12}", fullmatch=True), text)
 tool = st.one_of(
     st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
-        {"name": tool_name}, optional={"description": st.one_of(text, json_scalar), "parameters": schema})}),
+        {"name": tool_name}, optional={"description": st.one_of(text, json_scalar),
+                                       "parameters": st.one_of(schema, huge_schema)})}),
     st.fixed_dictionaries({"type": st.one_of(st.just("function"), text), "function": json_value}),
     json_value,
 )
@@ -197,7 +232,8 @@ response_format_strategy = st.one_of(
     st.sampled_from([{"type": "text"}, {"type": "json_object"}]),
     st.fixed_dictionaries({"type": st.just("json_schema"), "json_schema": st.fixed_dictionaries(
         {"name": st.one_of(st.just("answer"), text)},
-        optional={"schema": st.one_of(schema, json_value), "strict": st.one_of(st.booleans(), json_scalar)})}),
+        optional={"schema": st.one_of(schema, huge_schema, json_value),
+                  "strict": st.one_of(st.booleans(), json_scalar)})}),
     json_value,
 )
 complete_messages = st.lists(
@@ -234,6 +270,15 @@ complete_messages = st.lists(
 @example(messages=[{"role": "user", "content": "hi"}],
          tools=[{"type": "function", "function": {"name": "add"}}],
          tool_choice={"type": "function", "function": {"name": "missing"}}, response_format=None)
+@example(messages=[{"role": "user", "content": "hi"}], tools=None, tool_choice=None,
+         response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": MAX_ITEMS_100000}})
+@example(messages=[{"role": "user", "content": "hi"}],
+         tools=[{"type": "function", "function": {"name": "f", "parameters": {
+             "type": "object", "properties": {"a": MAX_ITEMS_100000, "s": {"pattern": "^a{0,1000000}$"}}}}}],
+         tool_choice={"type": "function", "function": {"name": "f"}}, response_format=None)
+@example(messages=[{"role": "user", "content": "hi"}], tools=None, tool_choice=None,
+         response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": nest_schema(
+             {"type": "string", "maxLength": 1000}, 3000, "array")}})
 def test_complete_raises_only_typed_errors_and_leaks_nothing(
     qwen_engine: Engine, messages: list, tools, tool_choice, response_format
 ) -> None:
@@ -249,6 +294,27 @@ def test_complete_raises_only_typed_errors_and_leaks_nothing(
     assert_idle(qwen_engine)
 
 
+@settings(FUZZ, max_examples=150)
+@given(schema=st.one_of(huge_schema, schema), as_tool=st.booleans())
+@example(schema=MAX_ITEMS_100000, as_tool=False)
+@example(schema={"type": "string", "pattern": "^a{0,1000000}$"}, as_tool=True)
+@example(schema=nest_schema({"type": "integer"}, 5000, "object"), as_tool=True)
+@example(schema={"type": "string", "maxLength": 10**30}, as_tool=False)
+def test_any_schema_gives_a_grammar_within_the_bounds_or_a_typed_error(schema, as_tool: bool) -> None:
+    try:
+        if as_tool:
+            tools = [{"type": "function", "function": {"name": "f", "parameters": schema}}]
+            grammar = tool_call_grammar(tools, name="f", format=HERMES)
+        else:
+            grammar = grammar_for_response_format({"type": "json_schema", "json_schema": {"name": "x",
+                                                                                          "schema": schema}})
+    except InvalidRequestError as exc:
+        assert exc.field == ("tools" if as_tool else "response_format")
+        return
+    if grammar is not None:
+        check_grammar(grammar)  # what reaches llama.cpp is within the bounds it parses safely
+
+
 # -- 3. the tool-call parser: any text, any JSON, any split -------------------------------------
 
 
@@ -262,7 +328,21 @@ def run_parser(fmt, chunks: list[str]) -> list:
             assert isinstance(event.text, str)
         else:
             assert isinstance(event.call.arguments, dict) and event.call.name
-    return summary(events)  # adjacent text merged, calls as (name, arguments): ids are random
+            assert with_frames_to_spare(150, event.call.to_openai)  # serializable deep in a server's stack
+    return summary(events)
+
+
+def with_frames_to_spare(spare: int, fn):
+    """`fn()` called so deep in the stack that only `spare` frames remain below the recursion
+    limit (which hypothesis raises while it runs a test)."""
+    depth, frame = 0, sys._getframe()
+    while frame is not None:
+        depth, frame = depth + 1, frame.f_back
+    return deeper(sys.getrecursionlimit() - depth - spare, fn)
+
+
+def deeper(frames: int, fn):
+    return fn() if frames <= 0 else deeper(frames - 1, fn)  # adjacent text merged, calls as (name, arguments): ids are random
 
 
 def split_at(whole: str, cuts: list[int]) -> list[str]:
@@ -288,6 +368,9 @@ parser_piece = st.one_of(
     call_text.map(lambda body: f"[TOOL_CALLS]{body}"),
     call_text.map(lambda body: f"<|python_tag|>{body}"),
     st.sampled_from(["<tool_call>", "</tool_call>", "<tool_", "{", "}", "[", "]", '"', "\\", ";", " ", "\n"]),
+    st.integers(1, 5_000).map(lambda n: '<tool_call>{"name": "f", "arguments": ' + '{"a": ' * n + "1"
+                              + "}" * n + "}</tool_call>"),  # nested thousands deep
+    st.integers(1, 5_000).map(lambda n: '{"name": "f", "parameters": ' + "[" * n + "]" * n + "}"),
 )
 
 
@@ -297,6 +380,8 @@ parser_piece = st.one_of(
 @example(fmt=HERMES, pieces=['<tool_call>{"name": "f", "arguments": {"s": "\ud800\x00"}}</tool_call>'], cuts=[5])
 @example(fmt=HERMES, pieces=['<tool_call>{"name": "f", "arguments": "[1]"}</tool_call>'], cuts=[])
 @example(fmt=MISTRAL, pieces=["[" * 2000 + "]" * 2000], cuts=[1000])
+@example(fmt=HERMES, pieces=['<tool_call>{"name": "f", "arguments": ' + '{"a": ' * 500 + "1" + "}" * 500
+                             + "}</tool_call>"], cuts=[7])
 def test_tool_call_parser_any_text_any_json_any_split(fmt, pieces: list[str], cuts: list[int]) -> None:
     output = "".join(pieces)
     whole = run_parser(fmt, [output])
@@ -349,6 +434,30 @@ ESCAPES = [
     "{{ range.__self__ }}",
     "{{ (raise_exception | attr('__globals__'))['os'] }}",
 ]
+
+
+# Operations that build text from a number a template (or content) chooses: N is any count.
+SIZED_TEMPLATES = [
+    "{{ m.content.ljust(N) }}", "{{ m.content.center(N, '*') }}", "{{ m.content.zfill(N) }}",
+    "{{ m.content | center(N) }}", "{{ m.content | indent(N) }}", "{{ ('\t' ~ m.content).expandtabs(N) }}",
+    "{{ '%Ns' % m.content }}", "{{ '%.Nf' % 1.5 }}", "{{ '%*s' % (N, m.content) }}", "{{ '%Ns' | format(m.content) }}",
+    "{{ '{:>N}'.format(m.content) }}", "{{ messages | tojson(indent=N) }}", "{{ m.content.replace('', 'x' * N) }}",
+    "{{ range(100) | join(m.content * N) }}", "{{ m.content * N }}", "{{ [m.content] | batch(N, 'x') | list }}",
+]
+
+
+@settings(FUZZ, max_examples=150)
+@given(source=st.sampled_from(SIZED_TEMPLATES), n=count, content=st.one_of(text, huge_string))
+@example(source="{{ m.content.ljust(N) }}", n=10**9, content="a")
+@example(source="{{ m.content | indent(N) }}", n=1000, content="\n" * 100_000)
+def test_template_operations_of_any_size_stay_within_the_bounds_or_fail_typed(source: str, n: int,
+                                                                                content: str) -> None:
+    template = ChatTemplate("{% for m in messages %}" + source.replace("N", str(n)) + "{% endfor %}")
+    try:
+        rendered = template.render([{"role": "user", "content": content}])
+    except TemplateRenderError:
+        return
+    assert len(rendered) <= MAX_RENDER_LENGTH
 
 
 class HostileGGUF:

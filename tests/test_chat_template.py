@@ -90,6 +90,21 @@ def test_a_template_that_prints_arguments_gets_them_as_given() -> None:
     assert template.render(tool_call_history('{"city": "Paris"}')) == '{"city": "Paris"}'
 
 
+def test_tool_call_arguments_too_deep_for_json_are_text_or_a_render_error() -> None:
+    template = ChatTemplate(
+        "{% for m in messages %}{% for c in m.tool_calls or [] %}{{ c.function.arguments | tojson }}"
+        "{% endfor %}{% endfor %}"
+    )
+    assert template.requires_object_arguments
+    deep = "[" * 100_000 + "]" * 100_000  # json.loads gives up with a RecursionError
+    assert template.render(tool_call_history(deep)) == json.dumps(deep)
+    arguments: dict = {}
+    for _ in range(100_000):
+        arguments = {"a": arguments}
+    with pytest.raises(TemplateRenderError):
+        template.render(tool_call_history(arguments))
+
+
 def test_content_parts_are_joined_to_text() -> None:
     template = ChatTemplate(CHATML_TEMPLATE)
     parts = [{"type": "text", "text": "first"}, {"type": "text", "text": "second"}]
@@ -168,6 +183,68 @@ def test_hostile_templates_fail_and_do_not_execute(
     assert secret not in str(info.value)
     assert not marker.exists()
     assert os.environ["KVCHAT_SANDBOX_SECRET"] == secret
+
+
+# Each would allocate hundreds of megabytes (a larger number: gigabytes, or an out-of-memory
+# kill); kept small enough that an unbounded sandbox survives rendering them.
+BIG = 200_000_000
+OVERSIZED_TEMPLATES = [
+    f"{{{{ 'a'.ljust({BIG}) }}}}",
+    f"{{{{ 'a'.rjust({BIG}, '-') }}}}",
+    f"{{{{ 'a'.center({BIG}, '*') }}}}",
+    f"{{{{ '7'.zfill({BIG}) }}}}",
+    f"{{{{ 'a\tb'.expandtabs({BIG}) }}}}",
+    f"{{{{ 'a' | center({BIG}) }}}}",
+    f"{{{{ 'a\nb' | indent({BIG}) }}}}",
+    f"{{{{ '%{BIG}s' % 'a' }}}}",
+    f"{{{{ '%-*d' % ({BIG}, 7) }}}}",
+    f"{{{{ '%.{BIG}f' % 1.5 }}}}",
+    f"{{{{ '%{BIG}s' | format('a') }}}}",
+    f"{{{{ '{{:>{BIG}}}'.format('a') }}}}",
+    f"{{{{ '{{:{{w}}}}'.format('a', w={BIG}) }}}}",
+    f"{{{{ '{{x:^{BIG}}}'.format_map({{'x': 'a'}}) }}}}",
+    f"{{{{ messages | tojson(indent={BIG}) }}}}",
+    f"{{{{ messages | tojson(indent=' ' * {BIG // 1000}) }}}}",
+    "{{ ('a' * 100000).replace('a', 'b' * 1000) }}",
+    "{{ ('a' * 100000) | replace('a', 'b' * 1000) }}",
+    "{{ ('x' * 1000000).join(['a'] * 100) }}",
+    "{{ range(100) | join('x' * 1000000) }}",
+    "{{ ('ab' * 100000) | wordwrap(1, wrapstring='x' * 1000) }}",
+    "{% set ns = namespace(s='x' * 1000000) %}{% for i in range(8) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+    "{% set ns = namespace(s='x' * 1000000) %}{% for i in range(8) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
+    "{% for i in range(100) %}{{ 'x' * 1000000 }}{% endfor %}",
+    "{{ [1] | batch(100000000, 'x') | list }}",
+    "{{ lipsum(100000) }}",
+]
+
+
+@pytest.mark.parametrize("source", OVERSIZED_TEMPLATES)
+def test_templates_that_would_allocate_too_much_fail_with_the_typed_error(source: str) -> None:
+    with pytest.raises(TemplateRenderError) as info:
+        ChatTemplate(source).render([{"role": "user", "content": "hi"}])
+    assert isinstance(info.value, InvalidRequestError) and info.value.field == "messages"
+
+
+def test_message_content_cannot_make_a_template_build_too_much() -> None:
+    # A template that widens or repeats content by its length is bounded by the same limits.
+    template = ChatTemplate("{% for m in messages %}{{ m.content | center(m.content | length * 1000) }}"
+                            "{{ m.content.replace('a', m.content) }}{% endfor %}")
+    assert template.render([{"role": "user", "content": "ab"}]) == "ab".center(2000) + "abb"
+    with pytest.raises(TemplateRenderError):
+        template.render([{"role": "user", "content": "a" * 10_000}])
+
+
+def test_the_operations_still_work_within_their_bounds() -> None:
+    template = ChatTemplate(
+        "{{ 'a'.ljust(3, '.') }}|{{ '7'.zfill(3) }}|{{ 'x' | center(5) }}|{{ '%-4s|%.2f' % ('ab', 1.5) }}|"
+        "{{ '%*d' % (3, 7) }}|{{ '{:>4}'.format('b') }}|{{ '{x:^{w}}'.format_map({'x': 'c', 'w': 3}) }}|"
+        "{{ 'a\nb' | indent(2) }}|{{ messages | tojson(indent=2) | length > 0 }}|{{ 'a-b'.replace('-', '+') }}|"
+        "{{ ', '.join(['x', 'y']) }}|{{ [1, 2] | join(' ') }}|{{ 'ab' ~ 'cd' + 'ef' }}|{{ 'a\tb'.expandtabs(2) }}|"
+        "{{ [1, 2, 3] | batch(2, 0) | list }}"
+    )
+    assert template.render([{"role": "user", "content": "hi"}]) == (
+        "a..|007|  x  |ab  |1.50|  7|   b| c |a\n  b|True|a+b|x, y|1 2|abcdef|a b|[[1, 2], [3, 0]]"
+    )
 
 
 def test_unsafe_access_fails_even_where_it_would_render_empty() -> None:

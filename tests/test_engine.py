@@ -18,6 +18,7 @@ from kvchat import (
     ModelLoadError,
     SamplingParams,
 )
+from kvchat.engine.sampling import MAX_STOP_LENGTH, MAX_STOP_STRINGS
 from kvchat.llama import Model
 
 PROMPTS = [
@@ -231,6 +232,8 @@ def test_frequency_penalty_changes_a_repetitive_output(idle_engine: Engine) -> N
         (lambda e: e.generate("hi", SamplingParams(top_p=0)), InvalidRequestError, "top_p"),
         (lambda e: e.generate("hi", SamplingParams(max_tokens=0)), InvalidRequestError, "max_tokens"),
         (lambda e: e.generate("hi", SamplingParams(stop=[""])), InvalidRequestError, "stop"),
+        (lambda e: e.generate("hi", SamplingParams(stop=["ok", "x" * (MAX_STOP_LENGTH + 1)])), InvalidRequestError,
+         "stop"),
         (lambda e: e.generate("hi", SamplingParams(logit_bias={10**9: 1.0})), InvalidRequestError, "logit_bias"),
         (lambda e: e.generate("hi", SamplingParams(presence_penalty=float("nan"))), InvalidRequestError,
          "presence_penalty"),
@@ -242,6 +245,15 @@ def test_bad_input_raises_typed_error_and_engine_keeps_serving(idle_engine, make
         make_request(idle_engine)
     assert caught.value.field == field
     assert idle_engine.generate(PROMPTS[0], greedy(3)).collect().usage.completion_tokens == 3
+
+
+def test_stop_strings_are_bounded_in_number_and_length() -> None:
+    SamplingParams(stop=["x" * MAX_STOP_LENGTH] * MAX_STOP_STRINGS)  # at the bounds
+    with pytest.raises(InvalidRequestError, match=f"at most {MAX_STOP_LENGTH:,} characters") as info:
+        SamplingParams(stop=["x" * (MAX_STOP_LENGTH + 1)])
+    assert info.value.field == "stop"
+    with pytest.raises(InvalidRequestError, match=f"at most {MAX_STOP_STRINGS} stop strings"):
+        SamplingParams(stop=["x"] * (MAX_STOP_STRINGS + 1))
 
 
 def test_context_overflow_reports_the_numbers(idle_engine: Engine) -> None:

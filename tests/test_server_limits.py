@@ -112,6 +112,41 @@ def test_tools_limit(one_slot_engine: Engine) -> None:
         assert_openai_error(response, 400, param="tools")
 
 
+HUGE_ARRAY = {"type": "array", "items": {"type": "integer"}, "maxItems": 100_000}
+HUGE_PARAMETERS = {"type": "object", "required": ["tags"], "properties": {
+    "tags": {"type": "array", "items": {"type": "string", "maxLength": 100_000}, "maxItems": 100_000},
+    "code": {"type": "string", "pattern": "^a{0,1000000}$"}}}
+TAG = {"type": "function", "function": {"name": "tag", "parameters": HUGE_PARAMETERS}}
+HUGE_GRAMMARS = [
+    # (what, request options, param): each grammar overflowed llama.cpp's C stack and ended the server
+    ("maxItems 100000", {"response_format": {"type": "json_schema", "json_schema": {
+        "name": "numbers", "schema": HUGE_ARRAY}}}, "response_format"),
+    ("pattern a{0,1000000}", {"response_format": {"type": "json_schema", "json_schema": {
+        "name": "code", "schema": {"type": "string", "pattern": "^a{0,1000000}$"}}}}, "response_format"),
+    ("forced tool call, required", {"tools": [TAG], "tool_choice": "required"}, "tools"),
+    ("forced tool call, named", {"tools": [TAG], "tool_choice": {"type": "function", "function": {"name": "tag"}}},
+     "tools"),
+]
+
+
+@pytest.mark.parametrize("what, options, param", HUGE_GRAMMARS, ids=[h[0] for h in HUGE_GRAMMARS])
+def test_a_grammar_too_large_for_llama_cpp_gets_a_400_and_the_server_keeps_serving(
+    one_slot_engine: Engine, what: str, options: dict, param: str
+) -> None:
+    messages = [{"role": "user", "content": "List some numbers."}]
+    with serve(one_slot_engine) as server:
+        client = server.client()
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, **options)
+        assert info.value.body["param"] == param
+        assert "limit" in info.value.body["message"]
+        with pytest.raises(openai.BadRequestError):  # streamed: refused before the stream starts
+            client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, stream=True, **options)
+        reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
+        assert reply.usage.completion_tokens >= 1  # still serving
+    assert_idle(one_slot_engine)
+
+
 def test_cors_only_for_given_origins(one_slot_engine: Engine) -> None:
     preflight = {"Origin": "http://app.example", "Access-Control-Request-Method": "POST"}
     with serve(one_slot_engine) as server:
@@ -156,6 +191,7 @@ BAD_REQUESTS = [
                                             "headers": {"content-type": "application/json"}},
      400, None, "response_format"),
     ("temperature out of range", {"json": chat(temperature=9)}, 400, None, "temperature"),
+    ("stop string too long", {"json": chat(stop=["\n", "x" * 1001])}, 400, None, "stop"),
     ("bad tool_choice", {"json": chat(tool_choice={"type": "function", "function": {"name": "nope"}})},
      400, None, None),
 ]

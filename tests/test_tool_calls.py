@@ -22,6 +22,7 @@ from kvchat.chat.tool_calls import (
     ToolCall,
     ToolCallEvent,
     ToolCallFormat,
+    MAX_ARGUMENTS_DEPTH,
     detect_format,
     parse_tool_calls,
 )
@@ -175,6 +176,34 @@ def test_tool_call_to_openai() -> None:
     assert call.to_openai() == {"id": "call_1", "type": "function",
                                 "function": {"name": "add", "arguments": '{"a": 1, "s": "é"}'}}
     assert json.loads(call.to_openai()["function"]["arguments"]) == call.arguments
+
+
+def deep_object(depth: int) -> str:
+    return '{"a": ' * (depth - 1) + "{}" + "}" * (depth - 1)
+
+
+def at_stack_depth(frames: int, fn):
+    """Call `fn` with `frames` more Python frames on the stack (as a server route would)."""
+    return fn() if frames == 0 else at_stack_depth(frames - 1, fn)
+
+
+CALL_IN = [(HERMES, "<tool_call>\n@\n</tool_call>"), (LLAMA3, "@"), (MISTRAL, "[TOOL_CALLS][@]")]
+
+
+@pytest.mark.parametrize(("fmt", "wrap"), CALL_IN, ids=lambda v: getattr(v, "name", ""))
+@pytest.mark.parametrize("as_string", [False, True])
+def test_arguments_nested_beyond_the_bound_are_text_and_never_raise(fmt, wrap: str, as_string: bool) -> None:
+    # 900 levels parse here, but a server turning the call back into JSON a few hundred
+    # frames deeper hit the recursion limit: a 500.
+    for depth, is_call in ((MAX_ARGUMENTS_DEPTH, True), (MAX_ARGUMENTS_DEPTH + 1, False), (900, False)):
+        arguments = json.dumps(deep_object(depth)) if as_string else deep_object(depth)
+        output = wrap.replace("@", '{"name": "f", "%s": %s}' % (fmt.arguments_key, arguments))
+        content, calls = parse_tool_calls(output, fmt)
+        assert [call.to_openai()["function"]["name"] for call in calls] == (["f"] if is_call else [])
+        assert content == (None if is_call else output)
+        for call in calls:
+            assert json.loads(at_stack_depth(600, call.to_openai)["function"]["arguments"]) == json.loads(
+                deep_object(depth))
 
 
 @pytest.mark.parametrize(("template", "expected"), [

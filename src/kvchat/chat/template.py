@@ -4,8 +4,10 @@ Templates come from model files, so they are untrusted code. They run in
 jinja2's immutable sandbox, made stricter here: touching an unsafe attribute
 (``''.__class__``, ``cycler.__init__.__globals__``, ``self.__dict__``) raises at
 once instead of rendering an empty string, ``import``/``include``/``extends``
-find no loader, and string or list repetition and ``**`` are bounded. Every
-failure surfaces as :class:`TemplateRenderError`.
+find no loader, and what a template may allocate is bounded
+(:mod:`kvchat.chat.template_limits`: ``*``, ``**``, padding and format widths, joining,
+concatenating, ``tojson`` and the rendered prompt). Every failure surfaces as
+:class:`TemplateRenderError`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -23,6 +25,17 @@ from jinja2.ext import Extension
 from jinja2.parser import Parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from kvchat.chat.template_limits import (
+    BOUNDED_FILTERS,
+    MAX_POWER_EXPONENT,
+    MAX_REPEAT_LENGTH,
+    BoundedCodeGenerator,
+    bounded_str_format,
+    check_length,
+    check_percent_format,
+    check_str_call,
+    joined,
+)
 from kvchat.errors import InvalidRequestError
 
 logger = logging.getLogger("kvchat.chat")
@@ -35,12 +48,6 @@ CHATML_TEMPLATE = (
 )
 """Fallback for models whose GGUF carries no template."""
 
-MAX_REPEAT_LENGTH = 1 << 20
-"""Longest string or list a template may build with ``*``."""
-
-MAX_POWER_EXPONENT = 4096
-"""Largest exponent a template may use with ``**``."""
-
 
 class TemplateRenderError(InvalidRequestError):
     """The chat template refused the messages, failed to render them, or tried
@@ -49,18 +56,6 @@ class TemplateRenderError(InvalidRequestError):
 
 def _raise_exception(message: str) -> None:
     raise TemplateRenderError(f"chat template error: {message}", field="messages")
-
-
-def _tojson(
-    value: Any,
-    indent: int | None = None,
-    ensure_ascii: bool = False,
-    separators: tuple[str, str] | None = None,
-    sort_keys: bool = False,
-) -> str:
-    # Model templates expect plain JSON (as Hugging Face renders it), not jinja2's
-    # HTML-escaped variant.
-    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, separators=separators, sort_keys=sort_keys)
 
 
 def _strftime_now(fmt: str) -> str:
@@ -81,9 +76,10 @@ class _GenerationBlock(Extension):
 
 class _StrictSandbox(ImmutableSandboxedEnvironment):
     """The immutable sandbox, failing loudly on unsafe access and bounding the
-    operators that can allocate without limit."""
+    operations that can allocate without limit (see `kvchat.chat.template_limits`)."""
 
-    intercepted_binops = frozenset({"*", "**"})
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
+    code_generator_class = BoundedCodeGenerator
 
     def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
         raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
@@ -100,10 +96,38 @@ class _StrictSandbox(ImmutableSandboxedEnvironment):
             if isinstance(right, int) and abs(right) > MAX_POWER_EXPONENT:
                 raise SecurityError(f"exponent {right} is too large for a chat template")
             return operator.pow(left, right)
+        if op == "%":
+            if isinstance(left, str):
+                check_percent_format(left, right)
+            return operator.mod(left, right)
+        if op == "+":
+            if isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
+                check_length(len(left) + len(right), "a sum")
+            return operator.add(left, right)
         for seq, count in ((left, right), (right, left)):
             if isinstance(seq, (str, list, tuple)) and isinstance(count, int) and len(seq) * count > MAX_REPEAT_LENGTH:
                 raise SecurityError("a chat template tried to build a value that is too large")
         return operator.mul(left, right)
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        text, method = getattr(__obj, "__self__", None), getattr(__obj, "__name__", None)
+        if isinstance(text, str) and isinstance(method, str):
+            if method == "join" and len(args) == 1 and not kwargs:
+                items = list(args[0])
+                if all(isinstance(item, str) for item in items):
+                    return joined(text, items, "str.join text")
+                args = (items,)  # str.join refuses them itself
+            check_str_call(method, text, args, kwargs)
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        if super().wrap_str_format(value) is None or type(value.__self__) is not str:
+            return super().wrap_str_format(value)  # not str.format, or Markup's (not used here)
+        return bounded_str_format(self, value)
+
+    def concat_bounded(self, values: Iterable[Any]) -> str:
+        """``~``: the values as text, joined, within `MAX_RENDER_LENGTH`."""
+        return joined("", values, "concatenated text")
 
 
 # A tool call whose arguments the capability probe looks for in the output.
@@ -125,8 +149,9 @@ class ChatTemplate:
         env = _StrictSandbox(
             trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols", _GenerationBlock]
         )
-        env.filters["tojson"] = _tojson
+        env.filters.update(BOUNDED_FILTERS)
         env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
+        del env.globals["lipsum"]  # pages of lorem ipsum: no chat template needs them
         try:
             self._template = env.from_string(source)
         except TemplateError as exc:
@@ -195,13 +220,14 @@ class ChatTemplate:
         self, messages: list[dict[str, Any]], tools: Sequence[Mapping[str, Any]] | None, add_generation_prompt: bool
     ) -> str:
         try:
-            return self._template.render(
+            pieces = self._template.generate(
                 messages=messages,
                 tools=list(tools) if tools else None,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
             )
+            return joined("", pieces, "the rendered prompt")
         except TemplateRenderError:
             raise
         except Exception as exc:  # untrusted code: any failure is the template's
@@ -217,8 +243,8 @@ class ChatTemplate:
             return call
         try:
             parsed = json.loads(arguments)
-        except ValueError:
-            return call  # not JSON: let the template show it as it is
+        except (ValueError, RecursionError):
+            return call  # not JSON (or too deep to read): let the template show it as it is
         if not isinstance(parsed, Mapping):
             return call
         return {**call, "function": {**call["function"], "arguments": parsed}}

@@ -8,8 +8,9 @@ a reply that *starts* with ``{`` (Llama 3) or ``[`` (Mistral) is read as calls t
 until its JSON closes and released as text if it is not calls. So is such a reply wrapped in a
 Markdown code fence (```` ```json ````), as small models often write it. Whitespace that only
 separates calls from each other or from the ends of the reply is dropped. A malformed call
-becomes text (and a log line): parsing never raises. Validating tool requests and forcing a
-call by grammar live in :mod:`kvchat.chat.tool_requests`.
+becomes text (and a log line): parsing never raises; so does a call whose arguments nest
+deeper than :data:`MAX_ARGUMENTS_DEPTH`. Validating tool requests and forcing a call by grammar
+live in :mod:`kvchat.chat.tool_requests`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 __all__ = [
     "HERMES",
     "LLAMA3",
+    "MAX_ARGUMENTS_DEPTH",
     "MISTRAL",
     "Event",
     "StreamingToolCallParser",
@@ -37,6 +39,11 @@ __all__ = [
 ]
 
 logger = logging.getLogger("kvchat.chat")
+
+MAX_ARGUMENTS_DEPTH = 100
+"""Deepest nesting of objects and arrays in a call's arguments; a deeper call is text.
+Python's json recurses once per level within one recursion limit (1,000 frames) for the
+whole stack, so arguments that parse here could fail to serialize in a deeper caller."""
 
 _ID_ALPHABET = string.ascii_letters + string.digits
 _FENCE = re.compile(r"```(?:json)?[ \t]*\n\s*")
@@ -306,10 +313,24 @@ def _read_calls(text: str, fmt: ToolCallFormat, *, require_arguments: bool) -> l
                 arguments = json.loads(arguments)
             except (ValueError, RecursionError):
                 return None
-        if not isinstance(arguments, dict):
+        if not isinstance(arguments, dict) or _nests_deeper(arguments, MAX_ARGUMENTS_DEPTH):
             return None
         calls.append(ToolCall(fmt.new_call_id(), item["name"], arguments))
     return calls or None
+
+
+def _nests_deeper(value: Any, limit: int) -> bool:
+    """True if objects and arrays nest more than `limit` levels deep in `value`."""
+    todo = [(value, 1)]
+    while todo:
+        node, depth = todo.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        todo.extend((child, depth + 1) for child in children)
+    return False
 
 
 def parse_tool_calls(text: str, format: ToolCallFormat) -> tuple[str | None, list[ToolCall]]:

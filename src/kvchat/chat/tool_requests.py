@@ -10,7 +10,7 @@ from typing import Any
 
 from kvchat.chat.tool_calls import HERMES, ToolCallFormat
 from kvchat.errors import InvalidRequestError
-from kvchat.llama import json_schema_to_grammar
+from kvchat.llama import check_json_schema, json_schema_to_grammar
 
 __all__ = ["normalize_tool_choice", "tool_call_grammar", "validate_tools"]
 
@@ -89,14 +89,16 @@ def tool_call_grammar(
     """A GBNF grammar (rule `root`) for exactly one call, in `format`, of one of `tools`
     (or of the tool called `name`), whose arguments match that tool's parameters schema.
 
-    Raises `InvalidRequestError`: field "tools" for bad tools or a schema the converter
-    cannot handle, field "tool_choice" for a `name` that is not among them.
+    Raises `InvalidRequestError`: field "tools" for bad tools, parameters schemas beyond
+    the bounds of `check_json_schema` (all of them together) or that the converter cannot
+    handle, field "tool_choice" for a `name` that is not among them.
     """
     functions = validate_tools(tools)
     if name is not None:
         if name not in functions:
             raise InvalidRequestError(f"tool_choice names {name!r}, which is not in tools", field="tool_choice")
         functions = {name: functions[name]}
+    check_json_schema(list(functions.values()), field="tools")
     defs: dict[str, Any] = {}
     alternatives = [
         {

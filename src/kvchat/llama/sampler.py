@@ -9,6 +9,7 @@ import llama_cpp
 
 from kvchat.errors import InvalidRequestError
 from kvchat.llama.context import Context
+from kvchat.llama.grammar import check_grammar
 from kvchat.llama.model import Model
 
 
@@ -19,7 +20,8 @@ class SamplerChain:
     excluded), logit bias, penalties, top-k, top-p, min-p, temperature, then a
     seeded random draw; with `temperature == 0` it is greedy after grammar, bias
     and penalties. Penalties count only the tokens this chain has sampled. Free it
-    with :meth:`close`. An invalid grammar raises `InvalidRequestError`.
+    with :meth:`close`. A grammar that does not parse, or exceeds the bounds of
+    `check_grammar` (checked before llama.cpp parses it), raises `InvalidRequestError`.
     """
 
     def __init__(
@@ -38,6 +40,8 @@ class SamplerChain:
         seed: int,
         grammar: str | None = None,
     ) -> None:
+        if grammar is not None:
+            check_grammar(grammar)
         n_vocab = model.n_vocab
         params = llama_cpp.llama_sampler_chain_default_params()
         params.no_perf = True
