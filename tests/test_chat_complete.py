@@ -36,7 +36,7 @@ def test_stateless_chat_through_complete_evaluates_only_the_new_turn(qwen_model:
         if previous is None:
             assert usage.cached_tokens == 0
         else:
-            with_reply = tokenizer.encode(messages[:-1], add_generation_prompt=False)
+            with_reply = tokenizer.encode(messages[:-1], add_generation_prompt=False, namespace=tenant)
             n_new = usage.prompt_tokens - len(with_reply) + end_of_turn + (previous.finish_reason == "length")
             assert usage.cached_tokens == usage.prompt_tokens - n_new, (turn, usage)
         assert reply.content and not reply.tool_calls

@@ -32,7 +32,7 @@ def session(qwen_engine: Engine) -> ChatSession:
 
 
 def prompt_of(session: ChatSession) -> list[int]:
-    return chat_tokenizer(session.engine).encode(session.messages)
+    return chat_tokenizer(session.engine).encode(session.messages, namespace=session.cache_key)
 
 
 def test_edit_then_send_evaluates_from_the_edited_message_on(session: ChatSession) -> None:
@@ -45,7 +45,8 @@ def test_edit_then_send_evaluates_from_the_edited_message_on(session: ChatSessio
     start_of_message_1 = common_prefix(new_prompt, last_prompt)
     assert done.usage.cached_tokens == start_of_message_1
     assert done.usage.evaluated_tokens == done.usage.prompt_tokens - start_of_message_1
-    system_only = chat_tokenizer(session.engine).encode(session.messages[:1], add_generation_prompt=False)
+    system_only = chat_tokenizer(session.engine).encode(session.messages[:1], add_generation_prompt=False,
+                                                     namespace=session.cache_key)
     assert start_of_message_1 >= len(system_only)  # nothing before message 1 was evaluated again
 
 
@@ -59,7 +60,7 @@ def test_regenerate_evaluates_only_the_prompt_tail_and_replaces_the_answer(sessi
 
 
 def test_undo_then_send_keeps_the_earlier_turns(session: ChatSession) -> None:
-    turn_six_prompt = chat_tokenizer(session.engine).encode(session.messages[:-1])
+    turn_six_prompt = chat_tokenizer(session.engine).encode(session.messages[:-1], namespace=session.cache_key)
     session.undo()
     assert len(session.history) == 11
     reply = session.send("Name a mountain.")
@@ -70,7 +71,7 @@ def test_undo_then_send_keeps_the_earlier_turns(session: ChatSession) -> None:
 
 
 def test_delete_the_last_exchange_frees_nothing_it_should_keep(session: ChatSession) -> None:
-    turn_six_prompt = chat_tokenizer(session.engine).encode(session.messages[:-1])
+    turn_six_prompt = chat_tokenizer(session.engine).encode(session.messages[:-1], namespace=session.cache_key)
     session.delete(-1)
     session.delete(-1)
     assert len(session.history) == 11

@@ -209,6 +209,27 @@ def test_remembered_ids_that_do_not_spell_the_text_are_ignored(qwen_model: Model
     assert tokenizer.encode(history) == plain
 
 
+def test_remembered_ids_outside_the_vocabulary_never_reach_llama_cpp(qwen_model: Model) -> None:
+    # llama.cpp aborts the whole process on a token id past its vocabulary (an uncaught C++ exception).
+    memory = GeneratedTokenMemory()
+    tokenizer = ChatTokenizer(qwen_model, memory=memory)
+    history = [*HISTORY[:2], {"role": "assistant", "content": "Fine."}]
+    plain = tokenizer.encode(history)
+    memory.remember("Fine.", [qwen_model.n_vocab + 5])
+    assert tokenizer.encode(history) == plain
+
+
+def test_a_reply_is_spliced_in_only_for_the_namespace_that_received_it(qwen_model: Model) -> None:
+    memory = GeneratedTokenMemory()
+    tokenizer = ChatTokenizer(qwen_model, memory=memory)
+    odd = qwen_model.tokenize("Hel") + qwen_model.tokenize("lo world")
+    history = [*HISTORY[:2], {"role": "assistant", "content": "Hello world"}]
+    plain = tokenizer.encode(history)
+    memory.remember("Hello world", odd, namespace="alice")
+    assert tokenizer.encode(history, namespace="alice") != plain
+    assert tokenizer.encode(history, namespace="bob") == tokenizer.encode(history) == plain
+
+
 # -- a stateless multi-turn chat through the engine ------------------------------------------------
 
 QUESTIONS = [

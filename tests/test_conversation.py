@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import struct
+
 import pytest
 from helpers import wait_idle
 
 from kvchat import ConversationFileError, Engine, EngineSettings, InvalidRequestError, SamplingParams
+from kvchat.engine import state_file
+from kvchat.engine.state_file import CONVERSATION
 from kvchat.llama import Model
 
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8,"
@@ -114,6 +119,32 @@ def test_a_file_from_another_model_or_damaged_is_refused(engine: Engine, qwen_en
     path.write_bytes(bytes(data))
     with pytest.raises(ConversationFileError):
         engine.load_conversation(path)
+
+
+@pytest.mark.parametrize("tamper", [lambda t: t[:-1], lambda t: [*t, t[-1]], lambda t: t[:3], lambda t: []],
+                         ids=["one-fewer", "one-more", "much-fewer", "none"])
+def test_a_file_whose_tokens_do_not_match_its_state_is_refused(engine: Engine, tmp_path, tamper) -> None:
+    path = tmp_path / "conv.kvchat"
+    with engine.conversation() as conv:
+        conv.prompt(COUNTING)
+        conv.generate(greedy(4)).collect()
+        conv.save(path)
+    data = path.read_bytes()  # magic, version, header length, JSON header, state bytes
+    length = struct.unpack_from("<HI", data, len(CONVERSATION.magic))[1]
+    start = len(CONVERSATION.magic) + 6
+    header, state = json.loads(data[start:start + length]), data[start + length:]
+    # A well-formed file (valid header, matching checksum) whose token list was edited.
+    state_file.write(path, CONVERSATION, layout_key=header["layout_key"], tokens=tamper(header["tokens"]),
+                     state=state, pending=header["pending"])
+    before = wait_idle(engine)
+    with pytest.raises(ConversationFileError, match="tokens"):
+        engine.load_conversation(path)
+    after = wait_idle(engine)  # nothing leaked: no sequence id, no cell
+    assert (after.free_sequences, after.tokens_resident) == (before.free_sequences, before.tokens_resident)
+    state_file.write(path, CONVERSATION, layout_key=header["layout_key"], tokens=header["tokens"],
+                     state=state, pending=header["pending"])
+    with engine.load_conversation(path) as loaded:  # the untouched file still loads
+        assert loaded.tokens == header["tokens"]
 
 
 def test_closed_and_busy_conversations_give_clear_errors(engine: Engine, tmp_path) -> None:

@@ -63,9 +63,12 @@ class ChatCompletion:
 class _Translator:
     """Engine chunks to chat deltas: tool-call parsing and remembering the reply's ids."""
 
-    def __init__(self, parser: StreamingToolCallParser | None, memory: GeneratedTokenMemory | None) -> None:
+    def __init__(
+        self, parser: StreamingToolCallParser | None, memory: GeneratedTokenMemory | None, namespace: str | None
+    ) -> None:
         self._parser = parser
         self._memory = memory
+        self._namespace = namespace
         self._text: list[str] = []
         self._ids: list[int] = []
         self._called = False
@@ -79,7 +82,7 @@ class _Translator:
                 deltas += self._events(self._parser.finish())
             reason: ChatFinishReason = "tool_calls" if self._called else chunk.usage.finish_reason
             if self._memory is not None and not self._called:
-                self._memory.remember("".join(self._text), self._ids)
+                self._memory.remember("".join(self._text), self._ids, namespace=self._namespace)
             deltas.append(ChatDelta(usage=chunk.usage, finish_reason=reason))
         return [d for d in deltas if d.content or d.tool_calls or d.usage]
 
@@ -145,11 +148,12 @@ _tokenizers_lock = threading.Lock()
 
 
 def chat_tokenizer(engine: Engine) -> ChatTokenizer:
-    """The engine's shared chat tokenizer (one template, one generated-token memory)."""
+    """The engine's shared chat tokenizer (one template, one generated-token memory,
+    kept apart per `cache_key`)."""
     with _tokenizers_lock:
         tokenizer = _tokenizers.get(engine)
         if tokenizer is None:
-            memory = GeneratedTokenMemory(journal=_journal_path(engine))
+            memory = GeneratedTokenMemory(journal=_journal_path(engine), n_vocab=engine.model.n_vocab)
             tokenizer = _tokenizers[engine] = ChatTokenizer(engine.model, memory=memory)
         return tokenizer
 
@@ -188,7 +192,8 @@ def complete(
       the oldest half of the rest, in whole halves, until it fits, building the
       shortened prompt's KV by shifting the cached KV of the full one (models that
       cannot shift positions raise `InvalidRequestError`).
-    - `cache_key` keeps tenants' cached prefixes apart.
+    - `cache_key` keeps tenants apart: their cached prefixes, and the exact ids of
+      their earlier replies (the generated-token memory).
 
     Raises `InvalidRequestError` (or its subclasses) for bad input before anything
     is queued.
@@ -212,10 +217,10 @@ def complete(
         grammar = grammar_for_response_format(response_format)
     if grammar is not None:
         sampling = replace(sampling, grammar=grammar)
-    tokens, shift = _fit(engine, tokenizer, list(messages), visible_tools, sampling, overflow, n_keep)
+    tokens, shift = _fit(engine, tokenizer, list(messages), visible_tools, sampling, overflow, n_keep, cache_key)
     stream = engine.submit(tokens, sampling, cache_key=cache_key, shift=shift)
     parser = StreamingToolCallParser(tool_format) if tool_format else None
-    return ChatStream(stream, _Translator(parser, tokenizer.memory), len(tokens))
+    return ChatStream(stream, _Translator(parser, tokenizer.memory, cache_key), len(tokens))
 
 
 def _fit(
@@ -226,31 +231,34 @@ def _fit(
     sampling: SamplingParams,
     overflow: OverflowPolicy,
     n_keep: int | None,
+    namespace: str | None,
 ) -> tuple[list[int], ContextShift | None]:
     """The prompt's tokens, after applying the overflow policy (and the shift, if any)."""
     if overflow not in ("error", "truncate_oldest", "shift"):
         raise InvalidRequestError(f"unknown overflow policy {overflow!r}", field="overflow")
     need = sampling.max_tokens or 1
     while True:
-        tokens = tokenizer.encode(messages, tools=tools)
+        tokens = tokenizer.encode(messages, tools=tools, namespace=namespace)
         if len(tokens) + need <= engine.context_limit:
             return tokens, None
         if overflow == "shift":
-            keep = _system_prefix_length(tokenizer, messages, tokens) if n_keep is None else n_keep
+            keep = _system_prefix_length(tokenizer, messages, tokens, namespace) if n_keep is None else n_keep
             shift = ContextShift.to_fit(tuple(tokens), keep, engine.context_limit - need)
             return list(shift.prompt), shift
         if overflow == "error" or not _drop_oldest_turn(messages):
             raise ContextOverflowError(prompt_tokens=len(tokens), max_tokens=need, context_limit=engine.context_limit)
 
 
-def _system_prefix_length(tokenizer: ChatTokenizer, messages: list[Mapping[str, Any]], tokens: list[int]) -> int:
+def _system_prefix_length(
+    tokenizer: ChatTokenizer, messages: list[Mapping[str, Any]], tokens: list[int], namespace: str | None
+) -> int:
     """Tokens at the start of the prompt that render the leading system messages."""
     n = 0
     while n < len(messages) and messages[n].get("role") in ("system", "developer"):
         n += 1
     if n == 0:
         return 0
-    system = tokenizer.encode(messages[:n], add_generation_prompt=False)
+    system = tokenizer.encode(messages[:n], add_generation_prompt=False, namespace=namespace)
     common = 0
     while common < min(len(system), len(tokens)) and system[common] == tokens[common]:
         common += 1

@@ -75,8 +75,13 @@ class ChatTokenizer:
         *,
         tools: Sequence[Mapping[str, Any]] | None = None,
         add_generation_prompt: bool = True,
+        namespace: str | None = None,
     ) -> list[int]:
         """The prompt's token ids for `messages` (and `tools`), with BOS if the model adds one.
+
+        Assistant replies are looked up in the memory's `namespace` only (the
+        `cache_key` the prompt will run under): a tenant never gets the exact
+        ids of another tenant's reply.
 
         Raises `TemplateRenderError` if the template fails and
         `InvalidRequestError` if a non-content string carries special-token text.
@@ -100,22 +105,24 @@ class ChatTokenizer:
             if k % 2 == 0:
                 segments.extend(self._split_special(piece))
             else:
-                segments.append(self._content_segment(normalized[spans[k // 2]]))
+                segments.append(self._content_segment(normalized[spans[k // 2]], namespace))
         return self._with_bos(self._tokenize_segments(segments))
 
     # -- segments --------------------------------------------------------------------
 
-    def _content_segment(self, message: Mapping[str, Any]) -> Segment:
+    def _content_segment(self, message: Mapping[str, Any], namespace: str | None) -> Segment:
         content: str = message["content"]
         if self.memory is not None and message.get("role") == "assistant":
-            ids = self.memory.lookup(content)
+            ids = self.memory.lookup(content, namespace=namespace)
             if ids is not None and self._spells(ids, content):
                 return ids
         return content
 
     def _spells(self, ids: tuple[int, ...], text: str) -> bool:
-        """True if `ids` hold no control token and detokenize to exactly `text`."""
+        """True if `ids` lie in the vocabulary, hold no control token and detokenize to exactly `text`."""
         model = self.model
+        if not all(0 <= t < model.n_vocab for t in ids):  # llama.cpp aborts the process on such an id
+            return False
         if any(model.is_control(t) for t in ids):
             return False
         return model.detokenize(list(ids)) == text

@@ -66,8 +66,8 @@ def serve(
         typer.Option(envvar="KVCHAT_CACHE_DIR", help="Directory that keeps cached KV state across restarts."),
     ] = None,
     cache_disk: Annotated[
-        str | None, typer.Option(envvar="KVCHAT_CACHE_DISK", help="Bound on --cache-dir's size (default: none).")
-    ] = None,
+        str, typer.Option(envvar="KVCHAT_CACHE_DISK", help="Bound on --cache-dir's size (oldest files go first).")
+    ] = "4G",
     api_key: Annotated[
         list[str] | None,
         typer.Option(
@@ -126,7 +126,7 @@ def serve(
             open_max_tokens=max_tokens,
             cache_ram_bytes=_size(cache_ram),
             cache_dir=str(cache_dir) if cache_dir else None,
-            cache_disk_bytes=_size(cache_disk) if cache_disk else None,
+            cache_disk_bytes=_size(cache_disk),
         )
         settings = ServerSettings(
             model_name=model_name or default_model_name(model),

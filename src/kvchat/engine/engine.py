@@ -33,6 +33,7 @@ from kvchat.engine.stream import Chunk, FinishReason, Stream
 from kvchat.errors import (
     BackendError,
     ContextOverflowError,
+    ConversationFileError,
     DecodeError,
     EngineClosedError,
     InvalidRequestError,
@@ -248,10 +249,14 @@ class Engine:
 
     def load_conversation(self, path: str | os.PathLike[str]) -> Conversation:
         """Restore a conversation written by `Conversation.save` (same model and KV
-        layout only; `ConversationFileError` otherwise, or for a damaged file)."""
+        layout only; `ConversationFileError` otherwise, for a damaged file, or for one whose
+        state does not hold as many positions as its token list)."""
         layout = self._on_worker(PinnedSequences.layout_key)
         saved = read_conversation_file(Path(path), layout_key=layout)
-        pinned = self._on_worker(lambda ops: ops.restore(saved.tokens, saved.state))
+        try:
+            pinned = self._on_worker(lambda ops: ops.restore(saved.tokens, saved.state))
+        except ConversationFileError as exc:  # its state does not hold its tokens
+            raise ConversationFileError(f"{path} {exc}", field="path") from None
         return Conversation(self, pinned, saved.pending)
 
     def stats(self) -> EngineStats:

@@ -13,7 +13,7 @@ import logging
 from kvchat.engine.kv_pool import KVPool
 from kvchat.engine.pinned import PinnedSequence
 from kvchat.engine.request import Request
-from kvchat.errors import BackendError, InvalidRequestError
+from kvchat.errors import BackendError, ConversationFileError, InvalidRequestError
 
 logger = logging.getLogger("kvchat.engine")
 
@@ -126,11 +126,22 @@ class PinnedSequences:
         return self._pool.context.layout_key()
 
     def restore(self, tokens: list[int], state: bytes) -> PinnedSequence:
-        """A pinned sequence loaded from saved state bytes."""
+        """A pinned sequence loaded from saved state bytes.
+
+        The state must hold positions ``[0, len(tokens))``, the positions of
+        `tokens`: otherwise `ConversationFileError` is raised, and the cells
+        loaded are freed again (as on `BackendError`, if llama.cpp refuses them).
+        """
         pinned = self.pin()
+        context = self._pool.context
         try:
-            self._pool.context.set_seq_state(pinned.seq_id, state)
-        except BackendError:
+            context.set_seq_state(pinned.seq_id, state)
+            held = context.seq_pos_max(pinned.seq_id) + 1
+            if held != len(tokens):
+                raise ConversationFileError(
+                    f"holds KV state for {held} positions but lists {len(tokens)} tokens", field="path"
+                )
+        except (BackendError, ConversationFileError):
             self._pool.free_id(pinned.seq_id)
             raise
         pinned.tokens = list(tokens)

@@ -8,6 +8,10 @@ from kvchat.errors import InvalidRequestError
 
 MAX_PARALLEL_SEQUENCES = 256  # llama_max_parallel_sequences() in this llama.cpp
 
+DEFAULT_CACHE_DISK_BYTES = 4 << 30
+"""The disk tier's default bound: 4 GiB (some 230,000 tokens of Gemma 3 270M's KV,
+340,000 of Qwen2.5 0.5B's)."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class EngineSettings:
@@ -43,7 +47,9 @@ class EngineSettings:
       rarely skip the cells of other requests (see `StepPlanner`); a GPU build
       has no reason to split a step.
     - `cache_dir`: a directory where state falling out of RAM is kept across
-      restarts (None: no disk tier); `cache_disk_bytes` bounds it (None: no bound).
+      restarts (None: no disk tier); `cache_disk_bytes` bounds the bytes of its
+      files (default 4 GiB, `DEFAULT_CACHE_DISK_BYTES`; None: no bound), least
+      recently used files deleted first.
     """
 
     n_ctx: int = 8192
@@ -60,7 +66,7 @@ class EngineSettings:
     compact_pool: bool = True
     interleaved_call_rows: int | None = 63
     cache_dir: str | None = None
-    cache_disk_bytes: int | None = None
+    cache_disk_bytes: int | None = DEFAULT_CACHE_DISK_BYTES
 
     def __post_init__(self) -> None:
         for name in ("n_ctx", "n_batch", "n_ubatch", "max_running", "n_seq_max", "reservation_step"):
@@ -87,3 +93,7 @@ class EngineSettings:
             )
         if not isinstance(self.cache_ram_bytes, int) or self.cache_ram_bytes < 0:
             raise InvalidRequestError("cache_ram_bytes must be an integer >= 0", field="cache_ram_bytes")
+        if self.cache_disk_bytes is not None and (
+            not isinstance(self.cache_disk_bytes, int) or self.cache_disk_bytes < 0
+        ):
+            raise InvalidRequestError("cache_disk_bytes must be an integer >= 0 or None", field="cache_disk_bytes")

@@ -5,6 +5,10 @@ within a byte budget (LRU), then, if given a directory, disk (survives restarts)
 prompt sharing a longer prefix with a stored entry than with the KV pool can restore
 it instead of recomputing it. This module never talks to llama.cpp.
 
+Entries are found through a :class:`~kvchat.engine.state_index.StateIndex` (a
+radix tree per namespace): a lookup costs the length of the query, not the
+number of entries, so the engine thread can ask at every admission and eviction.
+
 Disk format: one file ``<key>.kvstate`` per entry, of the kind
 :data:`~kvchat.engine.state_file.CACHE_ENTRY` (its header adds the entry's
 ``namespace``).
@@ -26,6 +30,8 @@ from typing import Literal
 from kvchat.atomic_file import leftover_temp_files, write_atomically
 from kvchat.engine import state_file
 from kvchat.engine.state_file import CACHE_ENTRY, StateFileError
+from kvchat.engine.state_index import StateIndex
+from kvchat.engine.state_index import _common_prefix_len as _common_prefix_len  # where it lived before
 
 logger = logging.getLogger("kvchat.engine.state_store")
 
@@ -89,6 +95,12 @@ class _Entry:
     size: int  # RAM: state bytes; disk: file bytes
     last_used: int
     state: bytes | None = None  # RAM tier only
+    tier: Literal["ram", "disk"] = "ram"
+
+
+def _rank(e: _Entry) -> tuple[int, int]:
+    """Among entries sharing as long a prefix with a query: RAM over disk, then most recent."""
+    return (e.tier == "ram", e.last_used)
 
 
 def entry_key(layout_key: str, namespace: str | None, tokens: Sequence[int]) -> str:
@@ -102,7 +114,8 @@ class StateStore:
 
     Over `ram_budget_bytes` of state, the least-recently-used RAM entries move to
     `disk_dir` (or are dropped without one); over `disk_budget_bytes` of files
-    (None: no limit), the least-recently-used disk entries are deleted. Files of
+    (None: no limit; the engine's default is `EngineSettings.cache_disk_bytes`),
+    the least-recently-used disk entries are deleted. Files of
     another `layout_key` (model sha256 + KV-relevant context settings) in the
     directory are foreign: never matched, loaded, counted or deleted. One process
     per directory. Not thread-safe: only the engine's worker thread calls it.
@@ -128,6 +141,9 @@ class StateStore:
         self._disk: OrderedDict[str, _Entry] = OrderedDict()  # oldest first
         self._ram_bytes = 0
         self._disk_bytes = 0
+        self._ram_tokens = 0
+        self._disk_tokens = 0
+        self._index: StateIndex[_Entry] = StateIndex(_rank)
         self._clock = 0
         self._counts = dict.fromkeys(("spills_to_disk", "dropped", "loads", "load_failures"), 0)
         if self.disk_dir is not None:
@@ -144,17 +160,10 @@ class StateStore:
         """
         if not entry.tokens:
             raise ValueError("a spilled state must hold at least one token")
-        n = len(entry.tokens)
-        superseded: list[_Entry] = []
-        for tier in (self._ram, self._disk):
-            for old in list(tier.values()):
-                if old.namespace != entry.namespace:
-                    continue
-                if len(old.tokens) >= n and old.tokens[:n] == entry.tokens:
-                    self._touch(old)
-                    return
-                if old.tokens == entry.tokens[: len(old.tokens)]:
-                    superseded.append(old)
+        extension, superseded = self._index.extension_and_prefixes(entry.tokens, entry.namespace)
+        if extension is not None:
+            self._touch(extension)
+            return
         # Superseded files are deleted only once the new entry is stored: a crash
         # while its file is written must not lose the prefix that was saved.
         stale_files = [self._path(old.key) for old in superseded if old.key in self._disk]
@@ -179,8 +188,7 @@ class StateStore:
         if self.ram_budget_bytes == 0 or new.size > self.ram_budget_bytes:
             self._demote(new)
             return
-        self._ram[new.key] = new
-        self._ram_bytes += new.size
+        self._add(new, "ram")
         while self._ram_bytes > self.ram_budget_bytes:
             oldest = next(iter(self._ram.values()))
             self._remove(oldest, delete_file=False)
@@ -191,24 +199,11 @@ class StateStore:
 
         None if no entry of `namespace` shares at least one token. Reads no file.
         """
-        query = tuple(tokens)
-        if not query:
+        found = self._index.longest_match(tokens, namespace)
+        if found is None:
             return None
-        best: tuple[int, bool, int] | None = None
-        found: StoreMatch | None = None
-        tiers: tuple[tuple[Literal["ram", "disk"], OrderedDict[str, _Entry]], ...] = (
-            ("ram", self._ram),
-            ("disk", self._disk),
-        )
-        for tier_name, tier in tiers:
-            for e in tier.values():
-                if e.namespace != namespace or e.tokens[0] != query[0]:
-                    continue
-                rank = (_common_prefix_len(e.tokens, query), tier_name == "ram", e.last_used)
-                if best is None or rank > best:
-                    best = rank
-                    found = StoreMatch(rank[0], e.tokens, tier_name, e.key)
-        return found
+        length, e = found
+        return StoreMatch(length, e.tokens, e.tier, e.key)
 
     def load(self, match: StoreMatch) -> SpilledState | None:
         """The stored entry of `match`, read from RAM or disk and touched as recently used.
@@ -241,10 +236,10 @@ class StateStore:
         return StoreStats(
             ram_entries=len(self._ram),
             ram_bytes=self._ram_bytes,
-            ram_tokens=sum(len(e.tokens) for e in self._ram.values()),
+            ram_tokens=self._ram_tokens,
             disk_entries=len(self._disk),
             disk_bytes=self._disk_bytes,
-            disk_tokens=sum(len(e.tokens) for e in self._disk.values()),
+            disk_tokens=self._disk_tokens,
             **self._counts,
         )
 
@@ -270,6 +265,12 @@ class StateStore:
         self._clock += 1
         return self._clock
 
+    @property
+    def index_steps(self) -> int:
+        """Index nodes the last lookup (`best_match` or `put`) visited, for tests: it does
+        not grow with the number of stored entries that share no prefix with the query."""
+        return self._index.steps
+
     def _touch(self, e: _Entry) -> None:
         e.last_used = self._tick()
         if e.key in self._ram:
@@ -278,15 +279,33 @@ class StateStore:
             self._disk.move_to_end(e.key)
             with suppress(OSError):  # keeps the LRU order across restarts
                 os.utime(self._path(e.key))
+        self._index.touch(e)
+
+    def _add(self, e: _Entry, tier: Literal["ram", "disk"]) -> None:
+        """Index `e` in `tier` (its key is in neither tier)."""
+        e.tier = tier
+        if tier == "ram":
+            self._ram[e.key] = e
+            self._ram_bytes += e.size
+            self._ram_tokens += len(e.tokens)
+        else:
+            self._disk[e.key] = e
+            self._disk_bytes += e.size
+            self._disk_tokens += len(e.tokens)
+        self._index.add(e)
 
     def _remove(self, e: _Entry, *, delete_file: bool) -> None:
-        if self._ram.pop(e.key, None) is not None:
-            self._ram_bytes -= e.size
-        elif self._disk.pop(e.key, None) is not None:
-            self._disk_bytes -= e.size
+        if (held := self._ram.pop(e.key, None)) is not None:
+            self._ram_bytes -= held.size
+            self._ram_tokens -= len(held.tokens)
+        elif (held := self._disk.pop(e.key, None)) is not None:
+            self._disk_bytes -= held.size
+            self._disk_tokens -= len(held.tokens)
             if delete_file:
                 with suppress(OSError):
                     os.unlink(self._path(e.key))
+        if held is not None:
+            self._index.remove(held)
 
     def _demote(self, e: _Entry) -> None:
         """Write a RAM entry (already out of the RAM index) to disk, or drop it."""
@@ -306,10 +325,9 @@ class StateStore:
         if not self._write_file(self._path(e.key), header, e.state):
             self._drop(e, "disk write failed")
             return
-        if (old := self._disk.pop(e.key, None)) is not None:
-            self._disk_bytes -= old.size
-        self._disk[e.key] = _Entry(e.key, e.namespace, e.tokens, file_size, e.last_used)
-        self._disk_bytes += file_size
+        if (old := self._disk.get(e.key)) is not None:
+            self._remove(old, delete_file=False)  # the file was just replaced
+        self._add(_Entry(e.key, e.namespace, e.tokens, file_size, e.last_used), "disk")
         self._counts["spills_to_disk"] += 1
         logger.debug("spilled %d tokens (%d bytes) to disk as %s", len(e.tokens), file_size, e.key)
 
@@ -362,8 +380,7 @@ class StateStore:
             logger.info("ignoring %d spilled KV state file(s) of another model or layout in %s", foreign, self.disk_dir)
         for _, e in sorted(found, key=lambda item: item[0]):
             e.last_used = self._tick()
-            self._disk[e.key] = e
-            self._disk_bytes += e.size
+            self._add(e, "disk")
         while self.disk_budget_bytes is not None and self._disk_bytes > self.disk_budget_bytes:
             self._evict_oldest_disk_entry()
 
@@ -375,18 +392,3 @@ class StateStore:
         if entry_key(self.layout_key, read.header["namespace"], read.tokens) != path.stem:
             raise StateFileError("file name does not match its header", "header")
         return read
-
-
-def _common_prefix_len(a: tuple[int, ...], b: tuple[int, ...]) -> int:
-    """Length of the common prefix, by slice comparisons (C speed) in a binary search."""
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    lo, hi = 0, n  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if a[lo:mid] == b[lo:mid]:
-            lo = mid
-        else:
-            hi = mid
-    return lo

@@ -184,6 +184,11 @@ class Context:
         """Add `delta` to the positions of `seq_id`'s cells in [start, end)."""
         llama_cpp.llama_memory_seq_add(self._memory, seq_id, start, end, delta)
 
+    def seq_pos_max(self, seq_id: int) -> int:
+        """The highest position `seq_id` holds a cell for (-1: none). Used to check that
+        restored state bytes hold the positions their file says they do."""
+        return int(llama_cpp.llama_memory_seq_pos_max(self._memory, seq_id))
+
     def clear_memory(self) -> None:
         """Drop every cell of every sequence."""
         llama_cpp.llama_memory_clear(self._memory, True)

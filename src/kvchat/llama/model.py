@@ -16,13 +16,16 @@ from kvchat.errors import InvalidRequestError, ModelLoadError
 from kvchat.llama.backend import ensure_backend
 
 _GGUF_MAGIC = b"GGUF"
+_PIECE_BUFFER_BYTES = 64
+"""A first guess at one token's text size; a longer piece gets a buffer of its exact size."""
 
 
 class Model:
     """A loaded GGUF model: weights, vocabulary, metadata and tokenizer.
 
     Free it with :meth:`close` or use it as a context manager; contexts created on
-    it must be closed first.
+    it must be closed first. The vocabulary calls (tokenize, detokenize,
+    token_to_bytes and the token predicates) may run in several threads at once.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, use_mmap: bool = True) -> None:
@@ -48,7 +51,6 @@ class Model:
         self.adds_bos: bool = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
         self.metadata: dict[str, str] = self._read_metadata()
         self.description: str = self._read_description()
-        self._piece_buffer = ctypes.create_string_buffer(256)
         self._sha256: str | None = None
 
     # -- lifetime ---------------------------------------------------------------
@@ -136,8 +138,13 @@ class Model:
         return tokens[:n]
 
     def token_to_bytes(self, token: int, *, special: bool = False) -> bytes:
-        """The bytes of one token's text. Control tokens give b"" unless `special`."""
-        buffer = self._piece_buffer
+        """The bytes of one token's text. Control tokens give b"" unless `special`.
+
+        Thread-safe: every call writes into a buffer of its own (ctypes releases
+        the GIL during the llama.cpp call, so a shared buffer would let another
+        thread's piece overwrite this one before it is read).
+        """
+        buffer = ctypes.create_string_buffer(_PIECE_BUFFER_BYTES)
         n = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, special)
         if n < 0:
             buffer = ctypes.create_string_buffer(-n)
