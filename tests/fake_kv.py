@@ -80,6 +80,14 @@ class FakeKV:
         self._collect()
         self.write(seq_id, {int(pos): token for pos, token in items.items()})
 
+    def seq_pos_max(self, seq_id: int) -> int:
+        return max(self._seqs.get(seq_id, {}), default=-1)
+
+    @staticmethod
+    def state_of_tokens(tokens: list[int]) -> bytes:
+        """The bytes `seq_state` gives for a sequence holding `tokens` from position 0."""
+        return json.dumps({str(pos): token for pos, token in enumerate(tokens)}).encode()
+
     def layout_key(self) -> str:
         return "fake-layout"
 

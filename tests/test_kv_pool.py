@@ -173,6 +173,19 @@ def test_a_restore_that_fails_is_counted_and_the_tokens_are_evaluated() -> None:
     assert p.kv.tokens(request.seq_id) == long + [99]
 
 
+def test_a_spilled_state_that_holds_other_positions_than_its_entry_is_not_used() -> None:
+    """A disk entry whose header's tokens do not describe its state (a damaged or
+    tampered file) must not give the request wrong KV."""
+    p = Pool(ram_bytes=1 << 20)
+    long = [*SYSTEM, *range(10, 40)]
+    assert p.pool.store is not None
+    p.pool.store.put(SpilledState(tuple(long), None, p.kv.state_of_tokens(long[:-5])))
+    request = p.admit([*long, 99])
+    assert request is not None and request.cached_tokens == 0
+    assert (p.pool.counters.restores, p.pool.counters.restore_failures) == (0, 1)
+    assert p.kv.tokens(request.seq_id) == [*long, 99]
+
+
 def test_a_short_spilled_gain_is_not_worth_a_restore() -> None:
     p = Pool(ram_bytes=1 << 20)
     p.run(SYSTEM + [7, 8, 9])

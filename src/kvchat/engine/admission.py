@@ -239,6 +239,9 @@ class Admission:
         if entry is not None:
             try:
                 pool.context.set_seq_state(seq_id, entry.state)
+                held = pool.context.seq_pos_max(seq_id) + 1
+                if held != len(entry.tokens):  # a file whose header does not describe its state
+                    raise BackendError(f"the state holds {held} positions, its entry {len(entry.tokens)}")
                 pool.remove(seq_id, plan.prefix_tokens, -1)
             except BackendError:
                 logger.warning("restoring %d cached tokens failed; evaluating them instead", plan.source_tokens)
