@@ -147,16 +147,19 @@ class Record:
     cached_tokens: int | None  # None: the server reported no cached tokens
     usage_reported: bool  # False: completion_tokens counts content chunks
     error: str | None = None  # the request failed (connection dropped, 5xx): excluded from the figures
+    started_at: float = 0.0  # time.perf_counter() when the request was sent
 
 
 class ChatUser:
     """One multi-turn conversation that resends its whole history on every call."""
 
-    def __init__(self, client: AsyncOpenAI, model: str, user: int, max_tokens: int | None = 64, seed: int = 0) -> None:
+    def __init__(self, client: AsyncOpenAI, model: str, user: int, max_tokens: int | None = 64, seed: int = 0,
+                 temperature: float | None = 0) -> None:
         self.client = client
         self.model = model
         self.user = user
         self.max_tokens = max_tokens
+        self.temperature = temperature
         self.seed = seed
         self.messages: list[dict[str, str]] = [{"role": "system", "content": SYSTEM_PROMPT}]
         self.turn = 0
@@ -167,9 +170,10 @@ class ChatUser:
         start = time.perf_counter()
         first, parts, usage = None, [], None
         try:
-            # max_tokens=None: left out, as the official client's default does (the server's bound applies).
+            # None: left out, as the official client's defaults do (the server's bound and default apply).
             stream = await self.client.chat.completions.create(
-                model=self.model, messages=self.messages, stream=True, temperature=0,
+                model=self.model, messages=self.messages, stream=True,
+                temperature=self.temperature if self.temperature is not None else openai.NOT_GIVEN,
                 max_tokens=self.max_tokens if self.max_tokens is not None else openai.NOT_GIVEN,
                 stream_options={"include_usage": True},
             )
@@ -183,10 +187,12 @@ class ChatUser:
             self.messages.pop()
             self.turn += 1
             elapsed = time.perf_counter() - start
-            return Record(self.user, self.turn - 1, elapsed, elapsed, 0, None, None, False, error=repr(exc))
+            return Record(self.user, self.turn - 1, elapsed, elapsed, 0, None, None, False, error=repr(exc),
+                          started_at=start)
         end = time.perf_counter()
         self.messages.append({"role": "assistant", "content": "".join(parts)})
-        record = Record(self.user, self.turn, (first or end) - start, end - start, len(parts), None, None, False)
+        record = Record(self.user, self.turn, (first or end) - start, end - start, len(parts), None, None, False,
+                        started_at=start)
         if usage is not None:
             details = usage.prompt_tokens_details
             record.completion_tokens, record.prompt_tokens = usage.completion_tokens, usage.prompt_tokens
@@ -234,7 +240,8 @@ async def round_robin(base_url: str, model: str, users: int, turns: int, max_tok
 
 
 async def concurrent(base_url: str, model: str, users: int, turns: int, max_tokens: int | None = 64,
-                     seed: int = 0, progress: Progress | None = None) -> ScenarioRun:
+                     seed: int = 0, progress: Progress | None = None,
+                     temperature: float | None = 0) -> ScenarioRun:
     """`users` conversations at once, each doing its `turns` turns one after another (seeds: see round_robin)."""
     async with client_for(base_url) as client:
         records: list[Record] = []
@@ -246,7 +253,8 @@ async def concurrent(base_url: str, model: str, users: int, turns: int, max_toke
                     progress(records[-1], len(records))
 
         start = time.perf_counter()
-        await asyncio.gather(*(converse(ChatUser(client, model, u, max_tokens, seed)) for u in range(users)))
+        await asyncio.gather(*(converse(ChatUser(client, model, u, max_tokens, seed, temperature))
+                               for u in range(users)))
         return ScenarioRun(records, time.perf_counter() - start)
 
 
