@@ -26,6 +26,7 @@ from kvchat.engine.request import Request
 from kvchat.engine.sampling import SamplingParams
 from kvchat.engine.scheduler import Scheduler
 from kvchat.engine.settings import EngineSettings
+from kvchat.engine.speculation import Speculator
 from kvchat.engine.state_store import StateStore
 from kvchat.engine.stats import EngineStats, StatsBoard
 from kvchat.engine.step_planner import ScheduledRow, StepPlanner
@@ -107,6 +108,7 @@ class Engine:
             self._pinned,
             max_running=self.settings.max_running,
         )
+        self._speculator = self._new_speculator()
         self._request_ids = itertools.count(1)
         self._closing = False
         self._submit_lock = threading.Lock()
@@ -138,6 +140,15 @@ class Engine:
             )
             return None
         return PrefixCache()
+
+    def _new_speculator(self) -> Speculator | None:
+        s = self.settings
+        if s.speculation == "off":
+            return None
+        if self.model.is_recurrent or self.model.is_hybrid:
+            logger.info("speculation off: %s cannot drop rejected draft tokens from its state", self.model.description)
+            return None
+        return Speculator(max_draft_tokens=s.max_draft_tokens, ngram_cache_entries=s.ngram_cache_entries)
 
     def _new_state_store(self) -> StateStore | None:
         s = self.settings
@@ -359,6 +370,12 @@ class Engine:
             self._publish_stats()
         decoded = False
         running = self._scheduler.running
+        if self._speculator is not None:
+            self._speculator.propose(
+                running,
+                capacity=self._batch.capacity,
+                call_rows=self._planner.call_rows(len(running), self._batch.capacity),
+            )
         for rows in self._planner.calls(list(running), self._batch):
             try:
                 self._context.decode(self._batch)
@@ -392,20 +409,46 @@ class Engine:
     def _sample(self, scheduled: ScheduledRow) -> None:
         request = scheduled.request
         try:
-            if request.sampler is None:
-                token = int(np.argmax(self._context.logits(scheduled.row)))
+            if scheduled.draft:
+                self._verify(request, scheduled.row, scheduled.draft)
             else:
-                token = request.sampler.sample(self._context, scheduled.row)
-            self._advance(request, token)
+                self._advance(request, self._pick(request, scheduled.row))
         except Exception as exc:
             logger.exception("request %d failed while sampling", request.request_id)
             self._fail(request, BackendError(f"sampling failed: {exc!r}"))
 
-    def _advance(self, request: Request, token: int) -> None:
+    def _pick(self, request: Request, row: int) -> int:
+        """Sample the request's next token from batch row `row` (its sampler records it)."""
+        if request.sampler is None:
+            return int(np.argmax(self._context.logits(row)))
+        return request.sampler.sample(self._context, row)
+
+    def _verify(self, request: Request, row: int, draft: tuple[int, ...]) -> None:
+        """Sample at the last token's row and at each drafted row while the draft
+        matches (see `Speculator` for why this keeps the output's distribution);
+        drop the cells of the drafted tokens that were not accepted, then emit."""
+        emitted = [self._pick(request, row)]
+        while len(emitted) <= len(draft) and emitted[-1] == draft[len(emitted) - 1]:
+            emitted.append(self._pick(request, row + len(emitted)))
+        accepted = len(emitted) - 1
+        rejected = len(draft) - accepted
+        if rejected:
+            self._pool.remove(_seq_id(request), request.n_past - rejected, -1)
+            request.n_past -= rejected
+        request.draft_tokens += len(draft)
+        request.accepted_draft_tokens += accepted
+        if self._speculator is not None:
+            self._speculator.verified(request, len(draft), accepted)
+        for token in emitted:
+            if not self._advance(request, token):
+                return
+
+    def _advance(self, request: Request, token: int) -> bool:
+        """Emit a sampled token; False if it ended the request."""
         if token in request.sampling.stop_token_ids or self.model.is_end_of_generation(token):
             request.note_first_token()
             self._finish(request, "stop")
-            return
+            return False
         request.record_token(token)
         delta = request.text.push(self.model.token_to_bytes(token))
         request.stream._push(Chunk(delta.text, (token,)))
@@ -413,6 +456,9 @@ class Engine:
             self._finish(request, "stop")
         elif len(request.generated) >= request.max_new_tokens:
             self._finish(request, "length")
+        else:
+            return True
+        return False
 
     def _reap_cancelled(self) -> None:
         scheduler = self._scheduler
@@ -442,6 +488,13 @@ class Engine:
         """Free a request's sampler and sequence; park its KV in the cache if `keep`."""
         request.close_sampler()
         self._scheduler.remove(request)
+        if self._speculator is not None:
+            self._speculator.finished(request, keep=keep)
+        if keep and request.seq_id is not None and request.n_past > len(request.all_tokens):
+            # Drafted tokens verified past the token that ended it (a stop, or an end
+            # of generation, which is not part of the output): not the request's.
+            self._pool.remove(request.seq_id, len(request.all_tokens), -1)
+            request.n_past = len(request.all_tokens)
         if request.pinned is not None:
             self._pinned.finish(request, keep=keep)
         else:
@@ -475,7 +528,19 @@ class Engine:
     # -- stats ------------------------------------------------------------------------------------------
 
     def _publish_stats(self) -> None:
-        self._stats.publish(self._scheduler, self._pool)
+        ngrams = self._speculator.ngram_cache if self._speculator is not None else None
+        self._stats.publish(
+            self._scheduler,
+            self._pool,
+            ngram_entries=len(ngrams) if ngrams is not None else 0,
+            ngram_bytes=ngrams.bytes if ngrams is not None else 0,
+        )
+
+
+def _seq_id(request: Request) -> int:
+    if request.seq_id is None:
+        raise RuntimeError(f"request {request.request_id} has no KV sequence")
+    return request.seq_id
 
 
 def _load_model_file(path: str | os.PathLike[str]) -> Model:

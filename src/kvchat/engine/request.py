@@ -58,6 +58,13 @@ class Request:
     """KV cells charged to this request: those it holds outside the tree, and room
     for what it adds until its next growth (see `Scheduler`)."""
     first_token_at: float | None = None
+    draft: tuple[int, ...] = ()
+    """Tokens proposed to follow the last sampled one, verified in the coming step
+    (speculative decoding; see `Speculator`)."""
+    draft_tokens: int = 0
+    """Drafted tokens verified so far."""
+    accepted_draft_tokens: int = 0
+    """Drafted tokens that matched what was sampled (they became output)."""
     sampler: SamplerChain | None = None
     text: TextOutput = field(init=False)
     cancel_requested: bool = False
@@ -122,6 +129,8 @@ class Request:
             completion_tokens=completion_tokens,
             time_to_first_token=ttft,
             finish_reason=finish_reason,
+            draft_tokens=self.draft_tokens,
+            accepted_draft_tokens=self.accepted_draft_tokens,
         )
 
     def close_sampler(self) -> None:

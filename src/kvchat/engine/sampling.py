@@ -17,6 +17,9 @@ MAX_STOP_LENGTH = 1_000
 back and re-checked on every token, so the work grows with the length (16 stop strings of
 1,000 characters: under 2 ms for the worst token; of 16,000: 60 ms)."""
 
+MAX_PREDICTION_TOKENS = 32_768
+"""Longest `prediction`, in tokens (its lookup index costs memory per token)."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class SamplingParams:
@@ -30,6 +33,9 @@ class SamplingParams:
     `stop_token_ids` end it on those tokens, in addition to the model's own
     end-of-generation tokens. Penalties see only the generated tokens.
     `grammar` (GBNF text with a `root` rule) constrains every sampled token.
+    `prediction`: token ids of the output the caller expects (OpenAI's predicted
+    outputs); with speculation on, stretches of it are verified as drafts, so an
+    answer that repeats it comes faster. It never changes what is generated.
     """
 
     max_tokens: int | None = 256
@@ -46,11 +52,13 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     grammar: str | None = None
+    prediction: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         # Accept lists from callers, store immutable values.
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "prediction", tuple(self.prediction))
         object.__setattr__(self, "logit_bias", MappingProxyType(dict(self.logit_bias)))
         _check(
             self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
@@ -88,6 +96,12 @@ class SamplingParams:
         _check(
             all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be token ids >= 0"
         )
+        _check(all(_is_int(t) and t >= 0 for t in self.prediction), "prediction", "must be token ids >= 0")
+        _check(
+            len(self.prediction) <= MAX_PREDICTION_TOKENS,
+            "prediction",
+            f"must be at most {MAX_PREDICTION_TOKENS:,} tokens",
+        )
         _check(
             all(isinstance(t, int) and t >= 0 and _finite(b) for t, b in self.logit_bias.items()),
             "logit_bias",
@@ -115,6 +129,7 @@ class SamplingParams:
         """Raise `InvalidRequestError` if a token id here is outside the vocabulary."""
         _check(all(t < n_vocab for t in self.stop_token_ids), "stop_token_ids", f"token ids must be < {n_vocab}")
         _check(all(t < n_vocab for t in self.logit_bias), "logit_bias", f"token ids must be < {n_vocab}")
+        _check(all(t < n_vocab for t in self.prediction), "prediction", f"token ids must be < {n_vocab}")
 
 
 def _is_int(value: object) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from kvchat.errors import InvalidRequestError
 
@@ -46,6 +47,15 @@ class EngineSettings:
       llama.cpp's CPU flash attention, which from 64 rows up works in tiles that
       rarely skip the cells of other requests (see `StepPlanner`); a GPU build
       has no reason to split a step.
+    - `speculation`: ``"auto"`` (default) drafts tokens for generating requests
+      (from the request's `prediction`, its own history, and an n-gram cache of
+      earlier replies in its cache namespace) and verifies them in the step's
+      batch, each request's draft length following its recent acceptance and
+      the batch's size (drafting pauses where it does not pay); ``"off"``
+      decodes one token per request per step.
+    - `max_draft_tokens`: longest draft one request verifies in a step.
+    - `ngram_cache_entries`: bound on the n-gram cache of earlier replies (entries
+      over all cache namespaces; 0: no n-gram cache).
     - `cache_dir`: a directory where state falling out of RAM is kept across
       restarts (None: no disk tier); `cache_disk_bytes` bounds the bytes of its
       files (default 4 GiB, `DEFAULT_CACHE_DISK_BYTES`; None: no bound), least
@@ -65,6 +75,9 @@ class EngineSettings:
     cache_ram_bytes: int = 256 * 1024 * 1024
     compact_pool: bool = True
     interleaved_call_rows: int | None = 63
+    speculation: Literal["auto", "off"] = "auto"
+    max_draft_tokens: int = 16
+    ngram_cache_entries: int = 65_536
     cache_dir: str | None = None
     cache_disk_bytes: int | None = DEFAULT_CACHE_DISK_BYTES
 
@@ -91,6 +104,12 @@ class EngineSettings:
             raise InvalidRequestError(
                 "interleaved_call_rows must be a positive integer or None", field="interleaved_call_rows"
             )
+        if self.speculation not in ("auto", "off"):
+            raise InvalidRequestError('speculation must be "auto" or "off"', field="speculation")
+        if not isinstance(self.max_draft_tokens, int) or not 1 <= self.max_draft_tokens <= 62:
+            raise InvalidRequestError("max_draft_tokens must be an integer in [1, 62]", field="max_draft_tokens")
+        if not isinstance(self.ngram_cache_entries, int) or self.ngram_cache_entries < 0:
+            raise InvalidRequestError("ngram_cache_entries must be an integer >= 0", field="ngram_cache_entries")
         if not isinstance(self.cache_ram_bytes, int) or self.cache_ram_bytes < 0:
             raise InvalidRequestError("cache_ram_bytes must be an integer >= 0", field="cache_ram_bytes")
         if self.cache_disk_bytes is not None and (

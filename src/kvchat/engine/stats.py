@@ -25,7 +25,11 @@ class EngineStats:
     loaded (a damaged file, or llama.cpp refused the bytes; the tokens were evaluated);
     `shifts`: context shifts that reused the original prompt's KV;
     `preemptions`: running requests parked to make room for older ones' tokens
-    (they resumed later; see `Scheduler`).
+    (they resumed later; see `Scheduler`);
+    `ngram_cache_entries` and `ngram_cache_bytes`: the speculative n-gram cache's
+    size; `draft_tokens` / `accepted_draft_tokens`: tokens drafted and verified
+    for finished requests, and those that matched the output (see
+    `acceptance_rate`).
     Counters are cumulative since start; `cache_hit_rate` is cached / prompt tokens.
     """
 
@@ -44,12 +48,21 @@ class EngineStats:
     restore_failures: int
     shifts: int
     preemptions: int
+    ngram_cache_entries: int
+    ngram_cache_bytes: int
     steps: int
     requests_finished: int
     prompt_tokens: int
     cached_tokens: int
     evaluated_tokens: int
     completion_tokens: int
+    draft_tokens: int
+    accepted_draft_tokens: int
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Share of drafted tokens that matched the output, since start (0 before any draft)."""
+        return self.accepted_draft_tokens / self.draft_tokens if self.draft_tokens else 0.0
 
     @property
     def cache_hit_rate(self) -> float:
@@ -67,6 +80,8 @@ class RequestCounters:
     cached_tokens: int = 0
     evaluated_tokens: int = 0
     completion_tokens: int = 0
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
 
     def count_finished(self, usage: Usage) -> None:
         """Add one finished request."""
@@ -75,6 +90,8 @@ class RequestCounters:
         self.cached_tokens += usage.cached_tokens
         self.evaluated_tokens += usage.evaluated_tokens
         self.completion_tokens += usage.completion_tokens
+        self.draft_tokens += usage.draft_tokens
+        self.accepted_draft_tokens += usage.accepted_draft_tokens
 
 
 class StatsBoard:
@@ -85,7 +102,7 @@ class StatsBoard:
         self._lock = threading.Lock()
         self._latest: EngineStats | None = None
 
-    def publish(self, scheduler: Scheduler, pool: KVPool) -> None:
+    def publish(self, scheduler: Scheduler, pool: KVPool, *, ngram_entries: int = 0, ngram_bytes: int = 0) -> None:
         """Take a snapshot of the worker's state (worker thread only)."""
         running, waiting = scheduler.running, scheduler.waiting
         store = pool.store.stats() if pool.store is not None else None
@@ -107,6 +124,8 @@ class StatsBoard:
             restore_failures=pool.counters.restore_failures,
             shifts=pool.counters.shifts,
             preemptions=scheduler.preemptions,
+            ngram_cache_entries=ngram_entries,
+            ngram_cache_bytes=ngram_bytes,
             **{f.name: getattr(self.counters, f.name) for f in fields(self.counters)},
         )
         with self._lock:

@@ -11,10 +11,25 @@ from kvchat.llama import Batch
 
 @dataclass(frozen=True)
 class ScheduledRow:
-    """A batch row whose logits a sequence samples from after the decode."""
+    """A batch row whose logits a sequence samples from after the decode.
+
+    With a `draft`, the rows after `row` hold the drafted tokens, each with its
+    logits: the sequence samples at `row`, then at each drafted position while
+    the drafted tokens match what it sampled.
+    """
 
     request: Request
     row: int
+    draft: tuple[int, ...] = ()
+
+
+@dataclass
+class _Segment:
+    request: Request
+    tokens: list[int]
+    logits: bool
+    """Logits for the last token (or, with a draft, for every token)."""
+    draft: tuple[int, ...] = ()
 
 
 class StepPlanner:
@@ -52,13 +67,16 @@ class StepPlanner:
 
         The caller decodes the batch (and samples) before asking for the next call.
         """
-        segments = self._plan(running, batch.capacity)
-        call_rows = batch.capacity
-        if len(running) > 1 and self._interleaved_call_rows is not None:
-            call_rows = min(call_rows, self._interleaved_call_rows)
+        call_rows = self.call_rows(len(running), batch.capacity)
+        segments = self._plan(running, batch.capacity, call_rows)
         batch.clear()
         rows: list[ScheduledRow] = []
-        for request, tokens, wants_logits in segments:
+        for segment in segments:
+            request, tokens = segment.request, segment.tokens
+            if segment.draft and call_rows - batch.n_tokens < len(tokens):
+                yield rows  # a verified draft stays in one call
+                batch.clear()
+                rows = []
             while tokens:
                 if batch.n_tokens == call_rows:
                     yield rows
@@ -66,29 +84,40 @@ class StepPlanner:
                     rows = []
                 room = call_rows - batch.n_tokens
                 part, tokens = tokens[:room], tokens[room:]
-                logits = wants_logits and not tokens
-                row = batch.add_chunk(part, request.n_past, _seq_id(request), logits_last=logits)
+                logits = segment.logits and not tokens
+                row = batch.add_chunk(
+                    part, request.n_past, _seq_id(request), logits_last=logits, logits_all=bool(segment.draft)
+                )
                 request.n_past += len(part)
                 if logits:
-                    rows.append(ScheduledRow(request, row))
+                    rows.append(ScheduledRow(request, row - len(segment.draft), segment.draft))
         if batch.n_tokens:
             yield rows
 
+    def call_rows(self, running: int, capacity: int) -> int:
+        """Most rows in one `llama_decode` call of a step with `running` sequences."""
+        if running > 1 and self._interleaved_call_rows is not None:
+            return min(capacity, self._interleaved_call_rows)
+        return capacity
+
     @staticmethod
-    def _plan(running: Sequence[Request], capacity: int) -> list[tuple[Request, list[int], bool]]:
-        """The step's (request, tokens, wants logits) segments, taken from `pending`."""
-        segments: list[tuple[Request, list[int], bool]] = []
+    def _plan(running: Sequence[Request], capacity: int, call_rows: int) -> list[_Segment]:
+        """The step's segments, taken from `pending` (and `draft`, which is cleared)."""
+        segments: list[_Segment] = []
         budget = capacity
         for request in running:
             if request.is_decoding and budget:
-                segments.append((request, [request.pending.pop()], True))
-                budget -= 1
+                draft = request.draft[: min(budget, call_rows) - 1]
+                request.draft = ()
+                segments.append(_Segment(request, [request.pending.pop(), *draft], True, draft))
+                budget -= 1 + len(draft)
         for request in running:
+            request.draft = ()
             if request.is_decoding or not request.pending or not budget:
                 continue
             take = min(len(request.pending), budget)
             chunk, request.pending = request.pending[:take], request.pending[take:]
-            segments.append((request, chunk, not request.pending))
+            segments.append(_Segment(request, chunk, not request.pending))
             budget -= take
         return segments
 

@@ -28,6 +28,10 @@ class Usage:
     `completion_tokens` counts the generated tokens returned to the caller (an
     end-of-generation token is not counted). `time_to_first_token` is seconds from
     `submit` to the first sampled token (None if none was sampled).
+    `draft_tokens` were proposed by speculative decoding (the caller's
+    `prediction`, the request's own history, or the engine's n-gram cache) and
+    verified; `accepted_draft_tokens` of them matched what the model generated
+    (they are part of `completion_tokens`; the rest were discarded).
     """
 
     prompt_tokens: int
@@ -36,6 +40,13 @@ class Usage:
     completion_tokens: int
     time_to_first_token: float | None
     finish_reason: FinishReason
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
+
+    @property
+    def rejected_draft_tokens(self) -> int:
+        """Drafted tokens that did not match the output (OpenAI's `rejected_prediction_tokens`)."""
+        return self.draft_tokens - self.accepted_draft_tokens
 
 
 @dataclass(frozen=True)

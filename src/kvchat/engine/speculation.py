@@ -1,0 +1,219 @@
+"""`Speculator`: proposes drafts for generating requests, sized to what they are worth.
+
+Each step, a generating request may put a draft (tokens that probably follow its
+last one) into the step's batch next to its last token; the engine samples at
+every drafted position in order and keeps the draft up to the first token that
+differs from what was sampled (see `Engine._verify`). Sampling a token and
+accepting the drafted one when they agree is the acceptance rule for a
+deterministic draft: the drafted token x is kept with probability p(x), and
+otherwise the token sampled is drawn from p without x, renormalised. So the
+output has exactly the distribution (at temperature 0: exactly the tokens) of
+decoding without drafts.
+
+Where drafts come from, in order of preference (see :mod:`kvchat.engine.drafting`):
+the caller's `prediction`, the request's own tokens (prompt lookup), and the
+n-gram cache of earlier replies in the request's cache namespace.
+
+A draft costs rows in the step's `llama_decode` call whether or not it is
+accepted, so its length follows a cost model: verifying more rows costs more
+per call but far less than a step per token (`call_cost`, measured on llama.cpp's
+CPU backend), and each source's recent acceptance rate gives the tokens a draft
+of k is expected to yield. A request drafts the k that maximises the step's
+tokens per cost, and drafts nothing where no k beats plain decoding (low
+acceptance, many sequences in the batch already).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from itertools import pairwise
+
+from kvchat.engine.drafting import Draft, NgramCache, NgramIndex
+from kvchat.engine.request import Request
+
+VERIFY_COST: tuple[tuple[int, float], ...] = ((1, 1.0), (2, 1.5), (3, 1.9), (5, 2.5), (9, 3.95), (13, 4.9), (17, 5.85))
+"""Cost of one `llama_decode` call of n rows, as a multiple of a 1-row call (Qwen
+0.5B on 2 CPU cores, after a few hundred cached tokens; LLAMA_CPP_NOTES)."""
+COST_PER_ROW_BEYOND = 0.24
+"""Added cost of each row past the table's last."""
+LOOKUP_WINDOW = 8_192
+"""Prompt lookup searches at most this many of a request's latest tokens."""
+
+_DECAY = 0.8  # weight of the past in a source's acceptance estimate
+_RECOVERY = 0.97  # per skipped step, how fast failures are forgotten (so a paused source is tried again)
+
+
+def call_cost(rows: int) -> float:
+    """Relative cost of a `llama_decode` call of `rows` rows (1 row: 1.0)."""
+    if rows <= 1:
+        return float(max(rows, 0))
+    for (n0, c0), (n1, c1) in pairwise(VERIFY_COST):
+        if rows <= n1:
+            return c0 + (c1 - c0) * (rows - n0) / (n1 - n0)
+    last_rows, last_cost = VERIFY_COST[-1]
+    return last_cost + COST_PER_ROW_BEYOND * (rows - last_rows)
+
+
+def expected_tokens(acceptance: float, length: int) -> float:
+    """Tokens a step yields for a request that drafts `length` tokens, each accepted
+    with probability `acceptance` as long as the ones before it were (the token
+    sampled after the last accepted one always counts)."""
+    return sum(acceptance**i for i in range(length + 1))
+
+
+@dataclass
+class Acceptance:
+    """A source's recent acceptance, as the probability that a drafted token is
+    accepted given that the ones before it were: accepted tokens over accepted
+    tokens plus rejections, both decayed, from a prior of 3 in 4."""
+
+    accepted: float = 3.0
+    rejected: float = 1.0
+
+    @property
+    def rate(self) -> float:
+        """The current estimate."""
+        return self.accepted / (self.accepted + self.rejected)
+
+    def update(self, drafted: int, accepted: int) -> None:
+        """Learn from one verified draft."""
+        self.accepted = _DECAY * self.accepted + accepted
+        self.rejected = _DECAY * self.rejected + (1 if accepted < drafted else 0)
+
+    def rest(self) -> None:
+        """A step without this source's draft: forget failures a little."""
+        self.rejected *= _RECOVERY
+
+
+@dataclass
+class _RequestDrafts:
+    """One request's drafting state."""
+
+    prediction: NgramIndex | None
+    lookup: NgramIndex | None = None
+    lookup_indexed: int = 0
+    """How many of the request's tokens `lookup` holds (it indexes the latest `LOOKUP_WINDOW`)."""
+    cursors: dict[str, int] = field(default_factory=dict)
+    """Per followed source: where in its tokens the last accepted draft ended."""
+    acceptance: dict[str, Acceptance] = field(default_factory=dict)
+    in_flight: Draft | None = None
+
+    def rate(self, source: str) -> Acceptance:
+        return self.acceptance.setdefault(source, Acceptance())
+
+
+class Speculator:
+    """Drafts for an engine's generating requests (worker thread only).
+
+    :meth:`propose` sets `Request.draft` for the coming step; :meth:`verified`
+    learns from the outcome; :meth:`finished` adds a finished request's output
+    to the n-gram cache and drops its state.
+    """
+
+    def __init__(self, *, max_draft_tokens: int, ngram_cache_entries: int) -> None:
+        self.max_draft_tokens = max_draft_tokens
+        self.ngram_cache = NgramCache(ngram_cache_entries)
+        self._states: dict[Request, _RequestDrafts] = {}
+
+    def propose(self, running: Sequence[Request], *, capacity: int, call_rows: int) -> None:
+        """Choose each generating request's draft for the coming step."""
+        decoding = [r for r in running if r.is_decoding]
+        if not decoding:
+            return
+        prefill = sum(len(r.pending) for r in running if not r.is_decoding)
+        rows = min(capacity, len(decoding) + prefill)
+        gained = float(len(decoding))  # tokens the step yields without drafts
+        for request in decoding:
+            room = min(
+                self.max_draft_tokens,
+                call_rows - 1,
+                capacity - rows,
+                request.reserved_cells - request.own_cells - len(request.pending),
+                request.max_new_tokens - len(request.generated) - 1,
+            )
+            draft = self._best_draft(request, room, rows, gained) if room >= 1 else None
+            state = self._state(request)
+            state.in_flight = draft
+            request.draft = draft.tokens if draft is not None else ()
+            for source, acceptance in state.acceptance.items():
+                if draft is None or source != draft.source:
+                    acceptance.rest()
+            if draft is not None:
+                rows += len(draft.tokens)
+                gained += expected_tokens(state.rate(draft.source).rate, len(draft.tokens)) - 1
+
+    def verified(self, request: Request, drafted: int, accepted: int) -> None:
+        """Learn that `accepted` of the `drafted` tokens verified for `request` were accepted."""
+        state = self._states.get(request)
+        if state is None or state.in_flight is None:
+            return
+        draft, state.in_flight = state.in_flight, None
+        state.rate(draft.source).update(drafted, accepted)
+        if draft.source in ("prediction", "lookup"):
+            state.cursors[draft.source] = draft.start + accepted
+
+    def finished(self, request: Request, *, keep: bool) -> None:
+        """Forget `request`; if `keep`, remember its output for later requests of its namespace."""
+        self._states.pop(request, None)
+        if keep and request.generated:
+            self.ngram_cache.add(_namespace(request), request.generated)
+
+    # -- drafting --------------------------------------------------------------------------------
+
+    def _state(self, request: Request) -> _RequestDrafts:
+        state = self._states.get(request)
+        if state is None:
+            prediction = request.sampling.prediction
+            index = NgramIndex(prediction, min_n=1, max_n=4) if prediction else None
+            state = self._states[request] = _RequestDrafts(prediction=index)
+        return state
+
+    def _best_draft(self, request: Request, room: int, rows: int, gained: float) -> Draft | None:
+        """The first source's draft, cut to the length that pays best, if any pays."""
+        state = self._state(request)
+        plain = gained / call_cost(rows)
+        for draft in self._candidates(request, state, room):
+            acceptance = state.rate(draft.source).rate
+            best_length, best_value = 0, plain
+            for k in range(1, len(draft.tokens) + 1):
+                value = (gained - 1 + expected_tokens(acceptance, k)) / call_cost(rows + k)
+                if value > best_value:
+                    best_length, best_value = k, value
+            if best_length:
+                return Draft(draft.tokens[:best_length], draft.source, draft.start)
+        return None
+
+    def _candidates(self, request: Request, state: _RequestDrafts, room: int) -> list[Draft]:
+        generated = request.generated
+        drafts: list[Draft] = []
+        if state.prediction is not None:
+            start, tokens = state.prediction.continuation(
+                generated[-state.prediction.max_n :], room, after=state.cursors.get("prediction", 0)
+            )
+            if tokens:
+                drafts.append(Draft(tuple(tokens), "prediction", start))
+        lookup = self._lookup_index(request, state)
+        context = request.all_tokens[-lookup.max_n :]
+        start, tokens = lookup.continuation(context, room, after=state.cursors.get("lookup", len(lookup)))
+        if tokens:
+            drafts.append(Draft(tuple(tokens), "lookup", start))
+        cached = self.ngram_cache.continuation(_namespace(request), context, room)
+        if cached:
+            drafts.append(Draft(tuple(cached), "ngram_cache"))
+        return drafts
+
+    @staticmethod
+    def _lookup_index(request: Request, state: _RequestDrafts) -> NgramIndex:
+        tokens = request.all_tokens
+        if state.lookup is None:
+            state.lookup_indexed = max(0, len(tokens) - LOOKUP_WINDOW)
+            state.lookup = NgramIndex(min_n=2, max_n=4)
+        state.lookup.extend(tokens[state.lookup_indexed :])
+        state.lookup_indexed = len(tokens)
+        return state.lookup
+
+
+def _namespace(request: Request) -> str | None:
+    """The tenant's own cache namespace (a shifted request's original one)."""
+    return request.original_cache_key if request.shift is not None else request.cache_key
