@@ -2,9 +2,10 @@
 
 Messages in, a stream of message deltas out. It renders the history with the
 model's template (injection-safe, token-faithful), applies the context-overflow
-policy, turns `tool_choice` and `response_format` into a grammar, submits the
-tokens to the engine, and turns the engine's text back into content and tool
-calls in the model's own tool-call format.
+policy, turns `tool_choice` and `response_format` into a grammar, tokenizes a
+`prediction` of the reply (speculative decoding's drafts), submits the tokens to
+the engine, and turns the engine's text back into content and tool calls in the
+model's own tool-call format.
 """
 
 from __future__ import annotations
@@ -45,7 +46,11 @@ class ChatDelta:
 
 @dataclass(frozen=True)
 class ChatCompletion:
-    """A whole assistant message: content (None if it only called tools), tool calls, usage."""
+    """A whole assistant message: content (None if it only called tools), tool calls, usage.
+
+    `usage` is the engine's, speculative decoding's counts included
+    (`draft_tokens`, `accepted_draft_tokens`, `rejected_draft_tokens`).
+    """
 
     content: str | None
     tool_calls: tuple[ToolCall, ...]
@@ -176,6 +181,7 @@ def complete(
     overflow: OverflowPolicy = "error",
     n_keep: int | None = None,
     cache_key: str | None = None,
+    prediction: str | None = None,
 ) -> ChatStream:
     """Answer a chat: render `messages`, generate, and stream the assistant's reply.
 
@@ -194,6 +200,12 @@ def complete(
       cannot shift positions raise `InvalidRequestError`).
     - `cache_key` keeps tenants apart: their cached prefixes, and the exact ids of
       their earlier replies (the generated-token memory).
+    - `prediction`: the reply's text as the caller expects it (OpenAI's predicted
+      outputs), say the file an edit request will mostly repeat. It is tokenized
+      as plain text (no BOS, special-token text as ordinary characters) and
+      drafted from while the engine's speculation is on: a reply that repeats it
+      comes faster, and the reply is the same with or without it. It replaces any
+      `sampling.prediction`; at most `kvchat.engine.sampling.MAX_PREDICTION_TOKENS` tokens.
 
     Raises `InvalidRequestError` (or its subclasses) for bad input before anything
     is queued.
@@ -217,10 +229,26 @@ def complete(
         grammar = grammar_for_response_format(response_format)
     if grammar is not None:
         sampling = replace(sampling, grammar=grammar)
+    if prediction is not None:
+        sampling = replace(sampling, prediction=_prediction_tokens(engine, prediction))
     tokens, shift = _fit(engine, tokenizer, list(messages), visible_tools, sampling, overflow, n_keep, cache_key)
     stream = engine.submit(tokens, sampling, cache_key=cache_key, shift=shift)
     parser = StreamingToolCallParser(tool_format) if tool_format else None
     return ChatStream(stream, _Translator(parser, tokenizer.memory, cache_key), len(tokens))
+
+
+def _prediction_tokens(engine: Engine, prediction: str) -> tuple[int, ...]:
+    """`prediction` as the model's tokens: plain text, no BOS, special-token text not parsed.
+
+    Raises `InvalidRequestError` (field ``prediction``) for text that is not a
+    string or not valid Unicode; the length is checked by `SamplingParams`.
+    """
+    if not isinstance(prediction, str):
+        raise InvalidRequestError("prediction must be text", field="prediction")
+    try:
+        return tuple(engine.model.tokenize(prediction, add_special=False, parse_special=False))
+    except InvalidRequestError as exc:
+        raise InvalidRequestError(f"prediction: {exc}", field="prediction") from None
 
 
 def _fit(

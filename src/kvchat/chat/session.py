@@ -105,29 +105,34 @@ class ChatSession:
         """A copy of the messages."""
         return copy.deepcopy(self.messages)
 
-    def send(self, text: str, *, sampling: SamplingParams | None = None) -> SessionReply:
-        """Add a user message and stream the assistant's reply."""
+    def send(self, text: str, *, sampling: SamplingParams | None = None, prediction: str | None = None) -> SessionReply:
+        """Add a user message and stream the assistant's reply.
+
+        `prediction`: the reply's text as you expect it (see :func:`complete`):
+        drafts for speculative decoding, which make a reply that repeats it faster.
+        """
         self.messages.append({"role": "user", "content": text})
         try:
-            return self._reply(sampling)
+            return self._reply(sampling, prediction)
         except BaseException:
             self.messages.pop()
             raise
 
-    def regenerate(self, *, sampling: SamplingParams | None = None) -> SessionReply:
-        """Replace the last assistant reply with a new one."""
+    def regenerate(self, *, sampling: SamplingParams | None = None, prediction: str | None = None) -> SessionReply:
+        """Replace the last assistant reply with a new one (`prediction` as in :meth:`send`)."""
         if not self.messages or self.messages[-1].get("role") != "assistant":
             raise InvalidRequestError("there is no assistant reply to regenerate", field="messages")
         removed = self.messages.pop()
         try:
-            return self._reply(sampling)
+            return self._reply(sampling, prediction)
         except BaseException:
             self.messages.append(removed)
             raise
 
-    def respond(self, *, sampling: SamplingParams | None = None) -> SessionReply:
-        """Stream an assistant reply to the history as it stands (after an edit, say)."""
-        return self._reply(sampling)
+    def respond(self, *, sampling: SamplingParams | None = None, prediction: str | None = None) -> SessionReply:
+        """Stream an assistant reply to the history as it stands (after an edit, say;
+        `prediction` as in :meth:`send`)."""
+        return self._reply(sampling, prediction)
 
     def edit(self, index: int, text: str) -> None:
         """Replace the text of message `index` (later messages stay; the next call
@@ -180,7 +185,7 @@ class ChatSession:
         except (IndexError, TypeError) as exc:
             raise InvalidRequestError(f"no message at index {index!r}", field="index") from exc
 
-    def _reply(self, sampling: SamplingParams | None) -> SessionReply:
+    def _reply(self, sampling: SamplingParams | None, prediction: str | None) -> SessionReply:
         stream = complete(
             self.engine,
             self.messages,
@@ -188,5 +193,6 @@ class ChatSession:
             sampling=sampling or self.sampling,
             overflow=self.overflow,
             cache_key=self.cache_key,
+            prediction=prediction,
         )
         return SessionReply(self, stream)

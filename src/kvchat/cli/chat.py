@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, TextIO
+from typing import TYPE_CHECKING, Annotated, Literal, TextIO
 
 import typer
 from rich.console import Console
@@ -33,7 +33,7 @@ from kvchat.models import DEFAULT_CHAT_MODEL
 
 if TYPE_CHECKING:  # imported when a command runs: `kvchat --help` stays fast
     from kvchat.chat.session import ChatSession, SessionReply
-    from kvchat.engine import Usage
+    from kvchat.engine import EngineStats, Usage
 
 HELP = """\
 /retry          answer the last message again
@@ -43,7 +43,7 @@ HELP = """\
 /history        list the messages with their numbers
 /save FILE      save the chat (messages, JSON)
 /load FILE      load a saved chat
-/stats          the figures of every turn so far
+/stats          the figures of every turn so far, and the drafts' acceptance
 /help           this list
 /quit           leave (also Ctrl-D)"""
 
@@ -58,6 +58,8 @@ class TurnStats:
     completion_tokens: int
     ttft: float | None
     tokens_per_second: float | None
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
 
     def line(self) -> str:
         ttft = "-" if self.ttft is None else f"{self.ttft * 1000:.0f} ms"
@@ -169,6 +171,8 @@ class ChatREPL:
             usage.completion_tokens,
             usage.time_to_first_token,
             rate,
+            usage.draft_tokens,
+            usage.accepted_draft_tokens,
         )
         self.turns.append(stats)
         self.info.print(stats.line(), style="dim", highlight=False)
@@ -217,7 +221,8 @@ class ChatREPL:
             self.info.print("no turns yet")
             return
         table = Table(title="turns")
-        for column in ("#", "prompt", "cached", "evaluated", "completion", "first token (ms)", "tok/s"):
+        counts = ("#", "prompt", "cached", "evaluated", "completion", "drafted", "accepted")
+        for column in (*counts, "first token (ms)", "tok/s"):
             table.add_column(column, justify="right")
         for number, t in enumerate(self.turns, start=1):
             table.add_row(
@@ -226,16 +231,27 @@ class ChatREPL:
                 str(t.cached_tokens),
                 str(t.evaluated_tokens),
                 str(t.completion_tokens),
+                str(t.draft_tokens),
+                str(t.accepted_draft_tokens),
                 "-" if t.ttft is None else f"{t.ttft * 1000:.0f}",
                 "-" if t.tokens_per_second is None else f"{t.tokens_per_second:.1f}",
             )
         self.info.print(table)
+        self.info.print(speculation_line(self.session.engine.stats()))
 
     @staticmethod
     def require(value: str, usage: str) -> str:
         if not value:
             raise ValueError(f"usage: {usage}")
         return value
+
+
+def speculation_line(stats: EngineStats) -> str:
+    """Speculative decoding since the engine started: tokens drafted, accepted, and the rate."""
+    return (
+        f"speculation: drafted {stats.draft_tokens} · accepted {stats.accepted_draft_tokens} · "
+        f"acceptance {stats.acceptance_rate:.0%}"
+    )
 
 
 def chat(
@@ -247,6 +263,10 @@ def chat(
     temperature: Annotated[float, typer.Option(min=0, max=2)] = 0.7,
     seed: Annotated[int | None, typer.Option(help="Sampling seed (repeatable answers).")] = None,
     ctx_size: Annotated[int, typer.Option(min=256, help="KV cells (history and cache).")] = 8192,
+    speculation: Annotated[
+        Literal["auto", "off"],
+        typer.Option(help="Speculative decoding: 'auto' drafts tokens where it pays; 'off' decodes one per step."),
+    ] = "auto",
 ) -> None:
     """Chat with a model in the terminal; /help lists the commands."""
     from kvchat.chat.session import ChatSession
@@ -256,7 +276,9 @@ def chat(
     interactive = sys.stdin.isatty()
     out, info = Console(soft_wrap=True), Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
     try:
-        with Engine(resolve(model), EngineSettings(n_ctx=ctx_size, max_running=2, n_seq_max=8)) as engine:
+        with Engine(
+            resolve(model), EngineSettings(n_ctx=ctx_size, max_running=2, n_seq_max=8, speculation=speculation)
+        ) as engine:
             sampling = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed)
             session = ChatSession(engine, system=system, sampling=sampling, overflow="truncate_oldest")
             if interactive:

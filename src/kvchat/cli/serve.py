@@ -7,7 +7,7 @@ shown in ``--help``); a command-line value wins.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -68,6 +68,14 @@ def serve(
     cache_disk: Annotated[
         str, typer.Option(envvar="KVCHAT_CACHE_DISK", help="Bound on --cache-dir's size (oldest files go first).")
     ] = "4G",
+    speculation: Annotated[
+        Literal["auto", "off"],
+        typer.Option(
+            envvar="KVCHAT_SPECULATION",
+            help="Speculative decoding: 'auto' drafts tokens (from a request's prediction, its own text and "
+            "earlier replies) where it pays; 'off' decodes one token per step.",
+        ),
+    ] = "auto",
     api_key: Annotated[
         list[str] | None,
         typer.Option(
@@ -127,6 +135,7 @@ def serve(
             cache_ram_bytes=_size(cache_ram),
             cache_dir=str(cache_dir) if cache_dir else None,
             cache_disk_bytes=_size(cache_disk),
+            speculation=speculation,
         )
         settings = ServerSettings(
             model_name=model_name or default_model_name(model),

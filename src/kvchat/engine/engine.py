@@ -439,9 +439,14 @@ class Engine:
         request.accepted_draft_tokens += accepted
         if self._speculator is not None:
             self._speculator.verified(request, len(draft), accepted)
-        for token in emitted:
+        last_token_position = request.n_past - accepted - 1
+        for i, token in enumerate(emitted):
+            # Should this token end the request, keep the KV that decoding without
+            # drafts would hold then: the tokens before it (the cache stays the same).
+            request.kv_end = last_token_position + 1 + i
             if not self._advance(request, token):
                 return
+        request.kv_end = None
 
     def _advance(self, request: Request, token: int) -> bool:
         """Emit a sampled token; False if it ended the request."""
@@ -490,11 +495,11 @@ class Engine:
         self._scheduler.remove(request)
         if self._speculator is not None:
             self._speculator.finished(request, keep=keep)
-        if keep and request.seq_id is not None and request.n_past > len(request.all_tokens):
-            # Drafted tokens verified past the token that ended it (a stop, or an end
-            # of generation, which is not part of the output): not the request's.
-            self._pool.remove(request.seq_id, len(request.all_tokens), -1)
-            request.n_past = len(request.all_tokens)
+        if keep and request.seq_id is not None and request.kv_end is not None and request.n_past > request.kv_end:
+            # It ended inside a verified draft: drop the cells past what decoding
+            # without drafts would hold (drafted tokens after its end are not its own).
+            self._pool.remove(request.seq_id, request.kv_end, -1)
+            request.n_past = request.kv_end
         if request.pinned is not None:
             self._pinned.finish(request, keep=keep)
         else:

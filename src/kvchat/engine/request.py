@@ -61,6 +61,9 @@ class Request:
     draft: tuple[int, ...] = ()
     """Tokens proposed to follow the last sampled one, verified in the coming step
     (speculative decoding; see `Speculator`)."""
+    kv_end: int | None = None
+    """While a verified draft's tokens are emitted: the KV length to keep if the
+    token being emitted ends the request."""
     draft_tokens: int = 0
     """Drafted tokens verified so far."""
     accepted_draft_tokens: int = 0

@@ -12,7 +12,8 @@ decoding without drafts.
 
 Where drafts come from, in order of preference (see :mod:`kvchat.engine.drafting`):
 the caller's `prediction`, the request's own tokens (prompt lookup), and the
-n-gram cache of earlier replies in the request's cache namespace.
+n-gram cache of earlier replies in the request's cache namespace (not for a
+request with a `seed`, so that it repeats itself when run alone).
 
 A draft costs rows in the step's `llama_decode` call whether or not it is
 accepted, so its length follows a cost model: verifying more rows costs more
@@ -130,7 +131,7 @@ class Speculator:
                 call_rows - 1,
                 capacity - rows,
                 request.reserved_cells - request.own_cells - len(request.pending),
-                request.max_new_tokens - len(request.generated) - 1,
+                request.max_new_tokens - len(request.generated),  # the last one may end it
             )
             draft = self._best_draft(request, room, rows, gained) if room >= 1 else None
             state = self._state(request)
@@ -198,9 +199,13 @@ class Speculator:
         start, tokens = lookup.continuation(context, room, after=state.cursors.get("lookup", len(lookup)))
         if tokens:
             drafts.append(Draft(tuple(tokens), "lookup", start))
-        cached = self.ngram_cache.continuation(_namespace(request), context, room)
-        if cached:
-            drafts.append(Draft(tuple(cached), "ngram_cache"))
+        if request.sampling.seed is None:
+            # A seeded request drafts only from itself: run alone, it then repeats
+            # itself exactly (the cache's drafts would change its batch shapes, and
+            # llama.cpp's logits move slightly with them).
+            cached = self.ngram_cache.continuation(_namespace(request), context, room)
+            if cached:
+                drafts.append(Draft(tuple(cached), "ngram_cache"))
         return drafts
 
     @staticmethod

@@ -5,9 +5,10 @@ Two sources:
 - per-request observations made by the server: requests by endpoint and
   status, time to first token, time per output token;
 - the engine's own snapshot (:meth:`Engine.stats`), read at scrape time: token
-  counters (prompt, cached, evaluated, completion), cache hit rate, resident
-  tokens per tier, active and queued requests. The engine counts every request
-  it ran, so these also cover work that did not come through HTTP.
+  counters (prompt, cached, evaluated, completion, drafted and accepted by
+  speculative decoding), cache hit rate, resident tokens per tier, the n-gram
+  cache's size, active and queued requests. The engine counts every request it
+  ran, so these also cover work that did not come through HTTP.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class _EngineCollector(Collector):
             ("cached_tokens", stats.cached_tokens, "Prompt tokens reused from the KV cache."),
             ("evaluated_tokens", stats.evaluated_tokens, "Prompt tokens run through the model."),
             ("completion_tokens", stats.completion_tokens, "Tokens generated."),
+            ("draft_tokens", stats.draft_tokens, "Tokens drafted by speculative decoding and verified."),
+            ("accepted_draft_tokens", stats.accepted_draft_tokens, "Drafted tokens that matched the output."),
             ("cache_evictions", stats.evictions, "Cache entries evicted from the KV pool."),
             ("preemptions", stats.preemptions, "Running requests parked to make room for older ones (resumed later)."),
             (
@@ -68,6 +71,14 @@ class _EngineCollector(Collector):
         yield sequences
         yield GaugeMetricFamily(
             "kvchat_cache_locked_tokens", "Cached tokens running requests depend on.", value=stats.locked_cache_tokens
+        )
+        yield GaugeMetricFamily(
+            "kvchat_ngram_cache_entries", "Entries of speculation's n-gram cache.", value=stats.ngram_cache_entries
+        )
+        yield GaugeMetricFamily(
+            "kvchat_ngram_cache_bytes",
+            "Approximate bytes held by speculation's n-gram cache.",
+            value=stats.ngram_cache_bytes,
         )
         yield GaugeMetricFamily("kvchat_requests_active", "Requests the engine is running.", value=stats.active)
         yield GaugeMetricFamily("kvchat_requests_queued", "Requests waiting for an engine slot.", value=stats.queued)

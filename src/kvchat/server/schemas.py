@@ -7,9 +7,12 @@ and dropped (``extra="allow"``), so official clients never fail on them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from kvchat.errors import InvalidRequestError
 
 
 class ChatMessage(BaseModel):
@@ -58,10 +61,37 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
 
     def history(self) -> list[dict[str, Any]]:
         """The messages as plain dicts, without the fields the client left out."""
         return [m.model_dump(exclude_none=True) for m in self.messages]
+
+    def prediction_text(self) -> str | None:
+        """The text of `prediction` (see :func:`prediction_text`); None without one."""
+        return None if self.prediction is None else prediction_text(self.prediction)
+
+
+def prediction_text(prediction: Mapping[str, Any]) -> str:
+    """The text of OpenAI's predicted output, ``{"type": "content", "content": ...}``,
+    whose content is a string or a list of ``{"type": "text", "text": ...}`` parts
+    (joined). Any other shape raises `InvalidRequestError` (field ``prediction``)."""
+    kind = prediction.get("type")
+    if kind != "content":
+        shown = repr(kind)[:40]
+        raise InvalidRequestError(f"prediction type must be 'content', not {shown}", field="prediction")
+    content = prediction.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(_is_text_part(part) for part in content):
+        return "".join(part["text"] for part in content)
+    raise InvalidRequestError(
+        "prediction content must be a string or a list of {'type': 'text', 'text': ...} parts", field="prediction"
+    )
+
+
+def _is_text_part(part: object) -> bool:
+    return isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
 
 
 class CompletionRequest(SamplingFields):

@@ -1,8 +1,10 @@
 """``POST /v1/chat/completions``: a chat through :func:`kvchat.chat.complete.complete`.
 
-The request is admitted before any work (rendering and tokenizing the prompt
-happen on a thread, once the request holds its running place); a client that
-disconnects cancels the request, streamed or not.
+The request is admitted before any work (rendering and tokenizing the prompt and
+the ``prediction`` happen on a thread, once the request holds its running place);
+a client that disconnects cancels the request, streamed or not. A ``prediction``
+(OpenAI's predicted outputs) gives speculative decoding its drafts; the usage
+reports the drafts of every request (see :func:`openai_usage`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ async def chat_completions(
             400, f"{len(body.tools)} tools; this server allows at most {state.settings.max_tools}", param="tools"
         )
     sampling = state.sampling(body, body.max_completion_tokens or body.max_tokens)
+    prediction = body.prediction_text()
     run = state.new_run(request, tenant)
     with serving(run):
         await run.start()
@@ -53,6 +56,7 @@ async def chat_completions(
             response_format=body.response_format,
             sampling=sampling,
             cache_key=tenant.cache_key,
+            prediction=prediction,
         )
         run.attach(stream)
         reply_id = "chatcmpl-" + uuid.uuid4().hex

@@ -135,6 +135,8 @@ def _sum_usage(usages: list[Usage]) -> Usage:
         completion_tokens=sum(u.completion_tokens for u in usages),
         time_to_first_token=min(first_tokens) if first_tokens else None,
         finish_reason=usages[0].finish_reason,
+        draft_tokens=sum(u.draft_tokens for u in usages),
+        accepted_draft_tokens=sum(u.accepted_draft_tokens for u in usages),
     )
 
 

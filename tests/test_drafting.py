@@ -1,0 +1,244 @@
+"""Draft sources and the draft-length policy: pure logic, no model."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvchat.engine.drafting import NgramCache, NgramIndex, _entry_bytes
+from kvchat.engine.request import Request
+from kvchat.engine.sampling import SamplingParams
+from kvchat.engine.speculation import VERIFY_COST, Acceptance, Speculator, call_cost, expected_tokens
+from kvchat.engine.stream import Stream
+
+# -- NgramIndex ---------------------------------------------------------------------------------
+
+
+def test_continuation_follows_the_longest_matching_ngram() -> None:
+    index = NgramIndex([1, 2, 3, 9, 9, 7, 2, 3, 4, 5, 6], min_n=1, max_n=3)
+    # (7, 2, 3) occurred once, followed by 4 5 6; (2, 3) alone also by 9.
+    assert index.continuation([7, 2, 3], 3) == (8, [4, 5, 6])
+    assert index.continuation([0, 2, 3], 2, after=0) == (3, [9, 9])
+
+
+def test_continuation_prefers_the_first_occurrence_at_or_after_the_cursor_else_the_latest() -> None:
+    index = NgramIndex([5, 1, 5, 2, 5, 3], min_n=1, max_n=1)
+    assert index.continuation([5], 1, after=0) == (1, [1])
+    assert index.continuation([5], 1, after=2) == (3, [2])
+    assert index.continuation([5], 1, after=100) == (5, [3])
+
+
+def test_continuation_without_a_match_or_room_is_empty() -> None:
+    index = NgramIndex([1, 2, 3], min_n=2, max_n=3)
+    assert index.continuation([3, 1], 4) == (0, [])
+    assert index.continuation([1], 4) == (0, [])  # shorter than min_n
+    assert index.continuation([1, 2], 0) == (0, [])
+
+
+def test_extend_indexes_ngrams_once_they_have_a_follower() -> None:
+    index = NgramIndex([1, 2], min_n=2, max_n=2)
+    assert index.continuation([1, 2], 3) == (0, [])
+    index.extend([8])
+    assert index.continuation([1, 2], 3) == (2, [8])
+
+
+def test_ngram_bounds_are_checked() -> None:
+    with pytest.raises(ValueError):
+        NgramIndex(min_n=0, max_n=2)
+    with pytest.raises(ValueError):
+        NgramIndex(min_n=3, max_n=2)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    tokens=st.lists(st.integers(0, 5), max_size=3_000),
+    context=st.lists(st.integers(0, 5), min_size=1, max_size=8),
+    limit=st.integers(1, 64),
+    after=st.integers(0, 4_000),
+)
+def test_continuation_is_what_followed_the_longest_suffix_match(tokens, context, limit, after) -> None:
+    index = NgramIndex(tokens, min_n=1, max_n=4)
+    start, found = index.continuation(context, limit, after=after)
+    longest = 0
+    for n in range(min(4, len(context)), 0, -1):
+        suffix = context[-n:]
+        if any(tokens[e - n : e] == suffix for e in range(n, len(tokens))):
+            longest = n
+            break
+    if longest == 0:
+        assert (start, found) == (0, [])
+        return
+    assert found == tokens[start : start + limit] and found
+    assert tokens[start - longest : start] == context[-longest:]
+    ends = [e for e in range(longest, len(tokens)) if tokens[e - longest : e] == context[-longest:]]
+    at_or_after = [e for e in ends if e >= after]
+    assert start == (at_or_after[0] if at_or_after else ends[-1])
+
+
+# -- NgramCache -----------------------------------------------------------------------------------
+
+
+def test_ngram_cache_returns_what_followed_in_the_same_namespace_only() -> None:
+    cache = NgramCache(100, n=2, continuation_length=4)
+    cache.add("alice", [1, 2, 3, 4, 5, 6])
+    assert cache.continuation("alice", [9, 1, 2], 3) == [3, 4, 5]
+    assert cache.continuation("bob", [9, 1, 2], 3) == []
+    assert cache.continuation(None, [1, 2], 3) == []
+    assert cache.continuation("alice", [2], 3) == []  # shorter than n
+
+
+def test_ngram_cache_is_bounded_and_drops_the_least_recently_used() -> None:
+    cache = NgramCache(3, n=1, continuation_length=2)
+    cache.add(None, [1, 2, 3, 4])  # (1)->2 3, (2)->3 4, (3)->4
+    assert cache.continuation(None, [1], 2) == [2, 3]  # (1) is now the most recent
+    cache.add(None, [7, 8])  # (7)->8 pushes out (2), the least recently used
+    assert len(cache) == 3
+    assert cache.continuation(None, [2], 2) == []
+    assert cache.continuation(None, [1], 2) == [2, 3]
+
+
+def test_a_zero_sized_ngram_cache_keeps_nothing() -> None:
+    cache = NgramCache(0)
+    cache.add(None, list(range(50)))
+    assert len(cache) == 0 and cache.bytes == 0
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    adds=st.lists(
+        st.tuples(st.sampled_from(["a", "b", None]), st.lists(st.integers(0, 3), max_size=200)), max_size=30
+    ),
+    max_entries=st.integers(0, 50),
+)
+def test_ngram_cache_counts_its_bytes_and_never_exceeds_its_bound(adds, max_entries) -> None:
+    cache = NgramCache(max_entries, n=2, continuation_length=5)
+    for namespace, tokens in adds:
+        cache.add(namespace, tokens)
+        assert len(cache) <= max_entries
+    assert cache.bytes == sum(_entry_bytes(k, v) for k, v in cache._entries.items())
+
+
+# -- the cost model ---------------------------------------------------------------------------------
+
+
+def test_call_cost_goes_through_the_measured_points_and_grows() -> None:
+    for rows, cost in VERIFY_COST:
+        assert call_cost(rows) == pytest.approx(cost)
+    costs = [call_cost(n) for n in range(1, 200)]
+    assert all(b > a for a, b in zip(costs, costs[1:]))
+    assert call_cost(1_000_000) > call_cost(64)
+
+
+def test_expected_tokens() -> None:
+    assert expected_tokens(1.0, 7) == 8
+    assert expected_tokens(0.0, 7) == 1
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+
+
+def test_acceptance_falls_with_rejections_and_recovers_while_resting() -> None:
+    acceptance = Acceptance()
+    prior = acceptance.rate
+    for _ in range(5):
+        acceptance.update(drafted=8, accepted=0)
+    low = acceptance.rate
+    assert low < 0.25 < prior
+    for _ in range(200):
+        acceptance.rest()
+    assert acceptance.rate > 0.9  # a paused source is tried again
+    for _ in range(10):
+        acceptance.update(drafted=8, accepted=8)
+    assert acceptance.rate > 0.95
+
+
+# -- Speculator.propose ------------------------------------------------------------------------------
+
+
+def decoding_request(request_id: int, prompt: list[int], generated: list[int], *, max_new: int = 256,
+                     prediction: tuple[int, ...] = (), cache_key: str | None = None) -> Request:
+    request = Request(request_id, tuple(prompt), SamplingParams(prediction=prediction), max_new,
+                      Stream(request_id, on_cancel=lambda: None), cache_key=cache_key)
+    for token in generated:
+        request.record_token(token)
+    request.seq_id = request_id
+    request.n_past = len(prompt) + len(generated) - 1
+    request.reserved_cells = request.n_past + 256  # room, as the scheduler grants it
+    return request
+
+
+REPEATED = list(range(100, 140))
+
+
+def test_a_reply_that_repeats_its_prompt_gets_a_lookup_draft() -> None:
+    speculator = Speculator(max_draft_tokens=16, ngram_cache_entries=100)
+    request = decoding_request(1, [1, 2, *REPEATED, 3], REPEATED[:5])
+    speculator.propose([request], capacity=512, call_rows=512)
+    assert request.draft and request.draft == tuple(REPEATED[5 : 5 + len(request.draft)])
+
+
+def test_the_prediction_is_drafted_first() -> None:
+    speculator = Speculator(max_draft_tokens=16, ngram_cache_entries=100)
+    prediction = (7, 50, 51, 52, 53, 54)
+    request = decoding_request(1, [1, 2, *REPEATED, 3], [REPEATED[0], 7], prediction=prediction)
+    speculator.propose([request], capacity=512, call_rows=512)
+    assert request.draft and request.draft == prediction[1 : 1 + len(request.draft)]
+
+
+@pytest.mark.parametrize(
+    ("slack", "max_new", "call_rows", "most"),
+    [(3, 256, 512, 3), (256, 4, 512, 4 - 1), (256, 256, 5, 4), (256, 256, 512, 16)],
+)
+def test_a_draft_stays_within_the_reservation_max_tokens_and_the_call(slack, max_new, call_rows, most) -> None:
+    speculator = Speculator(max_draft_tokens=16, ngram_cache_entries=0)
+    request = decoding_request(1, [*REPEATED, *REPEATED], REPEATED[:1], max_new=max_new)
+    request.reserved_cells = request.own_cells + len(request.pending) + slack
+    for _ in range(5):  # a history of full acceptance: the longest draft that fits pays
+        speculator.propose([request], capacity=512, call_rows=call_rows)
+        speculator.verified(request, len(request.draft), len(request.draft))
+    speculator.propose([request], capacity=512, call_rows=call_rows)
+    assert 1 <= len(request.draft) <= most
+
+
+def test_drafting_pauses_when_it_does_not_pay() -> None:
+    speculator = Speculator(max_draft_tokens=16, ngram_cache_entries=0)
+    request = decoding_request(1, [*REPEATED, *REPEATED], REPEATED[:1])
+    for _ in range(6):  # every draft rejected
+        speculator.propose([request], capacity=512, call_rows=512)
+        assert request.draft or _ > 0
+        speculator.verified(request, len(request.draft), 0)
+    speculator.propose([request], capacity=512, call_rows=512)
+    assert request.draft == ()
+
+
+def test_a_large_batch_drafts_less() -> None:
+    def drafted(n: int) -> int:
+        speculator = Speculator(max_draft_tokens=16, ngram_cache_entries=0)
+        requests = [decoding_request(i, [*REPEATED, *REPEATED], REPEATED[:1]) for i in range(1, n + 1)]
+        speculator.propose(requests, capacity=4096, call_rows=4096)
+        return sum(len(r.draft) for r in requests) // n
+
+    assert drafted(1) > drafted(48)
+
+
+def test_the_ngram_cache_learns_from_finished_requests_of_the_same_namespace_only() -> None:
+    speculator = Speculator(max_draft_tokens=16, ngram_cache_entries=1000)
+    reply = [60, 61, 62, 63, 64, 65, 66, 67, 68, 69]
+    done = decoding_request(1, [1, 2, 3], reply, cache_key="alice")
+    speculator.finished(done, keep=True)
+    for key, expect_draft in (("alice", True), ("bob", False)):
+        other = decoding_request(2, [4, 5, 6, 60, 61, 62], [60, 61, 62], cache_key=key)
+        other.prompt = (7, 8, 9)  # no lookup source: only the n-gram cache can draft
+        speculator.propose([other], capacity=512, call_rows=512)
+        assert bool(other.draft) is expect_draft
+        if expect_draft:
+            assert other.draft == tuple(reply[3 : 3 + len(other.draft)])
+        speculator.finished(other, keep=False)
+
+
+def test_a_seeded_request_does_not_draft_from_other_requests_replies() -> None:
+    speculator = Speculator(max_draft_tokens=16, ngram_cache_entries=1000)
+    speculator.finished(decoding_request(1, [1, 2, 3], [60, 61, 62, 63, 64, 65]), keep=True)
+    seeded = decoding_request(2, [7, 8, 9], [60, 61, 62])
+    seeded.sampling = SamplingParams(seed=5)
+    speculator.propose([seeded], capacity=512, call_rows=512)
+    assert seeded.draft == ()

@@ -1,0 +1,281 @@
+"""Speculative decoding on the real model: drafts change how fast, never what.
+
+Qwen2.5-Coder 0.5B, whose answers to "repeat this code" follow the prompt, so
+prompt lookup and predictions draft long stretches. Two engines on the same
+model, one drafting and one not, without prefix cache so both evaluate every
+prompt token. llama.cpp's logits differ slightly between batch shapes, so the
+prompts here have clear margins (as the engine tests' do).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+from helpers import assert_idle
+
+from kvchat import Engine, EngineSettings
+from kvchat.chat.response_format import grammar_for_response_format
+from kvchat.engine import SamplingParams
+from kvchat.llama import Model
+
+pytestmark = pytest.mark.model
+
+CODE = '''def moving_average(values, window):
+    """Return the moving averages of values over window."""
+    if window <= 0:
+        raise ValueError("window must be positive")
+    result = []
+    total = 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        if i >= window - 1:
+            result.append(total / window)
+    return result
+'''
+
+SETTINGS = dict(n_ctx=4096, max_running=8, n_seq_max=8, prefix_cache=False)
+
+
+def chatml(user: str) -> str:
+    return (
+        "<|im_start|>system\nYou are a helpful coding assistant.<|im_end|>\n"
+        f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+REPEAT_CODE = chatml(f"Repeat this code exactly, in a python code block:\n```python\n{CODE}```")
+
+
+@pytest.fixture(scope="module")
+def drafting(qwen_model: Model) -> Engine:
+    with Engine(qwen_model, EngineSettings(**SETTINGS, speculation="auto")) as engine:
+        yield engine
+
+
+@pytest.fixture(scope="module")
+def plain(qwen_model: Model) -> Engine:
+    with Engine(qwen_model, EngineSettings(**SETTINGS, speculation="off")) as engine:
+        yield engine
+
+
+@pytest.fixture
+def idle_drafting(drafting: Engine) -> Engine:
+    yield drafting
+    assert_idle(drafting)
+
+
+def tokens(engine: Engine, text: str) -> list[int]:
+    return engine.model.tokenize(text, add_special=False, parse_special=True)
+
+
+def run(engine: Engine, prompt: str, sampling: SamplingParams):
+    stream = engine.submit(tokens(engine, prompt), sampling)
+    result = stream.collect()
+    return result.token_ids, stream.usage
+
+
+def greedy(max_tokens: int, **extra) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=max_tokens, **extra)
+
+
+GREEDY_PROMPTS = [
+    REPEAT_CODE,  # drafts mostly accepted (the reply copies the prompt)
+    chatml("Count from 1 to 30, separated by commas."),
+    chatml("Write the numbers one to ten in English words, one per line."),
+]
+
+
+@pytest.mark.parametrize("prompt", GREEDY_PROMPTS, ids=["repeat-code", "count", "words"])
+def test_greedy_output_equals_plain_decoding(idle_drafting: Engine, plain: Engine, prompt: str) -> None:
+    expected, plain_usage = run(plain, prompt, greedy(96))
+    got, usage = run(idle_drafting, prompt, greedy(96))
+    assert got == expected
+    assert usage.completion_tokens == plain_usage.completion_tokens
+    assert plain_usage.draft_tokens == 0
+    assert usage.draft_tokens >= usage.accepted_draft_tokens >= 0
+
+
+def test_a_reply_that_repeats_the_prompt_is_drafted_and_mostly_accepted(idle_drafting: Engine) -> None:
+    _, usage = run(idle_drafting, REPEAT_CODE, greedy(96))
+    assert usage.accepted_draft_tokens >= usage.completion_tokens // 2
+    stats = idle_drafting.stats()
+    assert stats.draft_tokens >= usage.draft_tokens and 0 < stats.acceptance_rate <= 1
+
+
+def test_prediction_fully_partly_and_never_accepted_gives_the_same_output(
+    idle_drafting: Engine, plain: Engine
+) -> None:
+    prompt = chatml("Write the numbers one to twelve in English words, one per line.")
+    expected, _ = run(plain, prompt, greedy(40))
+    assert len(expected) == 40
+
+    # Fully: the prediction is the reply itself.
+    got, usage = run(idle_drafting, prompt, greedy(40, prediction=expected))
+    assert got == expected
+    assert usage.accepted_draft_tokens >= 30 and usage.accepted_draft_tokens <= usage.completion_tokens
+
+    # Partly: the reply with its middle replaced.
+    wrong = tokens(idle_drafting, " banana kiwi melon")
+    partly = [*expected[:15], *wrong, *expected[15:]]
+    got, usage = run(idle_drafting, prompt, greedy(40, prediction=partly))
+    assert got == expected
+    assert usage.accepted_draft_tokens > 0 and usage.rejected_draft_tokens > 0
+
+    # Never: the prediction starts with the reply's first token, then goes astray.
+    never = [expected[0], *tokens(idle_drafting, " zebra quartz umbrella" * 4)]
+    got, usage = run(idle_drafting, prompt, greedy(40, prediction=never))
+    assert got == expected
+    assert usage.rejected_draft_tokens > 0
+
+
+def test_drafting_keeps_the_sampling_distribution(idle_drafting: Engine, plain: Engine) -> None:
+    """Chi-square test of homogeneity over the first two sampled tokens, with many
+    seeds, with speculation and without. The second token is the first one a
+    draft can cover: the prediction drafts the most likely second token after
+    each of the likely first ones."""
+    prompt_ids = tokens(plain, chatml("Pick a random fruit.") + "Sure! ")
+    firsts = [1, 5, 4, 3]  # the likely first tokens are these digits (a numbered list)
+    prediction: list[int] = []
+    for digit in firsts:
+        first = tokens(plain, str(digit))[0]
+        second = plain.submit([*prompt_ids, first], greedy(1)).collect().token_ids[0]
+        prediction += [first, second]
+    sampling = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, max_tokens=2)
+    n = 300
+
+    def pairs(engine: Engine, seeds: range, prediction: tuple[int, ...]) -> tuple[Counter, int, int]:
+        counts: Counter = Counter()
+        drafted = accepted = 0
+        for batch in range(seeds.start, seeds.stop, 4):  # 4 at a time: drafting pays at this batch size
+            streams = [
+                engine.submit(prompt_ids, SamplingParams(**sampling, seed=seed, prediction=prediction))
+                for seed in range(batch, min(batch + 4, seeds.stop))
+            ]
+            for stream in streams:
+                counts[stream.collect().token_ids] += 1
+                drafted += stream.usage.draft_tokens
+                accepted += stream.usage.accepted_draft_tokens
+        return counts, drafted, accepted
+
+    with_drafts, drafted, accepted = pairs(idle_drafting, range(0, n), tuple(prediction))
+    without, _, _ = pairs(plain, range(n, 2 * n), ())
+    assert drafted >= n // 3, "too few drafts were verified for the test to mean anything"
+    assert 0 < accepted < drafted, "drafts should be accepted sometimes and rejected sometimes"
+
+    statistic, df = chi_square_homogeneity(with_drafts, without)
+    assert df >= 2, f"the prompt gave too few likely outputs: {with_drafts}, {without}"
+    assert statistic < CHI2_CRITICAL_0001[df], f"chi2={statistic:.1f} (df={df}): {with_drafts} vs {without}"
+
+
+# Upper 0.1% points of the chi-square distribution, by degrees of freedom.
+CHI2_CRITICAL_0001 = {
+    1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12, 9: 27.88, 10: 29.59,
+    11: 31.26, 12: 32.91, 13: 34.53, 14: 36.12, 15: 37.70, 16: 39.25, 17: 40.79, 18: 42.31, 19: 43.82, 20: 45.31,
+}
+
+
+def chi_square_homogeneity(a: Counter, b: Counter) -> tuple[float, int]:
+    """Pearson's statistic for two samples over categories (those expected fewer
+    than 5 times in either sample are pooled into one), and its degrees of freedom."""
+    total_a, total_b = sum(a.values()), sum(b.values())
+    total = total_a + total_b
+    big, rest_a, rest_b = [], 0, 0
+    for key in set(a) | set(b):
+        column = a[key] + b[key]
+        if min(column * total_a, column * total_b) / total >= 5:
+            big.append((a[key], b[key]))
+        else:
+            rest_a, rest_b = rest_a + a[key], rest_b + b[key]
+    if rest_a + rest_b:
+        big.append((rest_a, rest_b))
+    statistic = 0.0
+    for count_a, count_b in big:
+        column = count_a + count_b
+        for count, row_total in ((count_a, total_a), (count_b, total_b)):
+            expected = column * row_total / total
+            statistic += (count - expected) ** 2 / expected
+    return statistic, min(len(big) - 1, max(CHI2_CRITICAL_0001))
+
+
+def test_chi_square_detects_a_changed_distribution() -> None:
+    same = chi_square_homogeneity(Counter({1: 100, 2: 60, 3: 40}), Counter({1: 98, 2: 63, 3: 39}))
+    skewed = chi_square_homogeneity(Counter({1: 100, 2: 60, 3: 40}), Counter({1: 160, 2: 25, 3: 15}))
+    assert same[0] < CHI2_CRITICAL_0001[same[1]] < skewed[0]
+
+
+def test_json_schema_output_with_drafting_matches_plain(idle_drafting: Engine, plain: Engine) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "tags": {"type": "array", "items": {"type": "string"}}},
+        "required": ["name", "tags"],
+    }
+    grammar = grammar_for_response_format({"type": "json_schema", "json_schema": {"name": "t", "schema": schema}})
+    # Values spelled out in the prompt: no near-tie between batch shapes (an open
+    # choice of tags had one of 0.1 logit, where llama.cpp's shapes disagree).
+    prompt = chatml(
+        'Give a JSON object with "name" set to "moving_average" and "tags" set to the list '
+        '"python", "statistics", "window".'
+    )
+    expected, _ = run(plain, prompt, greedy(64, grammar=grammar))
+    got, usage = run(idle_drafting, prompt, greedy(64, grammar=grammar, prediction=expected))
+    assert got == expected
+    assert usage.accepted_draft_tokens > 0
+    text = idle_drafting.model.detokenize(list(got))
+    assert set(json.loads(text)) == {"name", "tags"}
+
+
+def test_a_stop_string_inside_an_accepted_draft_ends_there(idle_drafting: Engine, plain: Engine) -> None:
+    sampling = greedy(128, stop=("total = 0.0",))
+    expected = plain.submit(tokens(plain, REPEAT_CODE), sampling).collect()
+    stream = idle_drafting.submit(
+        tokens(idle_drafting, REPEAT_CODE), greedy(128, stop=("total = 0.0",), prediction=tuple(expected.token_ids))
+    )
+    got = stream.collect()
+    assert got.text == expected.text and "total = 0.0" not in got.text
+    assert stream.usage.finish_reason == "stop"
+    assert stream.usage.accepted_draft_tokens > 0
+
+
+def test_cancel_in_the_middle_of_a_verified_draft_leaks_nothing(idle_drafting: Engine) -> None:
+    stream = idle_drafting.submit(tokens(idle_drafting, REPEAT_CODE), greedy(200))
+    seen = 0
+    for _chunk in stream:
+        seen += 1
+        if seen == 20:  # drafts of several tokens are being pushed step by step by now
+            stream.cancel()
+    assert stream.usage.finish_reason == "cancelled"
+    assert stream.usage.accepted_draft_tokens > 0
+
+
+def test_no_rejected_token_stays_in_the_kv_or_the_prefix_cache(qwen_model: Model) -> None:
+    """Drafts that are mostly rejected, then the parked sequence reused: each parked
+    sequence's KV ends where its tree entry ends, and a request continuing the
+    reply from the cache gets the tokens a cold evaluation of the same text gets."""
+    prompt = chatml("Write the numbers one to twelve in English words, one per line.")
+    with Engine(qwen_model, EngineSettings(n_ctx=4096, n_seq_max=8, max_running=4)) as engine:
+        prompt_ids = tokens(engine, prompt)
+        first = engine.submit(prompt_ids, greedy(24)).collect().token_ids
+        astray = (first[0], *tokens(engine, " zebra quartz umbrella" * 6))
+        stream = engine.submit(prompt_ids, greedy(24, prediction=astray))
+        reply = stream.collect().token_ids
+        assert reply == first and stream.usage.rejected_draft_tokens > 0
+        assert_idle(engine)
+
+        def parked_ends(_pinned) -> list[tuple[int, int]]:
+            cache = engine._pool.cache
+            return [(engine._context.seq_pos_max(seq), leaf.end) for seq, leaf in cache._leaf_of.items()]
+
+        ends = engine._on_worker(parked_ends)
+        assert ends and all(pos_max == end - 1 for pos_max, end in ends), ends
+
+        follow_up = [*prompt_ids, *reply, *tokens(engine, "<|im_end|>\n<|im_start|>user\nAnd thirteen?<|im_end|>\n")]
+        warm = engine.submit(follow_up, greedy(12, prediction=astray))
+        warm_ids = warm.collect().token_ids
+        assert warm.usage.cached_tokens >= len(prompt_ids) + len(reply) - 1
+    with Engine(qwen_model, EngineSettings(**SETTINGS, speculation="off")) as cold_engine:
+        cold_ids = cold_engine.submit(follow_up, greedy(12)).collect().token_ids
+    assert warm_ids == cold_ids
