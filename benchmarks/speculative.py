@@ -237,9 +237,11 @@ async def run_all(runner, args: argparse.Namespace, is_async: bool) -> list[Call
 
 
 def _rate(calls: list[Call]) -> float:
-    decode = max(c.decode_seconds for c in calls) if len(calls) > 1 else calls[0].decode_seconds
+    """Decode tok/s of calls made together: tokens after each one's first, over the
+    time from the earliest first token to the latest last one."""
+    window = max(c.seconds for c in calls) - min(c.seconds - c.decode_seconds for c in calls)
     tokens = sum(max(c.completion_tokens - 1, 0) for c in calls)
-    return tokens / decode if decode > 0 else 0.0
+    return tokens / window if window > 0 else 0.0
 
 
 def summarize(calls: list[Call]) -> dict[str, dict]:

@@ -41,6 +41,9 @@ COST_PER_ROW_BEYOND = 0.24
 LOOKUP_WINDOW = 8_192
 """Prompt lookup searches at most this many of a request's latest tokens."""
 
+SOURCES = ("prediction", "lookup", "ngram_cache")
+"""Draft sources, in order of preference."""
+
 _DECAY = 0.8  # weight of the past in a source's acceptance estimate
 _RECOVERY = 0.97  # per skipped step, how fast failures are forgotten (so a paused source is tried again)
 
@@ -67,7 +70,8 @@ def expected_tokens(acceptance: float, length: int) -> float:
 class Acceptance:
     """A source's recent acceptance, as the probability that a drafted token is
     accepted given that the ones before it were: accepted tokens over accepted
-    tokens plus rejections, both decayed, from a prior of 3 in 4."""
+    tokens plus rejections, both decayed, from a prior of 3 in 4 (for a request:
+    its source's recent rate over earlier requests, see `Speculator`)."""
 
     accepted: float = 3.0
     rejected: float = 1.0
@@ -86,6 +90,11 @@ class Acceptance:
         """A step without this source's draft: forget failures a little."""
         self.rejected *= _RECOVERY
 
+    def as_prior(self, weight: float = 4.0) -> Acceptance:
+        """A fresh estimate with this one's rate and the given weight (for a new request)."""
+        scale = weight / (self.accepted + self.rejected)
+        return Acceptance(self.accepted * scale, self.rejected * scale)
+
 
 @dataclass
 class _RequestDrafts:
@@ -101,7 +110,7 @@ class _RequestDrafts:
     in_flight: Draft | None = None
 
     def rate(self, source: str) -> Acceptance:
-        return self.acceptance.setdefault(source, Acceptance())
+        return self.acceptance[source]
 
 
 class Speculator:
@@ -116,6 +125,8 @@ class Speculator:
         self.max_draft_tokens = max_draft_tokens
         self.ngram_cache = NgramCache(ngram_cache_entries)
         self._states: dict[Request, _RequestDrafts] = {}
+        self._recent = {source: Acceptance() for source in SOURCES}
+        """Each source's acceptance over recent requests: a new request's prior."""
 
     def propose(self, running: Sequence[Request], *, capacity: int, call_rows: int) -> None:
         """Choose each generating request's draft for the coming step."""
@@ -151,6 +162,7 @@ class Speculator:
             return
         draft, state.in_flight = state.in_flight, None
         state.rate(draft.source).update(drafted, accepted)
+        self._recent[draft.source].update(drafted, accepted)
         if draft.source in ("prediction", "lookup"):
             state.cursors[draft.source] = draft.start + accepted
 
@@ -167,7 +179,8 @@ class Speculator:
         if state is None:
             prediction = request.sampling.prediction
             index = NgramIndex(prediction, min_n=1, max_n=4) if prediction else None
-            state = self._states[request] = _RequestDrafts(prediction=index)
+            priors = {source: recent.as_prior() for source, recent in self._recent.items()}
+            state = self._states[request] = _RequestDrafts(prediction=index, acceptance=priors)
         return state
 
     def _best_draft(self, request: Request, room: int, rows: int, gained: float) -> Draft | None:
