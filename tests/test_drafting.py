@@ -242,3 +242,36 @@ def test_a_seeded_request_does_not_draft_from_other_requests_replies() -> None:
     seeded.sampling = SamplingParams(seed=5)
     speculator.propose([seeded], capacity=512, call_rows=512)
     assert seeded.draft == ()
+
+
+def reject_every_draft(speculator: Speculator, request: Request, steps: int) -> None:
+    for _ in range(steps):
+        speculator.propose([request], capacity=512, call_rows=512)
+        speculator.verified(request, len(request.draft), 0)
+    speculator.finished(request, keep=False)
+
+
+def test_one_callers_rejected_predictions_do_not_pause_the_next_callers() -> None:
+    speculator = Speculator(max_draft_tokens=16, ngram_cache_entries=0)
+    prediction = (7, 50, 51, 52, 53, 54)
+    for request_id in range(1, 6):  # predictions that are always wrong
+        reject_every_draft(speculator, decoding_request(request_id, [1, 2, 3], [7], prediction=prediction), 6)
+    request = decoding_request(9, [1, 2, 3], [7], prediction=prediction)
+    speculator.propose([request], capacity=512, call_rows=512)
+    assert request.draft == prediction[1 : 1 + len(request.draft)] and request.draft
+
+
+def test_a_lookup_paused_by_recent_requests_is_tried_again_after_some_steps() -> None:
+    speculator = Speculator(max_draft_tokens=16, ngram_cache_entries=0)
+    for request_id in range(1, 6):  # replies that never follow their prompt
+        reject_every_draft(speculator, decoding_request(request_id, [*REPEATED, *REPEATED], REPEATED[:1]), 8)
+    paused = decoding_request(10, [*REPEATED, *REPEATED], REPEATED[:1])
+    speculator.propose([paused], capacity=512, call_rows=512)
+    assert paused.draft == ()  # the recent rate is a new request's prior
+    speculator.finished(paused, keep=False)
+    idle = decoding_request(11, [1, 2, 3, 4], [5])  # steps in which nothing drafts from lookup
+    for _ in range(200):
+        speculator.propose([idle], capacity=512, call_rows=512)
+    request = decoding_request(12, [*REPEATED, *REPEATED], REPEATED[:1])
+    speculator.propose([request], capacity=512, call_rows=512)
+    assert request.draft

@@ -43,6 +43,10 @@ LOOKUP_WINDOW = 8_192
 
 SOURCES = ("prediction", "lookup", "ngram_cache")
 """Draft sources, in order of preference."""
+_SHARED_PRIOR_SOURCES = ("lookup", "ngram_cache")
+"""Sources whose acceptance over recent requests is a new request's prior. A caller's
+prediction is about its own request alone: it starts from the default prior, so one
+caller's poor predictions never pause another's."""
 
 _DECAY = 0.8  # weight of the past in a source's acceptance estimate
 _RECOVERY = 0.97  # per skipped step, how fast failures are forgotten (so a paused source is tried again)
@@ -70,8 +74,9 @@ def expected_tokens(acceptance: float, length: int) -> float:
 class Acceptance:
     """A source's recent acceptance, as the probability that a drafted token is
     accepted given that the ones before it were: accepted tokens over accepted
-    tokens plus rejections, both decayed, from a prior of 3 in 4 (for a request:
-    its source's recent rate over earlier requests, see `Speculator`)."""
+    tokens plus rejections, both decayed, from a prior of 3 in 4 (for a request's
+    lookup and n-gram cache drafts: the source's recent rate over earlier requests,
+    see `Speculator`)."""
 
     accepted: float = 3.0
     rejected: float = 1.0
@@ -125,8 +130,8 @@ class Speculator:
         self.max_draft_tokens = max_draft_tokens
         self.ngram_cache = NgramCache(ngram_cache_entries)
         self._states: dict[Request, _RequestDrafts] = {}
-        self._recent = {source: Acceptance() for source in SOURCES}
-        """Each source's acceptance over recent requests: a new request's prior."""
+        self._recent = {source: Acceptance() for source in _SHARED_PRIOR_SOURCES}
+        """The engine's own sources' acceptance over recent requests: a new request's prior."""
 
     def propose(self, running: Sequence[Request], *, capacity: int, call_rows: int) -> None:
         """Choose each generating request's draft for the coming step."""
@@ -136,6 +141,7 @@ class Speculator:
         prefill = sum(len(r.pending) for r in running if not r.is_decoding)
         rows = min(capacity, len(decoding) + prefill)
         gained = float(len(decoding))  # tokens the step yields without drafts
+        drafted_sources: set[str] = set()
         for request in decoding:
             room = min(
                 self.max_draft_tokens,
@@ -154,6 +160,10 @@ class Speculator:
             if draft is not None:
                 rows += len(draft.tokens)
                 gained += expected_tokens(state.rate(draft.source).rate, len(draft.tokens)) - 1
+                drafted_sources.add(draft.source)
+        for source, recent in self._recent.items():
+            if source not in drafted_sources:
+                recent.rest()  # so that a source paused for every new request is tried again
 
     def verified(self, request: Request, drafted: int, accepted: int) -> None:
         """Learn that `accepted` of the `drafted` tokens verified for `request` were accepted."""
@@ -162,7 +172,8 @@ class Speculator:
             return
         draft, state.in_flight = state.in_flight, None
         state.rate(draft.source).update(drafted, accepted)
-        self._recent[draft.source].update(drafted, accepted)
+        if draft.source in self._recent:
+            self._recent[draft.source].update(drafted, accepted)
         if draft.source in ("prediction", "lookup"):
             state.cursors[draft.source] = draft.start + accepted
 
@@ -179,7 +190,8 @@ class Speculator:
         if state is None:
             prediction = request.sampling.prediction
             index = NgramIndex(prediction, min_n=1, max_n=4) if prediction else None
-            priors = {source: recent.as_prior() for source, recent in self._recent.items()}
+            priors = {source: Acceptance() for source in SOURCES}
+            priors.update({source: recent.as_prior() for source, recent in self._recent.items()})
             state = self._states[request] = _RequestDrafts(prediction=index, acceptance=priors)
         return state
 
