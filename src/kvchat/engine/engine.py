@@ -412,7 +412,7 @@ class Engine:
             if scheduled.draft:
                 self._verify(request, scheduled.row, scheduled.draft)
             else:
-                self._advance(request, self._pick(request, scheduled.row))
+                self._advance(request, (self._pick(request, scheduled.row),))
         except Exception as exc:
             logger.exception("request %d failed while sampling", request.request_id)
             self._fail(request, BackendError(f"sampling failed: {exc!r}"))
@@ -439,31 +439,39 @@ class Engine:
         request.accepted_draft_tokens += accepted
         if self._speculator is not None:
             self._speculator.verified(request, len(draft), accepted)
-        last_token_position = request.n_past - accepted - 1
-        for i, token in enumerate(emitted):
-            # Should this token end the request, keep the KV that decoding without
-            # drafts would hold then: the tokens before it (the cache stays the same).
-            request.kv_end = last_token_position + 1 + i
-            if not self._advance(request, token):
-                return
-        request.kv_end = None
+        # Should a token end the request, keep the KV that decoding without drafts
+        # would hold then: the tokens before it (the cache stays the same).
+        first_end = request.n_past - accepted
+        self._advance(request, emitted, kv_ends=range(first_end, first_end + len(emitted)))
 
-    def _advance(self, request: Request, token: int) -> bool:
-        """Emit a sampled token; False if it ended the request."""
-        if token in request.sampling.stop_token_ids or self.model.is_end_of_generation(token):
-            request.note_first_token()
-            self._finish(request, "stop")
-            return False
-        request.record_token(token)
-        delta = request.text.push(self.model.token_to_bytes(token))
-        request.stream._push(Chunk(delta.text, (token,)))
-        if delta.stopped:
-            self._finish(request, "stop")
-        elif len(request.generated) >= request.max_new_tokens:
-            self._finish(request, "length")
-        else:
-            return True
-        return False
+    def _advance(self, request: Request, tokens: Sequence[int], kv_ends: Sequence[int] | None = None) -> None:
+        """Emit one step's sampled tokens as one chunk, up to the first that ends the
+        request. `kv_ends[i]`: where the request's KV ends should `tokens[i]` end it."""
+        texts: list[str] = []
+        emitted: list[int] = []
+        reason: FinishReason | None = None
+        for i, token in enumerate(tokens):
+            if kv_ends is not None:
+                request.kv_end = kv_ends[i]
+            if token in request.sampling.stop_token_ids or self.model.is_end_of_generation(token):
+                request.note_first_token()
+                reason = "stop"
+                break
+            request.record_token(token)
+            delta = request.text.push(self.model.token_to_bytes(token))
+            texts.append(delta.text)
+            emitted.append(token)
+            if delta.stopped:
+                reason = "stop"
+                break
+            if len(request.generated) >= request.max_new_tokens:
+                reason = "length"
+                break
+        if emitted:
+            request.stream._push(Chunk("".join(texts), tuple(emitted)))
+        if reason is not None:
+            self._finish(request, reason)
+        request.kv_end = None
 
     def _reap_cancelled(self) -> None:
         scheduler = self._scheduler
