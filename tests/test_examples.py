@@ -19,6 +19,7 @@ EXPECTED = {
     "conversation_fork.py": ["nothing was copied", "shared"],
     "semantic_kernel_chat.py": ["cached"],
     "semantic_kernel_tools.py": ["plugin called: add(1234, 4321)"],
+    "agent_framework_agent.py": ["tool called: add(1234, 4321)", "every later turn started from the KV cache"],
 }
 
 

@@ -112,6 +112,22 @@ def serve(
     shutdown_grace: Annotated[
         float, typer.Option(envvar="KVCHAT_SHUTDOWN_GRACE", min=0, help="Seconds in-flight requests get on shutdown.")
     ] = 10.0,
+    responses_store_max: Annotated[
+        int,
+        typer.Option(
+            envvar="KVCHAT_RESPONSES_STORE_MAX",
+            min=0,
+            help="Most stored /v1/responses responses (previous_response_id, GET); 0: none.",
+        ),
+    ] = 1024,
+    responses_store_bytes: Annotated[
+        str,
+        typer.Option(envvar="KVCHAT_RESPONSES_STORE_BYTES", help="Bound on the stored responses' size (text)."),
+    ] = "64M",
+    responses_store_ttl: Annotated[
+        float,
+        typer.Option(envvar="KVCHAT_RESPONSES_STORE_TTL", min=1, help="Seconds a stored response is kept."),
+    ] = 21600.0,
     threads: Annotated[
         int | None, typer.Option(envvar="KVCHAT_THREADS", min=1, help="CPU threads (default: every core).")
     ] = None,
@@ -150,6 +166,9 @@ def serve(
             allowed_hosts=tuple(allowed_host or ()),
             cors_origins=tuple(cors_origin or ()),
             shutdown_grace=shutdown_grace,
+            responses_store_max=responses_store_max,
+            responses_store_bytes=_size(responses_store_bytes),
+            responses_store_ttl=responses_store_ttl,
         )
         run_server(
             model,

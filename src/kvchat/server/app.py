@@ -5,8 +5,9 @@ The app holds no model state: it keeps a reference to an engine its caller made
 text completions straight to :meth:`Engine.submit`.
 
 Endpoints (see the modules under :mod:`kvchat.server.routes`):
-``POST /v1/chat/completions``, ``POST /v1/completions`` (both streamed by
-server-sent events, or not), ``POST /v1/embeddings``, ``GET /v1/models``,
+``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/responses``
+(all three streamed by server-sent events, or not), ``GET`` and ``DELETE
+/v1/responses/{id}``, ``POST /v1/embeddings``, ``GET /v1/models``,
 ``GET /health``, ``GET /metrics``.
 
 Decisions where OpenAI's API and kvchat differ, or OpenAI is silent:
@@ -26,6 +27,9 @@ Decisions where OpenAI's API and kvchat differ, or OpenAI is silent:
   or one of `allowed_hosts` (403 otherwise): DNS rebinding cannot reach it.
 - One API key among several holds at most its `key_share` of the running places
   and of the queue (429 beyond it); see :mod:`kvchat.server.admission`.
+- Stored responses (``/v1/responses``) are kept in memory, bounded in count,
+  size and age, and reachable only with the API key that made them (404
+  otherwise, as for an unknown id); see :mod:`kvchat.server.routes.responses`.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from starlette.middleware.cors import CORSMiddleware
 from kvchat.engine import Engine
 from kvchat.server.errors import install_error_handlers
 from kvchat.server.middleware import AccessLog, BodySizeLimit, HostCheck
-from kvchat.server.routes import chat, completions, embeddings, info
+from kvchat.server.routes import chat, completions, embeddings, info, responses
 from kvchat.server.settings import ServerSettings
 from kvchat.server.state import ServerState
 
@@ -70,7 +74,7 @@ def create_app(
     app = FastAPI(title="kvchat", version="0.1.0", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.kvchat = state
     install_error_handlers(app)
-    for module in (chat, completions, embeddings, info):
+    for module in (chat, completions, responses, embeddings, info):
         app.include_router(module.router)
     # Added innermost first: the size check runs last, CORS headers reach 413s
     # too, a foreign Host is refused before anything else, and the access log

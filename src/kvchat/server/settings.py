@@ -44,6 +44,15 @@ class ServerSettings:
     - `cors_origins`: origins allowed by CORS (none: CORS headers are not sent).
     - `shutdown_grace`: seconds in-flight streams may run on after a shutdown
       signal; streams still running then are cancelled with a ``server_shutdown`` error.
+    - `responses_store_max`: most stored ``/v1/responses`` responses (the ones
+      ``previous_response_id`` and ``GET /v1/responses/{id}`` can reach; 0 stores
+      none); beyond it, the least recently used go first.
+    - `responses_store_bytes`: bound on the stored responses' size (their
+      conversations' text, roughly in bytes); beyond it, the least recently used go first.
+    - `responses_store_ttl`: seconds a stored response lives after it was made.
+      With two or more `api_keys`, one key's responses hold at most its
+      `key_share` of the count and of the bytes (see
+      :class:`kvchat.server.response_store.ResponseStore`).
     """
 
     model_name: str
@@ -61,6 +70,9 @@ class ServerSettings:
     allowed_hosts: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
     shutdown_grace: float = 10.0
+    responses_store_max: int = 1024
+    responses_store_bytes: int = 64 * 1024 * 1024
+    responses_store_ttl: float = 6 * 3600.0
 
     def __post_init__(self) -> None:
         if not self.model_name:
@@ -70,16 +82,18 @@ class ServerSettings:
         object.__setattr__(self, "allowed_hosts", tuple(host.strip().lower() for host in self.allowed_hosts))
         if any(not key for key in self.api_keys):
             raise InvalidRequestError("API keys must not be empty", field="api_keys")
-        for name in ("max_queued", "retry_after", "max_tools", "max_embedding_inputs"):
+        for name in ("max_queued", "retry_after", "max_tools", "max_embedding_inputs", "responses_store_max"):
             if getattr(self, name) < 0:
                 raise InvalidRequestError(f"{name} must be >= 0", field=name)
-        for name in ("max_body_bytes", "max_embedding_tokens"):
+        for name in ("max_body_bytes", "max_embedding_tokens", "responses_store_bytes"):
             if getattr(self, name) < 1:
                 raise InvalidRequestError(f"{name} must be >= 1", field=name)
         if self.max_tokens_limit is not None and self.max_tokens_limit < 1:
             raise InvalidRequestError("max_tokens_limit must be >= 1 or None", field="max_tokens_limit")
         if self.request_timeout is not None and self.request_timeout <= 0:
             raise InvalidRequestError("request_timeout must be > 0 or None", field="request_timeout")
+        if not self.responses_store_ttl > 0:
+            raise InvalidRequestError("responses_store_ttl must be > 0", field="responses_store_ttl")
         if self.shutdown_grace < 0:
             raise InvalidRequestError("shutdown_grace must be >= 0", field="shutdown_grace")
         if not 0 < self.key_share <= 1:

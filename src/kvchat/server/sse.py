@@ -3,14 +3,15 @@
 :func:`sse_response` wraps a route's event generator with what every stream
 needs: cancel the engine request when the client goes away, when the time
 limit passes or when the server shuts down (after the grace period), report
-those as one ``data: {"error": ...}`` event, and always end with ``[DONE]``.
+those as one ``data: {"error": ...}`` event (or the caller's error event), and
+end with ``[DONE]`` (unless the caller's API has none).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 
 import anyio
@@ -33,16 +34,24 @@ def error_event(error: APIError) -> Event:
 
 
 def sse_response(
-    run: RequestRun, stream: Cancellable, events: AsyncGenerator[Event, None], *, shutdown_grace: float
+    run: RequestRun,
+    stream: Cancellable,
+    events: AsyncGenerator[Event, None],
+    *,
+    shutdown_grace: float,
+    on_error: Callable[[APIError], Event] = error_event,
+    done: bool = True,
 ) -> EventSourceResponse:
     """Stream `events` (produced from `stream`) to the client under `run`'s rules.
 
     The producer should stop early (no finish event) when ``run.error`` is set:
-    the error event is then sent here. The response takes `run` over: it
-    watches the client and ends the run however the stream ends.
+    the error event (made by `on_error`) is then sent here. The stream ends with
+    ``data: [DONE]`` if `done` (the completion APIs; the Responses API has none).
+    The response takes `run` over: it watches the client and ends the run
+    however the stream ends.
     """
     run.handed_over = True
-    return _RequestEventStream(run, stream, events, shutdown_grace)
+    return _RequestEventStream(run, stream, events, shutdown_grace, on_error, done)
 
 
 class _RequestEventStream(EventSourceResponse):
@@ -54,10 +63,18 @@ class _RequestEventStream(EventSourceResponse):
     """
 
     def __init__(
-        self, run: RequestRun, stream: Cancellable, events: AsyncGenerator[Event, None], shutdown_grace: float
+        self,
+        run: RequestRun,
+        stream: Cancellable,
+        events: AsyncGenerator[Event, None],
+        shutdown_grace: float,
+        on_error: Callable[[APIError], Event],
+        done: bool,
     ) -> None:
         self._run = run
         self._stream = stream
+        self._on_error = on_error
+        self._done = done
         # sse-starlette sets this event when the server begins to shut down and
         # force-cancels the stream after its own grace period; ours ends first.
         self._shutdown = anyio.Event()
@@ -71,10 +88,11 @@ class _RequestEventStream(EventSourceResponse):
                 async for event in produced:
                     yield event
             if self._run.error is not None:
-                yield error_event(self._run.error)
+                yield self._on_error(self._run.error)
         except Exception as exc:  # noqa: BLE001 - the status line is already sent
-            yield error_event(error_for(exc))
-        yield {"data": "[DONE]"}
+            yield self._on_error(error_for(exc))
+        if self._done:
+            yield {"data": "[DONE]"}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._run.stop_watching_client()  # sse-starlette listens for the disconnect from here on

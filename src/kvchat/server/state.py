@@ -1,5 +1,5 @@
 """`ServerState`: what every route of one app shares (engine, settings, metrics,
-admission, the embedding worker).
+admission, the embedding worker, the stored responses).
 
 The routes reach it through the :func:`server_state` dependency; the app is
 built around it in :func:`kvchat.server.app.create_app`.
@@ -22,6 +22,7 @@ from kvchat.server.admission import Admission
 from kvchat.server.embedding_worker import EmbeddingWorker
 from kvchat.server.errors import APIError
 from kvchat.server.metrics import ServerMetrics
+from kvchat.server.response_store import ResponseStore
 from kvchat.server.runs import RequestRun
 from kvchat.server.settings import ServerSettings
 
@@ -51,6 +52,13 @@ class ServerState:
             retry_after=settings.retry_after,
             metrics=self.metrics,
         )
+        self.responses = ResponseStore(
+            max_entries=settings.responses_store_max,
+            max_bytes=settings.responses_store_bytes,
+            ttl=settings.responses_store_ttl,
+            key_share=settings.key_share if len(set(settings.api_keys)) >= 2 else 1.0,
+        )
+        """The stored ``/v1/responses`` responses, namespaced by API key."""
         self.embeddings = EmbeddingWorker(lambda: Embedder(self.engine.model, n_threads=self.engine.settings.n_threads))
 
     # -- per request -----------------------------------------------------------
@@ -101,11 +109,7 @@ class ServerState:
         `max_tokens` over the server's `max_tokens_limit` is a 400; None means
         "until the model stops", bounded by the engine's `open_max_tokens`.
         """
-        limit = self.settings.max_tokens_limit
-        if max_tokens is not None and limit is not None and max_tokens > limit:
-            raise InvalidRequestError(
-                f"max_tokens is {max_tokens}; this server allows at most {limit}", field="max_tokens"
-            )
+        self.check_max_tokens(max_tokens)
         options: dict[str, Any] = {"max_tokens": max_tokens}
         for name in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty"):
             value = getattr(body, name)
@@ -119,6 +123,12 @@ class ServerState:
             except ValueError:
                 raise InvalidRequestError("logit_bias keys must be token ids", field="logit_bias") from None
         return SamplingParams(**options)
+
+    def check_max_tokens(self, max_tokens: int | None, field: str = "max_tokens") -> None:
+        """400 (param `field`) if `max_tokens` is over the server's `max_tokens_limit`."""
+        limit = self.settings.max_tokens_limit
+        if max_tokens is not None and limit is not None and max_tokens > limit:
+            raise InvalidRequestError(f"{field} is {max_tokens}; this server allows at most {limit}", field=field)
 
     def close(self) -> None:
         """Stop the embedding worker and free its embedder; the engine belongs to the caller."""

@@ -1,0 +1,270 @@
+"""The request of OpenAI's Responses API (``POST /v1/responses``) and its translation
+to what :func:`kvchat.chat.complete.complete` takes.
+
+- `input` (a string, or a list of items) becomes chat messages
+  (:func:`input_messages`): ``message`` items (roles user, assistant, system,
+  developer; content a string or ``input_text`` / ``output_text`` parts) become
+  messages, ``function_call`` items become the assistant's ``tool_calls`` (calls
+  that follow an assistant message join it), ``function_call_output`` items become
+  ``tool`` messages. Output items are valid input items, so a stored response's
+  output becomes history the same way.
+- `tools` in the Responses shape (``{"type": "function", "name", "parameters"}``)
+  become chat tools; `tool_choice` ``{"type": "function", "name"}`` and
+  ``{"type": "allowed_tools", ...}`` become chat's choices (:func:`chat_tools`).
+- `text.format` becomes `response_format` (:func:`response_format`).
+
+Decisions where OpenAI's API and kvchat differ: a ``developer`` message (and
+`instructions`) is a ``system`` message, the role local models' templates know;
+content parts are joined with newlines, as chat content parts are. What kvchat
+cannot do is refused with a 400 whose ``param`` names it
+(:func:`check_supported`): built-in tools, images, files and audio, items of other
+types, ``background``, ``conversation``, ``prompt`` templates, log probabilities,
+reasoning effort. Other fields OpenAI defines (``metadata``, ``user``,
+``service_tier``, ``prompt_cache_key``, ...) are accepted; ``metadata`` and
+``user`` are echoed, the rest ignored.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from kvchat.errors import InvalidRequestError
+
+__all__ = [
+    "ResponsesRequest",
+    "chat_tools",
+    "check_supported",
+    "input_messages",
+    "known_calls",
+    "response_format",
+]
+
+_ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
+_TEXT_PARTS = ("input_text", "output_text", "text")
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_MAX_CALL_ID = 256
+
+
+class ResponsesRequest(BaseModel):
+    """``POST /v1/responses``. Fields OpenAI defines and kvchat ignores are accepted
+    (``extra="allow"``); see the module's docstring for what is refused."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    input: Any = Field(description="A string, or a list of message, function_call and function_call_output items.")
+    instructions: str | None = None
+    previous_response_id: str | None = None
+    store: bool | None = None
+    stream: bool | None = None
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    max_tool_calls: int | None = Field(default=None, ge=1)
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    text: dict[str, Any] | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    include: list[str] | None = None
+    top_logprobs: int | None = None
+    reasoning: dict[str, Any] | None = None
+    background: bool | None = None
+    conversation: Any = None
+    prompt: Any = None
+
+
+def check_supported(body: ResponsesRequest) -> None:
+    """Refuse (400 `InvalidRequestError`, `field` = the param) what kvchat does not do."""
+    if body.background:
+        raise InvalidRequestError("background responses are not supported", field="background")
+    if body.conversation is not None:
+        raise InvalidRequestError(
+            "conversations are not supported; chain responses with previous_response_id", field="conversation"
+        )
+    if body.prompt is not None:
+        raise InvalidRequestError("prompt templates are not supported", field="prompt")
+    if body.top_logprobs:
+        raise InvalidRequestError("log probabilities are not supported", field="top_logprobs")
+    if body.include and "message.output_text.logprobs" in body.include:
+        raise InvalidRequestError("log probabilities are not supported", field="include")
+    effort = (body.reasoning or {}).get("effort")
+    if effort not in (None, "none"):
+        raise InvalidRequestError("this model does not reason: reasoning.effort is not supported", field="reasoning")
+
+
+def input_messages(
+    items: str | Sequence[Any], *, calls: Mapping[str, str] | None = None, field: str = "input"
+) -> list[dict[str, Any]]:
+    """The chat messages of a request's `input` (or of a response's output items).
+
+    `calls` maps the call ids of the conversation so far to their function names:
+    a ``function_call_output`` must answer a call made before it, there or in these
+    items. Raises `InvalidRequestError` whose `field` locates the bad value (such as
+    ``input[2].content[0].type``).
+    """
+    if isinstance(items, str):
+        return [{"role": "user", "content": items}]
+    if not isinstance(items, Sequence):
+        raise InvalidRequestError(f"{field} must be a string or a list of items", field=field)
+    seen = dict(calls or {})
+    messages: list[dict[str, Any]] = []
+    for index, item in enumerate(items):
+        where = f"{field}[{index}]"
+        if not isinstance(item, Mapping):
+            raise InvalidRequestError(f"{where} must be an object", field=where)
+        kind = item.get("type", "message" if "role" in item else None)
+        if kind == "message":
+            messages.append(_message(item, where))
+        elif kind == "function_call":
+            call = _function_call(item, where)
+            seen[call["id"]] = call["function"]["name"]
+            last = messages[-1] if messages else None
+            if last is not None and last["role"] == "assistant":
+                last.setdefault("tool_calls", []).append(call)
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            messages.append(_function_call_output(item, where, seen))
+        else:
+            raise InvalidRequestError(
+                f"{where}: items of type {_shown(kind)} are not supported "
+                "(only message, function_call and function_call_output)",
+                field=f"{where}.type",
+            )
+    return messages
+
+
+def known_calls(history: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """The tool calls made in `history` (chat messages): call id to function name."""
+    return {call["id"]: call["function"]["name"] for message in history for call in message.get("tool_calls") or ()}
+
+
+def _message(item: Mapping[str, Any], where: str) -> dict[str, Any]:
+    role = item.get("role")
+    if not isinstance(role, str) or role not in _ROLES:
+        raise InvalidRequestError(
+            f"{where}.role must be 'user', 'assistant', 'system' or 'developer', not {_shown(role)}",
+            field=f"{where}.role",
+        )
+    return {"role": _ROLES[role], "content": _text(item.get("content"), f"{where}.content")}
+
+
+def _text(content: Any, where: str) -> str:
+    """A content string, or the texts of a list of text parts joined with newlines."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise InvalidRequestError(f"{where} must be a string or a list of text parts", field=where)
+    texts = []
+    for index, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        key = "refusal" if kind == "refusal" else "text"
+        if kind not in (*_TEXT_PARTS, "refusal"):
+            raise InvalidRequestError(
+                f"{where}[{index}]: parts of type {_shown(kind)} are not supported (text only)",
+                field=f"{where}[{index}].type",
+            )
+        text = part.get(key)
+        if not isinstance(text, str):
+            raise InvalidRequestError(f"{where}[{index}].{key} must be a string", field=f"{where}[{index}].{key}")
+        texts.append(text)
+    return "\n".join(texts)
+
+
+def _function_call(item: Mapping[str, Any], where: str) -> dict[str, Any]:
+    call_id, name, arguments = item.get("call_id"), item.get("name"), item.get("arguments", "{}")
+    if not isinstance(call_id, str) or not 0 < len(call_id) <= _MAX_CALL_ID:
+        raise InvalidRequestError(
+            f"{where}.call_id must be a string of 1 to {_MAX_CALL_ID} characters", field=f"{where}.call_id"
+        )
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise InvalidRequestError(f"{where}.name must be 1 to 64 letters, digits, '_' or '-'", field=f"{where}.name")
+    if not isinstance(arguments, str):
+        raise InvalidRequestError(f"{where}.arguments must be a JSON string", field=f"{where}.arguments")
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def _function_call_output(item: Mapping[str, Any], where: str, calls: Mapping[str, str]) -> dict[str, Any]:
+    call_id = item.get("call_id")
+    if not isinstance(call_id, str) or call_id not in calls:
+        raise InvalidRequestError(
+            f"{where}: no function_call with call_id {_shown(call_id)} precedes this output",
+            field=f"{where}.call_id",
+        )
+    content = _text(item.get("output"), f"{where}.output")
+    return {"role": "tool", "tool_call_id": call_id, "name": calls[call_id], "content": content}
+
+
+def chat_tools(
+    tools: Sequence[Any] | None, tool_choice: str | Mapping[str, Any] | None
+) -> tuple[list[dict[str, Any]] | None, str | dict[str, Any] | None]:
+    """The chat `tools` and `tool_choice` of the Responses API's.
+
+    Function tools only; ``{"type": "allowed_tools", "mode", "tools"}`` keeps the
+    named tools, with its mode as the choice. Raises `InvalidRequestError` (field
+    ``tools[i]`` or ``tool_choice``); the tools' names and schemas are checked by
+    :func:`kvchat.chat.complete.complete`.
+    """
+    converted = None if tools is None else [_chat_tool(tool, f"tools[{i}]") for i, tool in enumerate(tools)]
+    if tool_choice is None or isinstance(tool_choice, str):
+        if tool_choice not in (None, "auto", "none", "required"):
+            raise InvalidRequestError(
+                f"tool_choice must be 'auto', 'none', 'required' or an object, not {_shown(tool_choice)}",
+                field="tool_choice",
+            )
+        return converted, tool_choice
+    kind = tool_choice.get("type")
+    if kind == "function":
+        return converted, {"type": "function", "function": {"name": tool_choice.get("name")}}
+    if kind == "allowed_tools":
+        mode, allowed = tool_choice.get("mode", "auto"), tool_choice.get("tools")
+        if mode not in ("auto", "required") or not isinstance(allowed, list):
+            raise InvalidRequestError(
+                "tool_choice allowed_tools needs a mode ('auto' or 'required') and a list of tools",
+                field="tool_choice",
+            )
+        names = {tool.get("name") for tool in allowed if isinstance(tool, Mapping)}
+        kept = [tool for tool in converted or () if tool["function"].get("name") in names]
+        return kept or None, mode if kept else "none"
+    raise InvalidRequestError(
+        f"tool_choice of type {_shown(kind)} is not supported (only function tools)", field="tool_choice"
+    )
+
+
+def _chat_tool(tool: Any, where: str) -> dict[str, Any]:
+    kind = tool.get("type") if isinstance(tool, Mapping) else None
+    if kind != "function":
+        raise InvalidRequestError(
+            f"{where}: tools of type {_shown(kind)} are not supported (only function tools)", field=f"{where}.type"
+        )
+    if isinstance(tool.get("function"), Mapping):  # the chat completions shape, sent here by some clients
+        return {"type": "function", "function": dict(tool["function"])}
+    function = {key: tool[key] for key in ("name", "description", "parameters") if tool.get(key) is not None}
+    return {"type": "function", "function": function}
+
+
+def response_format(text: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The chat `response_format` of `text.format` (None: free text). Its checks are
+    :func:`kvchat.chat.response_format.grammar_for_response_format`'s."""
+    if text is None:
+        return None
+    fmt = text.get("format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, Mapping):
+        raise InvalidRequestError("text.format must be an object with a 'type'", field="text.format")
+    if fmt.get("type") != "json_schema":
+        return dict(fmt)
+    spec = {key: value for key, value in fmt.items() if key != "type"}
+    return {"type": "json_schema", "json_schema": spec}
+
+
+def _shown(value: object) -> str:
+    return repr(value)[:60]

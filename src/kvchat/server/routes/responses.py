@@ -1,0 +1,236 @@
+"""OpenAI's Responses API: ``POST /v1/responses`` (streamed by typed server-sent
+events, or not), ``GET /v1/responses/{id}`` and ``DELETE /v1/responses/{id}``,
+over :func:`kvchat.chat.complete.complete`.
+
+A response's conversation is its `input` after the stored conversation of its
+``previous_response_id`` (that response's input and output, without its
+`instructions`: instructions apply to one response only, and come first in its
+prompt). A chain therefore sends the engine the same token prefix turn after
+turn, and the prefix cache evaluates only what is new.
+
+Stored responses (``store``, on by default) live in the server's bounded
+:class:`kvchat.server.response_store.ResponseStore`, under the API key that made
+them: another key's ``GET``, ``DELETE`` or ``previous_response_id`` gets the 404 an
+unknown id gets. Requests go through the same admission, time limit, tool and
+token limits as chat completions; what the API has and kvchat does not is refused
+(see :mod:`kvchat.server.responses_api`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+
+from kvchat.chat.complete import ChatDelta, ChatStream, complete
+from kvchat.engine import SamplingParams
+from kvchat.errors import InvalidRequestError
+from kvchat.server.errors import APIError
+from kvchat.server.response_objects import EventCounter, OutputBuilder, ResponseFrame, new_id, response_usage
+from kvchat.server.responses_api import (
+    ResponsesRequest,
+    chat_tools,
+    check_supported,
+    input_messages,
+    known_calls,
+    response_format,
+)
+from kvchat.server.runs import RequestRun, serving
+from kvchat.server.sse import Event, sse_response
+from kvchat.server.state import ServerState, Tenant, authorized, server_state
+
+router = APIRouter()
+log = logging.getLogger("kvchat.server")
+
+_PARAMS = {"messages": "input", "response_format": "text.format", "max_tokens": "max_output_tokens"}
+"""complete()'s names of a request's fields, and the Responses API's."""
+
+
+@dataclass(frozen=True)
+class _Turn:
+    """One response in the making: what it echoes, and where it is stored when done."""
+
+    frame: ResponseFrame
+    conversation: Sequence[Mapping[str, Any]]
+    tenant: Tenant
+    state: ServerState
+
+    def finish(self, builder: OutputBuilder, delta: ChatDelta) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The finished response for the last `delta` (with usage), and the events
+        that close its output; stored if the request asked for it."""
+        status = "incomplete" if delta.finish_reason == "length" else "completed"
+        events = builder.finish(status)
+        assert delta.usage is not None
+        usage = response_usage(delta.usage, cache_writes=self.state.engine.settings.prefix_cache)
+        body = self.frame.body(status, builder.items, usage)
+        if self.frame.store:
+            self._store(body, builder.items)
+        return body, events
+
+    def _store(self, body: dict[str, Any], output: list[dict[str, Any]]) -> None:
+        try:
+            reply = input_messages(output, calls=known_calls(self.conversation), field="output")
+        except InvalidRequestError:  # a call the model made up, under a name no tool can have
+            log.warning("response %s is not stored: its output cannot be continued", self.frame.id)
+            return
+        if not self.state.responses.put(self.tenant.key, self.frame.id, body, [*self.conversation, *reply]):
+            log.warning("response %s is not stored: it is larger than the store's bound", self.frame.id)
+
+
+@router.post("/v1/responses")
+async def create_response(
+    body: ResponsesRequest,
+    request: Request,
+    state: ServerState = Depends(server_state),
+    tenant: Tenant = Depends(authorized),
+) -> Any:
+    state.check_model(body.model)
+    check_supported(body)
+    if body.tools and len(body.tools) > state.settings.max_tools:
+        raise APIError(
+            400, f"{len(body.tools)} tools; this server allows at most {state.settings.max_tools}", param="tools"
+        )
+    state.check_max_tokens(body.max_output_tokens, field="max_output_tokens")
+    history = _previous_history(state, tenant, body.previous_response_id)
+    if isinstance(body.input, list) and not body.input:
+        raise APIError(400, "input must not be empty", param="input")
+    conversation = [*history, *input_messages(body.input, calls=known_calls(history))]
+    tools, tool_choice = chat_tools(body.tools, body.tool_choice)
+    fmt = response_format(body.text)
+    sampling = _sampling(body)
+    prompt = [{"role": "system", "content": body.instructions}, *conversation] if body.instructions else conversation
+    turn = _Turn(_frame(body, state.settings.model_name, sampling), conversation, tenant, state)
+    max_calls = 1 if body.parallel_tool_calls is False else body.max_tool_calls
+    run = state.new_run(request, tenant)
+    with serving(run):
+        await run.start()
+        try:
+            stream = await asyncio.to_thread(
+                complete,
+                state.engine,
+                prompt,
+                tools=tools,
+                tool_choice=tool_choice,
+                response_format=fmt,
+                sampling=sampling,
+                overflow="truncate_oldest" if body.truncation == "auto" else "error",
+                cache_key=tenant.cache_key,
+            )
+        except InvalidRequestError as exc:
+            exc.field = _PARAMS.get(exc.field or "", exc.field)
+            raise
+        run.attach(stream)
+        builder = OutputBuilder(max_calls=max_calls)
+        if body.stream:
+            counter = EventCounter()
+            events = _response_events(stream, run, builder, counter, turn)
+            return sse_response(
+                run, stream, events, shutdown_grace=state.settings.shutdown_grace, on_error=counter.error, done=False
+            )
+        last = None
+        async for delta in stream:
+            builder.add(delta)
+            if delta.usage is not None:
+                run.usage, last = delta.usage, delta
+        if run.error is not None:
+            raise run.error
+        assert last is not None
+        response, _ = turn.finish(builder, last)
+    return response
+
+
+@router.get("/v1/responses/{response_id}")
+async def retrieve_response(
+    response_id: str,
+    stream: bool = False,
+    state: ServerState = Depends(server_state),
+    tenant: Tenant = Depends(authorized),
+) -> Any:
+    if stream:
+        raise APIError(400, "a stored response cannot be streamed again", param="stream")
+    stored = state.responses.get(tenant.key, response_id)
+    if stored is None:
+        raise _not_found(response_id)
+    return stored.body
+
+
+@router.delete("/v1/responses/{response_id}")
+async def delete_response(
+    response_id: str, state: ServerState = Depends(server_state), tenant: Tenant = Depends(authorized)
+) -> Any:
+    if not state.responses.delete(tenant.key, response_id):
+        raise _not_found(response_id)
+    return {"id": response_id, "object": "response.deleted", "deleted": True}
+
+
+def _not_found(response_id: str, param: str | None = None) -> APIError:
+    code = "previous_response_not_found" if param else "response_not_found"
+    return APIError(404, f"no response with id {response_id[:100]!r} is stored", param=param, code=code)
+
+
+def _previous_history(state: ServerState, tenant: Tenant, response_id: str | None) -> Sequence[Mapping[str, Any]]:
+    """The stored conversation a request continues (404 if there is none for this key)."""
+    if response_id is None:
+        return ()
+    stored = state.responses.get(tenant.key, response_id)
+    if stored is None:
+        raise _not_found(response_id, "previous_response_id")
+    return stored.history
+
+
+def _sampling(body: ResponsesRequest) -> SamplingParams:
+    options: dict[str, Any] = {"max_tokens": body.max_output_tokens}
+    if body.temperature is not None:
+        options["temperature"] = body.temperature
+    if body.top_p is not None:
+        options["top_p"] = body.top_p
+    return SamplingParams(**options)
+
+
+def _frame(body: ResponsesRequest, model: str, sampling: SamplingParams) -> ResponseFrame:
+    text = dict(body.text or {})
+    text.setdefault("format", {"type": "text"})
+    return ResponseFrame(
+        id=new_id("resp"),
+        model=model,
+        instructions=body.instructions,
+        previous_response_id=body.previous_response_id,
+        tools=[_echoed_tool(tool) for tool in body.tools or ()],
+        tool_choice=body.tool_choice if body.tool_choice is not None else "auto",
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        max_output_tokens=body.max_output_tokens,
+        max_tool_calls=body.max_tool_calls,
+        parallel_tool_calls=body.parallel_tool_calls is not False,
+        store=body.store is not False,
+        text=text,
+        truncation=body.truncation or "disabled",
+        metadata=dict(body.metadata or {}),
+        user=body.user,
+    )
+
+
+def _echoed_tool(tool: Mapping[str, Any]) -> dict[str, Any]:
+    return {"description": None, "parameters": None, "strict": None, **tool}
+
+
+async def _response_events(
+    stream: ChatStream, run: RequestRun, builder: OutputBuilder, counter: EventCounter, turn: _Turn
+) -> AsyncGenerator[Event, None]:
+    """The typed events of a streamed response (an error is added by `sse_response`)."""
+    for kind in ("response.created", "response.in_progress"):
+        yield counter.event({"type": kind, "response": turn.frame.body("in_progress")})
+    async for delta in stream:
+        for payload in builder.add(delta):
+            yield counter.event(payload)
+        if delta.usage is not None:
+            run.usage = delta.usage
+        if delta.finish_reason is not None and run.error is None:
+            response, closing = turn.finish(builder, delta)
+            for payload in closing:
+                yield counter.event(payload)
+            yield counter.event({"type": f"response.{response['status']}", "response": response})
