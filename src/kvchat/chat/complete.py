@@ -20,14 +20,7 @@ from typing import Any, Literal
 from kvchat.chat.history import GeneratedTokenMemory
 from kvchat.chat.response_format import grammar_for_response_format
 from kvchat.chat.tokenizer import ChatTokenizer
-from kvchat.chat.tool_calls import (
-    HERMES,
-    StreamingToolCallParser,
-    ToolCall,
-    ToolCallEvent,
-    ToolCallFormat,
-    detect_format,
-)
+from kvchat.chat.tool_calls import HERMES, StreamingToolCallParser, ToolCall, ToolCallEvent, detect_format
 from kvchat.chat.tool_requests import normalize_tool_choice, tool_call_grammar, validate_tools
 from kvchat.engine import Chunk, Engine, SamplingParams, Stream, Usage
 from kvchat.engine.context_shift import ContextShift
@@ -195,8 +188,7 @@ def complete(
     - `tools` (OpenAI function schemas) are rendered through the model's template;
       `tool_choice` ``"auto"`` (default with tools) lets the model choose,
       ``"required"`` or a named function forces a well-formed call by grammar,
-      ``"none"`` keeps them in the prompt (a prefix-cache match of the calls before
-      and after it) but makes no call.
+      ``"none"`` hides the tools.
     - `response_format` ``{"type": "json_object"}`` or ``{"type": "json_schema", ...}``
       constrains the output by grammar.
     - `overflow`: when the prompt plus `max_tokens` exceed the context, ``"error"``
@@ -223,12 +215,8 @@ def complete(
     if tools is not None:
         validate_tools(tools)
     choice = normalize_tool_choice(tool_choice, tools)
-    # "none" keeps the tools in the prompt, as OpenAI does: the prompt then stays a
-    # prefix of the calls around it (the answer after a tool round would otherwise
-    # evaluate the whole conversation again). No call is parsed, and the token that
-    # opens one is banned.
-    rendered_tools = list(tools) if tools else None
-    tool_format = (detect_format(tokenizer.template.source) or HERMES) if rendered_tools else None
+    visible_tools = None if choice == "none" else (list(tools) if tools else None)
+    tool_format = (detect_format(tokenizer.template.source) or HERMES) if visible_tools else None
     if tool_format is not None and tool_format.bare_start is None:
         # Small models often write the call's JSON without its tags: a reply that
         # starts with a JSON object naming a function and its arguments is a call.
@@ -236,27 +224,17 @@ def complete(
     grammar: str | None
     if choice not in ("none", "auto"):
         forced = None if choice == "required" else choice
-        grammar = tool_call_grammar(rendered_tools or [], name=forced, format=tool_format or HERMES)
+        grammar = tool_call_grammar(visible_tools or [], name=forced, format=tool_format or HERMES)
     else:
         grammar = grammar_for_response_format(response_format)
     if grammar is not None:
         sampling = replace(sampling, grammar=grammar)
-    if choice == "none" and tool_format is not None:
-        sampling = replace(sampling, logit_bias={**sampling.logit_bias, **_ban_call_start(engine, tool_format)})
-        tool_format = None
     if prediction is not None:
         sampling = replace(sampling, prediction=_prediction_tokens(engine, prediction))
-    tokens, shift = _fit(engine, tokenizer, list(messages), rendered_tools, sampling, overflow, n_keep, cache_key)
+    tokens, shift = _fit(engine, tokenizer, list(messages), visible_tools, sampling, overflow, n_keep, cache_key)
     stream = engine.submit(tokens, sampling, cache_key=cache_key, shift=shift)
     parser = StreamingToolCallParser(tool_format) if tool_format else None
     return ChatStream(stream, _Translator(parser, tokenizer.memory, cache_key), len(tokens))
-
-
-def _ban_call_start(engine: Engine, tool_format: ToolCallFormat) -> dict[int, float]:
-    """A logit bias that keeps the model from opening a tool call, where the opening is
-    one (control) token; a call written as plain text stays text (nothing parses it)."""
-    start = engine.model.tokenize(tool_format.start, parse_special=True)
-    return {start[0]: -100.0} if len(start) == 1 else {}
 
 
 def _prediction_tokens(engine: Engine, prediction: str) -> tuple[int, ...]:
