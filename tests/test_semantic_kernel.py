@@ -4,7 +4,6 @@ stateless calls, function calling through SK's loop, streaming, concurrency."""
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
 
 import pytest
 
@@ -20,7 +19,8 @@ from semantic_kernel.contents import (
 )
 from semantic_kernel.contents.utils.author_role import AuthorRole
 from semantic_kernel.contents.utils.finish_reason import FinishReason
-from semantic_kernel.functions import KernelArguments, kernel_function
+from semantic_kernel.functions import KernelArguments
+from sk_plugins import MathPlugin
 
 from kvchat.chat import chat_tokenizer
 from kvchat.integrations.semantic_kernel import (
@@ -30,18 +30,6 @@ from kvchat.integrations.semantic_kernel import (
     KVTextPromptExecutionSettings,
     history_to_messages,
 )
-
-
-class MathPlugin:
-    """A plugin that records its calls."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[int, int]] = []
-
-    @kernel_function(name="add", description="Add two integers and return their sum.")
-    def add(self, a: Annotated[int, "The first integer"], b: Annotated[int, "The second integer"]) -> int:
-        self.calls.append((a, b))
-        return a + b
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ re-reads what was kept; the turns after it are cheap again)."""
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
 
 import pytest
 
@@ -15,21 +14,10 @@ pytest.importorskip("semantic_kernel")
 from semantic_kernel.agents import ChatCompletionAgent, ChatHistoryAgentThread
 from semantic_kernel.connectors.ai.function_choice_behavior import FunctionChoiceBehavior
 from semantic_kernel.contents import ChatHistoryTruncationReducer, ChatMessageContent
-from semantic_kernel.functions import KernelArguments, kernel_function
+from semantic_kernel.functions import KernelArguments
+from sk_plugins import MathPlugin
 
 from kvchat.integrations.semantic_kernel import KVChatCompletion, KVChatPromptExecutionSettings
-
-
-class MathPlugin:
-    """A plugin that records its calls."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[int, int]] = []
-
-    @kernel_function(name="add", description="Add two integers and return their sum.")
-    def add(self, a: Annotated[int, "The first integer"], b: Annotated[int, "The second integer"]) -> int:
-        self.calls.append((a, b))
-        return a + b
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import sys
 import uuid
@@ -42,14 +41,14 @@ from kvchat.integrations.agent_framework.messages import (
     usage_details,
 )
 from kvchat.integrations.agent_framework.options import KVChatOptions, KVChatRequest, request_from_options
-from kvchat.models import resolve
+from kvchat.integrations.engine_source import engine_for
+from kvchat.integrations.engine_source import model_id as default_model_id
 
 if sys.version_info >= (3, 13):
     from typing import TypeVar  # pragma: no cover
 else:
     from typing_extensions import TypeVar  # pragma: no cover
 
-logger = logging.getLogger(__name__)
 
 __all__ = ["KVChatClient", "RawKVChatClient"]
 
@@ -94,18 +93,10 @@ class RawKVChatClient(BaseChatClient[KVChatOptionsT], Generic[KVChatOptionsT]):
         """Wrap `engine`, or start an engine on `model`; exactly one must be given, and
         `engine_settings` only with `model` (else `ValueError`). Other keyword arguments
         go to `BaseChatClient` (and, from :class:`KVChatClient`, its layers)."""
-        if (engine is None) == (model is None):
-            raise ValueError("give exactly one of engine or model")
         if engine is not None and engine_settings is not None:
             raise ValueError("engine_settings apply to the engine started on a model, not to a given engine")
-        owns = engine is None
-        if engine is None:
-            assert model is not None  # exactly one of them is given
-            logger.info("starting a kvchat engine on %s", model)
-            engine = Engine(resolve(model), engine_settings)
-        self.engine = engine
-        self.owns_engine = owns
-        self.model: str = model_id or _model_id(engine, model)
+        self.engine, self.owns_engine = engine_for(engine, model, engine_settings)
+        self.model: str = model_id or default_model_id(self.engine, model)
         try:
             super().__init__(additional_properties=additional_properties, **kwargs)
         except BaseException:
@@ -288,13 +279,6 @@ def _cancel_queued(task: asyncio.Future[ChatStream]) -> None:
     """Cancel the request a cancelled caller queued (a failed one queued nothing)."""
     if not task.cancelled() and task.exception() is None:
         task.result().cancel()
-
-
-def _model_id(engine: Engine, model: str | os.PathLike[str] | None) -> str:
-    if model is not None:
-        return os.path.basename(os.fspath(model))
-    path = getattr(engine.model, "path", None)
-    return os.path.basename(os.fspath(path)) if path else "kvchat"
 
 
 def _new_id() -> str:

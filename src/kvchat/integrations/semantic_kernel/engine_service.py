@@ -1,16 +1,13 @@
 """`EngineService`: the part every kvchat Semantic Kernel service shares, an engine
 that is either given (and left open) or started from a model name (and owned)."""
 
-import logging
 import os
 
 from pydantic import ConfigDict, Field
 from semantic_kernel.services.ai_service_client_base import AIServiceClientBase
 
 from kvchat.engine import Engine, EngineSettings
-from kvchat.models import resolve
-
-logger = logging.getLogger(__name__)
+from kvchat.integrations.engine_source import engine_for, model_id
 
 __all__ = ["EngineService"]
 
@@ -42,18 +39,12 @@ class EngineService(AIServiceClientBase):
     ) -> None:
         """Wrap `engine`, or start an engine on `model`; exactly one must be given
         (else `ValueError`)."""
-        if (engine is None) == (model is None):
-            raise ValueError("give exactly one of engine or model")
-        owns = engine is None
-        if engine is None:
-            assert model is not None  # exactly one of them is given
-            logger.info("starting a kvchat engine on %s", model)
-            engine = Engine(resolve(model), engine_settings)
+        engine, owns = engine_for(engine, model, engine_settings)
         try:
             super().__init__(
                 engine=engine,
                 owns_engine=owns,
-                ai_model_id=ai_model_id or _model_id(engine, model),
+                ai_model_id=ai_model_id or model_id(engine, model),
                 service_id=service_id or "",
             )
         except BaseException:
@@ -65,10 +56,3 @@ class EngineService(AIServiceClientBase):
         """Close the engine if this service started it (a given engine is left open)."""
         if self.owns_engine:
             self.engine.close()
-
-
-def _model_id(engine: Engine, model: str | os.PathLike[str] | None) -> str:
-    if model is not None:
-        return os.path.basename(os.fspath(model))
-    path = getattr(engine.model, "path", None)
-    return os.path.basename(os.fspath(path)) if path else "kvchat"
