@@ -7,13 +7,17 @@ shown in ``--help``); a command-line value wins.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
 from kvchat.cli.sizes import parse_size
 from kvchat.errors import KVChatError
 from kvchat.models import DEFAULT_CHAT_MODEL
+
+if TYPE_CHECKING:
+    from kvchat.engine import EngineSettings
+    from kvchat.server import ServerSettings
 
 
 def _size(text: str) -> int:
@@ -131,6 +135,26 @@ def serve(
     threads: Annotated[
         int | None, typer.Option(envvar="KVCHAT_THREADS", min=1, help="CPU threads (default: every core).")
     ] = None,
+    ray: Annotated[
+        bool,
+        typer.Option(
+            "--ray",
+            envvar="KVCHAT_RAY",
+            help="Serve --replicas engine replicas on Ray Serve behind prefix-affinity routing (needs kvchat[ray]).",
+        ),
+    ] = False,
+    replicas: Annotated[
+        int, typer.Option(envvar="KVCHAT_REPLICAS", min=1, help="With --ray: engine replicas (one process each).")
+    ] = 2,
+    replica_cpus: Annotated[
+        float, typer.Option(envvar="KVCHAT_REPLICA_CPUS", min=0.01, help="With --ray: CPUs Ray reserves per replica.")
+    ] = 1.0,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            envvar="KVCHAT_RAY_ADDRESS", help="With --ray: join this Ray cluster (default: start a local instance)."
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(envvar="KVCHAT_LOG_LEVEL")] = "info",
     access_log: Annotated[
         bool, typer.Option(envvar="KVCHAT_ACCESS_LOG", help="One JSON line per request on stderr.")
@@ -170,6 +194,18 @@ def serve(
             responses_store_bytes=_size(responses_store_bytes),
             responses_store_ttl=responses_store_ttl,
         )
+        if ray:
+            _serve_on_ray(
+                model,
+                settings=settings,
+                engine_settings=engine_settings,
+                host=host,
+                port=port,
+                replicas=replicas,
+                replica_cpus=replica_cpus,
+                address=ray_address,
+            )
+            return
         run_server(
             model,
             host=host,
@@ -182,3 +218,35 @@ def serve(
     except KVChatError as exc:
         typer.secho(f"kvchat serve: {exc}", err=True, fg="red")
         raise typer.Exit(2) from None
+
+
+def _serve_on_ray(
+    model: str,
+    *,
+    settings: ServerSettings,
+    engine_settings: EngineSettings,
+    host: str,
+    port: int,
+    replicas: int,
+    replica_cpus: float,
+    address: str | None,
+) -> None:
+    """``kvchat serve --ray``: the same API, on `replicas` engine replicas on Ray Serve."""
+    import dataclasses
+    import math
+
+    try:
+        from kvchat.server.ray_serve.app import build_app, run
+    except ImportError as exc:
+        raise KVChatError(f"--ray needs Ray Serve: pip install 'kvchat[ray]' ({exc})") from None
+    if engine_settings.n_threads is None:
+        # Each replica is one process: its threads follow the CPUs Ray gives it.
+        engine_settings = dataclasses.replace(engine_settings, n_threads=max(1, math.floor(replica_cpus)))
+    application = build_app(
+        model,
+        server_settings=settings,
+        engine_settings=engine_settings,
+        num_replicas=replicas,
+        ray_actor_options={"num_cpus": replica_cpus},
+    )
+    run(application, host=host, port=port, address=address)

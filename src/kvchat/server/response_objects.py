@@ -26,9 +26,10 @@ from kvchat.server.sse import Event
 __all__ = ["EventCounter", "OutputBuilder", "ResponseFrame", "new_id", "response_usage"]
 
 
-def new_id(prefix: str) -> str:
-    """A fresh, unguessable id such as ``resp_`` + 48 hex digits."""
-    return f"{prefix}_{secrets.token_hex(24)}"
+def new_id(prefix: str, tag: str = "") -> str:
+    """A fresh, unguessable id such as ``resp_`` + 48 hex digits, the first ones `tag`
+    (an even count of hex digits naming who made it; the rest stay random)."""
+    return f"{prefix}_{tag}{secrets.token_hex(24 - len(tag) // 2)}"
 
 
 def response_usage(usage: Usage, *, cache_writes: bool) -> dict[str, Any]:

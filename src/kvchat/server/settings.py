@@ -53,6 +53,9 @@ class ServerSettings:
       With two or more `api_keys`, one key's responses hold at most its
       `key_share` of the count and of the bytes (see
       :class:`kvchat.server.response_store.ResponseStore`).
+    - `response_id_tag`: hex digits (even count, at most 16) that begin the random
+      part of every response id this server makes: on Ray Serve each replica
+      has its own, so a ``previous_response_id`` names the replica that stored it.
     """
 
     model_name: str
@@ -73,11 +76,17 @@ class ServerSettings:
     responses_store_max: int = 1024
     responses_store_bytes: int = 64 * 1024 * 1024
     responses_store_ttl: float = 6 * 3600.0
+    response_id_tag: str = ""
 
     def __post_init__(self) -> None:
         if not self.model_name:
             raise InvalidRequestError("model_name must not be empty", field="model_name")
         object.__setattr__(self, "api_keys", tuple(self.api_keys))
+        tag = self.response_id_tag
+        if len(tag) > 16 or len(tag) % 2 or any(c not in "0123456789abcdef" for c in tag):
+            raise InvalidRequestError(
+                "response_id_tag must be an even number (at most 16) of lowercase hex digits", field="response_id_tag"
+            )
         object.__setattr__(self, "cors_origins", tuple(self.cors_origins))
         object.__setattr__(self, "allowed_hosts", tuple(host.strip().lower() for host in self.allowed_hosts))
         if any(not key for key in self.api_keys):

@@ -40,6 +40,7 @@ from kvchat.server.responses_api import (
     response_format,
 )
 from kvchat.server.runs import RequestRun, serving
+from kvchat.server.settings import ServerSettings
 from kvchat.server.sse import Event, sse_response
 from kvchat.server.state import ServerState, Tenant, authorized, server_state
 
@@ -103,7 +104,7 @@ async def create_response(
     fmt = response_format(body.text)
     sampling = _sampling(body)
     prompt = [{"role": "system", "content": body.instructions}, *conversation] if body.instructions else conversation
-    turn = _Turn(_frame(body, state.settings.model_name, sampling), conversation, tenant, state)
+    turn = _Turn(_frame(body, state.settings, sampling), conversation, tenant, state)
     max_calls = 1 if body.parallel_tool_calls is False else body.max_tool_calls
     run = state.new_run(request, tenant)
     with serving(run):
@@ -191,12 +192,12 @@ def _sampling(body: ResponsesRequest) -> SamplingParams:
     return SamplingParams(**options)
 
 
-def _frame(body: ResponsesRequest, model: str, sampling: SamplingParams) -> ResponseFrame:
+def _frame(body: ResponsesRequest, settings: ServerSettings, sampling: SamplingParams) -> ResponseFrame:
     text = dict(body.text or {})
     text.setdefault("format", {"type": "text"})
     return ResponseFrame(
-        id=new_id("resp"),
-        model=model,
+        id=new_id("resp", settings.response_id_tag),
+        model=settings.model_name,
         instructions=body.instructions,
         previous_response_id=body.previous_response_id,
         tools=[_echoed_tool(tool) for tool in body.tools or ()],

@@ -1,0 +1,142 @@
+"""kvchat on Ray Serve for real: a local Ray instance on loopback, two Gemma
+replicas behind the prefix-affinity router, the official `openai` client."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+from http_server import free_port
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+
+from kvchat.engine import EngineSettings  # noqa: E402
+from kvchat.server import ServerSettings  # noqa: E402
+from kvchat.server.ray_serve.app import build_app  # noqa: E402
+
+pytestmark = [pytest.mark.system, pytest.mark.timeout(300)]
+
+MODEL = "gemma-3-270m"
+KEYS = ("key-one", "key-two")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[str]:
+    """The application on 2 replicas; yields its base URL."""
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        app = build_app(
+            MODEL,
+            server_settings=ServerSettings(model_name=MODEL, api_keys=KEYS),
+            engine_settings=EngineSettings(n_ctx=4096, max_running=4, n_seq_max=8, n_threads=1),
+            num_replicas=2,
+        )
+        serve.run(app, name="kvchat", route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        _wait_for_replicas(url, 2)
+        yield url
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _wait_for_replicas(url: str, count: int, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        response = httpx.get(f"{url}/health")
+        health = response.json()
+        if response.status_code == 200 and health["replicas_running"] >= count:
+            return health
+        assert time.monotonic() < deadline, f"replicas did not report in time: {health}"
+        time.sleep(0.5)
+
+
+def _turn(client: openai.OpenAI, messages: list[dict], text: str) -> tuple[str, int, int]:
+    """One turn with the whole history; the replica that served it, prompt and cached tokens."""
+    messages.append({"role": "user", "content": text})
+    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+    completion = raw.parse()
+    messages.append({"role": "assistant", "content": completion.choices[0].message.content or ""})
+    usage = completion.usage
+    assert usage is not None and usage.prompt_tokens_details is not None
+    return raw.headers["x-kvchat-replica"], usage.prompt_tokens, usage.prompt_tokens_details.cached_tokens or 0
+
+
+def _kill(replica: str) -> None:
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if replica in actor["name"] and "kvchat-replica" in actor["name"]:
+            ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+            return
+    raise AssertionError(f"no actor for replica {replica}")
+
+
+def test_conversations_stay_on_one_replica_and_survive_a_replica_dying(cluster: str) -> None:
+    client = openai.OpenAI(base_url=f"{cluster}/v1", api_key=KEYS[0], max_retries=0)
+    topics = ("rivers of Europe", "the history of clocks", "how bees dance", "building a canoe")
+    conversations = {topic: [{"role": "system", "content": f"You answer questions about {topic}."}] for topic in topics}
+    served: dict[str, list[str]] = {topic: [] for topic in topics}
+    cached: dict[str, list[int]] = {topic: [] for topic in topics}
+    for turn in range(4):
+        for topic, messages in conversations.items():
+            replica, prompt, hit = _turn(client, messages, f"Question {turn + 1} about {topic}, please.")
+            served[topic].append(replica)
+            cached[topic].append(hit)
+            assert hit <= prompt
+    for topic in topics:
+        assert len(set(served[topic][1:])) == 1, f"{topic} moved between replicas: {served[topic]}"
+        assert cached[topic][1:] == sorted(cached[topic][1:]) and cached[topic][3] > cached[topic][1] > 0, cached[topic]
+    metrics = httpx.get(f"{cluster}/metrics").text
+    assert 'kvchat_routing_decisions_total{kind="prefix"}' in metrics
+    assert 'kvchat_cached_tokens_total{replica="' in metrics
+
+    victim = served[topics[0]][-1]
+    _kill(victim)
+    for turn in range(4, 6):
+        for topic, messages in conversations.items():
+            replica, prompt, hit = _turn(client, messages, f"Question {turn + 1} about {topic}, please.")
+            assert replica != victim
+            served[topic].append(replica)
+            cached[topic].append(hit)
+    # A moved conversation is read once on its new replica, then reused there.
+    for topic in topics:
+        assert served[topic][4] == served[topic][5]
+        assert cached[topic][5] > cached[topic][4]
+
+
+def test_responses_chain_continues_on_the_replica_that_stored_it(cluster: str) -> None:
+    client = openai.OpenAI(base_url=f"{cluster}/v1", api_key=KEYS[0], max_retries=0)
+    first = client.responses.with_raw_response.create(model=MODEL, input="Name a colour.", max_output_tokens=8)
+    previous = first.parse()
+    replicas = {first.headers["x-kvchat-replica"]}
+    for text in ("Another one.", "And one more."):
+        raw = client.responses.with_raw_response.create(
+            model=MODEL, input=text, previous_response_id=previous.id, max_output_tokens=8
+        )
+        previous = raw.parse()
+        replicas.add(raw.headers["x-kvchat-replica"])
+        assert previous.usage is not None and previous.usage.input_tokens_details.cached_tokens > 0
+    assert len(replicas) == 1
+    other = openai.OpenAI(base_url=f"{cluster}/v1", api_key=KEYS[1], max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        other.responses.retrieve(previous.id)
+
+
+def test_errors_keep_openai_shapes_across_replicas(cluster: str) -> None:
+    unauthorized = httpx.post(f"{cluster}/v1/chat/completions", json={"model": MODEL, "messages": []})
+    assert unauthorized.status_code == 401
+    assert unauthorized.json()["error"]["code"] == "invalid_api_key"
+    too_big = httpx.post(
+        f"{cluster}/v1/chat/completions",
+        content=b"x" * (5 * 1024 * 1024),
+        headers={"authorization": f"Bearer {KEYS[0]}", "content-type": "application/json"},
+    )
+    assert too_big.status_code == 413
+    assert "error" in too_big.json()
+    health = httpx.get(f"{cluster}/health").json()
+    assert health["status"] == "ok" and health["replicas"]
