@@ -3,6 +3,7 @@ replicas behind the prefix-affinity router, the official `openai` client."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 
@@ -140,3 +141,43 @@ def test_errors_keep_openai_shapes_across_replicas(cluster: str) -> None:
     assert "error" in too_big.json()
     health = httpx.get(f"{cluster}/health").json()
     assert health["status"] == "ok" and health["replicas"]
+
+
+def test_kvchat_serve_without_ray_does_not_import_ray() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from typer.testing import CliRunner; from kvchat.cli import app; "
+        "result = CliRunner().invoke(app, ['serve', '--help']); "
+        "assert result.exit_code == 0 and '--ray' in result.output, result.output; "
+        "import kvchat.server; print('ray' in sys.modules)"
+    )
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert output.strip() == "False"
+
+
+def test_a_stream_cut_by_a_dying_replica_ends_with_an_error_and_the_next_request_is_served(cluster: str) -> None:
+    headers = {"authorization": f"Bearer {KEYS[0]}"}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Count from 1 to 500, one number per line."}],
+        "max_tokens": 1500,
+        "temperature": 0,
+        "stream": True,
+    }
+    events: list[str] = []
+    with httpx.stream("POST", f"{cluster}/v1/chat/completions", json=body, headers=headers, timeout=120) as response:
+        assert response.status_code == 200
+        victim = response.headers["x-kvchat-replica"]
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+                if len(events) == 3:
+                    _kill(victim)
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "replica_unavailable" and error["type"] == "server_error"
+    client = openai.OpenAI(base_url=f"{cluster}/v1", api_key=KEYS[0], max_retries=0)
+    replica, _, _ = _turn(client, [], "Say one word.")
+    assert replica != victim
