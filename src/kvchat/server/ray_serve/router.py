@@ -92,13 +92,14 @@ class _Bookkeeping(RequestRouter):
 
     def initialize_state(self, **kwargs: Any) -> None:
         self.book = RouterBook()
-        self._choices: dict[str, str] = {}
         _registry()[self._deployment_id.name] = self.book
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
-        key = replica_id.unique_id
+        self._count(replica_id.unique_id, "load_balanced")
+
+    def _count(self, key: str, kind: str) -> None:
+        """A request went to replica `key`, chosen as `kind`."""
         self.book.in_flight[key] += 1
-        kind = self._choices.pop(pending_request.metadata.internal_request_id, "load_balanced")
         self.book.decisions[kind] += 1
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
@@ -123,7 +124,8 @@ class PrefixAffinityRouter(_Bookkeeping):
     def initialize_state(self, min_match_chars: int = 32, max_imbalance: int = 4, **kwargs: Any) -> None:
         super().initialize_state(**kwargs)
         self.policy = PrefixAffinityPolicy(min_match_chars=min_match_chars, max_imbalance=max_imbalance)
-        self._texts: dict[str, tuple[RoutingDecision, str]] = {}
+        self._pending: dict[str, tuple[RoutingDecision, str]] = {}
+        """Each request's decision and routing text, by request id, until Ray routes it."""
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
@@ -140,22 +142,22 @@ class PrefixAffinityRouter(_Bookkeeping):
         decision = self.policy.choose(
             hint.text, {key: self._load(replica) for key, replica in by_key.items()}, pinned=pinned, header=hint.header
         )
-        request_id = pending_request.metadata.internal_request_id
-        self._choices[request_id] = decision.kind
-        self._texts[request_id] = (decision, hint.text)
+        self._pending[pending_request.metadata.internal_request_id] = (decision, hint.text)
         chosen = by_key[str(decision.replica)]
         others = [replica for replica in candidate_replicas if replica is not chosen]
         # The chosen replica first; if Ray finds its queue full, the others by load.
         return [[chosen], others] if others else [[chosen]]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
-        request_id = pending_request.metadata.internal_request_id
-        chosen = self._texts.pop(request_id, None)
-        if chosen is not None and chosen[0].replica != replica_id.unique_id:
-            self._choices[request_id] = "full"  # Ray found the chosen replica's queue full
-        super().on_request_routed(pending_request, replica_id, result)
-        if chosen is not None:
-            self.policy.record(replica_id.unique_id, chosen[1])
+        key = replica_id.unique_id
+        chosen = self._pending.pop(pending_request.metadata.internal_request_id, None)
+        if chosen is None:
+            self._count(key, "load_balanced")
+            return
+        decision, text = chosen
+        self.policy.record(key, text)
+        # Another replica than the chosen one: Ray found the chosen one's queue full.
+        self._count(key, decision.kind if decision.replica == key else "full")
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
