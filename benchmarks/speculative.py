@@ -10,10 +10,16 @@ Qwen2.5-Coder 0.5B by default. Scenarios, each run with speculation on and off
   (OpenAI's predicted outputs).
 - `prose`: one chat of several turns with the user messages of
   benchmarks/multiturn.py, the whole history on every call.
-- `users_4`, `users_8`: that many code edits at once; aggregate tok/s.
+- `users_4`, `users_8`: that many code edits at once; aggregate tok/s, their
+  prompts evaluated before the timed calls (see `WARM_PROMPTS`).
 
-Each scenario runs in process (`Engine`) and over HTTP (`kvchat serve
---speculation auto|off` with the official `openai` client, streaming). The
+Every round (the calls made together) starts from a fresh cache: a new engine
+in process, an API key of its own over HTTP. So no round drafts from the
+replies of an earlier round that asked the same (the scenarios reuse the tasks).
+
+Each scenario runs in process (a new `Engine` per round, one at a time) and
+over HTTP (`kvchat serve --speculation auto|off` with the official `openai`
+client, streaming). The
 figure is decode tok/s: completion tokens after the first over the time from
 the first token to the last (speculation changes the answer's decode, not the
 prompt's evaluation); end-to-end tok/s (completion tokens over the time from
@@ -21,6 +27,12 @@ the call to the last token) is reported too. At temperature 0 every output
 must be identical with and without speculation; where one differs, the first
 differing position is reported with the logit margin (top 1 minus top 2) of the
 non-speculative run there, measured by a bare `llama_decode`.
+
+The backend's own figures come from the same run: bare `llama_decode` calls of
+1 to 63 rows of one sequence after a code-edit prompt, timed before and after
+the scenarios. They give the best speed-up any draft could bring (drafts always
+accepted, as long as the engine allows) and, per single-conversation scenario,
+the speed-up of that run's own decode steps and rows on the bare backend.
 
 Writes benchmarks/results/speculative.json and docs/images/speculative.png.
 """
@@ -85,41 +97,63 @@ def edit_messages(task: CodeEditTask) -> list[dict]:
 
 
 class InProcess:
-    """Two engines on one model, speculation on and off."""
+    """An engine on the model per round, speculation on or off.
+
+    Only one engine exists at a time: a second engine's worker thread running
+    `llama_decode` in the same process makes the other's calls about a quarter
+    slower (each calling thread gets its own OpenMP team, and the teams contend
+    for the two cores), which would slow whichever mode ran second.
+    """
 
     def __init__(self, model: Model, max_tokens: int) -> None:
         self.model = model
         self.max_tokens = max_tokens
         self.tokenizer = ChatTokenizer(model)
-        base = dict(n_ctx=16384, max_running=8, n_seq_max=16)
-        self.engines = {m: Engine(model, EngineSettings(**base, speculation="auto" if m == "on" else "off"))
-                        for m in MODES}
 
-    def close(self) -> None:
-        for engine in self.engines.values():
-            engine.close()
+    def engine(self, mode: str) -> Engine:
+        return Engine(self.model, EngineSettings(n_ctx=16384, max_running=8, n_seq_max=16,
+                                                 speculation="auto" if mode == "on" else "off"))
 
     def sampling(self, prediction: str | None) -> SamplingParams:
         predicted = tuple(self.model.tokenize(prediction)) if prediction else ()
         return SamplingParams(temperature=0, max_tokens=self.max_tokens, prediction=predicted)
 
     def calls(self, scenario: str, mode: str, jobs: list[tuple[str, list[dict], str | None]]) -> list[Call]:
-        """Submit every job at once; time each one's stream."""
-        engine = self.engines[mode]
-        started = time.perf_counter()
-        streams = []
-        for label, messages, prediction in jobs:
-            prompt = self.tokenizer.encode(messages)
-            streams.append((label, prompt, engine.submit(prompt, self.sampling(prediction))))
+        """Submit every job at once to a new engine; time each one's stream."""
+        with self.engine(mode) as engine:
+            if WARM_PROMPTS and len(jobs) > 1:  # evaluate the prompts first
+                warm = [engine.submit(self.tokenizer.encode(messages), SamplingParams(temperature=0, max_tokens=1))
+                        for _, messages, _ in jobs]
+                for stream in warm:
+                    stream.collect()
+            started = time.perf_counter()
+            streams = []
+            for label, messages, prediction in jobs:
+                prompt = self.tokenizer.encode(messages)
+                streams.append((label, prompt, engine.submit(prompt, self.sampling(prediction))))
+            # Each stream's chunks are timestamped as they are read, which for all but
+            # the first would be later than they arrived if read in turn: read them on threads.
+            results = _drain_concurrently([s for _, _, s in streams], started)
         calls = []
-        # Streams are consumed in turn; each one's chunks are timestamped as they are read,
-        # which for all but the first may be later than they arrived: read them on threads.
-        results = _drain_concurrently([s for _, _, s in streams], started)
         for (label, prompt, stream), (first, last, ids, text) in zip(streams, results, strict=True):
             u = stream.usage
             calls.append(Call(scenario, mode, label, u.completion_tokens, last - started, last - first,
                               u.draft_tokens, u.accepted_draft_tokens, ids, text, list(prompt)))
         return calls
+
+
+def on_own_thread(fn, *args):
+    """`fn(*args)` on a thread that ends with it: a thread that has run `llama_decode`
+    keeps its OpenMP team, which slows later calls made by other threads (see `InProcess`)."""
+    import threading
+
+    out: list = []
+    thread = threading.Thread(target=lambda: out.append(fn(*args)))
+    thread.start()
+    thread.join()
+    if not out:
+        raise RuntimeError(f"{fn.__name__} failed on its thread")
+    return out[0]
 
 
 def _drain_concurrently(streams, started: float) -> list[tuple[float, float, list[int], str]]:
@@ -151,21 +185,41 @@ def _drain_concurrently(streams, started: float) -> list[tuple[float, float, lis
 # ---------------------------------------------------------------- over HTTP
 
 
+WARM_PROMPTS = True
+"""Rounds of several users have their prompts evaluated (a 1-token call each, in the
+round's own engine or namespace) before the timed calls, which then find them
+cached. The figure is decode tok/s; without this, the window from the first
+user's first token to the last user's last token would also hold the other
+users' prompt evaluation (about 2,800 tokens for 8 users, some 10 s on 2 cores,
+the same with and without drafts), which speculation does not touch."""
+
+ROUND_KEYS = tuple(f"round-{i}" for i in range(64))
+"""The servers' API keys: one per round, each its own cache namespace."""
+
+
 class OverHttp:
-    """Two `kvchat serve` processes, speculation on and off, and the official client."""
+    """Two `kvchat serve` processes, speculation on and off, and the official client.
+
+    Each round uses an API key of its own, so it starts from a fresh cache
+    namespace (no cached prefix, an empty n-gram cache), as each round in process
+    starts from a new engine: a round never drafts from the replies of an earlier
+    round that asked the same.
+    """
 
     def __init__(self, base_urls: dict[str, str], model: str, max_tokens: int) -> None:
         self.clients = {m: client_for(url) for m, url in base_urls.items()}
+        self.rounds = dict.fromkeys(base_urls, 0)
         self.model = model
         self.max_tokens = max_tokens
 
-    async def one(self, scenario: str, mode: str, label: str, messages: list[dict], prediction: str | None) -> Call:
+    async def one(self, client, scenario: str, mode: str, label: str, messages: list[dict],
+                  prediction: str | None) -> Call:
         extra = {"prediction": {"type": "content", "content": prediction}} if prediction else {}
         started = time.perf_counter()
         first = last = None
         parts: list[str] = []
         usage = None
-        stream = await self.clients[mode].chat.completions.create(
+        stream = await client.chat.completions.create(
             model=self.model, messages=messages, temperature=0, max_tokens=self.max_tokens, stream=True,
             stream_options={"include_usage": True}, **extra)
         async for chunk in stream:
@@ -184,7 +238,12 @@ class OverHttp:
                     None if accepted is None else accepted + (rejected or 0), accepted, [], "".join(parts))
 
     async def calls(self, scenario: str, mode: str, jobs: list[tuple[str, list[dict], str | None]]) -> list[Call]:
-        return list(await asyncio.gather(*(self.one(scenario, mode, *job) for job in jobs)))
+        client = self.clients[mode].with_options(api_key=ROUND_KEYS[self.rounds[mode]])
+        self.rounds[mode] += 1
+        if WARM_PROMPTS and len(jobs) > 1:  # evaluate the prompts first
+            await asyncio.gather(*(client.chat.completions.create(model=self.model, messages=messages, temperature=0,
+                                                                  max_tokens=1) for _, messages, _ in jobs))
+        return list(await asyncio.gather(*(self.one(client, scenario, mode, *job) for job in jobs)))
 
 
 # ---------------------------------------------------------------- scenarios
@@ -261,7 +320,7 @@ def summarize(calls: list[Call]) -> dict[str, dict]:
             accepted = sum(c.accepted_draft_tokens or 0 for c in mine)
             row[mode] = {"decode_tok_s": decode_rate, "end_to_end_tok_s": e2e, "completion_tokens":
                          sum(c.completion_tokens for c in mine), "draft_tokens": drafted,
-                         "accepted_draft_tokens": accepted}
+                         "accepted_draft_tokens": accepted, "calls": len(mine)}
         row["decode_ratio"] = row["on"]["decode_tok_s"] / row["off"]["decode_tok_s"]
         row["end_to_end_ratio"] = row["on"]["end_to_end_tok_s"] / row["off"]["end_to_end_tok_s"]
         row["target"] = TARGETS[scenario]
@@ -307,6 +366,63 @@ def logit_margin(model: Model, tokens: list[int]) -> float:
     return float(logits[-1] - logits[-2])
 
 
+# ---------------------------------------------------------------- the backend's own ceiling
+
+CEILING_ROWS = (1, 2, 3, 5, 9, 13, 17, 25, 33, 49, 63)
+"""Rows of the bare verify calls timed (63: the longest draft `max_draft_tokens` allows, plus the last token)."""
+
+
+def verify_call_costs(model: Model, context_tokens: list[int], reps: int = 7) -> dict[int, float]:
+    """Seconds of a bare `llama_decode` of n rows of one sequence after `context_tokens`
+    (median of `reps`, the row counts interleaved so that drift hits all alike), with
+    the engine's context parameters; the rows are removed after each call."""
+    settings = EngineSettings(n_ctx=16384, n_seq_max=16)
+    params = ContextParams(n_ctx=settings.n_ctx, n_batch=settings.n_batch, n_ubatch=settings.n_ubatch,
+                           n_seq_max=settings.n_seq_max, swa_full=True)
+    with Context(model, params) as ctx, Batch(settings.n_batch) as batch:
+        for start in range(0, len(context_tokens), settings.n_batch):
+            batch.clear()
+            batch.add_chunk(context_tokens[start:start + settings.n_batch], start, 0, logits_last=True)
+            ctx.decode(batch)
+        position = len(context_tokens)
+        filler = context_tokens[-CEILING_ROWS[-1]:]
+        samples: dict[int, list[float]] = {rows: [] for rows in CEILING_ROWS}
+        for rep in range(reps + 1):
+            for rows in CEILING_ROWS:
+                batch.clear()
+                for i in range(rows):
+                    batch.add(filler[i % len(filler)], position + i, 0, logits=True)
+                started = time.perf_counter()
+                ctx.decode(batch)
+                elapsed = time.perf_counter() - started
+                ctx.seq_remove(0, position, -1)
+                if rep:  # the first round warms up
+                    samples[rows].append(elapsed)
+    return {rows: float(np.median(times)) for rows, times in samples.items()}
+
+
+def backend_ceiling(costs: dict[int, float], results: dict) -> dict:
+    """What the backend itself allows, from the bare call costs measured in this run:
+    the speed-up of drafts that are always accepted (a call of n rows yields n tokens)
+    at the best call shape up to the engine's default longest draft
+    (`perfect_drafts`) and up to the longest it allows (`perfect_drafts_longest`).
+    Drafting cannot beat them, apart from the engine's own work per step (which
+    fewer steps also save); next to them, each scenario's measured ratios."""
+    default_rows = EngineSettings().max_draft_tokens + 1
+
+    def best(limit: int) -> tuple[float, int]:
+        return max((rows * costs[1] / seconds, rows) for rows, seconds in costs.items() if rows <= limit)
+
+    perfect, perfect_rows = best(default_rows)
+    longest, longest_rows = best(max(costs))
+    return {"call_cost": {str(rows): seconds / costs[1] for rows, seconds in costs.items()},
+            "one_row_ms": costs[1] * 1000,
+            "perfect_drafts": perfect, "perfect_drafts_rows": perfect_rows,
+            "perfect_drafts_longest": longest, "perfect_drafts_longest_rows": longest_rows,
+            "measured": {where: {scenario: row["decode_ratio"] for scenario, row in results[where].items()}
+                         for where in ("in_process", "http") if where in results}}
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -322,6 +438,16 @@ def print_summary(label: str, summary: dict[str, dict]) -> None:
               f"{row['target']:>6.2f}x {'met' if row['met'] else 'NOT MET'}")
 
 
+def print_ceiling(ceiling: dict) -> None:
+    costs = ", ".join(f"{rows}: {cost:.2f}" for rows, cost in ceiling["call_cost"].items())
+    print(f"\nbackend: a 1-row call {ceiling['one_row_ms']:.1f} ms; a call of n rows costs (n: 1-row calls) {costs}")
+    print(f"  drafts always accepted: at most {ceiling['perfect_drafts']:.2f}x "
+          f"({ceiling['perfect_drafts_rows']} rows, the default longest draft), "
+          f"{ceiling['perfect_drafts_longest']:.2f}x ({ceiling['perfect_drafts_longest_rows']} rows, the longest allowed)")
+    for where, ratios in ceiling["measured"].items():
+        print(f"  measured {where.replace('_', ' ')}: " + ", ".join(f"{s} {r:.2f}x" for s, r in ratios.items()))
+
+
 def chart(results: dict) -> None:
     import matplotlib
 
@@ -329,7 +455,7 @@ def chart(results: dict) -> None:
     import matplotlib.pyplot as plt
 
     scenarios = list(TARGETS)
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(8, 4.6))
     width = 0.38
     for i, (where, color) in enumerate((("in_process", "#4477aa"), ("http", "#66ccee"))):
         summary = results.get(where)
@@ -342,10 +468,14 @@ def chart(results: dict) -> None:
     for x, s in enumerate(scenarios):
         ax.hlines(TARGETS[s], x - 0.45, x + 0.45, colors="#cc3311", linestyles="dashed")
     ax.axhline(1.0, color="grey", linewidth=0.8)
+    if "backend" in results:
+        ax.axhline(results["backend"]["perfect_drafts"], color="#555555", linestyle="dotted", linewidth=1,
+                   label="bare llama_decode, one conversation, drafts always accepted")
     ax.set_xticks(range(len(scenarios)), [s.replace("_", " ") for s in scenarios], fontsize=9)
     ax.set_ylabel("decode tok/s, speculation on / off")
     ax.set_title("Speculative decoding, Qwen2.5-Coder 0.5B, 2 CPU cores (dashed: target)")
-    ax.legend()
+    ax.set_ylim(0, max(3.4, ax.get_ylim()[1]))
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, fontsize=8, frameon=False)
     fig.tight_layout()
     CHART.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(CHART, dpi=120)
@@ -364,14 +494,14 @@ def main() -> None:
     model = Model(resolve(args.model))
     results: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
                      "model": args.model, "max_tokens": args.max_tokens, "tasks": args.tasks}
+    # The backend's own call costs, timed before and after the scenarios (drift hits both).
+    task = TASKS[0]
+    context = ChatTokenizer(model).encode(edit_messages(task)) + model.tokenize(task.code)[: args.max_tokens // 2]
+    costs_before = on_own_thread(verify_call_costs, model, context)
     print("in process")
-    runner = InProcess(model, args.max_tokens)
-    try:
-        calls = asyncio.run(run_all(runner, args, is_async=False))
-    finally:
-        runner.close()
+    calls = asyncio.run(run_all(InProcess(model, args.max_tokens), args, is_async=False))
     results["in_process"] = summarize(calls)
-    results["in_process_identity"] = identity(calls, model)
+    results["in_process_identity"] = on_own_thread(identity, calls, model)
     results["in_process_calls"] = [{k: v for k, v in asdict(c).items() if k not in ("token_ids", "prompt_ids",
                                                                                       "text")} for c in calls]
     print_summary("in process", results["in_process"])
@@ -379,7 +509,8 @@ def main() -> None:
         print("\nover HTTP")
         logs = Path("/tmp/kvchat-speculative")
         serve = lambda mode: lambda port: [str(KVCHAT), "serve", "--model", args.model, "--port", str(port),  # noqa: E731
-                                            "--ctx-size", "16384", "--parallel", "8", "--speculation", mode]
+                                            "--ctx-size", "16384", "--parallel", "8", "--speculation", mode, "--key-share", "1",
+                                            *(arg for key in ROUND_KEYS for arg in ("--api-key", key))]
         with running_server(serve("auto"), "/health", logs / "on.log") as on_url, \
                 running_server(serve("off"), "/health", logs / "off.log") as off_url:
             http = OverHttp({"on": on_url, "off": off_url}, args.model, args.max_tokens)
@@ -389,6 +520,11 @@ def main() -> None:
         results["http_calls"] = [{k: v for k, v in asdict(c).items() if k not in ("token_ids", "prompt_ids",
                                                                                    "text")} for c in http_calls]
         print_summary("over HTTP", results["http"])
+    costs_after = on_own_thread(verify_call_costs, model, context)
+    costs = {rows: (costs_before[rows] + costs_after[rows]) / 2 for rows in costs_before}
+    results["backend"] = {"context_tokens": len(context), "seconds_before": costs_before,
+                          "seconds_after": costs_after, **backend_ceiling(costs, results)}
+    print_ceiling(results["backend"])
     for key in ("in_process_identity", "http_identity"):
         if key in results:
             ident = results[key]

@@ -184,6 +184,17 @@ def test_the_prediction_is_drafted_first() -> None:
     assert request.draft and request.draft == prediction[1 : 1 + len(request.draft)]
 
 
+def test_a_prediction_starts_with_a_longer_draft_than_the_engines_own_sources() -> None:
+    """A caller's prediction starts from a stronger prior than prompt lookup does."""
+    predicted = decoding_request(1, [1, 2, 3], REPEATED[:2], prediction=tuple(REPEATED))
+    looked_up = decoding_request(2, [*REPEATED, 3], REPEATED[:2])
+    for request in (predicted, looked_up):
+        Speculator(max_draft_tokens=32, ngram_cache_entries=0).propose([request], capacity=512, call_rows=512)
+    assert predicted.draft == tuple(REPEATED[2 : 2 + len(predicted.draft)])
+    assert looked_up.draft == tuple(REPEATED[2 : 2 + len(looked_up.draft)])
+    assert len(predicted.draft) > len(looked_up.draft) >= 1
+
+
 @pytest.mark.parametrize(
     ("slack", "max_new", "call_rows", "most"),
     [(3, 256, 512, 3), (256, 4, 512, 4 - 1), (256, 256, 5, 4), (256, 256, 512, 16)],

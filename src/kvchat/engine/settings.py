@@ -76,7 +76,7 @@ class EngineSettings:
     compact_pool: bool = True
     interleaved_call_rows: int | None = 63
     speculation: Literal["auto", "off"] = "auto"
-    max_draft_tokens: int = 32
+    max_draft_tokens: int = 48
     ngram_cache_entries: int = 65_536
     cache_dir: str | None = None
     cache_disk_bytes: int | None = DEFAULT_CACHE_DISK_BYTES
