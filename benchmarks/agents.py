@@ -15,7 +15,9 @@ its usage, so the benchmark reports for each call the tokens that are new (not
 a prefix of any earlier call's prompt and output: what a perfect cache would
 still have to evaluate) and the tokens the engine evaluated. Targets: time to
 first token at turn 16 at least 10x lower with the cache; evaluated tokens per
-call at most new + 2%.
+call at most new + 2%. The backend's own ratio for turn 16 comes from the same
+run: bare `llama_decode` of its whole prompt against only its new tokens after
+the rest.
 
 Writes benchmarks/results/agents.json.
 
@@ -29,6 +31,7 @@ import asyncio
 import json
 import os
 import socket
+import statistics
 import sys
 import threading
 import time
@@ -46,7 +49,7 @@ from pydantic import Field
 from kvchat import Engine, EngineSettings
 from kvchat.engine import Chunk
 from kvchat.integrations.agent_framework import KVChatClient
-from kvchat.llama import Model
+from kvchat.llama import Batch, Context, ContextParams, Model
 from kvchat.models import DEFAULT_CHAT_MODEL, resolve
 from kvchat.server import create_app
 
@@ -163,16 +166,19 @@ async def session(agent: Any, recorder: CallRecorder, turns: int) -> list[dict]:
     return rows
 
 
-def in_process(model: Model, cache: bool, turns: int, answer_tokens: int) -> list[dict]:
+def in_process(model: Model, cache: bool, turns: int, answer_tokens: int) -> tuple[list[dict], list[int]]:
+    """The session's rows, and the last call's prompt."""
     with Engine(model, engine_settings(cache)) as engine:
         recorder = CallRecorder(engine)
         client = KVChatClient(engine, function_invocation_configuration={"max_iterations": 1})
         agent = client.as_agent(instructions=INSTRUCTIONS, tools=[order_status],
                                 default_options={"temperature": 0.0, "max_tokens": answer_tokens})
-        return asyncio.run(session(agent, recorder, turns))
+        return asyncio.run(session(agent, recorder, turns)), recorder.calls[-1].prompt
 
 
-def over_http(model: Model, model_name: str, cache: bool, turns: int, answer_tokens: int) -> list[dict]:
+def over_http(model: Model, model_name: str, cache: bool, turns: int,
+              answer_tokens: int) -> tuple[list[dict], list[int]]:
+    """The session's rows, and the last call's prompt."""
     with Engine(model, engine_settings(cache)) as engine:
         recorder = CallRecorder(engine)
         with LocalServer(create_app(engine, model_name=model_name)) as url:
@@ -180,7 +186,44 @@ def over_http(model: Model, model_name: str, cache: bool, turns: int, answer_tok
                                       function_invocation_configuration={"max_iterations": 1})
             agent = client.as_agent(instructions=INSTRUCTIONS, tools=[order_status],
                                     default_options={"temperature": 0.0, "max_tokens": answer_tokens})
-            return asyncio.run(session(agent, recorder, turns))
+            return asyncio.run(session(agent, recorder, turns)), recorder.calls[-1].prompt
+
+
+def backend_prompt_seconds(model: Model, prompt: list[int], new: int, reps: int = 3) -> dict[str, float]:
+    """The backend's own time for the last turn's prompt, by bare `llama_decode` with
+    the engine's context parameters: `whole` evaluates the whole prompt (the cache
+    off), `new` only its last `new` tokens after the rest (the cache on). Medians
+    of `reps`; run on a thread of its own, which ends with it (a thread that has run
+    `llama_decode` keeps an OpenMP team that slows other threads' calls)."""
+    settings = engine_settings(True)
+    params = ContextParams(n_ctx=settings.n_ctx, n_batch=settings.n_batch, n_ubatch=settings.n_ubatch,
+                           n_seq_max=settings.n_seq_max, swa_full=True)
+    times: dict[str, list[float]] = {"whole": [], "new": []}
+
+    def evaluate(ctx: Context, batch: Batch, start: int) -> float:
+        began = time.perf_counter()
+        for first in range(start, len(prompt), settings.n_batch):
+            chunk = prompt[first:first + settings.n_batch]
+            batch.clear()
+            batch.add_chunk(chunk, first, 0, logits_last=first + len(chunk) == len(prompt))
+            ctx.decode(batch)
+        return time.perf_counter() - began
+
+    def measure() -> None:
+        with Context(model, params) as ctx, Batch(settings.n_batch) as batch:
+            for rep in range(reps + 1):
+                ctx.seq_remove(0)
+                whole = evaluate(ctx, batch, 0)
+                ctx.seq_remove(0, len(prompt) - new)
+                part = evaluate(ctx, batch, len(prompt) - new)
+                if rep:  # the first round warms up
+                    times["whole"].append(whole)
+                    times["new"].append(part)
+
+    thread = threading.Thread(target=measure)
+    thread.start()
+    thread.join()
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def engine_settings(cache: bool) -> EngineSettings:
@@ -241,12 +284,22 @@ def main() -> None:
     os.environ.setdefault("NO_PROXY", "127.0.0.1")
     model = Model(resolve(args.model))
     runs: dict[str, dict[str, list[dict]]] = {"in_process": {}, "http": {}}
+    last_prompts: dict[tuple[str, str], list[int]] = {}
     for cache in (True, False):
         label = "on" if cache else "off"
         print(f"in process, cache {label}")
-        runs["in_process"][label] = in_process(model, cache, args.turns, args.answer_tokens)
+        runs["in_process"][label], last_prompts[("in_process", label)] = in_process(
+            model, cache, args.turns, args.answer_tokens)
         print(f"over HTTP (Responses API, previous_response_id), cache {label}")
-        runs["http"][label] = over_http(model, args.model, cache, args.turns, args.answer_tokens)
+        runs["http"][label], last_prompts[("http", label)] = over_http(
+            model, args.model, cache, args.turns, args.answer_tokens)
+    backend = {}
+    for path in runs:
+        last_call = runs[path]["on"][-1]["calls"][-1]
+        seconds = backend_prompt_seconds(model, last_prompts[(path, "on")], last_call["new_tokens"])
+        backend[path] = {"prompt_tokens": last_call["prompt_tokens"], "new_tokens": last_call["new_tokens"],
+                         "seconds_whole": seconds["whole"], "seconds_new": seconds["new"],
+                         "ratio": seconds["whole"] / seconds["new"]}
     model.close()
     results: dict[str, Any] = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -260,11 +313,16 @@ def main() -> None:
           f"{'worst call':>11} {'calls <= new+2%':>16}")
     for path, modes in runs.items():
         figures = summary(modes["on"], modes["off"])
+        figures["backend_last_turn"] = backend[path]
         results[path] = {"summary": figures, "on": modes["on"], "off": modes["off"]}
         print(f"{path:>10} {figures['ttft_last_turn_off']:>16.3f}s {figures['ttft_last_turn_on']:>7.3f}s "
               f"{figures['ttft_ratio']:>6.1f}x {figures['evaluated_total_on'] / figures['new_total_on']:>14.3f} "
               f"{figures['evaluated_over_new_worst_call']:>11.3f} "
               f"{figures['calls_within_target']:>8}/{figures['calls']}   tool calls {figures['tool_calls_made']}")
+        own = backend[path]
+        print(f"{'':>12}the backend's own: the last prompt ({own['prompt_tokens']} tokens) "
+              f"{own['seconds_whole']:.3f} s whole, {own['seconds_new']:.3f} s for its {own['new_tokens']} new "
+              f"tokens after the rest: {own['ratio']:.1f}x")
         for call in figures["calls_over_target"]:
             print(f"{'':>12}over new + 2%: turn {call['turn']} call {call['call']}: "
                   f"{call['evaluated_tokens']} evaluated, {call['new_tokens']} new")
