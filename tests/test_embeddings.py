@@ -127,6 +127,37 @@ def test_threads_share_one_embedder(embedder: Embedder) -> None:
         assert np.array_equal(vectors, expected)
 
 
+def embed_threads_alive() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "kvchat-embed" and t.is_alive()]
+
+
+def wait_for_embed_threads_to_end(timeout: float = 5.0) -> list[threading.Thread]:
+    for thread in embed_threads_alive():
+        thread.join(timeout)
+    return embed_threads_alive()
+
+
+def test_embed_async_gives_the_vectors_of_embed_on_a_thread_that_ends(embedder: Embedder) -> None:
+    expected = embedder.embed(TEXTS)
+
+    async def both() -> tuple[np.ndarray, np.ndarray]:
+        return await asyncio.gather(embedder.embed_async(TEXTS), embedder.embed_async(TEXTS[:2]))
+
+    everything, first_two = asyncio.run(both())
+    assert np.array_equal(everything, expected) and np.array_equal(first_two, expected[:2])
+    assert wait_for_embed_threads_to_end() == []
+
+
+def test_embed_async_raises_the_calls_error_and_refuses_one_string(gemma_model: Model) -> None:
+    with Embedder(gemma_model, n_ctx=64, n_batch=64) as small:
+        with pytest.raises(ContextOverflowError):
+            asyncio.run(small.embed_async(["short", "word " * 200]))
+        with pytest.raises(TypeError):
+            asyncio.run(small.embed_async("one string"))
+        assert asyncio.run(small.embed_async(["still works"])).shape == (1, gemma_model.n_embd)
+    assert wait_for_embed_threads_to_end() == []
+
+
 def test_close_is_idempotent_and_final(gemma_model: Model) -> None:
     embedder = Embedder(gemma_model, n_ctx=64, n_batch=64)
     embedder.close()

@@ -8,6 +8,8 @@ so embedding runs beside generation without going through the engine's worker.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import Sequence
@@ -62,6 +64,13 @@ class Embedder:
     Thread-safe: calls are serialized by a lock (the context is this object's
     alone). The model must outlive the embedder; :meth:`close` frees the context
     (not the model). Usable as a context manager.
+
+    Next to an `Engine` in the same process, call it from a thread that ends
+    when the work is done (as `kvchat serve` does): a thread that has run a
+    decode keeps an OpenMP team while it lives, and while two such teams exist
+    llama.cpp's CPU backend synchronises its threads more slowly; the engine's
+    decode ran 17% slower for as long as the embedding thread lived
+    (benchmarks/embedding_interference.py). :meth:`embed_async` does this.
     """
 
     def __init__(
@@ -148,6 +157,34 @@ class Embedder:
         if isinstance(texts, str):
             raise TypeError("embed() takes a sequence of texts, not one string")
         return self.embed_tokens([self.tokenize(text) for text in texts])
+
+    async def embed_async(self, texts: Sequence[str]) -> np.ndarray:
+        """:meth:`embed` on a thread of its own that ends with the call (see the
+        class's note on threads), awaited without blocking the event loop."""
+        if isinstance(texts, str):
+            raise TypeError("embed_async() takes a sequence of texts, not one string")
+        texts = list(texts)
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[np.ndarray] = loop.create_future()
+
+        def settle(outcome: np.ndarray | BaseException) -> None:
+            if done.done():  # the caller was cancelled meanwhile
+                return
+            if isinstance(outcome, BaseException):
+                done.set_exception(outcome)
+            else:
+                done.set_result(outcome)
+
+        def run() -> None:
+            try:
+                outcome: np.ndarray | BaseException = self.embed(texts)
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting caller
+                outcome = exc
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(settle, outcome)
+
+        threading.Thread(target=run, name="kvchat-embed", daemon=True).start()
+        return await done
 
     def embed_tokens(self, token_lists: Sequence[list[int]]) -> np.ndarray:
         """Embed texts already tokenized by :meth:`tokenize` (one row per token list)."""

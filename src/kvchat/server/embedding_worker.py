@@ -11,6 +11,14 @@ jobs one at a time in arrival order. How many jobs there are is bounded by the
 server's admission: a job holds its request's slot and running place, counted
 with the chat and completion requests of the same API key.
 
+The thread ends when no job waits, and the next job starts a new one. A
+thread that has run `llama_decode` keeps an OpenMP team for as long as it
+lives, and while two such teams exist in the process (this one and the
+engine's), libgomp throttles the spinning of ggml's barriers: the engine's
+decode ran 17% slower (46.7 against 56.2 tok/s, Qwen2.5-Coder 0.5B on 2 cores;
+benchmarks/embedding_interference.py) from the first embedding request on,
+and recovered once the thread ended.
+
 A job is cut per text: the worker tokenizes the texts one by one, checks the
 request's token bound before any is evaluated, then evaluates them one by one,
 and between two texts it looks whether the job was cancelled (time limit,
@@ -86,8 +94,9 @@ class EmbeddingJob:
 class EmbeddingWorker:
     """Runs :class:`EmbeddingJob` objects one at a time on one thread.
 
-    `make_embedder` is called on the worker thread at the first job. The thread
-    starts with the first job; :meth:`close` stops it and frees the embedder.
+    `make_embedder` is called on the worker thread at the first job. A thread
+    starts with a job and ends when no job waits (see the module's note);
+    :meth:`close` stops it and frees the embedder.
     """
 
     def __init__(self, make_embedder: Callable[[], Embedder]) -> None:
@@ -104,11 +113,17 @@ class EmbeddingWorker:
         with self._lock:
             if self._closed:
                 raise RuntimeError("the embedding worker is closed")
+            self._jobs.put(job)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="kvchat-embeddings", daemon=True)
                 self._thread.start()
-            self._jobs.put(job)
         return job
+
+    @property
+    def running(self) -> bool:
+        """Whether a worker thread is alive (it is only while jobs wait or run)."""
+        with self._lock:
+            return self._thread is not None
 
     def close(self) -> None:
         """Stop the thread after the job in hand (queued jobs end cancelled) and free the embedder."""
@@ -125,7 +140,15 @@ class EmbeddingWorker:
             self._embedder = None
 
     def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
+        while True:
+            with self._lock:  # taken and cleared together with `submit`'s put and start
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    self._thread = None
+                    return
+            if job is None:
+                break
             try:
                 job._resolve(self._embed(job))
             except Exception as exc:  # noqa: BLE001 - the job's caller gets its error; the worker goes on

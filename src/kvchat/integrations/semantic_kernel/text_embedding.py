@@ -6,7 +6,6 @@ engine or the :class:`~kvchat.llama.Model`) and owns an
 apart from the engine's context and KV cache.
 """
 
-import asyncio
 import logging
 import os
 from typing import Any
@@ -94,14 +93,16 @@ class KVTextEmbedding(EmbeddingGeneratorBase):
         settings: PromptExecutionSettings | None = None,
         **kwargs: Any,
     ) -> np.ndarray:
-        """Embed `texts` in a worker thread: float32 array of shape ``(len(texts), n_embd)``.
+        """Embed `texts` on a thread that ends with the call: float32 array of shape
+        ``(len(texts), n_embd)`` (a pooled thread would keep an OpenMP team and
+        slow an engine's decode in the same process; see `Embedder`).
 
         `settings` and `kwargs` are accepted for the interface and not used (the
         embedding has no options per call). Raises
         :class:`kvchat.errors.ContextOverflowError` for a text longer than the
         embedder's context.
         """
-        return await asyncio.to_thread(self.embedder.embed, list(texts))
+        return await self.embedder.embed_async(list(texts))
 
     def close(self) -> None:
         """Free the embedder, and the model if this service loaded it."""
