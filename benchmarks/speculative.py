@@ -148,11 +148,18 @@ def on_own_thread(fn, *args):
     import threading
 
     out: list = []
-    thread = threading.Thread(target=lambda: out.append(fn(*args)))
+
+    def run() -> None:
+        try:
+            out.append(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - raised again on the caller's thread
+            out.append(exc)
+
+    thread = threading.Thread(target=run)
     thread.start()
     thread.join()
-    if not out:
-        raise RuntimeError(f"{fn.__name__} failed on its thread")
+    if isinstance(out[0], BaseException):
+        raise out[0]
     return out[0]
 
 
