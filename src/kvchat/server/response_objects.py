@@ -11,7 +11,6 @@ are made by the same code. :class:`EventCounter` numbers the events
 from __future__ import annotations
 
 import json
-import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,15 +20,10 @@ from kvchat.chat.complete import ChatDelta
 from kvchat.chat.tool_calls import ToolCall
 from kvchat.engine import Usage
 from kvchat.server.errors import APIError, error_body
+from kvchat.server.ids import new_id
 from kvchat.server.sse import Event
 
 __all__ = ["EventCounter", "OutputBuilder", "ResponseFrame", "new_id", "response_usage"]
-
-
-def new_id(prefix: str, tag: str = "") -> str:
-    """A fresh, unguessable id such as ``resp_`` + 48 hex digits, the first ones `tag`
-    (an even count of hex digits naming who made it; the rest stay random)."""
-    return f"{prefix}_{tag}{secrets.token_hex(24 - len(tag) // 2)}"
 
 
 def response_usage(usage: Usage, *, cache_writes: bool) -> dict[str, Any]:

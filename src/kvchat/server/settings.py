@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvchat.errors import InvalidRequestError
+from kvchat.server.ids import MAX_TAG_DIGITS, is_hex
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,9 +84,10 @@ class ServerSettings:
             raise InvalidRequestError("model_name must not be empty", field="model_name")
         object.__setattr__(self, "api_keys", tuple(self.api_keys))
         tag = self.response_id_tag
-        if len(tag) > 16 or len(tag) % 2 or any(c not in "0123456789abcdef" for c in tag):
+        if len(tag) > MAX_TAG_DIGITS or len(tag) % 2 or not is_hex(tag):
             raise InvalidRequestError(
-                "response_id_tag must be an even number (at most 16) of lowercase hex digits", field="response_id_tag"
+                f"response_id_tag must be an even number (at most {MAX_TAG_DIGITS}) of lowercase hex digits",
+                field="response_id_tag",
             )
         object.__setattr__(self, "cors_origins", tuple(self.cors_origins))
         object.__setattr__(self, "allowed_hosts", tuple(host.strip().lower() for host in self.allowed_hosts))

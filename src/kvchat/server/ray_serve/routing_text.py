@@ -18,12 +18,12 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from kvchat.server.ids import ID_HEX_DIGITS, is_hex
+
 __all__ = ["RoutingHint", "make_response_tag", "response_tag", "routing_hint"]
 
 _RESPONSE_PREFIX = "resp_"
 _TAG_LENGTH = 8
-_ID_HEX_LENGTH = 48
-_HEX_DIGITS = frozenset("0123456789abcdef")
 
 _SEPARATOR = "\x1e"
 _FIELD = "\x1f"
@@ -89,11 +89,7 @@ def make_response_tag(seed: bytes) -> str:
 def response_tag(response_id: str) -> str | None:
     """The replica tag of a response id made by a replica on Ray Serve (None for other ids)."""
     digits = response_id[len(_RESPONSE_PREFIX) :]
-    if (
-        not response_id.startswith(_RESPONSE_PREFIX)
-        or len(digits) != _ID_HEX_LENGTH
-        or not _HEX_DIGITS.issuperset(digits)
-    ):
+    if not response_id.startswith(_RESPONSE_PREFIX) or len(digits) != ID_HEX_DIGITS or not is_hex(digits):
         return None
     return digits[:_TAG_LENGTH]
 
