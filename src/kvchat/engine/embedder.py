@@ -14,6 +14,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from types import TracebackType
+from typing import Any
 
 import numpy as np
 
@@ -23,6 +24,23 @@ from kvchat.llama import Batch, Context, ContextParams, Model
 logger = logging.getLogger(__name__)
 
 __all__ = ["Embedder"]
+
+
+def settle_from_thread(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], outcome: object) -> None:
+    """From a thread other than `loop`'s, give `future` its result, or its exception
+    if `outcome` is one; nothing if the future is done already (its awaiter was
+    cancelled) or the loop is closed (nobody waits)."""
+
+    def settle() -> None:
+        if future.done():
+            return
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(settle)
 
 
 class Embedder:
@@ -167,21 +185,12 @@ class Embedder:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[np.ndarray] = loop.create_future()
 
-        def settle(outcome: np.ndarray | BaseException) -> None:
-            if done.done():  # the caller was cancelled meanwhile
-                return
-            if isinstance(outcome, BaseException):
-                done.set_exception(outcome)
-            else:
-                done.set_result(outcome)
-
         def run() -> None:
             try:
                 outcome: np.ndarray | BaseException = self.embed(texts)
             except BaseException as exc:  # noqa: BLE001 - handed to the awaiting caller
                 outcome = exc
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-                loop.call_soon_threadsafe(settle, outcome)
+            settle_from_thread(loop, done, outcome)
 
         threading.Thread(target=run, name="kvchat-embed", daemon=True).start()
         return await done

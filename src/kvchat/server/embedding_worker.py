@@ -28,7 +28,6 @@ client disconnect, shutdown), so a cancel takes effect within one text.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import queue
 import threading
@@ -37,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvchat.engine.embedder import Embedder
+from kvchat.engine.embedder import Embedder, settle_from_thread
 from kvchat.errors import InvalidRequestError
 
 log = logging.getLogger(__name__)
@@ -78,17 +77,7 @@ class EmbeddingJob:
 
     def _resolve(self, value: Embeddings | BaseException | None) -> None:
         """Hand the outcome to the waiting coroutine (from the worker thread)."""
-
-        def settle() -> None:
-            if self._future.done():
-                return
-            if isinstance(value, BaseException):
-                self._future.set_exception(value)
-            else:
-                self._future.set_result(value)
-
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-            self._loop.call_soon_threadsafe(settle)
+        settle_from_thread(self._loop, self._future, value)
 
 
 class EmbeddingWorker:
