@@ -49,11 +49,12 @@ from pydantic import Field
 from kvchat import Engine, EngineSettings
 from kvchat.engine import Chunk
 from kvchat.integrations.agent_framework import KVChatClient
-from kvchat.llama import Batch, Context, ContextParams, Model
+from kvchat.llama import Batch, Context, Model
 from kvchat.models import DEFAULT_CHAT_MODEL, resolve
 from kvchat.server import create_app
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bare_backend import evaluate, on_own_thread
 from machine_info import machine
 
 RESULTS = Path(__file__).parent / "results" / "agents.json"
@@ -191,38 +192,28 @@ def over_http(model: Model, model_name: str, cache: bool, turns: int,
 
 def backend_prompt_seconds(model: Model, prompt: list[int], new: int, reps: int = 3) -> dict[str, float]:
     """The backend's own time for the last turn's prompt, by bare `llama_decode` with
-    the engine's context parameters: `whole` evaluates the whole prompt (the cache
-    off), `new` only its last `new` tokens after the rest (the cache on). Medians
-    of `reps`; run on a thread of its own, which ends with it (a thread that has run
-    `llama_decode` keeps an OpenMP team that slows other threads' calls)."""
+    the engine's context: `whole` evaluates the whole prompt (the cache off), `new`
+    only its last `new` tokens after the rest (the cache on). Medians of `reps`."""
     settings = engine_settings(True)
-    params = ContextParams(n_ctx=settings.n_ctx, n_batch=settings.n_batch, n_ubatch=settings.n_ubatch,
-                           n_seq_max=settings.n_seq_max, swa_full=True)
     times: dict[str, list[float]] = {"whole": [], "new": []}
 
-    def evaluate(ctx: Context, batch: Batch, start: int) -> float:
+    def timed(ctx: Context, batch: Batch, start: int) -> float:
         began = time.perf_counter()
-        for first in range(start, len(prompt), settings.n_batch):
-            chunk = prompt[first:first + settings.n_batch]
-            batch.clear()
-            batch.add_chunk(chunk, first, 0, logits_last=first + len(chunk) == len(prompt))
-            ctx.decode(batch)
+        evaluate(ctx, batch, prompt, start)
         return time.perf_counter() - began
 
     def measure() -> None:
-        with Context(model, params) as ctx, Batch(settings.n_batch) as batch:
+        with Context(model, settings.context_params(model)) as ctx, Batch(settings.n_batch) as batch:
             for rep in range(reps + 1):
                 ctx.seq_remove(0)
-                whole = evaluate(ctx, batch, 0)
+                whole = timed(ctx, batch, 0)
                 ctx.seq_remove(0, len(prompt) - new)
-                part = evaluate(ctx, batch, len(prompt) - new)
+                part = timed(ctx, batch, len(prompt) - new)
                 if rep:  # the first round warms up
                     times["whole"].append(whole)
                     times["new"].append(part)
 
-    thread = threading.Thread(target=measure)
-    thread.start()
-    thread.join()
+    on_own_thread(measure)
     return {name: statistics.median(values) for name, values in times.items()}
 
 

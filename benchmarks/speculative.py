@@ -51,6 +51,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bare_backend import evaluate, on_own_thread  # noqa: E402
 from code_edit_tasks import TASKS, CodeEditTask  # noqa: E402
 from http_clients import client_for, running_server  # noqa: E402
 from machine_info import machine  # noqa: E402
@@ -140,27 +141,6 @@ class InProcess:
             calls.append(Call(scenario, mode, label, u.completion_tokens, last - started, last - first,
                               u.draft_tokens, u.accepted_draft_tokens, ids, text, list(prompt)))
         return calls
-
-
-def on_own_thread(fn, *args):
-    """`fn(*args)` on a thread that ends with it: a thread that has run `llama_decode`
-    keeps its OpenMP team, which slows later calls made by other threads (see `InProcess`)."""
-    import threading
-
-    out: list = []
-
-    def run() -> None:
-        try:
-            out.append(fn(*args))
-        except BaseException as exc:  # noqa: BLE001 - raised again on the caller's thread
-            out.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join()
-    if isinstance(out[0], BaseException):
-        raise out[0]
-    return out[0]
 
 
 def _drain_concurrently(streams, started: float) -> list[tuple[float, float, list[int], str]]:
@@ -364,11 +344,7 @@ def logit_margin(model: Model, tokens: list[int]) -> float:
     """Top-1 minus top-2 logit after `tokens`, by a bare `llama_decode` (one sequence)."""
     with Context(model, ContextParams(n_ctx=max(1024, len(tokens) + 16), n_batch=512, n_ubatch=512,
                                       n_seq_max=1)) as ctx, Batch(512) as batch:
-        for start in range(0, len(tokens), 512):
-            chunk = tokens[start:start + 512]
-            batch.clear()
-            batch.add_chunk(chunk, start, 0, logits_last=start + 512 >= len(tokens))
-            ctx.decode(batch)
+        evaluate(ctx, batch, tokens)
         logits = np.sort(ctx.logits(batch.n_tokens - 1))
     return float(logits[-1] - logits[-2])
 
@@ -384,13 +360,8 @@ def verify_call_costs(model: Model, context_tokens: list[int], reps: int = 7) ->
     (median of `reps`, the row counts interleaved so that drift hits all alike), with
     the engine's context parameters; the rows are removed after each call."""
     settings = EngineSettings(n_ctx=16384, n_seq_max=16)
-    params = ContextParams(n_ctx=settings.n_ctx, n_batch=settings.n_batch, n_ubatch=settings.n_ubatch,
-                           n_seq_max=settings.n_seq_max, swa_full=True)
-    with Context(model, params) as ctx, Batch(settings.n_batch) as batch:
-        for start in range(0, len(context_tokens), settings.n_batch):
-            batch.clear()
-            batch.add_chunk(context_tokens[start:start + settings.n_batch], start, 0, logits_last=True)
-            ctx.decode(batch)
+    with Context(model, settings.context_params(model)) as ctx, Batch(settings.n_batch) as batch:
+        evaluate(ctx, batch, context_tokens)
         position = len(context_tokens)
         filler = context_tokens[-CEILING_ROWS[-1]:]
         samples: dict[int, list[float]] = {rows: [] for rows in CEILING_ROWS}

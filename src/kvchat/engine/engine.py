@@ -40,7 +40,7 @@ from kvchat.errors import (
     InvalidRequestError,
     ModelLoadError,
 )
-from kvchat.llama import Batch, Context, ContextParams, Model, SamplerChain
+from kvchat.llama import Batch, Context, Model, SamplerChain
 
 logger = logging.getLogger("kvchat.engine")
 
@@ -87,7 +87,7 @@ class Engine:
         self._owns_model = not isinstance(model, Model)
         self.model = model if isinstance(model, Model) else _load_model_file(model)
         try:
-            self._context = Context(self.model, self._context_params())
+            self._context = Context(self.model, self.settings.context_params(self.model))
             self._batch = Batch(self._context.n_batch)
         except BaseException:
             self._close_owned_model()
@@ -116,19 +116,6 @@ class Engine:
         self._publish_stats()
         self._thread = threading.Thread(target=self._run, name="kvchat-engine", daemon=True)
         self._thread.start()
-
-    def _context_params(self) -> ContextParams:
-        s = self.settings
-        # Sliding-window models keep only the window's cells unless swa_full:
-        # reusing a longer prefix needs them all.
-        return ContextParams(
-            n_ctx=s.n_ctx,
-            n_batch=s.n_batch,
-            n_ubatch=s.n_ubatch,
-            n_seq_max=s.n_seq_max,
-            n_threads=s.n_threads,
-            swa_full=s.prefix_cache or self.model.n_swa == 0,
-        )
 
     def _new_prefix_cache(self) -> PrefixCache | None:
         if not self.settings.prefix_cache:

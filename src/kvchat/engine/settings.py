@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from kvchat.errors import InvalidRequestError
+from kvchat.llama import ContextParams, Model
 
 MAX_PARALLEL_SEQUENCES = 256  # llama_max_parallel_sequences() in this llama.cpp
 
@@ -80,6 +81,19 @@ class EngineSettings:
     ngram_cache_entries: int = 65_536
     cache_dir: str | None = None
     cache_disk_bytes: int | None = DEFAULT_CACHE_DISK_BYTES
+
+    def context_params(self, model: Model) -> ContextParams:
+        """The llama context an engine with these settings runs `model` on."""
+        # Sliding-window models keep only the window's cells unless swa_full:
+        # reusing a longer prefix needs them all.
+        return ContextParams(
+            n_ctx=self.n_ctx,
+            n_batch=self.n_batch,
+            n_ubatch=self.n_ubatch,
+            n_seq_max=self.n_seq_max,
+            n_threads=self.n_threads,
+            swa_full=self.prefix_cache or model.n_swa == 0,
+        )
 
     def __post_init__(self) -> None:
         for name in ("n_ctx", "n_batch", "n_ubatch", "max_running", "n_seq_max", "reservation_step"):
