@@ -100,10 +100,10 @@ def edit_messages(task: CodeEditTask) -> list[dict]:
 class InProcess:
     """An engine on the model per round, speculation on or off.
 
-    Only one engine exists at a time: a second engine's worker thread running
-    `llama_decode` in the same process makes the other's calls about a quarter
-    slower (each calling thread gets its own OpenMP team, and the teams contend
-    for the two cores), which would slow whichever mode ran second.
+    Only one engine exists at a time: while a second thread that has run
+    `llama_decode` lives in the process, every decode is slower (each such
+    thread keeps an OpenMP team; see benchmarks/embedding_interference.py),
+    which would slow most the mode that makes the most calls.
     """
 
     def __init__(self, model: Model, max_tokens: int) -> None:

@@ -50,9 +50,9 @@ caller's poor predictions never pause another's."""
 PREDICTION_PRIOR = (3.6, 0.4)
 """A caller's prediction starts at 9 in 10 (accepted, rejected), against 3 in 4 for
 the engine's own sources: it is the caller's expectation of this very reply, sent
-where most of the reply is known. From 3 in 4, a reply that repeats its prediction
-drafted 3, 4, 12 and 21 tokens before reaching the longest draft; from 9 in 10 it
-drafts about 5 and 17 (a wrong prediction costs one longer rejected draft)."""
+where most of the reply is known. A reply that repeats its prediction then
+reaches the longest draft in fewer steps; a wrong prediction costs one longer
+rejected draft."""
 
 _DECAY = 0.8  # weight of the past in a source's acceptance estimate
 _RECOVERY = 0.97  # per skipped step, how fast failures are forgotten (so a paused source is tried again)
