@@ -99,8 +99,12 @@ def gemma_engine(gemma_model: Model) -> Engine:
 
 @pytest.fixture(scope="session")
 def cold_engine(gemma_model: Model) -> Engine:
-    """An engine on Gemma without a prefix cache: every prompt token is evaluated."""
-    with Engine(gemma_model, EngineSettings(n_ctx=4096, max_running=16, n_seq_max=16, prefix_cache=False)) as engine:
+    """An engine on Gemma without a prefix cache or speculation: every prompt token is
+    evaluated, and every step has the same shape however often a prompt has run
+    (speculation drafts from what earlier requests taught the engine, so a second
+    run's calls would have other shapes; the drafting tests have their own engines)."""
+    settings = EngineSettings(n_ctx=4096, max_running=16, n_seq_max=16, prefix_cache=False, speculation="off")
+    with Engine(gemma_model, settings) as engine:
         yield engine
 
 
@@ -116,8 +120,8 @@ def idle_cold_engine(cold_engine: Engine) -> Engine:
     """The shared engine without prefix cache, checked to be idle after the test.
 
     For tests that compare two runs of the same prompt token for token: with the
-    cache, the second run evaluates a different batch split, and llama.cpp's
-    logits differ slightly between splits.
+    cache (or speculation's drafts), the second run evaluates a different batch
+    split, and llama.cpp's logits differ slightly between splits.
     """
     yield cold_engine
     assert_idle(cold_engine)

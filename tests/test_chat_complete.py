@@ -11,6 +11,7 @@ from helpers import assert_idle
 
 from kvchat import ContextOverflowError, Engine, EngineSettings, InvalidRequestError, SamplingParams
 from kvchat.chat import chat_tokenizer, complete
+from kvchat.chat.tool_round import CLOSING_NOTE
 from kvchat.llama import Model
 
 ADD_TOOL = {"type": "function", "function": {
@@ -58,30 +59,74 @@ def test_required_tool_choice_gives_a_parsed_call_with_integer_arguments(qwen_en
     assert message["tool_calls"][0]["function"]["name"] == "add"
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
 def test_tool_result_reaches_the_final_answer(qwen_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     prompts: list[list[int]] = []
     submit = qwen_engine.submit
 
+    outputs: list[list[int]] = []
+
     def spy(prompt_tokens, *args, **kwargs):
         prompts.append(list(prompt_tokens))
-        return submit(prompt_tokens, *args, **kwargs)
+        outputs.append(output := [])
+        stream = submit(prompt_tokens, *args, **kwargs)
+        push = stream._push
+
+        def record(item):
+            output.extend(getattr(item, "token_ids", ()))
+            push(item)
+
+        stream._push = record
+        return stream
 
     monkeypatch.setattr(qwen_engine, "submit", spy)
+    tenant = f"tool-round-{uuid.uuid4()}"
     messages: list[dict] = [{"role": "user", "content": "What is 17 plus 25? Use the tool."}]
-    first = complete(qwen_engine, messages, tools=[ADD_TOOL], tool_choice="required", sampling=greedy(64)).collect()
+    first = complete(qwen_engine, messages, tools=[ADD_TOOL], tool_choice="required", sampling=greedy(64),
+                     cache_key=tenant).collect()
+    call_tokens = outputs[0]
     call = first.tool_calls[0]
+    # The forced call is written with the model's own <tool_call> tokens, as its template renders it.
+    tag_open, tag_close = (qwen_engine.model.tokenize(t, parse_special=True) for t in ("<tool_call>", "</tool_call>"))
+    assert call_tokens[0] == tag_open[0] and tag_close[0] in call_tokens
     messages += [first.to_message(), {"role": "tool", "tool_call_id": call.id, "content": "42"}]
-    # tool_choice="none": the answer must be text (Qwen 0.5B would otherwise call the tool again).
-    answer = complete(qwen_engine, messages, tools=[ADD_TOOL], tool_choice="none", sampling=greedy(40)).collect()
-    assert answer.finish_reason in ("stop", "length") and not answer.tool_calls
-    # The answer was generated from a prompt holding the call and its result (tools hidden by "none").
-    assert len(prompts) == 2 and prompts[1] == chat_tokenizer(qwen_engine).encode(messages)
+    # tool_choice="none" after the tool round: the answer is text, made from the result.
+    answer = complete(qwen_engine, messages, tools=[ADD_TOOL], tool_choice="none", sampling=greedy(40),
+                      cache_key=tenant).collect()
+    assert answer.finish_reason == "stop" and not answer.tool_calls
+    assert "42" in answer.content and "{" not in answer.content
+    # Its prompt keeps the tools and ends with the closing note, so it continues the prompt
+    # and the call before it: only the result and the note are evaluated.
+    tokenizer = chat_tokenizer(qwen_engine)
+    closing = {"role": "system", "content": CLOSING_NOTE}
+    assert len(prompts) == 2
+    assert prompts[1] == tokenizer.encode([*messages, closing], tools=[ADD_TOOL], namespace=tenant)
     asked, answered = (qwen_engine.model.detokenize(p) for p in prompts)
     assert "42" not in asked and "42" in answered
     assert answer.usage.prompt_tokens == len(prompts[1])
+    reused = common_prefix(prompts[1], prompts[0] + call_tokens)
+    assert answer.usage.cached_tokens == reused
+    # All of the call but its last characters: the template's "}}\n" is one token where
+    # the model sampled "}}" and "\n".
+    assert reused >= len(prompts[0]) + len(call_tokens) - 3
+    # The next turn (tools shown, the answer in the history) continues the round too:
+    # it evaluates only the answer's turn and the new message.
+    answer_tokens = qwen_engine.model.tokenize(answer.content)
+    messages += [answer.to_message(), {"role": "user", "content": "Thanks. And 5 plus 5?"}]
+    after = complete(qwen_engine, messages, tools=[ADD_TOOL], sampling=greedy(1), cache_key=tenant).collect()
+    assert len(prompts) == 3
+    shared = common_prefix(prompts[2], prompts[1])
+    assert after.usage.cached_tokens == shared
+    closing_turn = tokenizer.encode([*messages[:-2], closing], tools=[ADD_TOOL], namespace=tenant)
+    assert shared == common_prefix(closing_turn, prompts[2])  # up to where the closing note was
+    assert len(prompts[2]) - shared <= len(answer_tokens) + 30
 
 
 def test_tool_choice_none_hides_the_tools(qwen_engine: Engine) -> None:
+    # Not after a tool round: Qwen 0.5B, shown tools, writes a call even when told not to.
     messages = [{"role": "user", "content": "Say hello."}]
     hidden = complete(qwen_engine, messages, tools=[ADD_TOOL], tool_choice="none", sampling=greedy(2))
     plain = complete(qwen_engine, messages, sampling=greedy(2))

@@ -277,6 +277,22 @@ def test_grammar_renames_only_the_root_rule() -> None:
     assert tool_call_grammar([ADD], name=None, format=MISTRAL).endswith('\nroot ::= "[TOOL_CALLS][" call-json "]"\n')
 
 
+def test_grammar_asks_for_the_tag_tokens_it_is_given() -> None:
+    grammar = tool_call_grammar([ADD], name=None, format=HERMES, tag_tokens={"<tool_call>": 7, "</tool_call>": 8})
+    assert grammar.endswith('\nroot ::= <[7]> "\\n" call-json "\\n" <[8]>\n')
+    mistral = tool_call_grammar([ADD], name=None, format=MISTRAL, tag_tokens={"[TOOL_CALLS]": 5})
+    assert mistral.endswith('\nroot ::= <[5]> "[" call-json "]"\n')
+
+
+@pytest.mark.parametrize("tools", [[ADD], [ADD, {"type": "function", "function": {"name": "noop"}}]],
+                         ids=["one tool", "two tools"])
+def test_grammar_allows_no_blank_between_the_call_and_its_closing_tag(tools: list) -> None:
+    rules = dict(re.findall(r"^([A-Za-z0-9-]+) ::= (.*)$", tool_call_grammar(tools, name=None, format=HERMES), re.M))
+    calls = [rules["call-json"]] if len(tools) == 1 else [rules[a.strip()] for a in rules["call-json"].split("|")]
+    assert calls and all(call.endswith('"}"') for call in calls)
+    assert any("space" in rule for rule in rules.values())  # blanks inside the JSON are still allowed
+
+
 # -- forced calls on the real Qwen model -------------------------------------------------------
 
 

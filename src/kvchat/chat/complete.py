@@ -20,8 +20,16 @@ from typing import Any, Literal
 from kvchat.chat.history import GeneratedTokenMemory
 from kvchat.chat.response_format import grammar_for_response_format
 from kvchat.chat.tokenizer import ChatTokenizer
-from kvchat.chat.tool_calls import HERMES, StreamingToolCallParser, ToolCall, ToolCallEvent, detect_format
+from kvchat.chat.tool_calls import (
+    HERMES,
+    StreamingToolCallParser,
+    ToolCall,
+    ToolCallEvent,
+    ToolCallFormat,
+    detect_format,
+)
 from kvchat.chat.tool_requests import normalize_tool_choice, tool_call_grammar, validate_tools
+from kvchat.chat.tool_round import NO_CALL_OPENING, call_opening_ban, closing_messages
 from kvchat.engine import Chunk, Engine, SamplingParams, Stream, Usage
 from kvchat.engine.context_shift import ContextShift
 from kvchat.errors import ContextOverflowError, InvalidRequestError
@@ -188,7 +196,9 @@ def complete(
     - `tools` (OpenAI function schemas) are rendered through the model's template;
       `tool_choice` ``"auto"`` (default with tools) lets the model choose,
       ``"required"`` or a named function forces a well-formed call by grammar,
-      ``"none"`` hides the tools.
+      ``"none"`` hides the tools, except right after tool results: that reply
+      keeps them (its prompt continues the one that made the call) and is closed
+      by a system note asking for the answer (see `kvchat.chat.tool_round`).
     - `response_format` ``{"type": "json_object"}`` or ``{"type": "json_schema", ...}``
       constrains the output by grammar.
     - `overflow`: when the prompt plus `max_tokens` exceed the context, ``"error"``
@@ -215,8 +225,10 @@ def complete(
     if tools is not None:
         validate_tools(tools)
     choice = normalize_tool_choice(tool_choice, tools)
+    prompt_messages = list(messages)
     visible_tools = None if choice == "none" else (list(tools) if tools else None)
-    tool_format = (detect_format(tokenizer.template.source) or HERMES) if visible_tools else None
+    closed = closing_messages(tokenizer.template, prompt_messages, tools) if choice == "none" and tools else None
+    tool_format = (detect_format(tokenizer.template.source) or HERMES) if visible_tools or closed else None
     if tool_format is not None and tool_format.bare_start is None:
         # Small models often write the call's JSON without its tags: a reply that
         # starts with a JSON object naming a function and its arguments is a call.
@@ -224,17 +236,38 @@ def complete(
     grammar: str | None
     if choice not in ("none", "auto"):
         forced = None if choice == "required" else choice
-        grammar = tool_call_grammar(visible_tools or [], name=forced, format=tool_format or HERMES)
+        call_format = tool_format or HERMES
+        grammar = tool_call_grammar(
+            visible_tools or [], name=forced, format=call_format, tag_tokens=_tag_tokens(engine, call_format)
+        )
     else:
         grammar = grammar_for_response_format(response_format)
+    if closed is not None and tools and tool_format is not None:  # (`closed` implies both)
+        prompt_messages, visible_tools = closed, list(tools)
+        ban = call_opening_ban(lambda text: engine.model.tokenize(text, parse_special=True), tool_format)
+        sampling = replace(sampling, logit_bias={**sampling.logit_bias, **ban})
+        grammar = grammar or NO_CALL_OPENING
+        tool_format = None  # "none": nothing in the reply is parsed as a call
     if grammar is not None:
         sampling = replace(sampling, grammar=grammar)
     if prediction is not None:
         sampling = replace(sampling, prediction=_prediction_tokens(engine, prediction))
-    tokens, shift = _fit(engine, tokenizer, list(messages), visible_tools, sampling, overflow, n_keep, cache_key)
+    tokens, shift = _fit(engine, tokenizer, prompt_messages, visible_tools, sampling, overflow, n_keep, cache_key)
     stream = engine.submit(tokens, sampling, cache_key=cache_key, shift=shift)
     parser = StreamingToolCallParser(tool_format) if tool_format else None
     return ChatStream(stream, _Translator(parser, tokenizer.memory, cache_key), len(tokens))
+
+
+def _tag_tokens(engine: Engine, tool_format: ToolCallFormat) -> dict[str, int]:
+    """The format's tags that are one token of the model (read with special tokens), with their ids."""
+    tags: dict[str, int] = {}
+    for tag in (tool_format.start, tool_format.end):
+        if not tag:
+            continue
+        ids = engine.model.tokenize(tag, parse_special=True)
+        if len(ids) == 1:
+            tags[tag] = ids[0]
+    return tags
 
 
 def _prediction_tokens(engine: Engine, prediction: str) -> tuple[int, ...]:

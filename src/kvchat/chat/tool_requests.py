@@ -84,10 +84,20 @@ def normalize_tool_choice(
 
 
 def tool_call_grammar(
-    tools: Sequence[Mapping[str, Any]], *, name: str | None = None, format: ToolCallFormat = HERMES
+    tools: Sequence[Mapping[str, Any]],
+    *,
+    name: str | None = None,
+    format: ToolCallFormat = HERMES,
+    tag_tokens: Mapping[str, int] | None = None,
 ) -> str:
     """A GBNF grammar (rule `root`) for exactly one call, in `format`, of one of `tools`
     (or of the tool called `name`), whose arguments match that tool's parameters schema.
+
+    `tag_tokens` maps the format's tags (say ``"<tool_call>"``) to the model's
+    special token for them: the grammar then asks for that token, as the model
+    writes a call on its own and as its template renders one, instead of the tag
+    spelled out in text pieces (the history that holds the call then continues
+    the generated tokens, and the next call reuses them from the cache).
 
     Raises `InvalidRequestError`: field "tools" for bad tools, parameters schemas beyond
     the bounds of `check_json_schema` (all of them together) or that the converter cannot
@@ -118,9 +128,32 @@ def tool_call_grammar(
     rules = set(re.findall(r"^([A-Za-z0-9_-]+)\s*::=", call_grammar, re.M))
     call_rule = next(n for n in (f"call-json{k or ''}" for k in range(len(rules) + 1)) if n not in rules)
     body = "".join(call_rule if tok == "root" else tok for tok in _GBNF_TOKEN.findall(call_grammar))
-    literals = [json.dumps(text) for text in (format.grammar_prefix, format.grammar_suffix)]  # GBNF escapes as JSON
-    wrapped = " ".join(part for part in (literals[0], call_rule, literals[1]) if part != '""')
+    body = _no_space_after_call(body, call_rule)
+    prefix, suffix = (_gbnf_sequence(text, tag_tokens or {}) for text in (format.grammar_prefix, format.grammar_suffix))
+    wrapped = " ".join(part for part in (*prefix, call_rule, *suffix))
     return f"{body.rstrip()}\nroot ::= {wrapped}\n"
+
+
+def _no_space_after_call(grammar: str, call_rule: str) -> str:
+    """`grammar` with no blank allowed after the call's closing brace: the call then
+    ends exactly as templates render it (``}}`` then the suffix), token for token."""
+    definitions = dict(re.findall(r"^([A-Za-z0-9_-]+) ::= (.*)$", grammar, re.M))
+    top = definitions[call_rule]
+    alternatives = [a.strip() for a in top.split("|")]
+    names = alternatives if all(a in definitions for a in alternatives) else [call_rule]
+    for name in names:
+        grammar = re.sub(rf"^({re.escape(name)} ::= .*\S) space$", r"\1", grammar, flags=re.M)
+    return grammar
+
+
+def _gbnf_sequence(text: str, tag_tokens: Mapping[str, int]) -> list[str]:
+    """`text` as GBNF items: literals (escaped as JSON strings, which GBNF reads alike)
+    and token references (``<[id]>``) for the tags in `tag_tokens`."""
+    if not tag_tokens:
+        return [json.dumps(text)] if text else []
+    tags = "|".join(re.escape(tag) for tag in sorted(tag_tokens, key=len, reverse=True))
+    pieces = re.split(f"({tags})", text)
+    return [f"<[{tag_tokens[piece]}]>" if k % 2 else json.dumps(piece) for k, piece in enumerate(pieces) if piece]
 
 
 def _hoist_defs(schema: dict[str, Any], prefix: str, defs: dict[str, Any]) -> dict[str, Any]:
