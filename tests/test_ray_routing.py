@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from kvchat.server.ray_serve.policy import PrefixAffinityPolicy, RoutingDecision
+from kvchat.server.ray_serve.policy import PendingDecisions, PrefixAffinityPolicy, RoutingDecision
 from kvchat.server.ray_serve.prefix_tree import ReplicaPrefixTree
 from kvchat.server.ray_serve.routing_text import RoutingHint, make_response_tag, response_tag, routing_hint
 
@@ -718,6 +718,58 @@ def test_turns_follow_their_replica_unless_it_is_past_the_bound(
             assert decision.kind == "overloaded" and loads[decision.replica] == least
         served[index] = decision.replica
         holders.setdefault(index, set()).add(decision.replica)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+DECISION = RoutingDecision("r1", "least_loaded", 0)
+
+
+def test_a_pending_decision_is_popped_once_by_its_request() -> None:
+    pending = PendingDecisions()
+    pending.put("a", DECISION, "text a")
+    assert pending.pop("b") is None
+    assert pending.pop("a") == (DECISION, "text a")
+    assert pending.pop("a") is None and len(pending) == 0
+
+
+def test_a_retried_request_keeps_only_its_latest_decision() -> None:
+    pending = PendingDecisions()
+    later = RoutingDecision("r2", "prefix", 12)
+    pending.put("a", DECISION, "text")
+    pending.put("a", later, "text")
+    assert len(pending) == 1 and pending.pop("a") == (later, "text")
+
+
+def test_decisions_of_requests_never_routed_leave_by_age() -> None:
+    clock = FakeClock()
+    pending = PendingDecisions(max_age_s=60, clock=clock)
+    for i in range(1000):  # cancelled before routing: no pop ever comes
+        pending.put(f"cancelled-{i}", DECISION, "x" * 100)
+    clock.now = 61
+    pending.put("live", DECISION, "live text")
+    assert len(pending) == 1 and pending.pop("live") == (DECISION, "live text")
+
+
+def test_pending_decisions_stay_bounded_in_number_oldest_out_first() -> None:
+    clock = FakeClock()
+    pending = PendingDecisions(max_entries=100, clock=clock)
+    for i in range(1_000_000):
+        pending.put(str(i), DECISION, "")
+    assert len(pending) == 100
+    assert pending.pop("999899") is None and pending.pop("999900") == (DECISION, "")
+
+
+def test_pending_decisions_refuse_unbounded_settings() -> None:
+    for kwargs in ({"max_age_s": 0}, {"max_entries": 0}, {"max_age_s": -1.0}):
+        with pytest.raises(ValueError):
+            PendingDecisions(**kwargs)
 
 
 def test_a_chained_response_is_pinned_to_the_replica_that_stored_it() -> None:

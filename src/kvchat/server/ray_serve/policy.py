@@ -27,13 +27,15 @@ drive this class.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 from kvchat.server.ray_serve.prefix_tree import ReplicaPrefixTree
 
-__all__ = ["DecisionKind", "PrefixAffinityPolicy", "RoutingDecision"]
+__all__ = ["DecisionKind", "PendingDecisions", "PrefixAffinityPolicy", "RoutingDecision"]
 
 DecisionKind = Literal["pinned", "prefix", "overloaded", "least_loaded"]
 
@@ -116,3 +118,43 @@ class PrefixAffinityPolicy:
         ties = [replica for replica in eligible if rank(replica) == lowest]
         self._turn += 1
         return ties[self._turn % len(ties)]
+
+
+class PendingDecisions:
+    """Each request's decision and routing text, by request id, from the choice until
+    Ray reports where the request went.
+
+    A request cancelled before it is routed never gets that report, so entries
+    also leave by age (`max_age_s`) and by number (`max_entries`, oldest first):
+    the map stays bounded whatever clients do. A request routed after its entry
+    left is counted without its decision (its text is not recorded).
+    """
+
+    def __init__(
+        self, *, max_age_s: float = 600.0, max_entries: int = 65_536, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if max_age_s <= 0 or max_entries < 1:
+            raise ValueError("max_age_s must be > 0 and max_entries >= 1")
+        self._entries: OrderedDict[str, tuple[float, RoutingDecision, str]] = OrderedDict()
+        self._max_age_s = max_age_s
+        self._max_entries = max_entries
+        self._clock = clock
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def put(self, request_id: str, decision: RoutingDecision, text: str) -> None:
+        """Keep `request_id`'s latest decision (a request Ray retries is chosen again)."""
+        now = self._clock()
+        self._entries.pop(request_id, None)
+        self._entries[request_id] = (now, decision, text)
+        while self._entries:
+            oldest_id, (made, _, _) = next(iter(self._entries.items()))
+            if now - made <= self._max_age_s and len(self._entries) <= self._max_entries:
+                break
+            del self._entries[oldest_id]
+
+    def pop(self, request_id: str) -> tuple[RoutingDecision, str] | None:
+        """`request_id`'s decision and routing text, if still kept; it leaves the map."""
+        entry = self._entries.pop(request_id, None)
+        return None if entry is None else (entry[1], entry[2])

@@ -21,7 +21,7 @@ from typing import Any
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from kvchat.server.ray_serve.policy import PrefixAffinityPolicy, RoutingDecision
+from kvchat.server.ray_serve.policy import PendingDecisions, PrefixAffinityPolicy
 from kvchat.server.ray_serve.routing_text import RoutingHint
 
 __all__ = ["ROUTERS", "LoadBalancedRouter", "PrefixAffinityRouter", "RouterBook"]
@@ -124,8 +124,7 @@ class PrefixAffinityRouter(_Bookkeeping):
     def initialize_state(self, min_match_chars: int = 32, max_imbalance: int = 4, **kwargs: Any) -> None:
         super().initialize_state(**kwargs)
         self.policy = PrefixAffinityPolicy(min_match_chars=min_match_chars, max_imbalance=max_imbalance)
-        self._pending: dict[str, tuple[RoutingDecision, str]] = {}
-        """Each request's decision and routing text, by request id, until Ray routes it."""
+        self._pending = PendingDecisions()
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
@@ -142,7 +141,7 @@ class PrefixAffinityRouter(_Bookkeeping):
         decision = self.policy.choose(
             hint.text, {key: self._load(replica) for key, replica in by_key.items()}, pinned=pinned, header=hint.header
         )
-        self._pending[pending_request.metadata.internal_request_id] = (decision, hint.text)
+        self._pending.put(pending_request.metadata.internal_request_id, decision, hint.text)
         chosen = by_key[str(decision.replica)]
         others = [replica for replica in candidate_replicas if replica is not chosen]
         # The chosen replica first; if Ray finds its queue full, the others by load.
@@ -150,7 +149,7 @@ class PrefixAffinityRouter(_Bookkeeping):
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         key = replica_id.unique_id
-        chosen = self._pending.pop(pending_request.metadata.internal_request_id, None)
+        chosen = self._pending.pop(pending_request.metadata.internal_request_id)
         if chosen is None:
             self._count(key, "load_balanced")
             return
