@@ -23,6 +23,7 @@ from semantic_kernel.functions import KernelArguments
 from sk_plugins import MathPlugin
 
 from kvchat.chat import chat_tokenizer
+from kvchat.chat.tool_round import CLOSING_NOTE
 from kvchat.integrations.semantic_kernel import (
     KVChatCompletion,
     KVChatPromptExecutionSettings,
@@ -146,12 +147,19 @@ def test_required_function_call_result_reaches_the_answer(service, qwen_engine, 
     results = [item for m in history.messages for item in m.items if isinstance(item, FunctionResultContent)]
     assert len(calls) == 1 and calls[0].id and calls[0].index == 0 and calls[0].name == "math-add"
     assert results[0].id == calls[0].id and str(results[0].result) == "5555"
-    # The reply is the answer of a second call, whose prompt is the history with the result in it.
-    assert len(prompts) == 2 and prompts[-1] == chat_tokenizer(qwen_engine).encode(history_to_messages(history))
+    # The reply is the answer of a second call, with function calling off: its prompt is the
+    # history with the result in it, the tools kept and a closing note asking for the answer,
+    # so it continues the first call's prompt.
+    assert len(prompts) == 2 and prompts[1][: len(prompts[0])] == prompts[0]
+    asked, answered = (qwen_engine.model.detokenize(p, special=True) for p in prompts)
+    assert '"name": "math-add"' in asked  # the tools, in the system message the answer shares
+    assert answered.endswith(f"{CLOSING_NOTE}<|im_end|>\n<|im_start|>assistant\n")
+    assert answered.count("5555") == 1
     assert reply is not None and reply.metadata["usage"]["prompt_tokens"] == len(prompts[-1])
+    assert reply.metadata["usage"]["cached_tokens"] >= len(prompts[0])
 
 
-def test_chat_after_a_function_call_reuses_the_cache(service):
+def test_chat_after_a_function_call_reuses_the_cache(service, prompts):
     kernel, plugin = _math_kernel(service)
     history = _math_history()
     settings = greedy(48, function_choice_behavior=FunctionChoiceBehavior.Required())
@@ -159,11 +167,17 @@ def test_chat_after_a_function_call_reuses_the_cache(service):
     assert plugin.calls == [(1234, 4321)]
     history.add_message(reply)
     history.add_user_message("Thanks. Now say goodbye.")
-    follow_up = asyncio.run(service.get_chat_message_content(history, greedy(16)))
+    # The next turn with the same functions shown (tool choice auto, as an agent's next turn).
+    auto = greedy(16, function_choice_behavior=FunctionChoiceBehavior.Auto(maximum_auto_invoke_attempts=1))
+    follow_up = asyncio.run(service.get_chat_message_content(history, auto, kernel=kernel))
     usage = follow_up.metadata["usage"]
-    # All the answering call left in the KV (the call, its result and the answer) was reused.
-    assert usage["cached_tokens"] == left_in_kv(reply), (usage, reply.metadata["usage"])
-    assert usage["evaluated_tokens"] < 40, usage
+    # Everything of the answering call before its closing note was reused (the call and its
+    # result); only the answer's turn and the new message are evaluated.
+    answering, follow = prompts[1], prompts[2]
+    shared = next(i for i, (a, b) in enumerate(zip(answering, follow, strict=False)) if a != b)
+    closing = service.engine.model.tokenize(CLOSING_NOTE)
+    assert usage["cached_tokens"] == shared >= len(answering) - len(closing) - 8, (usage, reply.metadata["usage"])
+    assert usage["evaluated_tokens"] < 40 + reply.metadata["usage"]["completion_tokens"], usage
 
 
 def test_kernel_invoke_prompt_with_required_function(service, qwen_engine, prompts):
@@ -184,14 +198,18 @@ def assert_answered_with_the_result(engine, prompts: list[list[int]], reply: Cha
 
 def test_auto_function_call_is_invoked_and_answered(service, qwen_engine, prompts):
     kernel, plugin = _math_kernel(service)
-    # One round of automatic invocation, then Semantic Kernel asks for the answer without tools
-    # (Qwen 0.5B would otherwise keep calling the tool).
+    # One round of automatic invocation, then Semantic Kernel asks for the answer with function
+    # calling off (Qwen 0.5B would otherwise keep calling the tool).
     settings = greedy(48, function_choice_behavior=FunctionChoiceBehavior.Auto(maximum_auto_invoke_attempts=1))
     reply = asyncio.run(service.get_chat_message_content(_math_history(), settings, kernel=kernel))
     assert reply is not None and reply.content
     assert not any(isinstance(item, FunctionCallContent) for item in reply.items)
     assert plugin.calls == [(1234, 4321)]
     assert_answered_with_the_result(qwen_engine, prompts, reply, "5555")
+    assert "5555" in reply.content.replace(",", "")
+    # That last call keeps the tools (tool_choice "none"), so it continues the call's prompt.
+    assert prompts[1][: len(prompts[0])] == prompts[0]
+    assert reply.metadata["usage"]["cached_tokens"] >= len(prompts[0])
 
 
 def test_none_invoke_returns_calls_without_invoking(service):

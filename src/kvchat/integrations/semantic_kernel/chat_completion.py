@@ -118,10 +118,15 @@ class KVChatCompletion(EngineService, ChatCompletionClientBase):
         return _write_tools
 
     def _reset_function_choice_settings(self, settings: PromptExecutionSettings) -> None:
+        """Semantic Kernel's last call after its auto-invoke attempts: no more calls.
+
+        The tools stay, with `tool_choice` "none" (OpenAI's connector drops them):
+        that call follows tool results, so `complete` keeps the tools in the prompt
+        and asks for the answer (`kvchat.chat.tool_round`), continuing the cached
+        prompt of the call instead of re-reading the conversation without tools.
+        """
         if hasattr(settings, "tool_choice"):
-            settings.tool_choice = None
-        if hasattr(settings, "tools"):
-            settings.tools = None
+            settings.tool_choice = "none" if getattr(settings, "tools", None) else None
 
     # -- internals -------------------------------------------------------------------
 
