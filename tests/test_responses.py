@@ -581,6 +581,24 @@ def test_a_tool_round_trip(client: OpenAI) -> None:
     assert answer.usage.input_tokens_details.cached_tokens >= call_response.usage.input_tokens
 
 
+def test_the_answer_that_closes_a_tool_round_continues_the_calls_prompt(client: OpenAI) -> None:
+    call_response = ask(client, "What is the weather in Paris?", tools=[WEATHER], tool_choice="required",
+                        max_output_tokens=48)
+    call = next(item for item in call_response.output if item.type == "function_call")
+    output = {"type": "function_call_output", "call_id": call.call_id, "output": json.dumps(WEATHER_ITEM)}
+    # Function calling off for the answer, as agent loops ask at their last iteration.
+    answer = ask(client, [output], previous_response_id=call_response.id, tools=[WEATHER], tool_choice="none",
+                 max_output_tokens=40)
+    assert [item.type for item in answer.output] == ["message"]
+    text = answer.output_text.lower()
+    assert "21" in text or "sunny" in text, answer.output_text
+    assert not text.lstrip().startswith(("{", "<", "[", "`"))
+    # The call's prompt and all of the call but its last characters came from the cache.
+    cached = answer.usage.input_tokens_details.cached_tokens
+    assert cached >= call_response.usage.input_tokens + call_response.usage.output_tokens - 4
+    assert answer.usage.input_tokens - cached < 80  # the result and the closing note
+
+
 def test_tool_choice_none_and_a_named_function(client: OpenAI) -> None:
     free = ask(client, "What is the weather in Paris?", tools=[WEATHER], tool_choice="none")
     assert [item.type for item in free.output] == ["message"] and free.output_text
