@@ -143,7 +143,10 @@ def test_acceptance_falls_with_rejections_and_recovers_while_resting() -> None:
         acceptance.update(drafted=8, accepted=0)
     low = acceptance.rate
     assert low < 0.25 < prior
-    for _ in range(200):
+    for _ in range(100):
+        acceptance.rest()
+    assert low < acceptance.rate < 0.9  # failures fade slowly: a try costs a long call
+    for _ in range(1000):
         acceptance.rest()
     assert acceptance.rate > 0.9  # a paused source is tried again
     for _ in range(10):
@@ -201,11 +204,13 @@ def test_a_prediction_starts_with_a_longer_draft_than_the_engines_own_sources() 
 )
 def test_a_draft_stays_within_the_reservation_max_tokens_and_the_call(slack, max_new, call_rows, most) -> None:
     speculator = Speculator(max_draft_tokens=16, ngram_cache_entries=0)
-    request = decoding_request(1, [*REPEATED, *REPEATED], REPEATED[:1], max_new=max_new)
-    request.reserved_cells = request.own_cells + len(request.pending) + slack
-    for _ in range(5):  # a history of full acceptance: the longest draft that fits pays
-        speculator.propose([request], capacity=512, call_rows=call_rows)
+    request = decoding_request(1, [*REPEATED, *REPEATED], REPEATED[:1])
+    for _ in range(5):  # a history of full acceptance (with room): the longest draft that fits pays
+        speculator.propose([request], capacity=512, call_rows=512)
+        assert request.draft
         speculator.verified(request, len(request.draft), len(request.draft))
+    request.reserved_cells = request.own_cells + len(request.pending) + slack
+    request.max_new_tokens = max_new
     speculator.propose([request], capacity=512, call_rows=call_rows)
     assert 1 <= len(request.draft) <= most
 
@@ -286,3 +291,17 @@ def test_a_lookup_paused_by_recent_requests_is_tried_again_after_some_steps() ->
     request = decoding_request(12, [*REPEATED, *REPEATED], REPEATED[:1])
     speculator.propose([request], capacity=512, call_rows=512)
     assert request.draft
+
+
+def test_sampling_requests_failures_do_not_pause_greedy_requests() -> None:
+    speculator = Speculator(max_draft_tokens=16, ngram_cache_entries=0)
+    for request_id in range(1, 6):  # sampled replies whose drafts are never kept
+        reject_every_draft(speculator, decoding_request(request_id, [*REPEATED, *REPEATED], REPEATED[:1]), 8)
+    sampled = decoding_request(10, [*REPEATED, *REPEATED], REPEATED[:1])
+    speculator.propose([sampled], capacity=512, call_rows=512)
+    assert sampled.draft == ()  # the sampling requests' recent rate is its prior
+    speculator.finished(sampled, keep=False)
+    greedy = decoding_request(11, [*REPEATED, *REPEATED], REPEATED[:1])
+    greedy.sampling = SamplingParams(temperature=0)
+    speculator.propose([greedy], capacity=512, call_rows=512)
+    assert greedy.draft == tuple(REPEATED[1 : 1 + len(greedy.draft)]) and greedy.draft

@@ -33,11 +33,26 @@ from itertools import pairwise
 from kvchat.engine.drafting import Draft, NgramCache, NgramIndex
 from kvchat.engine.request import Request
 
-VERIFY_COST: tuple[tuple[int, float], ...] = ((1, 1.0), (2, 1.5), (3, 1.9), (5, 2.5), (9, 3.95), (13, 4.9), (17, 5.85))
-"""Cost of one `llama_decode` call of n rows, as a multiple of a 1-row call (Qwen
-0.5B on 2 CPU cores, after a few hundred cached tokens; LLAMA_CPP_NOTES)."""
-COST_PER_ROW_BEYOND = 0.24
-"""Added cost of each row past the table's last."""
+VERIFY_COST: tuple[tuple[int, float], ...] = (
+    (1, 1.0),
+    (2, 2.23),
+    (3, 2.85),
+    (5, 4.24),
+    (9, 5.03),
+    (13, 5.95),
+    (17, 6.49),
+    (25, 9.28),
+    (33, 11.30),
+    (49, 15.93),
+    (63, 19.88),
+)
+"""Cost of one `llama_decode` call of n rows, as a multiple of a 1-row call: Qwen 0.5B
+on 2 CPU cores after 401 cached tokens, measured by benchmarks/speculative.py
+(`backend.call_cost` in benchmarks/results/speculative.json, 2026-12-06). A single
+row takes llama.cpp's matrix-vector path; two to five rows cost far more than one,
+so short drafts rarely pay."""
+COST_PER_ROW_BEYOND = 0.28
+"""Added cost of each row past the table's last (the slope of its last points)."""
 LOOKUP_WINDOW = 8_192
 """Prompt lookup searches at most this many of a request's latest tokens."""
 
@@ -48,14 +63,18 @@ _SHARED_PRIOR_SOURCES = ("lookup", "ngram_cache")
 prediction is about its own request alone: it starts from `PREDICTION_PRIOR`, so one
 caller's poor predictions never pause another's."""
 PREDICTION_PRIOR = (3.6, 0.4)
-"""A caller's prediction starts at 9 in 10 (accepted, rejected), against 3 in 4 for
+"""A caller's prediction starts at 9 in 10 (accepted, rejected), against 17 in 20 for
 the engine's own sources: it is the caller's expectation of this very reply, sent
 where most of the reply is known. A reply that repeats its prediction then
 reaches the longest draft in fewer steps; a wrong prediction costs one longer
 rejected draft."""
 
 _DECAY = 0.8  # weight of the past in a source's acceptance estimate
-_RECOVERY = 0.97  # per skipped step, how fast failures are forgotten (so a paused source is tried again)
+_RECOVERY = 0.995
+"""Per step without a source's draft, how much of its failures is forgotten, so a paused
+source is tried again (after some 200 steps). Each try costs a long call, so tries are
+rare: at 0.97 they cost replies whose drafts seldom hold (default temperature, prose)
+about a tenth of their speed."""
 
 
 def call_cost(rows: int) -> float:
@@ -80,12 +99,14 @@ def expected_tokens(acceptance: float, length: int) -> float:
 class Acceptance:
     """A source's recent acceptance, as the probability that a drafted token is
     accepted given that the ones before it were: accepted tokens over accepted
-    tokens plus rejections, both decayed, from a prior of 3 in 4 (for a request's
+    tokens plus rejections, both decayed, from a prior of 17 in 20 (for a request's
     lookup and n-gram cache drafts: the source's recent rate over earlier requests;
     for its prediction: `PREDICTION_PRIOR`; see `Speculator`)."""
 
-    accepted: float = 3.0
-    rejected: float = 1.0
+    accepted: float = 3.4
+    rejected: float = 0.6
+    """The prior, 0.85: just above what a draft needs to pay at `VERIFY_COST`, so a
+    fresh engine tries its sources once and learns from the outcome."""
 
     @property
     def rate(self) -> float:
@@ -136,8 +157,10 @@ class Speculator:
         self.max_draft_tokens = max_draft_tokens
         self.ngram_cache = NgramCache(ngram_cache_entries)
         self._states: dict[Request, _RequestDrafts] = {}
-        self._recent = {source: Acceptance() for source in _SHARED_PRIOR_SOURCES}
-        """The engine's own sources' acceptance over recent requests: a new request's prior."""
+        self._recent = {(source, greedy): Acceptance() for source in _SHARED_PRIOR_SOURCES for greedy in (True, False)}
+        """The engine's own sources' acceptance over recent requests, apart for greedy and
+        sampling requests (a drafted token is kept far less often when the token is drawn):
+        a new request's prior."""
 
     def propose(self, running: Sequence[Request], *, capacity: int, call_rows: int) -> None:
         """Choose each generating request's draft for the coming step."""
@@ -147,7 +170,7 @@ class Speculator:
         prefill = sum(len(r.pending) for r in running if not r.is_decoding)
         rows = min(capacity, len(decoding) + prefill)
         gained = float(len(decoding))  # tokens the step yields without drafts
-        drafted_sources: set[str] = set()
+        drafted_sources: set[tuple[str, bool]] = set()
         for request in decoding:
             room = min(
                 self.max_draft_tokens,
@@ -166,9 +189,9 @@ class Speculator:
             if draft is not None:
                 rows += len(draft.tokens)
                 gained += expected_tokens(state.rate(draft.source).rate, len(draft.tokens)) - 1
-                drafted_sources.add(draft.source)
-        for source, recent in self._recent.items():
-            if source not in drafted_sources:
+                drafted_sources.add((draft.source, _is_greedy(request)))
+        for key, recent in self._recent.items():
+            if key not in drafted_sources:
                 recent.rest()  # so that a source paused for every new request is tried again
 
     def verified(self, request: Request, drafted: int, accepted: int) -> None:
@@ -178,8 +201,9 @@ class Speculator:
             return
         draft, state.in_flight = state.in_flight, None
         state.rate(draft.source).update(drafted, accepted)
-        if draft.source in self._recent:
-            self._recent[draft.source].update(drafted, accepted)
+        recent = self._recent.get((draft.source, _is_greedy(request)))
+        if recent is not None:
+            recent.update(drafted, accepted)
         if draft.source in ("prediction", "lookup"):
             state.cursors[draft.source] = draft.start + accepted
 
@@ -198,7 +222,8 @@ class Speculator:
             index = NgramIndex(prediction, min_n=1, max_n=4) if prediction else None
             priors = {source: Acceptance() for source in SOURCES}
             priors["prediction"] = Acceptance(*PREDICTION_PRIOR)
-            priors.update({source: recent.as_prior() for source, recent in self._recent.items()})
+            greedy = _is_greedy(request)
+            priors.update({source: self._recent[source, greedy].as_prior() for source in _SHARED_PRIOR_SOURCES})
             state = self._states[request] = _RequestDrafts(prediction=index, acceptance=priors)
         return state
 
@@ -249,6 +274,10 @@ class Speculator:
         state.lookup.extend(tokens[state.lookup_indexed :])
         state.lookup_indexed = len(tokens)
         return state.lookup
+
+
+def _is_greedy(request: Request) -> bool:
+    return request.sampling.temperature == 0
 
 
 def _namespace(request: Request) -> str | None:
