@@ -73,8 +73,9 @@ _DECAY = 0.8  # weight of the past in a source's acceptance estimate
 _RECOVERY = 0.995
 """Per step without a source's draft, how much of its failures is forgotten, so a paused
 source is tried again (after some 200 steps). Each try costs a long call, so tries are
-rare: at 0.97 they cost replies whose drafts seldom hold (default temperature, prose)
-about a tenth of their speed."""
+rare: replies whose drafts seldom hold (fresh chats at the default temperature) lost
+10 to 17% of their decode speed to tries with 0.97 and the earlier cost table
+(benchmarks/speculation_default_path.py)."""
 
 
 def call_cost(rows: int) -> float:
