@@ -9,7 +9,8 @@ each), with the engine's default sampling (temperature 0.8, top-k 40, top-p 0.95
 min-p 0.05) and greedy, speculation on against off. A third arm, "auto_before",
 runs speculation with the cost table and priors it had before 2026-12-06 23:00 UTC
 (2 rows at 1.5 one-row calls, a fresh source at 3 in 4, failures fading by 0.97 a
-step), set by patching `kvchat.engine.speculation`. Qwen2.5-Coder 0.5B; one engine
+step), set by patching `kvchat.engine.speculation`. A short generation warms the process up first (the
+first engine of a process ran some 25% slower). Qwen2.5-Coder 0.5B; one engine
 at a time (a new one per arm and repetition, so every arm starts with a fresh
 engine's drafting state), arms in turn. Target: on at least 0.97x off (drafting must
 not slow down what it cannot speed up).
@@ -100,6 +101,7 @@ def main() -> None:
     arms = ("off", "auto_before", "auto")
     runs: dict[str, dict[str, list[dict[str, float]]]] = {mode: {arm: [] for arm in arms} for mode in modes}
     with Model(resolve(args.model)) as model:
+        run_arm(model, "off", True, 16)  # warm-up, not recorded
         for repeat in range(args.repeats):
             for mode, greedy in modes.items():
                 for arm in arms:
