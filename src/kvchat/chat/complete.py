@@ -29,7 +29,7 @@ from kvchat.chat.tool_calls import (
     detect_format,
 )
 from kvchat.chat.tool_requests import normalize_tool_choice, tool_call_grammar, validate_tools
-from kvchat.chat.tool_round import NO_CALL_OPENING, call_opening_ban, closing_messages
+from kvchat.chat.tool_round import NO_CALL_OPENING, closing_messages
 from kvchat.engine import Chunk, Engine, SamplingParams, Stream, Usage
 from kvchat.engine.context_shift import ContextShift
 from kvchat.errors import ContextOverflowError, InvalidRequestError
@@ -244,8 +244,10 @@ def complete(
         grammar = grammar_for_response_format(response_format)
     if closed is not None and tools and tool_format is not None:  # (`closed` implies both)
         prompt_messages, visible_tools = closed, list(tools)
-        ban = call_opening_ban(lambda text: engine.model.tokenize(text, parse_special=True), tool_format)
-        sampling = replace(sampling, logit_bias={**sampling.logit_bias, **ban})
+        # Ban the token that opens a call (where the opening is one token).
+        opening = _tag_tokens(engine, tool_format).get(tool_format.start)
+        if opening is not None:
+            sampling = replace(sampling, logit_bias={**sampling.logit_bias, opening: -100.0})
         grammar = grammar or NO_CALL_OPENING
         tool_format = None  # "none": nothing in the reply is parsed as a call
     if grammar is not None:

@@ -18,11 +18,10 @@ small model shown tools writes calls even when told not to.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kvchat.chat.template import ChatTemplate, TemplateRenderError
-from kvchat.chat.tool_calls import ToolCallFormat
 
 CLOSING_NOTE = "Answer the user now, in plain text, from the tool results above. Do not call a tool."
 """The system message that closes a tool round's prompt (it is not part of the conversation)."""
@@ -47,10 +46,3 @@ def closing_messages(
     result = messages[-1].get("content")
     after = rendered.rfind(result) if isinstance(result, str) and result else -1
     return closed if rendered.count(CLOSING_NOTE) == 1 and rendered.find(CLOSING_NOTE) > after else None
-
-
-def call_opening_ban(tokenize: Callable[[str], list[int]], tool_format: ToolCallFormat) -> dict[int, float]:
-    """A logit bias that bans the control token opening a call in `tool_format`
-    (none if the opening is not a single token). `tokenize(text)` parses special tokens."""
-    start = tokenize(tool_format.start)
-    return {start[0]: -100.0} if len(start) == 1 else {}

@@ -65,7 +65,6 @@ class SamplerChain:
         n_vocab = model.n_vocab
         params = llama_cpp.llama_sampler_chain_default_params()
         params.no_perf = True
-        self._n_vocab = n_vocab
         self._grammar: llama_cpp.llama_sampler_p | None = None
         self._chain = llama_cpp.llama_sampler_chain_init(params)
         add = self._add
@@ -110,7 +109,7 @@ class SamplerChain:
             raise RuntimeError("sampler chain is closed")
         if self._grammar is None:
             return int(llama_cpp.llama_sampler_sample(self._chain, context.handle, row))
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(context.handle, row), shape=(self._n_vocab,))
+        logits = context.logits(row)
         token = self._pick(logits, grammar=False)
         if not self._grammar_allows(token):
             token = self._pick(logits, grammar=True)
@@ -122,7 +121,7 @@ class SamplerChain:
         """The chain's pick among all tokens (those the grammar allows, with `grammar`),
         not yet recorded."""
         candidates = self._candidates
-        candidates["id"] = _token_ids(self._n_vocab)
+        candidates["id"] = _token_ids(len(candidates))
         candidates["logit"] = logits
         candidates["p"] = 0.0
         array = _as_token_data_array(candidates)
