@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -26,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from code_edit_tasks import TASKS
 from machine_info import machine
 from speculative import edit_messages
+from stream_timing import decode_span
 
 from kvchat import Engine, EngineSettings
 from kvchat.chat import ChatTokenizer
@@ -42,16 +42,8 @@ def decode(model: Model, setting: dict, prompt: list[int], prediction: tuple[int
            max_tokens: int) -> tuple[int, float]:
     """(tokens after the first, seconds from the first token to the last) on a new engine."""
     with Engine(model, EngineSettings(n_ctx=16384, **setting)) as engine:
-        stream = engine.submit(prompt, SamplingParams(temperature=0, max_tokens=max_tokens, prediction=prediction))
-        first = last = None
-        count = 0
-        for chunk in stream:
-            now = time.perf_counter()
-            if chunk.token_ids:
-                first = first or now
-                last = now
-                count += len(chunk.token_ids)
-    return max(count - 1, 0), (last - first) if first and last else 0.0
+        return decode_span(engine.submit(prompt, SamplingParams(temperature=0, max_tokens=max_tokens,
+                                                                prediction=prediction)))
 
 
 def main() -> None:

@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from code_edit_tasks import TASKS
 from machine_info import machine
 from speculative import edit_messages
+from stream_timing import decode_span
 
 from kvchat import Engine, EngineSettings
 from kvchat.chat import ChatTokenizer
@@ -55,16 +56,8 @@ TEXTS = ["The quarterly earnings report exceeded analyst expectations."] * 4
 
 def decode_rate(engine: Engine, prompt: list[int], tokens: int) -> float:
     """Tokens after the first over the time from the first to the last."""
-    stream = engine.submit(prompt, SamplingParams(temperature=0, max_tokens=tokens))
-    first = last = None
-    count = 0
-    for chunk in stream:
-        now = time.perf_counter()
-        if chunk.token_ids:
-            first = first or now
-            last = now
-            count += len(chunk.token_ids)
-    return (count - 1) / (last - first) if first and last and last > first else 0.0
+    count, seconds = decode_span(engine.submit(prompt, SamplingParams(temperature=0, max_tokens=tokens)))
+    return count / seconds if seconds > 0 else 0.0
 
 
 class LiveThread:

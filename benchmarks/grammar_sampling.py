@@ -30,7 +30,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from unittest import mock
@@ -43,6 +42,7 @@ from kvchat.models import DEFAULT_CHAT_MODEL, resolve
 
 sys.path.insert(0, str(Path(__file__).parent))
 from machine_info import machine
+from stream_timing import decode_span
 
 RESULTS = Path(__file__).parent / "results" / "grammar_sampling.json"
 PRODUCT = {
@@ -76,16 +76,9 @@ def run_arm(model: Model, arm: str, max_tokens: int) -> dict[str, float]:
         for text in REQUESTS:
             prompt = tokenizer.encode([{"role": "user", "content": text}])
             sampling = SamplingParams(temperature=0, max_tokens=max_tokens, grammar=grammar)
-            first = None
-            count = 0
-            for chunk in engine.submit(prompt, sampling):
-                count += len(chunk.token_ids)
-                if first is None and chunk.token_ids:
-                    first = time.perf_counter()
-                    count = 0  # tokens after the first
-            assert first is not None
-            seconds += time.perf_counter() - first
+            count, span = decode_span(engine.submit(prompt, sampling))
             tokens += count
+            seconds += span
     return {"tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds}
 
 
