@@ -4,6 +4,7 @@ stateless calls, function calling through SK's loop, streaming, concurrency."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import pytest
 
@@ -162,17 +163,21 @@ def test_required_function_call_result_reaches_the_answer(service, qwen_engine, 
 def test_chat_after_a_function_call_reuses_the_cache(service, prompts):
     kernel, plugin = _math_kernel(service)
     history = _math_history()
-    settings = greedy(48, function_choice_behavior=FunctionChoiceBehavior.Required())
+    # A tenant of its own: other tests' turns on the shared engine stay out of its cache.
+    tenant = f"sk-follow-up-{uuid.uuid4()}"
+    settings = greedy(48, function_choice_behavior=FunctionChoiceBehavior.Required(), cache_key=tenant)
     reply = asyncio.run(service.get_chat_message_content(history, settings, kernel=kernel))
     assert plugin.calls == [(1234, 4321)]
     history.add_message(reply)
     history.add_user_message("Thanks. Now say goodbye.")
-    # The next turn with the same functions shown (tool choice auto, as an agent's next turn).
-    auto = greedy(16, function_choice_behavior=FunctionChoiceBehavior.Auto(maximum_auto_invoke_attempts=1))
+    # The next turn with the same functions shown (tool choice auto, as an agent's next turn),
+    # one call: a call the model makes is returned, not invoked (that would add calls).
+    auto = greedy(16, function_choice_behavior=FunctionChoiceBehavior.Auto(auto_invoke=False), cache_key=tenant)
     follow_up = asyncio.run(service.get_chat_message_content(history, auto, kernel=kernel))
     usage = follow_up.metadata["usage"]
     # Everything of the answering call before its closing note was reused (the call and its
     # result); only the answer's turn and the new message are evaluated.
+    assert len(prompts) == 3
     answering, follow = prompts[1], prompts[2]
     shared = next(i for i, (a, b) in enumerate(zip(answering, follow, strict=False)) if a != b)
     closing = service.engine.model.tokenize(CLOSING_NOTE)
