@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.kvchat-installed
+# llama.cpp is compiled for the machine it runs on, but without its AMX kernels: on
+# Intel Xeons with AMX (seen on this project's VMs) they crash the process.
+LLAMA_CFLAGS := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 
 .PHONY: setup demo test lint bench clean
 
@@ -13,7 +16,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install -e '.[models,dev]'
+	CFLAGS="$(LLAMA_CFLAGS)" CXXFLAGS="$(LLAMA_CFLAGS)" $(PY) -m pip install -e '.[models,dev]'
 	$(PY) -c "from kvchat import models; [models.resolve(m.name) for m in models.list()]"
 	touch $(STAMP)
 

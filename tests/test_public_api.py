@@ -8,7 +8,7 @@ import kvchat.errors
 EXPECTED = {
     "GREEDY", "BackendError", "ChatSession", "Chunk", "Completion", "ContextOverflowError", "Conversation",
     "ConversationFileError", "DecodeError", "Engine",
-    "EngineClosedError", "EngineSettings", "EngineStats", "InvalidRequestError", "KVChatError", "ModelLoadError",
+    "EngineClosedError", "EngineSettings", "EngineStats", "Grammar", "GrammarError", "InvalidRequestError", "KVChatError", "ModelLoadError",
     "ModelNotFoundError", "SamplingParams", "Stream", "Usage", "__version__",
 }
 

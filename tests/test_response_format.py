@@ -1,4 +1,5 @@
-"""`response_format` to grammar: the mapping (pure), and JSON-schema output on the real Qwen model."""
+"""`response_format` to grammar: the mapping (pure), what llguidance refuses when the request is
+submitted, and JSON-schema output on the real Qwen model."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import json
 import jsonschema
 import pytest
 
-from kvchat import Engine, InvalidRequestError, SamplingParams
-from kvchat.chat.response_format import grammar_for_response_format
-from kvchat.llama import ANY_JSON_OBJECT, Model, json_schema_to_grammar
+from kvchat import Engine, Grammar, InvalidRequestError, SamplingParams
+from kvchat.chat.response_format import ANY_JSON_OBJECT, grammar_for_response_format
+from kvchat.llama import Model
 
 CITY = {
     "type": "object",
@@ -31,17 +32,17 @@ def test_text_needs_no_grammar(response_format) -> None:
 
 
 def test_json_object_is_any_json_object() -> None:
-    assert grammar_for_response_format({"type": "json_object"}) == ANY_JSON_OBJECT
+    assert grammar_for_response_format({"type": "json_object"}) == Grammar.json_schema(ANY_JSON_OBJECT)
 
 
-def test_json_schema_is_converted() -> None:
+def test_json_schema_is_the_schema_grammar() -> None:
     grammar = grammar_for_response_format(json_schema(CITY, strict=True, description="A city."))
-    assert grammar == json_schema_to_grammar(CITY)
-    assert '"\\"population\\""' in grammar and "root ::=" in grammar
+    assert grammar == Grammar.json_schema(CITY, field="response_format")
+    assert grammar is not None and "population" in grammar.definition and grammar.field == "response_format"
 
 
 def test_json_schema_without_schema_is_any_json_object() -> None:
-    assert grammar_for_response_format(json_schema()) == ANY_JSON_OBJECT
+    assert grammar_for_response_format(json_schema()) == Grammar.json_schema(ANY_JSON_OBJECT)
 
 
 @pytest.mark.parametrize("response_format", [
@@ -56,13 +57,28 @@ def test_json_schema_without_schema_is_any_json_object() -> None:
     json_schema(CITY, strict="yes"),
     {"type": "json_schema", "json_schema": {"name": "has space", "schema": CITY}},
     {"type": "json_schema", "json_schema": {"name": "city", "schema": "{}"}},
-    json_schema({"type": "strnig"}),
-    json_schema({"$ref": "#/$defs/missing"}),
+    json_schema({"type": "string", "maximum": float("nan")}),
 ])
 def test_bad_response_format_is_rejected(response_format) -> None:
     with pytest.raises(InvalidRequestError) as info:
         grammar_for_response_format(response_format)
     assert info.value.field == "response_format"
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "strnig"},
+    {"$ref": "#/$defs/missing"},
+    {"type": "string", "pattern": "[unclosed"},
+    {"type": "string", "minLength": 5, "maxLength": 2},
+    {"allOf": [{"type": "string"}, {"type": "integer"}]},
+])
+def test_a_schema_llguidance_refuses_is_refused_before_anything_is_queued(qwen_engine: Engine, schema) -> None:
+    grammar = grammar_for_response_format(json_schema(schema))
+    prompt = qwen_engine.model.tokenize("Hi", add_special=True)
+    with pytest.raises(InvalidRequestError) as info:
+        qwen_engine.submit(prompt, SamplingParams(max_tokens=4, grammar=grammar))
+    assert info.value.field == "response_format"
+    assert qwen_engine.stats().queued == 0 and qwen_engine.stats().active == 0
 
 
 # -- on the real Qwen model --------------------------------------------------------------------

@@ -11,7 +11,7 @@ from helpers import summary
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvchat import Engine, InvalidRequestError, SamplingParams
+from kvchat import Engine, Grammar, InvalidRequestError, SamplingParams
 from kvchat.chat.template import CHATML_TEMPLATE
 from kvchat.chat.tool_calls import (
     HERMES,
@@ -263,34 +263,66 @@ def test_grammar_for_an_unknown_named_tool_is_rejected() -> None:
     assert info.value.field == "tool_choice"
 
 
-def test_grammar_renames_only_the_root_rule() -> None:
+def lark_text(grammar: Grammar) -> str:
+    """A Lark grammar's text (llguidance takes Lark text as it is)."""
+    return grammar.definition
+
+
+def call_schema(grammar: Grammar) -> dict:
+    """The JSON schema of the call (``call: %json {...}``)."""
+    return json.loads(lark_text(grammar).split("call: %json ", 1)[1])
+
+
+def test_grammar_wraps_the_call_schema_in_the_formats_tags() -> None:
     tricky = {"type": "function", "function": {"name": "root", "parameters": {
         "type": "object", "properties": {"root": {"$ref": "#/$defs/root"}}, "required": ["root"],
         "$defs": {"root": {"type": "string", "enum": ["root"]}}}}}
     grammar = tool_call_grammar([ADD, tricky], name=None, format=HERMES)
-    rules = dict(re.findall(r"^([A-Za-z0-9-]+) ::= (.*)$", grammar, re.M))
-    assert rules["root"] == '"<tool_call>\\n" call-json "\\n</tool_call>"'
-    assert len(re.findall(r"^root ::=", grammar, re.M)) == 1
-    assert '"\\"root\\""' in grammar  # the tool's name, its property and its enum value are untouched
-    assert "tool1-root" in rules  # the tool's $defs moved to the top, renamed
-    assert tool_call_grammar([ADD], name=None, format=LLAMA3).endswith("\nroot ::= call-json\n")
-    assert tool_call_grammar([ADD], name=None, format=MISTRAL).endswith('\nroot ::= "[TOOL_CALLS][" call-json "]"\n')
+    assert lark_text(grammar).startswith('start: "<tool_call>\\n" call "\\n</tool_call>"\n')
+    schema = call_schema(grammar)
+    names = [alternative["properties"]["name"] for alternative in schema["anyOf"]]
+    assert names == [{"const": "add"}, {"const": "root"}]
+    assert schema["$defs"] == {"tool1-root": {"type": "string", "enum": ["root"]}}  # moved to the top, renamed
+    assert schema["anyOf"][1]["properties"]["arguments"]["properties"]["root"] == {"$ref": "#/$defs/tool1-root"}
+    assert schema["x-guidance"]["whitespace_flexible"] is False
+    assert lark_text(tool_call_grammar([ADD], name=None, format=LLAMA3)).startswith("start: call\n")
+    assert lark_text(tool_call_grammar([ADD], name=None, format=MISTRAL)).startswith(
+        'start: "[TOOL_CALLS][" call "]"\n')
 
 
 def test_grammar_asks_for_the_tag_tokens_it_is_given() -> None:
     grammar = tool_call_grammar([ADD], name=None, format=HERMES, tag_tokens={"<tool_call>": 7, "</tool_call>": 8})
-    assert grammar.endswith('\nroot ::= <[7]> "\\n" call-json "\\n" <[8]>\n')
+    assert lark_text(grammar).startswith('start: <[7]> "\\n" call "\\n" <[8]>\n')
     mistral = tool_call_grammar([ADD], name=None, format=MISTRAL, tag_tokens={"[TOOL_CALLS]": 5})
-    assert mistral.endswith('\nroot ::= <[5]> "[" call-json "]"\n')
+    assert lark_text(mistral).startswith('start: <[5]> "[" call "]"\n')
+
+
+def qwen_tags(model: Model) -> dict[str, int]:
+    """Qwen's special tokens for the Hermes tags."""
+    return {tag: model.tokenize(tag, parse_special=True)[0] for tag in ("<tool_call>", "</tool_call>")}
 
 
 @pytest.mark.parametrize("tools", [[ADD], [ADD, {"type": "function", "function": {"name": "noop"}}]],
                          ids=["one tool", "two tools"])
-def test_grammar_allows_no_blank_between_the_call_and_its_closing_tag(tools: list) -> None:
-    rules = dict(re.findall(r"^([A-Za-z0-9-]+) ::= (.*)$", tool_call_grammar(tools, name=None, format=HERMES), re.M))
-    calls = [rules["call-json"]] if len(tools) == 1 else [rules[a.strip()] for a in rules["call-json"].split("|")]
-    assert calls and all(call.endswith('"}"') for call in calls)
-    assert any("space" in rule for rule in rules.values())  # blanks inside the JSON are still allowed
+def test_grammar_allows_no_blank_between_the_call_and_its_closing_tag(qwen_model: Model, tools: list) -> None:
+    matcher = tool_call_grammar(tools, name=None, format=HERMES, tag_tokens=qwen_tags(qwen_model)).matcher(qwen_model)
+    call = '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}'
+    for token in qwen_model.tokenize(call, parse_special=True):
+        assert matcher.allows(token), call
+        matcher.accept(token)
+    assert not matcher.allows(qwen_model.tokenize(" ")[0])
+    assert not matcher.allows(qwen_model.tokenize("\n\n")[0])
+    assert matcher.allows(qwen_model.tokenize("\n")[0])
+
+
+def test_a_forced_call_is_laid_out_as_the_template_renders_it(qwen_model: Model) -> None:
+    """No blank space inside the call's JSON but one after `,` and `:`: the layout of
+    `json.dumps`, which the chat template's `tojson` writes too."""
+    matcher = tool_call_grammar([ADD], name=None, format=HERMES, tag_tokens=qwen_tags(qwen_model)).matcher(qwen_model)
+    for token in qwen_model.tokenize('<tool_call>\n{"name": "add", "arguments": {"a":', parse_special=True):
+        matcher.accept(token)
+    assert not matcher.allows(qwen_model.tokenize("2")[0])
+    assert matcher.allows(qwen_model.tokenize(" 2")[0])
 
 
 # -- forced calls on the real Qwen model -------------------------------------------------------
@@ -302,7 +334,7 @@ def qwen(qwen_model: Model, qwen_engine: Engine) -> tuple[Model, Engine]:
     return qwen_model, qwen_engine
 
 
-def generate(qwen: tuple[Model, Engine], user: str, grammar: str) -> str:
+def generate(qwen: tuple[Model, Engine], user: str, grammar: Grammar) -> str:
     model, engine = qwen
     prompt = f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
     sampling = SamplingParams(temperature=0, max_tokens=64, grammar=grammar)

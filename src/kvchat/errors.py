@@ -11,6 +11,7 @@ The hierarchy::
     │   └── ModelNotFoundError    a name or path that resolves to no model file
     ├── InvalidRequestError       a request's own values are wrong (has `field`)
     │   ├── ContextOverflowError  prompt + max_tokens exceed the context (has the numbers)
+    │   ├── GrammarError          the output's grammar failed while decoding (its request ends)
     │   └── ConversationFileError a saved conversation is damaged or from another model/layout
     ├── EngineClosedError         the engine was closed before or during the call
     └── BackendError              llama.cpp itself failed (decode, KV or state call)
@@ -27,6 +28,7 @@ __all__ = [
     "ModelNotFoundError",
     "InvalidRequestError",
     "ContextOverflowError",
+    "GrammarError",
     "ConversationFileError",
     "EngineClosedError",
     "BackendError",
@@ -71,6 +73,12 @@ class ContextOverflowError(InvalidRequestError):
         self.prompt_tokens = prompt_tokens
         self.max_tokens = max_tokens
         self.context_limit = context_limit
+
+
+class GrammarError(InvalidRequestError):
+    """A request's grammar failed while its output was decoded: no token could
+    continue it, or its matcher reached one of its bounds. The request ends with
+    this error; the engine and every other request go on."""
 
 
 class ConversationFileError(InvalidRequestError):

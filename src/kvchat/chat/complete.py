@@ -30,7 +30,7 @@ from kvchat.chat.tool_calls import (
 )
 from kvchat.chat.tool_requests import normalize_tool_choice, tool_call_grammar, validate_tools
 from kvchat.chat.tool_round import NO_CALL_OPENING, closing_messages
-from kvchat.engine import Chunk, Engine, SamplingParams, Stream, Usage
+from kvchat.engine import Chunk, Engine, Grammar, SamplingParams, Stream, Usage
 from kvchat.engine.context_shift import ContextShift
 from kvchat.errors import ContextOverflowError, InvalidRequestError
 
@@ -233,7 +233,7 @@ def complete(
         # Small models often write the call's JSON without its tags: a reply that
         # starts with a JSON object naming a function and its arguments is a call.
         tool_format = replace(tool_format, bare_start="{")
-    grammar: str | None
+    grammar: Grammar | None
     if choice not in ("none", "auto"):
         forced = None if choice == "required" else choice
         call_format = tool_format or HERMES

@@ -1,10 +1,13 @@
-"""OpenAI's `response_format` as a GBNF grammar for `SamplingParams.grammar`.
+"""OpenAI's `response_format` as a :class:`~kvchat.engine.Grammar` for `SamplingParams.grammar`.
 
 - None or ``{"type": "text"}``: no grammar;
 - ``{"type": "json_object"}``: any JSON object;
 - ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}}``:
   the JSON documents valid under the schema (a missing schema means any JSON object,
   as in OpenAI's API; the grammar always holds, so `strict` changes nothing).
+
+The schema is compiled by llguidance (see `kvchat.engine.grammar`), with its
+bounds on work and size; keywords it does not implement are ignored.
 
 Anything else raises `InvalidRequestError(field="response_format")`, unknown keys included,
 so a typo is an error rather than silently unconstrained output.
@@ -16,8 +19,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from kvchat.engine import Grammar
 from kvchat.errors import InvalidRequestError
-from kvchat.llama import ANY_JSON_OBJECT, json_schema_to_grammar
 
 __all__ = ["grammar_for_response_format"]
 
@@ -25,11 +28,16 @@ _SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _JSON_SCHEMA_KEYS = {"name", "schema", "strict", "description"}
 
 
-def grammar_for_response_format(response_format: Mapping[str, Any] | None) -> str | None:
+ANY_JSON_OBJECT: dict[str, Any] = {"type": "object"}
+"""The schema of `json_object` output."""
+
+
+def grammar_for_response_format(response_format: Mapping[str, Any] | None) -> Grammar | None:
     """The grammar that makes the reply follow `response_format`, or None for free text.
 
     Raises `InvalidRequestError(field="response_format")` for a shape OpenAI's API would
-    refuse or a schema the grammar converter cannot handle.
+    refuse or a schema that is not JSON (whether llguidance compiles it is found out when
+    the request is submitted, with the same field).
     """
     if response_format is None:
         return None
@@ -43,7 +51,7 @@ def grammar_for_response_format(response_format: Mapping[str, Any] | None) -> st
     if kind == "text":
         return None
     if kind == "json_object":
-        return ANY_JSON_OBJECT
+        return Grammar.json_schema(ANY_JSON_OBJECT)
     if kind != "json_schema":
         raise _bad(f"response_format.type must be 'text', 'json_object' or 'json_schema', not {kind!r}")
     spec = response_format.get("json_schema")
@@ -61,13 +69,10 @@ def grammar_for_response_format(response_format: Mapping[str, Any] | None) -> st
         raise _bad("response_format.json_schema.description must be a string")
     schema = spec.get("schema")
     if schema is None:
-        return ANY_JSON_OBJECT
+        return Grammar.json_schema(ANY_JSON_OBJECT)
     if not isinstance(schema, Mapping):
         raise _bad("response_format.json_schema.schema must be a JSON schema object")
-    try:
-        return json_schema_to_grammar(schema)  # its errors already name field "response_format"
-    except AssertionError as exc:  # the converter asserts on some schemas it does not support
-        raise _bad(f"unsupported JSON schema: {exc}") from exc
+    return Grammar.json_schema(schema, field="response_format")
 
 
 def _bad(message: str) -> InvalidRequestError:

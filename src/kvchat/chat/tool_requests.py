@@ -9,15 +9,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kvchat.chat.tool_calls import HERMES, ToolCallFormat
+from kvchat.engine import Grammar
+from kvchat.engine.grammar import JSON_LAYOUT, schema_text
 from kvchat.errors import InvalidRequestError
-from kvchat.llama import check_json_schema, json_schema_to_grammar
 
 __all__ = ["normalize_tool_choice", "tool_call_grammar", "validate_tools"]
 
 _TOOL_CHOICE_MODES = ("none", "auto", "required")
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _DEFS = ("$defs", "definitions")
-_GBNF_TOKEN = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]|#[^\n]*|[A-Za-z0-9_-]+|\s+|.', re.S)
 
 
 def validate_tools(tools: Sequence[Mapping[str, Any]] | None) -> dict[str, dict[str, Any]]:
@@ -89,65 +89,50 @@ def tool_call_grammar(
     name: str | None = None,
     format: ToolCallFormat = HERMES,
     tag_tokens: Mapping[str, int] | None = None,
-) -> str:
-    """A GBNF grammar (rule `root`) for exactly one call, in `format`, of one of `tools`
-    (or of the tool called `name`), whose arguments match that tool's parameters schema.
+) -> Grammar:
+    """A grammar for exactly one call, in `format`, of one of `tools` (or of the tool
+    called `name`), whose arguments match that tool's parameters schema.
 
-    `tag_tokens` maps the format's tags (say ``"<tool_call>"``) to the model's
-    special token for them: the grammar then asks for that token, as the model
-    writes a call on its own and as its template renders one, instead of the tag
-    spelled out in text pieces (the history that holds the call then continues
-    the generated tokens, and the next call reuses them from the cache).
+    The call's JSON is laid out as `kvchat.engine.grammar.JSON_LAYOUT` says, as the
+    templates render calls, and ends right after its closing brace. `tag_tokens`
+    maps the format's tags (say ``"<tool_call>"``) to the model's special token for
+    them: the grammar then asks for that token, as the model writes a call on its
+    own and as its template renders one, instead of the tag spelled out in text
+    pieces (the history that holds the call then continues the generated tokens,
+    and the next call reuses them from the cache). Everything up to the arguments'
+    first value is forced, so it takes no sampling step.
 
-    Raises `InvalidRequestError`: field "tools" for bad tools, parameters schemas beyond
-    the bounds of `check_json_schema` (all of them together) or that the converter cannot
-    handle, field "tool_choice" for a `name` that is not among them.
+    Raises `InvalidRequestError`: field "tools" for bad tools or parameters that are
+    not JSON, field "tool_choice" for a `name` that is not among them; whether
+    llguidance compiles the schemas is found out when the request is submitted.
     """
     functions = validate_tools(tools)
     if name is not None:
         if name not in functions:
             raise InvalidRequestError(f"tool_choice names {name!r}, which is not in tools", field="tool_choice")
         functions = {name: functions[name]}
-    check_json_schema(list(functions.values()), field="tools")
     defs: dict[str, Any] = {}
     alternatives = [
         {
             "type": "object",
             "properties": {"name": {"const": fn_name}, format.arguments_key: _hoist_defs(params, f"tool{i}-", defs)},
             "required": ["name", format.arguments_key],
+            "additionalProperties": False,
         }
         for i, (fn_name, params) in enumerate(functions.items())
     ]
-    schema: dict[str, Any] = alternatives[0] if len(alternatives) == 1 else {"oneOf": alternatives}
+    schema: dict[str, Any] = alternatives[0] if len(alternatives) == 1 else {"anyOf": alternatives}
     if defs:
         schema = {**schema, "$defs": defs}
-    try:
-        call_grammar = json_schema_to_grammar(schema)
-    except (InvalidRequestError, AssertionError) as exc:  # the converter asserts on some schemas
-        raise InvalidRequestError(f"tools: {exc}", field="tools") from exc
-    rules = set(re.findall(r"^([A-Za-z0-9_-]+)\s*::=", call_grammar, re.M))
-    call_rule = next(n for n in (f"call-json{k or ''}" for k in range(len(rules) + 1)) if n not in rules)
-    body = "".join(call_rule if tok == "root" else tok for tok in _GBNF_TOKEN.findall(call_grammar))
-    body = _no_space_after_call(body, call_rule)
-    prefix, suffix = (_gbnf_sequence(text, tag_tokens or {}) for text in (format.grammar_prefix, format.grammar_suffix))
-    wrapped = " ".join(part for part in (*prefix, call_rule, *suffix))
-    return f"{body.rstrip()}\nroot ::= {wrapped}\n"
+    schema["x-guidance"] = dict(JSON_LAYOUT)
+    call = schema_text(schema, "tools")
+    prefix, suffix = (_lark_sequence(text, tag_tokens or {}) for text in (format.grammar_prefix, format.grammar_suffix))
+    start = " ".join([*prefix, "call", *suffix])
+    return Grammar.lark(f"start: {start}\ncall: %json {call}\n", field="tools")
 
 
-def _no_space_after_call(grammar: str, call_rule: str) -> str:
-    """`grammar` with no blank allowed after the call's closing brace: the call then
-    ends exactly as templates render it (``}}`` then the suffix), token for token."""
-    definitions = dict(re.findall(r"^([A-Za-z0-9_-]+) ::= (.*)$", grammar, re.M))
-    top = definitions[call_rule]
-    alternatives = [a.strip() for a in top.split("|")]
-    names = alternatives if all(a in definitions for a in alternatives) else [call_rule]
-    for name in names:
-        grammar = re.sub(rf"^({re.escape(name)} ::= .*\S) space$", r"\1", grammar, flags=re.M)
-    return grammar
-
-
-def _gbnf_sequence(text: str, tag_tokens: Mapping[str, int]) -> list[str]:
-    """`text` as GBNF items: literals (escaped as JSON strings, which GBNF reads alike)
+def _lark_sequence(text: str, tag_tokens: Mapping[str, int]) -> list[str]:
+    """`text` as Lark items: literals (written as JSON strings, which Lark reads alike)
     and token references (``<[id]>``) for the tags in `tag_tokens`."""
     if not tag_tokens:
         return [json.dumps(text)] if text else []

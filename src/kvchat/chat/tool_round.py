@@ -22,12 +22,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kvchat.chat.template import ChatTemplate, TemplateRenderError
+from kvchat.engine import Grammar
 
 CLOSING_NOTE = "Answer the user now, in plain text, from the tool results above. Do not call a tool."
 """The system message that closes a tool round's prompt (it is not part of the conversation)."""
 
-NO_CALL_OPENING = 'root ::= [^<{[`" \\t\\r\\n] [^\\x00]*'
-"""GBNF: a reply whose first character cannot open a tool call (or blank space before one)."""
+NO_CALL_OPENING = Grammar.regex(r'[^<{\[`" \t\r\n](?s:.)*', field="tool_choice")
+"""A reply whose first character cannot open a tool call (or blank space before one)."""
 
 
 def closing_messages(

@@ -2,13 +2,15 @@
 
 - :class:`Engine`: the worker thread and `submit()`;
 - :class:`Conversation`: an explicit handle on one pinned KV sequence;
-- :class:`SamplingParams`, :class:`EngineSettings`, :class:`EngineStats`;
+- :class:`SamplingParams` (with a :class:`Grammar` for constrained output),
+  :class:`EngineSettings`, :class:`EngineStats`;
 - :class:`Stream`, :class:`Chunk`, :class:`Usage`, :class:`Completion`: what a request returns.
 """
 
 from kvchat.engine.context_shift import ContextShift
 from kvchat.engine.conversation import Conversation
 from kvchat.engine.engine import Engine
+from kvchat.engine.grammar import Grammar
 from kvchat.engine.sampling import GREEDY, SamplingParams
 from kvchat.engine.settings import EngineSettings
 from kvchat.engine.stats import EngineStats
@@ -24,6 +26,7 @@ __all__ = [
     "EngineSettings",
     "EngineStats",
     "FinishReason",
+    "Grammar",
     "SamplingParams",
     "Stream",
     "Usage",

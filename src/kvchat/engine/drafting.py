@@ -5,6 +5,8 @@ speculative drafts.
   the request's own tokens it is prompt lookup (an answer that repeats part of the
   conversation, as a code edit does); over the caller's `prediction` it follows
   OpenAI's predicted outputs.
+- :class:`DraftIndexes`: a request's own indexes (prediction, prompt lookup), built by
+  :func:`index_request` on the caller's thread before it is queued.
 - :class:`NgramCache`: continuations of earlier replies, shared by the requests of
   one cache namespace (never across namespaces), bounded in entries.
 
@@ -19,6 +21,9 @@ import sys
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+LOOKUP_WINDOW = 8_192
+"""Prompt lookup searches at most this many of a request's latest tokens."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,29 @@ class NgramIndex:
                 start = ends[i] if i < len(ends) else ends[-1]
                 return start, self.tokens[start : start + limit]
         return 0, []
+
+
+@dataclass
+class DraftIndexes:
+    """A request's own draft sources: its `prediction` and its tokens (prompt lookup),
+    indexed by :func:`index_request` on the caller's thread before the request is
+    queued, so the engine thread only extends them by each step's tokens."""
+
+    prediction: NgramIndex | None
+    lookup: NgramIndex
+    lookup_indexed: int
+    """How many of the request's tokens `lookup` holds (it indexes the latest `LOOKUP_WINDOW`)."""
+
+
+def index_request(prompt: Sequence[int], prediction: Sequence[int]) -> DraftIndexes:
+    """Index a request's prompt (its latest `LOOKUP_WINDOW` tokens) and prediction:
+    work in proportion to their lengths, done before the request is queued."""
+    start = max(0, len(prompt) - LOOKUP_WINDOW)
+    return DraftIndexes(
+        prediction=NgramIndex(prediction, min_n=1, max_n=4) if prediction else None,
+        lookup=NgramIndex(prompt[start:], min_n=2, max_n=4),
+        lookup_indexed=len(prompt),
+    )
 
 
 class NgramCache:

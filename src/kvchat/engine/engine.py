@@ -18,6 +18,7 @@ import numpy as np
 from kvchat.engine.admission import Admission
 from kvchat.engine.context_shift import ContextShift, shifted_namespace
 from kvchat.engine.conversation import Conversation, read_conversation_file
+from kvchat.engine.drafting import index_request
 from kvchat.engine.kv_pool import KVPool
 from kvchat.engine.pinned import PinnedSequence
 from kvchat.engine.pinning import PinnedSequences
@@ -37,6 +38,7 @@ from kvchat.errors import (
     ConversationFileError,
     DecodeError,
     EngineClosedError,
+    GrammarError,
     InvalidRequestError,
     ModelLoadError,
 )
@@ -171,15 +173,20 @@ class Engine:
         runs in that pinned sequence: `prompt_tokens` must start with its resident
         tokens, and only the rest is evaluated.
 
+        A `sampling.grammar` is compiled here, on the caller's thread. Should it fail
+        while decoding, the stream ends with a `GrammarError`.
+
         Raises `InvalidRequestError` (empty prompt, token ids outside the vocabulary,
-        bad sampling values), `ContextOverflowError` (prompt + max_tokens exceed
+        bad sampling values, a grammar that does not compile or that no output
+        satisfies), `ContextOverflowError` (prompt + max_tokens exceed
         :attr:`context_limit`) or `EngineClosedError`, before anything is queued.
         """
         sampling = sampling or SamplingParams()
         prompt = self._checked_prompt(prompt_tokens)
         sampling.check_token_ids(self.model.n_vocab)
-        if sampling.grammar is not None:  # fail here, on the caller's thread, not in the worker
-            self._new_sampler(sampling).close()
+        grammar = sampling.constraint
+        # Compiled here, on the caller's thread: the worker only steps through it.
+        matcher = grammar.matcher(self.model) if grammar is not None else None
         room = self.context_limit - len(prompt)
         max_new = sampling.max_tokens
         if max_new is None:
@@ -193,6 +200,10 @@ class Engine:
         request = Request(
             request_id, prompt, sampling, max_new, stream, self.settings.reservation_step, cache_key=cache_key
         )
+        request.grammar = matcher
+        if self._speculator is not None:
+            # Indexed here, on the caller's thread: a long prediction costs the worker nothing.
+            request.draft_indexes = index_request(prompt, sampling.prediction)
         if pinned is not None:
             if (
                 pinned.closed
@@ -390,7 +401,6 @@ class Engine:
             penalty_last_n=sampling.penalty_last_n,
             logit_bias=sampling.logit_bias,
             seed=sampling.seed if sampling.seed is not None else random.getrandbits(32),
-            grammar=sampling.grammar,
         )
 
     def _sample(self, scheduled: ScheduledRow) -> None:
@@ -400,15 +410,31 @@ class Engine:
                 self._verify(request, scheduled.row, scheduled.draft)
             else:
                 self._advance(request, (self._pick(request, scheduled.row),))
+        except GrammarError as exc:
+            self._fail(request, exc)
         except Exception as exc:
             logger.exception("request %d failed while sampling", request.request_id)
             self._fail(request, BackendError(f"sampling failed: {exc!r}"))
 
     def _pick(self, request: Request, row: int) -> int:
-        """Sample the request's next token from batch row `row` (its sampler records it)."""
-        if request.sampler is None:
-            return int(np.argmax(self._context.logits(row)))
-        return request.sampler.sample(self._context, row)
+        """Sample the request's next token from batch row `row` (its sampler and its
+        grammar record it).
+
+        With a grammar, the token is picked as if unconstrained first; only if the
+        grammar refuses it is it picked again among the tokens the grammar allows
+        (see `GrammarMatcher.pick`). For a random draw this is still a draw from the
+        constrained distribution: a token x the grammar allows comes with p(x) on the
+        first try plus (1 - Z) p(x) / Z on the second, Z being the allowed mass.
+        """
+        sampler, grammar = request.sampler, request.grammar
+        if grammar is None:
+            if sampler is None:
+                return int(np.argmax(self._context.logits(row)))
+            return sampler.sample(self._context, row)
+        token = grammar.pick(self._context.logits(row), _argmax if sampler is None else sampler.choose)
+        if sampler is not None:
+            sampler.accept(token)
+        return token
 
     def _verify(self, request: Request, row: int, draft: tuple[int, ...]) -> None:
         """Sample at the last token's row and at each drafted row while the draft
@@ -432,10 +458,10 @@ class Engine:
         self._advance(request, emitted, kv_ends=range(first_end, first_end + len(emitted)))
 
     def _advance(self, request: Request, tokens: Sequence[int], kv_ends: Sequence[int] | None = None) -> None:
-        """Emit one step's sampled tokens as one chunk, up to the first that ends the
-        request. `kv_ends[i]`: where the request's KV ends should `tokens[i]` end it."""
+        """Emit one step's sampled tokens, and the tokens the request's grammar forces
+        after them, as one chunk, up to the first that ends the request.
+        `kv_ends[i]`: where the request's KV ends should `tokens[i]` end it."""
         texts: list[str] = []
-        emitted: list[int] = []
         reason: FinishReason | None = None
         for i, token in enumerate(tokens):
             if kv_ends is not None:
@@ -444,21 +470,34 @@ class Engine:
                 request.note_first_token()
                 reason = "stop"
                 break
-            request.record_token(token)
-            delta = request.text.push(self.model.token_to_bytes(token))
-            texts.append(delta.text)
-            emitted.append(token)
-            if delta.stopped:
-                reason = "stop"
+            reason = self._take(request, token, texts)
+            if reason is not None:
                 break
-            if len(request.generated) >= request.max_new_tokens:
-                reason = "length"
-                break
-        if emitted:
-            request.stream._push(Chunk("".join(texts), tuple(emitted)))
+        grammar = request.grammar
+        if reason is None and grammar is not None:
+            if grammar.complete:
+                reason = "stop"  # nothing but the end may follow: no step for it
+            else:
+                for token in grammar.forced(request.max_new_tokens - len(request.generated)):
+                    reason = self._take(request, token, texts, forced=True)
+                    if reason is not None:
+                        break
+        if texts:
+            request.stream._push(Chunk("".join(texts), tuple(request.generated[-len(texts) :])))
         if reason is not None:
             self._finish(request, reason)
         request.kv_end = None
+
+    def _take(self, request: Request, token: int, texts: list[str], *, forced: bool = False) -> FinishReason | None:
+        """Record one generated token and its text; the finish reason if it ends the request."""
+        request.record_token(token, forced=forced)
+        delta = request.text.push(self.model.token_to_bytes(token))
+        texts.append(delta.text)
+        if delta.stopped:
+            return "stop"
+        if len(request.generated) >= request.max_new_tokens:
+            return "length"
+        return None
 
     def _reap_cancelled(self) -> None:
         scheduler = self._scheduler
@@ -535,6 +574,10 @@ class Engine:
             ngram_entries=len(ngrams) if ngrams is not None else 0,
             ngram_bytes=ngrams.bytes if ngrams is not None else 0,
         )
+
+
+def _argmax(logits: np.ndarray) -> int:
+    return int(np.argmax(logits))
 
 
 def _seq_id(request: Request) -> int:

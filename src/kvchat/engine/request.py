@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass, field
 
 from kvchat.engine.context_shift import ContextShift
+from kvchat.engine.drafting import DraftIndexes
+from kvchat.engine.grammar import MAX_FORCED_TOKENS, GrammarMatcher
 from kvchat.engine.pinned import PinnedSequence
 from kvchat.engine.prefix_cache import Node
 from kvchat.engine.sampling import SamplingParams
@@ -40,7 +42,8 @@ class Request:
     submitted_at: float = field(default_factory=time.perf_counter)
     seq_id: int | None = None
     pending: list[int] = field(default_factory=list)
-    """Tokens to evaluate next: the prompt not yet evaluated, then the last sampled token."""
+    """Tokens to evaluate next: the prompt not yet evaluated, then the last sampled token
+    and any tokens its grammar forced after it."""
     n_past: int = 0
     """Tokens of this sequence already in the KV cache (= the next position)."""
     generated: list[int] = field(default_factory=list)
@@ -68,7 +71,13 @@ class Request:
     """Drafted tokens verified so far."""
     accepted_draft_tokens: int = 0
     """Drafted tokens that matched what was sampled (they became output)."""
+    forced_tokens: int = 0
+    """Generated tokens that the grammar forced (appended without sampling)."""
     sampler: SamplerChain | None = None
+    grammar: GrammarMatcher | None = None
+    """The output's grammar, compiled on the caller's thread (`SamplingParams.grammar`)."""
+    draft_indexes: DraftIndexes | None = None
+    """The n-gram indexes speculation drafts from, built on the caller's thread."""
     text: TextOutput = field(init=False)
     cancel_requested: bool = False
 
@@ -77,8 +86,9 @@ class Request:
 
     @property
     def is_decoding(self) -> bool:
-        """True while each step evaluates one token: the last sampled one."""
-        return bool(self.generated) and len(self.pending) == 1
+        """True while each step evaluates only generated tokens: the last sampled one,
+        and those its grammar forced after it."""
+        return bool(self.generated) and 0 < len(self.pending) <= min(len(self.generated), 1 + MAX_FORCED_TOKENS)
 
     @property
     def admission_tokens(self) -> tuple[int, ...]:
@@ -101,11 +111,16 @@ class Request:
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
 
-    def record_token(self, token: int) -> None:
-        """Note a sampled token: it is returned and evaluated in the next step."""
+    def record_token(self, token: int, *, forced: bool = False) -> None:
+        """Note a generated token: it is returned and evaluated in the next step (a
+        `forced` one after the sampled token it follows)."""
         self.note_first_token()
         self.generated.append(token)
-        self.pending = [token]
+        if forced:
+            self.pending.append(token)
+            self.forced_tokens += 1
+        else:
+            self.pending = [token]
 
     @property
     def all_tokens(self) -> tuple[int, ...]:
@@ -134,6 +149,7 @@ class Request:
             finish_reason=finish_reason,
             draft_tokens=self.draft_tokens,
             accepted_draft_tokens=self.accepted_draft_tokens,
+            forced_tokens=self.forced_tokens,
         )
 
     def close_sampler(self) -> None:

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from kvchat.engine.grammar import Grammar
 from kvchat.errors import InvalidRequestError
 
 MAX_STOP_STRINGS = 16
@@ -32,7 +33,9 @@ class SamplingParams:
     `stop` strings end the output before the stop string (it is not returned);
     `stop_token_ids` end it on those tokens, in addition to the model's own
     end-of-generation tokens. Penalties see only the generated tokens.
-    `grammar` (GBNF text with a `root` rule) constrains every sampled token.
+    `grammar` constrains the output: a :class:`Grammar` (JSON schema, regex, Lark or
+    GBNF, through llguidance), or GBNF text with a `root` rule, converted with
+    :meth:`Grammar.gbnf`. Tokens the grammar forces are appended without sampling.
     `prediction`: token ids of the output the caller expects (OpenAI's predicted
     outputs); with speculation on, stretches of it are verified as drafts, so an
     answer that repeats it comes faster. It never changes what is generated.
@@ -51,7 +54,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
-    grammar: str | None = None
+    grammar: Grammar | str | None = None
     prediction: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
@@ -107,18 +110,21 @@ class SamplingParams:
             "logit_bias",
             "keys must be token ids >= 0 and values finite numbers",
         )
-        _check(
-            self.grammar is None or (isinstance(self.grammar, str) and self.grammar.strip() != ""),
-            "grammar",
-            "must be non-empty GBNF text or None",
-        )
+        if isinstance(self.grammar, str):
+            object.__setattr__(self, "grammar", Grammar.gbnf(self.grammar))
+        _check(self.grammar is None or isinstance(self.grammar, Grammar), "grammar", "must be a Grammar, GBNF or None")
+
+    @property
+    def constraint(self) -> Grammar | None:
+        """`grammar` as a :class:`Grammar` (GBNF text was converted when these were made)."""
+        return self.grammar if isinstance(self.grammar, Grammar) else None
 
     @property
     def is_plain_greedy(self) -> bool:
-        """Greedy with nothing that changes the logits: the argmax is the answer."""
+        """Greedy with no bias or penalty: the argmax (among the tokens a grammar
+        allows) is the answer, and no sampler chain is needed."""
         return (
             self.temperature == 0
-            and self.grammar is None
             and not self.logit_bias
             and self.repeat_penalty == 1.0
             and not self.presence_penalty

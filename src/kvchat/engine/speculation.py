@@ -26,11 +26,12 @@ acceptance, many sequences in the batch already).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 
-from kvchat.engine.drafting import Draft, NgramCache, NgramIndex
+from kvchat.engine.drafting import Draft, DraftIndexes, NgramCache, NgramIndex, index_request
 from kvchat.engine.request import Request
 
 VERIFY_COST: tuple[tuple[int, float], ...] = (
@@ -53,8 +54,10 @@ row takes llama.cpp's matrix-vector path; two to five rows cost far more than on
 so short drafts rarely pay."""
 COST_PER_ROW_BEYOND = 0.28
 """Added cost of each row past the table's last (the slope of its last points)."""
-LOOKUP_WINDOW = 8_192
-"""Prompt lookup searches at most this many of a request's latest tokens."""
+
+MAX_PRIOR_NAMESPACES = 1024
+"""Cache namespaces whose recent acceptance is kept (two small records each, for greedy
+and sampling requests); a namespace beyond them starts again from the default prior."""
 
 SOURCES = ("prediction", "lookup", "ngram_cache")
 """Draft sources, in order of preference."""
@@ -133,10 +136,7 @@ class Acceptance:
 class _RequestDrafts:
     """One request's drafting state."""
 
-    prediction: NgramIndex | None
-    lookup: NgramIndex | None = None
-    lookup_indexed: int = 0
-    """How many of the request's tokens `lookup` holds (it indexes the latest `LOOKUP_WINDOW`)."""
+    indexes: DraftIndexes
     cursors: dict[str, int] = field(default_factory=dict)
     """Per followed source: where in its tokens the last accepted draft ended."""
     acceptance: dict[str, Acceptance] = field(default_factory=dict)
@@ -158,24 +158,25 @@ class Speculator:
         self.max_draft_tokens = max_draft_tokens
         self.ngram_cache = NgramCache(ngram_cache_entries)
         self._states: dict[Request, _RequestDrafts] = {}
-        self._recent = {(source, greedy): Acceptance() for source in _SHARED_PRIOR_SOURCES for greedy in (True, False)}
-        """The engine's own sources' acceptance over recent requests, apart for greedy and
+        self._recent: OrderedDict[tuple[str | None, bool], dict[str, Acceptance]] = OrderedDict()
+        """The engine's own sources' acceptance over recent requests, per cache namespace
+        (a tenant's traffic never changes another's drafting) and apart for greedy and
         sampling requests (a drafted token is kept far less often when the token is drawn):
-        a new request's prior."""
+        a new request's prior. At most `MAX_PRIOR_NAMESPACES` namespaces, least recently
+        used out first."""
 
     def propose(self, running: Sequence[Request], *, capacity: int, call_rows: int) -> None:
         """Choose each generating request's draft for the coming step."""
         decoding = [r for r in running if r.is_decoding]
         if not decoding:
             return
-        prefill = sum(len(r.pending) for r in running if not r.is_decoding)
-        rows = min(capacity, len(decoding) + prefill)
+        rows = min(capacity, sum(len(r.pending) for r in running))
         gained = float(len(decoding))  # tokens the step yields without drafts
-        drafted_sources: set[tuple[str, bool]] = set()
+        drafted_sources: set[tuple[str | None, bool, str]] = set()
         for request in decoding:
             room = min(
                 self.max_draft_tokens,
-                call_rows - 1,
+                call_rows - len(request.pending),
                 capacity - rows,
                 request.reserved_cells - request.own_cells - len(request.pending),
                 request.max_new_tokens - len(request.generated),  # the last one may end it
@@ -190,10 +191,11 @@ class Speculator:
             if draft is not None:
                 rows += len(draft.tokens)
                 gained += expected_tokens(state.rate(draft.source).rate, len(draft.tokens)) - 1
-                drafted_sources.add((draft.source, _is_greedy(request)))
-        for key, recent in self._recent.items():
-            if key not in drafted_sources:
-                recent.rest()  # so that a source paused for every new request is tried again
+                drafted_sources.add((_namespace(request), _is_greedy(request), draft.source))
+        for namespace, greedy in {(_namespace(r), _is_greedy(r)) for r in decoding}:
+            for source, recent in self._recent_for(namespace, greedy).items():
+                if (namespace, greedy, source) not in drafted_sources:
+                    recent.rest()  # so that a source paused for every new request is tried again
 
     def verified(self, request: Request, drafted: int, accepted: int) -> None:
         """Learn that `accepted` of the `drafted` tokens verified for `request` were accepted."""
@@ -202,7 +204,7 @@ class Speculator:
             return
         draft, state.in_flight = state.in_flight, None
         state.rate(draft.source).update(drafted, accepted)
-        recent = self._recent.get((draft.source, _is_greedy(request)))
+        recent = self._recent_for(_namespace(request), _is_greedy(request)).get(draft.source)
         if recent is not None:
             recent.update(drafted, accepted)
         if draft.source in ("prediction", "lookup"):
@@ -214,18 +216,32 @@ class Speculator:
         if keep and request.generated:
             self.ngram_cache.add(_namespace(request), request.generated)
 
+    def _recent_for(self, namespace: str | None, greedy: bool) -> dict[str, Acceptance]:
+        """The recent acceptance of the engine's own sources in `namespace` (fresh priors
+        for a namespace not seen lately)."""
+        key = (namespace, greedy)
+        recent = self._recent.get(key)
+        if recent is None:
+            recent = self._recent[key] = {source: Acceptance() for source in _SHARED_PRIOR_SOURCES}
+            while len(self._recent) > MAX_PRIOR_NAMESPACES:
+                self._recent.popitem(last=False)
+        else:
+            self._recent.move_to_end(key)
+        return recent
+
     # -- drafting --------------------------------------------------------------------------------
 
     def _state(self, request: Request) -> _RequestDrafts:
         state = self._states.get(request)
         if state is None:
-            prediction = request.sampling.prediction
-            index = NgramIndex(prediction, min_n=1, max_n=4) if prediction else None
+            indexes = request.draft_indexes
+            if indexes is None:  # submitted without them (the engine indexes every request it queues)
+                indexes = index_request(request.prompt, request.sampling.prediction)
             priors = {source: Acceptance() for source in SOURCES}
             priors["prediction"] = Acceptance(*PREDICTION_PRIOR)
-            greedy = _is_greedy(request)
-            priors.update({source: self._recent[source, greedy].as_prior() for source in _SHARED_PRIOR_SOURCES})
-            state = self._states[request] = _RequestDrafts(prediction=index, acceptance=priors)
+            recent = self._recent_for(_namespace(request), _is_greedy(request))
+            priors.update({source: recent[source].as_prior() for source in _SHARED_PRIOR_SOURCES})
+            state = self._states[request] = _RequestDrafts(indexes, acceptance=priors)
         return state
 
     def _best_draft(self, request: Request, room: int, rows: int, gained: float) -> Draft | None:
@@ -246,9 +262,10 @@ class Speculator:
     def _candidates(self, request: Request, state: _RequestDrafts, room: int) -> list[Draft]:
         generated = request.generated
         drafts: list[Draft] = []
-        if state.prediction is not None:
-            start, tokens = state.prediction.continuation(
-                generated[-state.prediction.max_n :], room, after=state.cursors.get("prediction", 0)
+        prediction = state.indexes.prediction
+        if prediction is not None:
+            start, tokens = prediction.continuation(
+                generated[-prediction.max_n :], room, after=state.cursors.get("prediction", 0)
             )
             if tokens:
                 drafts.append(Draft(tuple(tokens), "prediction", start))
@@ -268,13 +285,12 @@ class Speculator:
 
     @staticmethod
     def _lookup_index(request: Request, state: _RequestDrafts) -> NgramIndex:
+        """The request's lookup index, extended by the tokens generated since the last step."""
+        indexes = state.indexes
         tokens = request.all_tokens
-        if state.lookup is None:
-            state.lookup_indexed = max(0, len(tokens) - LOOKUP_WINDOW)
-            state.lookup = NgramIndex(min_n=2, max_n=4)
-        state.lookup.extend(tokens[state.lookup_indexed :])
-        state.lookup_indexed = len(tokens)
-        return state.lookup
+        indexes.lookup.extend(tokens[indexes.lookup_indexed :])
+        indexes.lookup_indexed = len(tokens)
+        return indexes.lookup
 
 
 def _is_greedy(request: Request) -> bool:

@@ -15,7 +15,8 @@ class ScheduledRow:
 
     With a `draft`, the rows after `row` hold the drafted tokens, each with its
     logits: the sequence samples at `row`, then at each drafted position while
-    the drafted tokens match what it sampled.
+    the drafted tokens match what it sampled. Tokens a grammar forced after the
+    last sampled one come before `row`, without logits.
     """
 
     request: Request
@@ -27,16 +28,21 @@ class ScheduledRow:
 class _Segment:
     request: Request
     tokens: list[int]
-    logits: bool
-    """Logits for the last token (or, with a draft, for every token)."""
+    logits_from: int | None
+    """Index of the first token whose logits are wanted (the last prompt token, or the
+    last sampled token of a decoding sequence, and every drafted token after it);
+    None for a prompt chunk that is not the prompt's last."""
     draft: tuple[int, ...] = ()
+    whole: bool = False
+    """A decoding sequence's segment: it stays in one call."""
 
 
 class StepPlanner:
     """Plans one engine step: which tokens it evaluates, in which `llama_decode` calls.
 
-    The step takes one decode token from every generating sequence first (so
-    streams keep flowing), then prompt chunks in arrival order, up to the batch
+    The step takes the decode tokens of every generating sequence first (so
+    streams keep flowing: its last sampled token, any tokens its grammar forced
+    after it, and its draft), then prompt chunks in arrival order, up to the batch
     capacity. A prompt can span several steps (chunked prefill); only its last
     token asks for logits. The step's tokens then go to llama.cpp in one or more
     calls on the same batch, sampled after each call.
@@ -73,23 +79,26 @@ class StepPlanner:
         rows: list[ScheduledRow] = []
         for segment in segments:
             request, tokens = segment.request, segment.tokens
-            if segment.draft and call_rows - batch.n_tokens < len(tokens):
-                yield rows  # a verified draft stays in one call
+            if segment.whole and call_rows - batch.n_tokens < len(tokens):
+                yield rows
                 batch.clear()
                 rows = []
-            while tokens:
+            done = 0
+            while done < len(tokens):
                 if batch.n_tokens == call_rows:
                     yield rows
                     batch.clear()
                     rows = []
-                room = call_rows - batch.n_tokens
-                part, tokens = tokens[:room], tokens[room:]
-                logits = segment.logits and not tokens
-                row = batch.add_chunk(
-                    part, request.n_past, _seq_id(request), logits_last=logits, logits_all=bool(segment.draft)
-                )
+                part = tokens[done : done + call_rows - batch.n_tokens]
+                logits_from = segment.logits_from
+                if logits_from is not None and logits_from >= done + len(part):
+                    logits_from = None  # its logits come in a later part
+                elif logits_from is not None:
+                    logits_from = max(0, logits_from - done)
+                row = batch.add_chunk(part, request.n_past, _seq_id(request), logits_from=logits_from)
                 request.n_past += len(part)
-                if logits:
+                done += len(part)
+                if logits_from is not None:
                     rows.append(ScheduledRow(request, row - len(segment.draft), segment.draft))
         if batch.n_tokens:
             yield rows
@@ -106,18 +115,19 @@ class StepPlanner:
         segments: list[_Segment] = []
         budget = capacity
         for request in running:
-            if request.is_decoding and budget:
-                draft = request.draft[: min(budget, call_rows) - 1]
-                request.draft = ()
-                segments.append(_Segment(request, [request.pending.pop(), *draft], True, draft))
-                budget -= 1 + len(draft)
+            feed = request.pending
+            if request.is_decoding and len(feed) <= min(budget, call_rows):
+                draft = request.draft[: min(budget, call_rows) - len(feed)]
+                request.pending, request.draft = [], ()
+                segments.append(_Segment(request, [*feed, *draft], len(feed) - 1, draft, whole=True))
+                budget -= len(feed) + len(draft)
         for request in running:
             request.draft = ()
-            if request.is_decoding or not request.pending or not budget:
+            if not request.pending or not budget:
                 continue
             take = min(len(request.pending), budget)
             chunk, request.pending = request.pending[:take], request.pending[take:]
-            segments.append(_Segment(request, chunk, not request.pending))
+            segments.append(_Segment(request, chunk, None if request.pending else take - 1))
             budget -= take
         return segments
 

@@ -32,6 +32,8 @@ class Usage:
     `prediction`, the request's own history, or the engine's n-gram cache) and
     verified; `accepted_draft_tokens` of them matched what the model generated
     (they are part of `completion_tokens`; the rest were discarded).
+    `forced_tokens` of the completion tokens were forced by the request's grammar
+    (the only tokens it allowed there) and appended without a sampling step.
     """
 
     prompt_tokens: int
@@ -42,6 +44,7 @@ class Usage:
     finish_reason: FinishReason
     draft_tokens: int = 0
     accepted_draft_tokens: int = 0
+    forced_tokens: int = 0
 
     @property
     def rejected_draft_tokens(self) -> int:

@@ -48,12 +48,19 @@ class Batch:
         return i
 
     def add_chunk(
-        self, tokens: Sequence[int], first_position: int, seq_id: int, *, logits_last: bool, logits_all: bool = False
+        self,
+        tokens: Sequence[int],
+        first_position: int,
+        seq_id: int,
+        *,
+        logits_last: bool = False,
+        logits_from: int | None = None,
     ) -> int:
         """Append consecutive tokens of one sequence; returns the row of the last one.
 
-        Logits are computed for the last token if `logits_last`, for every token if
-        `logits_all` (a speculative draft is verified at each of its positions).
+        Logits are computed for the last token if `logits_last`, and for every token
+        from index `logits_from` on (a speculative draft is verified at each of its
+        positions).
         """
         n = len(tokens)
         start = self.n_tokens
@@ -63,8 +70,11 @@ class Batch:
         self._tokens[start:end] = tokens
         self._positions[start:end] = np.arange(first_position, first_position + n, dtype=self._positions.dtype)
         self._n_seq_id[start:end] = 1
-        self._wants_logits[start:end] = logits_all
-        self._wants_logits[end - 1] = logits_last or logits_all
+        self._wants_logits[start:end] = False
+        if logits_from is not None:
+            self._wants_logits[start + max(0, logits_from) : end] = True
+        if logits_last:
+            self._wants_logits[end - 1] = True
         seq_ids = self._seq_id
         for i in range(start, end):
             seq_ids[i][0] = seq_id

@@ -35,6 +35,11 @@ class Model:
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = 0
         params.use_mmap = use_mmap
+        # llama.cpp's AMX matrix kernels end the process with a segmentation fault on
+        # the Xeon VMs this project runs on; without extra buffer types the weights
+        # stay in plain CPU buffers (`make setup` builds llama.cpp without AMX, which
+        # keeps the faster repacked buffers).
+        params.use_extra_bufts = not _built_with_amx()
         handle = llama_cpp.llama_model_load_from_file(os.fsencode(self.path), params)
         if not handle:
             raise ModelLoadError(f"llama.cpp could not load the model file {self.path}", path=self.path)
@@ -184,6 +189,12 @@ def _read_c_string(read: Callable[[ctypes.Array[ctypes.c_char], int], int]) -> s
         if n < size:
             return buffer.value.decode("utf-8", errors="replace")
         size = n + 1
+
+
+@functools.cache
+def _built_with_amx() -> bool:
+    """Whether llama.cpp was compiled with its AMX kernels (and runs on a CPU that has AMX)."""
+    return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
 
 
 def _check_gguf_file(path: Path) -> None:

@@ -10,9 +10,7 @@ from types import TracebackType
 import llama_cpp
 import numpy as np
 
-from kvchat.errors import InvalidRequestError
 from kvchat.llama.context import Context
-from kvchat.llama.grammar import check_grammar
 from kvchat.llama.model import Model
 
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
@@ -27,21 +25,13 @@ def _token_ids(n_vocab: int) -> np.ndarray:
 class SamplerChain:
     """Turns one logits row into a token, applying the request's sampling options.
 
-    The chain runs, in order: grammar (tokens that would break it are
-    excluded), logit bias, penalties, top-k, top-p, min-p, temperature, then a
-    seeded random draw; with `temperature == 0` it is greedy after grammar, bias
-    and penalties. Penalties count only the tokens this chain has sampled. Free it
-    with :meth:`close`. A grammar that does not parse, or exceeds the bounds of
-    `check_grammar` (checked before llama.cpp parses it), raises `InvalidRequestError`.
-
-    The grammar is applied lazily, as llama.cpp's own samplers do: the token is
-    first picked without it, and only if the grammar rejects that token are all
-    tokens checked and the pick made again. Checking every token of the
-    vocabulary against a grammar costs about as much as a decode step of a small
-    model (151,936 tokens for Qwen: half its decode speed), and a model following
-    a grammar mostly picks allowed tokens. For greedy decoding the result is the
-    same token; with a random draw, a rejected pick draws again from the
-    constrained distribution.
+    The chain runs, in order: logit bias, penalties, top-k, top-p, min-p,
+    temperature, then a seeded random draw; with `temperature == 0` it is greedy
+    after bias and penalties. Penalties count only the tokens this chain has
+    accepted. :meth:`sample` picks from a batch row and records the pick;
+    :meth:`choose` picks from logits the caller has prepared (a grammar's mask
+    applied) and :meth:`accept` records the token finally taken. Free it with
+    :meth:`close`.
     """
 
     def __init__(
@@ -58,24 +48,13 @@ class SamplerChain:
         penalty_last_n: int,
         logit_bias: Mapping[int, float],
         seed: int,
-        grammar: str | None = None,
     ) -> None:
-        if grammar is not None:
-            check_grammar(grammar)
         n_vocab = model.n_vocab
         params = llama_cpp.llama_sampler_chain_default_params()
         params.no_perf = True
-        self._grammar: llama_cpp.llama_sampler_p | None = None
         self._chain = llama_cpp.llama_sampler_chain_init(params)
+        self._candidates = np.empty(n_vocab, dtype=_TOKEN_DATA)
         add = self._add
-        if grammar is not None:
-            self._grammar = llama_cpp.llama_sampler_init_grammar(model.vocab_handle, grammar.encode(), b"root")
-            if not self._grammar:
-                self._grammar = None
-                self.close()
-                raise InvalidRequestError("the grammar does not parse (GBNF with a `root` rule)", field="grammar")
-            self._candidates = np.empty(n_vocab, dtype=_TOKEN_DATA)
-            self._one = np.empty(1, dtype=_TOKEN_DATA)
         if logit_bias:
             entries = (llama_cpp.llama_logit_bias * len(logit_bias))()
             for entry, (token, bias) in zip(entries, logit_bias.items(), strict=True):
@@ -105,48 +84,42 @@ class SamplerChain:
 
     def sample(self, context: Context, row: int) -> int:
         """Sample a token from batch row `row` of the last decode and record it."""
-        if not self._chain:
-            raise RuntimeError("sampler chain is closed")
-        if self._grammar is None:
-            return int(llama_cpp.llama_sampler_sample(self._chain, context.handle, row))
-        logits = context.logits(row)
-        token = self._pick(logits, grammar=False)
-        if not self._grammar_allows(token):
-            token = self._pick(logits, grammar=True)
-        llama_cpp.llama_sampler_accept(self._grammar, token)
-        llama_cpp.llama_sampler_accept(self._chain, token)
-        return token
+        return int(llama_cpp.llama_sampler_sample(self._open_chain(), context.handle, row))
 
-    def _pick(self, logits: np.ndarray, *, grammar: bool) -> int:
-        """The chain's pick among all tokens (those the grammar allows, with `grammar`),
-        not yet recorded."""
+    def choose(self, logits: np.ndarray) -> int:
+        """The chain's pick from `logits` (one per vocabulary token; minus infinity
+        for a token that may not be taken), not yet recorded: see :meth:`accept`.
+        At least one logit must be finite."""
+        chain = self._open_chain()
         candidates = self._candidates
         candidates["id"] = _token_ids(len(candidates))
         candidates["logit"] = logits
         candidates["p"] = 0.0
-        array = _as_token_data_array(candidates)
-        if grammar:
-            llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(array))
-        llama_cpp.llama_sampler_apply(self._chain, ctypes.byref(array))
+        array = llama_cpp.llama_token_data_array(
+            data=candidates.ctypes.data_as(llama_cpp.llama_token_data_p),
+            size=len(candidates),
+            selected=-1,
+            sorted=False,
+        )
+        llama_cpp.llama_sampler_apply(chain, ctypes.byref(array))
         if not 0 <= array.selected < array.size:
             raise RuntimeError("the sampler chain selected no token")
         return int(array.data[array.selected].id)
 
-    def _grammar_allows(self, token: int) -> bool:
-        one = self._one
-        one["id"], one["logit"], one["p"] = token, 1.0, 0.0
-        array = _as_token_data_array(one)
-        llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(array))
-        return bool(np.isfinite(one["logit"][0]))
+    def accept(self, token: int) -> None:
+        """Record `token` as taken (the penalties count it)."""
+        llama_cpp.llama_sampler_accept(self._open_chain(), token)
+
+    def _open_chain(self) -> llama_cpp.llama_sampler_p:
+        if not self._chain:
+            raise RuntimeError("sampler chain is closed")
+        return self._chain
 
     def close(self) -> None:
         """Free the chain and its samplers. Safe to call twice."""
         if self._chain:
             llama_cpp.llama_sampler_free(self._chain)
             self._chain = None
-        if self._grammar:
-            llama_cpp.llama_sampler_free(self._grammar)
-            self._grammar = None
 
     def __enter__(self) -> SamplerChain:
         return self
@@ -155,13 +128,3 @@ class SamplerChain:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
-
-
-def _as_token_data_array(candidates: np.ndarray) -> llama_cpp.llama_token_data_array:
-    """A `llama_token_data_array` over `candidates` (kept alive by the caller)."""
-    return llama_cpp.llama_token_data_array(
-        data=candidates.ctypes.data_as(llama_cpp.llama_token_data_p),
-        size=len(candidates),
-        selected=-1,
-        sorted=False,
-    )
