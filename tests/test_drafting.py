@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvchat.engine.drafting import NgramCache, NgramIndex, _entry_bytes
+from kvchat.engine.drafting import CACHE_TOKENS_PER_REPLY, NgramCache, NgramIndex, _entry_bytes
 from kvchat.engine.request import Request
 from kvchat.engine.sampling import SamplingParams
 from kvchat.engine.speculation import VERIFY_COST, Acceptance, Speculator, call_cost, expected_tokens
@@ -117,6 +117,16 @@ def test_ngram_cache_counts_its_bytes_and_never_exceeds_its_bound(adds, max_entr
         cache.add(namespace, tokens)
         assert len(cache) <= max_entries
     assert cache.bytes == sum(_entry_bytes(k, v) for k, v in cache._entries.items())
+
+
+def test_a_reply_of_a_whole_context_indexes_only_its_last_tokens() -> None:
+    cache = NgramCache(1_000_000, n=3)
+    reply = list(range(1_000_000))  # a million distinct tokens: a million n-grams unbounded
+    cache.add("a", reply)
+    assert len(cache) == CACHE_TOKENS_PER_REPLY  # the work of one add is bounded by the reply cap
+    tail = reply[-CACHE_TOKENS_PER_REPLY - 3 :]
+    assert cache.continuation("a", tail[:3], 4) == tail[3:7]
+    assert cache.continuation("a", reply[:3], 4) == []  # the reply's start was not indexed
 
 
 # -- the cost model ---------------------------------------------------------------------------------

@@ -25,6 +25,11 @@ from dataclasses import dataclass
 LOOKUP_WINDOW = 8_192
 """Prompt lookup searches at most this many of a request's latest tokens."""
 
+CACHE_TOKENS_PER_REPLY = 2_048
+"""Most tokens of one finished reply that the n-gram cache indexes (its last ones):
+indexing runs on the engine thread, about 1 ms per 1,000 tokens, so one step never
+pays for a whole long reply."""
+
 
 @dataclass(frozen=True)
 class Draft:
@@ -129,11 +134,12 @@ class NgramCache:
         return len(self._entries)
 
     def add(self, namespace: str | None, tokens: Sequence[int]) -> None:
-        """Index every n-gram of `tokens` with the tokens that follow it."""
+        """Index the n-grams of `tokens` (the last `CACHE_TOKENS_PER_REPLY` of them) with
+        the tokens that follow each."""
         if self.max_entries == 0:
             return
         n, length = self.n, self.continuation_length
-        tokens = list(tokens)
+        tokens = list(tokens[-(CACHE_TOKENS_PER_REPLY + n) :])
         for end in range(n, len(tokens)):
             key = (namespace, tuple(tokens[end - n : end]))
             value = tuple(tokens[end : end + length])
