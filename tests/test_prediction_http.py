@@ -107,9 +107,11 @@ def test_usage_reports_the_drafts_as_prediction_tokens() -> None:
     usage = Usage(prompt_tokens=20, cached_tokens=5, evaluated_tokens=15, completion_tokens=30,
                   time_to_first_token=0.1, finish_reason="stop", draft_tokens=24, accepted_draft_tokens=18)
     assert openai_usage(usage)["completion_tokens_details"] == {
-        "reasoning_tokens": 0, "accepted_prediction_tokens": 18, "rejected_prediction_tokens": 6}
+        "reasoning_tokens": 0, "accepted_prediction_tokens": 18, "rejected_prediction_tokens": 6,
+        "forced_tokens": 0}
     assert openai_usage(replace(usage, draft_tokens=0, accepted_draft_tokens=0))["completion_tokens_details"] == {
-        "reasoning_tokens": 0, "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}
+        "reasoning_tokens": 0, "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0,
+        "forced_tokens": 0}
 
 
 def engine_stats(**values: int) -> EngineStats:

@@ -8,6 +8,7 @@ import os
 import queue
 import random
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -272,6 +273,12 @@ class Engine:
         """The latest snapshot of the engine's state and counters."""
         return self._stats.latest()
 
+    def step_timings(self) -> list[tuple[float, float]]:
+        """The latest steps that ran the model (up to 4,096), oldest first, as
+        (start, seconds) with `time.perf_counter` starts: how long the worker held
+        every running request at a time."""
+        return self._stats.step_timings()
+
     @property
     def closed(self) -> bool:
         """True once :meth:`close` was called."""
@@ -356,6 +363,7 @@ class Engine:
                 return True
 
     def _step(self) -> None:
+        started = time.perf_counter()
         self._reap_cancelled()
         admitted = self._scheduler.admit()
         for request in admitted:
@@ -386,6 +394,7 @@ class Engine:
                 self._sample(scheduled)
         if decoded:
             self._stats.counters.steps += 1
+            self._stats.record_step(started, time.perf_counter() - started)
         self._publish_stats()
 
     def _new_sampler(self, sampling: SamplingParams) -> SamplerChain:

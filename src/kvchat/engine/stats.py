@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections import deque
 from dataclasses import dataclass, fields
 
 from kvchat.engine.kv_pool import KVPool
@@ -29,7 +30,9 @@ class EngineStats:
     `ngram_cache_entries` and `ngram_cache_bytes`: the speculative n-gram cache's
     size; `draft_tokens` / `accepted_draft_tokens`: tokens drafted and verified
     for finished requests, and those that matched the output (see
-    `acceptance_rate`).
+    `acceptance_rate`); `forced_tokens`: completion tokens a grammar forced
+    (appended without a sampling step); `longest_step_seconds`: the longest
+    engine step that ran the model since start (see `Engine.step_timings`).
     Counters are cumulative since start; `cache_hit_rate` is cached / prompt tokens.
     """
 
@@ -58,6 +61,8 @@ class EngineStats:
     completion_tokens: int
     draft_tokens: int
     accepted_draft_tokens: int
+    forced_tokens: int
+    longest_step_seconds: float
 
     @property
     def acceptance_rate(self) -> float:
@@ -82,6 +87,8 @@ class RequestCounters:
     completion_tokens: int = 0
     draft_tokens: int = 0
     accepted_draft_tokens: int = 0
+    forced_tokens: int = 0
+    longest_step_seconds: float = 0.0
 
     def count_finished(self, usage: Usage) -> None:
         """Add one finished request."""
@@ -92,6 +99,11 @@ class RequestCounters:
         self.completion_tokens += usage.completion_tokens
         self.draft_tokens += usage.draft_tokens
         self.accepted_draft_tokens += usage.accepted_draft_tokens
+        self.forced_tokens += usage.forced_tokens
+
+
+RECENT_STEPS = 4_096
+"""Step durations kept for `StatsBoard.step_timings`."""
 
 
 class StatsBoard:
@@ -101,6 +113,18 @@ class StatsBoard:
         self.counters = RequestCounters()
         self._lock = threading.Lock()
         self._latest: EngineStats | None = None
+        self._steps: deque[tuple[float, float]] = deque(maxlen=RECENT_STEPS)
+
+    def record_step(self, started: float, seconds: float) -> None:
+        """Note one step that ran the model: when it started (`time.perf_counter`) and how long it took."""
+        self.counters.longest_step_seconds = max(self.counters.longest_step_seconds, seconds)
+        with self._lock:
+            self._steps.append((started, seconds))
+
+    def step_timings(self) -> list[tuple[float, float]]:
+        """The latest steps that ran the model, oldest first: (start, seconds)."""
+        with self._lock:
+            return list(self._steps)
 
     def publish(self, scheduler: Scheduler, pool: KVPool, *, ngram_entries: int = 0, ngram_bytes: int = 0) -> None:
         """Take a snapshot of the worker's state (worker thread only)."""

@@ -42,6 +42,7 @@ class _EngineCollector(Collector):
             ("completion_tokens", stats.completion_tokens, "Tokens generated."),
             ("draft_tokens", stats.draft_tokens, "Tokens drafted by speculative decoding and verified."),
             ("accepted_draft_tokens", stats.accepted_draft_tokens, "Drafted tokens that matched the output."),
+            ("forced_tokens", stats.forced_tokens, "Generated tokens a grammar forced (no sampling step)."),
             ("cache_evictions", stats.evictions, "Cache entries evicted from the KV pool."),
             ("preemptions", stats.preemptions, "Running requests parked to make room for older ones (resumed later)."),
             (
@@ -51,6 +52,11 @@ class _EngineCollector(Collector):
             ),
         ):
             yield CounterMetricFamily(f"kvchat_{name}", doc, value=value)
+        yield GaugeMetricFamily(
+            "kvchat_longest_step_seconds",
+            "The longest engine step that ran the model since start (every running request waited that long).",
+            value=stats.longest_step_seconds,
+        )
         yield GaugeMetricFamily(
             "kvchat_cache_hit_rate", "Cached / prompt tokens since start.", value=stats.cache_hit_rate
         )

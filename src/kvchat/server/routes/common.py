@@ -20,6 +20,9 @@ def openai_usage(usage: Usage) -> dict[str, Any]:
     not, whatever drafted them (the request's ``prediction``, its own tokens, the
     n-gram cache): with or without a prediction, they say what speculation did.
     Unlike OpenAI's, rejected tokens are not billed as completion tokens.
+    ``forced_tokens`` (kvchat's own) are the completion tokens that the request's
+    grammar (``response_format``, a forced tool call) allowed alone: appended
+    without a sampling step.
     """
     return {
         "prompt_tokens": usage.prompt_tokens,
@@ -30,5 +33,6 @@ def openai_usage(usage: Usage) -> dict[str, Any]:
             "reasoning_tokens": 0,
             "accepted_prediction_tokens": usage.accepted_draft_tokens,
             "rejected_prediction_tokens": usage.rejected_draft_tokens,
+            "forced_tokens": usage.forced_tokens,
         },
     }
