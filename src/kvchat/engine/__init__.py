@@ -13,7 +13,7 @@ from kvchat.engine.engine import Engine
 from kvchat.engine.grammar import Grammar
 from kvchat.engine.sampling import GREEDY, SamplingParams
 from kvchat.engine.settings import EngineSettings
-from kvchat.engine.stats import EngineStats
+from kvchat.engine.stats import EngineStats, StepTiming
 from kvchat.engine.stream import Chunk, Completion, FinishReason, Stream, Usage
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "Engine",
     "EngineSettings",
     "EngineStats",
+    "StepTiming",
     "FinishReason",
     "Grammar",
     "SamplingParams",

@@ -30,7 +30,7 @@ from kvchat.engine.scheduler import Scheduler
 from kvchat.engine.settings import EngineSettings
 from kvchat.engine.speculation import Speculator
 from kvchat.engine.state_store import StateStore
-from kvchat.engine.stats import EngineStats, StatsBoard
+from kvchat.engine.stats import EngineStats, StatsBoard, StepTiming
 from kvchat.engine.step_planner import ScheduledRow, StepPlanner
 from kvchat.engine.stream import Chunk, FinishReason, Stream
 from kvchat.errors import (
@@ -273,10 +273,9 @@ class Engine:
         """The latest snapshot of the engine's state and counters."""
         return self._stats.latest()
 
-    def step_timings(self) -> list[tuple[float, float]]:
-        """The latest steps that ran the model (up to 4,096), oldest first, as
-        (start, seconds) with `time.perf_counter` starts: how long the worker held
-        every running request at a time."""
+    def step_timings(self) -> list[StepTiming]:
+        """The latest steps that ran the model (up to 4,096), oldest first: how long
+        the worker held every running request at a time."""
         return self._stats.step_timings()
 
     @property
@@ -363,7 +362,7 @@ class Engine:
                 return True
 
     def _step(self) -> None:
-        started = time.perf_counter()
+        started, sampling_cpu = time.perf_counter(), 0.0
         self._reap_cancelled()
         admitted = self._scheduler.admit()
         for request in admitted:
@@ -390,11 +389,15 @@ class Engine:
                 self._fail_running(exc)
                 return
             decoded = True
+            sampling_started = time.thread_time()
             for scheduled in rows:
                 self._sample(scheduled)
+            sampling_cpu += time.thread_time() - sampling_started
         if decoded:
             self._stats.counters.steps += 1
-            self._stats.record_step(started, time.perf_counter() - started)
+            self._stats.record_step(
+                StepTiming(started, time.perf_counter() - started, sampling_cpu)
+            )
         self._publish_stats()
 
     def _new_sampler(self, sampling: SamplingParams) -> SamplerChain:

@@ -102,6 +102,18 @@ class RequestCounters:
         self.forced_tokens += usage.forced_tokens
 
 
+@dataclass(frozen=True)
+class StepTiming:
+    """One engine step that ran the model: when it started (`time.perf_counter`), how
+    long it took, and the worker thread's CPU time spent picking tokens in it
+    (samplers and grammars, the work a request's options add to a step; unlike
+    `seconds`, not stretched by other processes on a busy machine)."""
+
+    started: float
+    seconds: float
+    sampling_cpu_seconds: float
+
+
 RECENT_STEPS = 4_096
 """Step durations kept for `StatsBoard.step_timings`."""
 
@@ -113,16 +125,16 @@ class StatsBoard:
         self.counters = RequestCounters()
         self._lock = threading.Lock()
         self._latest: EngineStats | None = None
-        self._steps: deque[tuple[float, float]] = deque(maxlen=RECENT_STEPS)
+        self._steps: deque[StepTiming] = deque(maxlen=RECENT_STEPS)
 
-    def record_step(self, started: float, seconds: float) -> None:
-        """Note one step that ran the model: when it started (`time.perf_counter`) and how long it took."""
-        self.counters.longest_step_seconds = max(self.counters.longest_step_seconds, seconds)
+    def record_step(self, timing: StepTiming) -> None:
+        """Note one step that ran the model."""
+        self.counters.longest_step_seconds = max(self.counters.longest_step_seconds, timing.seconds)
         with self._lock:
-            self._steps.append((started, seconds))
+            self._steps.append(timing)
 
-    def step_timings(self) -> list[tuple[float, float]]:
-        """The latest steps that ran the model, oldest first: (start, seconds)."""
+    def step_timings(self) -> list[StepTiming]:
+        """The latest steps that ran the model, oldest first."""
         with self._lock:
             return list(self._steps)
 
