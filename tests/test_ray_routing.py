@@ -1,6 +1,9 @@
-"""Prefix-affinity routing for Ray Serve, without Ray or a model: `ReplicaPrefixTree`
-(against brute-force references), `PrefixAffinityPolicy` and the routing text read
-from OpenAI request bodies (`routing_hint`, response tags), including hostile bodies."""
+"""Prefix-affinity routing for Ray Serve, without a Ray cluster or a model: `ReplicaPrefixTree`
+(against brute-force references), `PrefixAffinityPolicy`, `PendingDecisions`, the routing
+text read from OpenAI request bodies (`routing_hint`, response tags), including hostile
+bodies, and the parts of the Serve application that need no cluster: the router's
+choice for a stored response, the ingress's header checks, the deployments' queue
+bounds and the Host names `kvchat serve --ray --host` allows."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import hashlib
 import itertools
 import json
 import random
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -20,7 +24,13 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from kvchat.server.ray_serve.policy import PendingDecisions, PrefixAffinityPolicy, RoutingDecision
 from kvchat.server.ray_serve.prefix_tree import ReplicaPrefixTree
-from kvchat.server.ray_serve.routing_text import RoutingHint, make_response_tag, response_tag, routing_hint
+from kvchat.server.ray_serve.routing_text import (
+    RoutingHint,
+    make_response_tag,
+    replica_response_tag,
+    response_tag,
+    routing_hint,
+)
 
 CHAT = "/v1/chat/completions"
 RESPONSES = "/v1/responses"
@@ -766,8 +776,60 @@ def test_pending_decisions_stay_bounded_in_number_oldest_out_first() -> None:
     assert pending.pop("999899") is None and pending.pop("999900") == (DECISION, "")
 
 
+def test_pending_decisions_stay_bounded_in_bytes_with_huge_keys_and_texts() -> None:
+    bound = 1_000_000
+    pending = PendingDecisions(max_bytes=bound, clock=FakeClock())
+
+    def key(index: int) -> str:
+        return f"{index:06d}" + "k" * 100_000  # a request id as large as a client could make one
+
+    for index in range(300):
+        text = ("t" if index % 2 else "\U0001f600") * 100_000  # 100 kB, or 400 kB of 4-byte characters
+        pending.put(key(index), DECISION, text)
+        assert pending.bytes <= bound
+    assert 1 <= len(pending) <= 10
+    assert pending.pop(key(299)) == (DECISION, "t" * 100_000)  # the newest stays
+    assert pending.pop(key(0)) is None  # the oldest went first
+    for index in range(300):
+        pending.pop(key(index))
+    assert len(pending) == 0 and pending.bytes == 0
+
+
+def test_an_entry_larger_than_the_bound_is_not_kept_and_pushes_nothing_out() -> None:
+    pending = PendingDecisions(max_bytes=100_000)
+    pending.put("small", DECISION, "text")
+    kept = pending.bytes
+    pending.put("huge", DECISION, "x" * 200_000)
+    assert pending.pop("huge") is None and pending.bytes == kept
+    pending.put("small", DECISION, "x" * 200_000)  # a retried request whose new entry does not fit
+    assert pending.pop("small") is None and pending.bytes == 0
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(st.booleans(), st.integers(0, 20), st.integers(0, 5_000), st.integers(0, 5_000)), max_size=60
+    ),
+    bound=st.integers(1, 30_000),
+)
+def test_pending_bytes_are_the_size_of_what_is_kept(steps: list[tuple[bool, int, int, int]], bound: int) -> None:
+    pending = PendingDecisions(max_bytes=bound, clock=FakeClock())
+    for put, index, key_size, text_size in steps:
+        request_id = str(index) + "k" * key_size
+        if put:
+            text = "t" * text_size
+            pending.put(request_id, DECISION, text)
+            size = sys.getsizeof(request_id) + sys.getsizeof(text) + PendingDecisions.ENTRY_OVERHEAD
+            assert (pending.pop(request_id) is not None) == (size <= bound)  # kept if it fits at all
+            pending.put(request_id, DECISION, text)
+        else:
+            pending.pop(request_id)
+        pending.check_integrity()
+        assert 0 <= pending.bytes <= bound
+
+
 def test_pending_decisions_refuse_unbounded_settings() -> None:
-    for kwargs in ({"max_age_s": 0}, {"max_entries": 0}, {"max_age_s": -1.0}):
+    for kwargs in ({"max_age_s": 0}, {"max_entries": 0}, {"max_age_s": -1.0}, {"max_bytes": 0}):
         with pytest.raises(ValueError):
             PendingDecisions(**kwargs)
 
@@ -1101,3 +1163,216 @@ def test_any_json_body_gives_a_hint(path: str, body: Any, authorization: str | N
 @given(body=st.binary(max_size=200))
 def test_any_bytes_give_a_hint(body: bytes) -> None:
     assert routing_hint(CHAT, body, "Bearer k").text.startswith(hashlib.sha256(b"Bearer k").hexdigest()[:16])
+
+
+# -- stored responses: every request about one reaches the replica that stored it -----------------
+
+
+def test_a_stored_responses_path_names_the_replica_that_made_its_id() -> None:
+    from kvchat.server.response_objects import new_id
+    from kvchat.server.settings import ServerSettings
+
+    replicas = [f"kvchat-replica#{index:08x}" for index in range(8)]
+    tags = {replica_response_tag(replica): replica for replica in replicas}
+    assert len(tags) == len(replicas)
+    tenant = hashlib.sha256(b"Bearer k").hexdigest()[:16]
+    for tag, replica in tags.items():
+        ServerSettings(model_name="m", response_id_tag=tag)  # a tag the replica's server accepts
+        stored = new_id("resp", tag)
+        for path in (f"/v1/responses/{stored}", f"/v1/responses/{stored}/input_items"):
+            hint = routing_hint(path, b"not json: a GET or DELETE body is not read", "Bearer k")
+            assert hint == RoutingHint(tenant, tag, header=len(tenant))
+            assert tags[hint.response_tag or ""] == replica
+    for foreign in ("resp_abc", "", "resp_" + "A" * 48, "msg_" + "a" * 48):
+        assert routing_hint(f"/v1/responses/{foreign}", b"", "Bearer k").response_tag is None
+
+
+class _Replica:
+    """What a Ray Serve request router reads of a candidate replica."""
+
+    def __init__(self, key: str) -> None:
+        self.replica_id = type("ReplicaID", (), {"unique_id": key})()
+        self.routing_stats = {"capacity_tokens": 4096}
+
+
+class _Request:
+    def __init__(self, hint: RoutingHint, request_id: str) -> None:
+        self.args = ["forwarded request", hint]
+        self.kwargs: dict[str, Any] = {}
+        self.metadata = type("RequestMetadata", (), {"internal_request_id": request_id})()
+
+
+def _router(kind: str) -> Any:
+    """A router with its state but not Ray's (which needs a running Serve)."""
+    pytest.importorskip("ray")
+    from kvchat.server.ray_serve.router import LoadBalancedRouter, PrefixAffinityRouter, RouterBook
+
+    router: Any = object.__new__(PrefixAffinityRouter if kind == "prefix" else LoadBalancedRouter)
+    router.book = RouterBook()
+    router.policy = PrefixAffinityPolicy()
+    router._pending = PendingDecisions()
+    router._replica_queue_len_cache = {}
+    return router
+
+
+@pytest.mark.parametrize("kind", ["prefix", "default"])
+def test_the_router_sends_a_stored_responses_requests_only_to_its_replica(kind: str) -> None:
+    import asyncio
+
+    from kvchat.server.response_objects import new_id
+
+    router = _router(kind)
+    replicas = [_Replica(f"replica-{index}") for index in range(4)]
+    owner = replicas[2]
+    router.book.in_flight.update({"replica-2": 50})  # far past the load bound: still the only one
+    stored = new_id("resp", replica_response_tag("replica-2"))
+    for index, (path, body) in enumerate(
+        [
+            (f"/v1/responses/{stored}", b""),  # GET or DELETE
+            (RESPONSES, json.dumps({"previous_response_id": stored, "input": "And then?"}).encode()),
+        ]
+    ):
+        request = _Request(routing_hint(path, body, "Bearer k"), f"request-{index}")
+        ranks = asyncio.run(router.choose_replicas(replicas, request))
+        assert ranks == [[owner]]  # no fallback to another replica when it is full: wait for it
+
+
+def test_the_router_falls_back_to_other_replicas_for_a_new_conversation() -> None:
+    import asyncio
+
+    router = _router("prefix")
+    replicas = [_Replica(f"replica-{index}") for index in range(3)]
+    request = _Request(routing_hint(CHAT, b'{"messages": [{"role": "user", "content": "hi"}]}', "Bearer k"), "r")
+    ranks = asyncio.run(router.choose_replicas(replicas, request))
+    assert (
+        len(ranks) == 2 and len(ranks[0]) == 1 and sorted(map(id, [*ranks[0], *ranks[1]])) == sorted(map(id, replicas))
+    )
+
+
+# -- the ingress: refused from the headers, before the body is read -------------------------------
+
+
+def _access(**options: Any) -> Any:
+    from kvchat.server.ray_serve.access import IngressAccess
+
+    return IngressAccess(**{"api_keys": ("key-one", "key-two"), "max_body_bytes": 1000, **options})
+
+
+GOOD = {"host": "127.0.0.1:8000", "authorization": "Bearer key-two"}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "status", "code"),
+    [
+        ("POST", CHAT, GOOD, None, None),
+        ("POST", CHAT, {**GOOD, "authorization": "bearer  key-one "}, None, None),
+        ("GET", "/v1/models", GOOD, None, None),
+        ("POST", CHAT, {"host": "localhost"}, 401, "invalid_api_key"),
+        ("POST", CHAT, {**GOOD, "authorization": "Bearer key-three"}, 401, "invalid_api_key"),
+        ("POST", CHAT, {**GOOD, "authorization": "Basic key-one"}, 401, "invalid_api_key"),
+        ("POST", CHAT, {**GOOD, "authorization": "Bearer "}, 401, "invalid_api_key"),
+        ("DELETE", "/v1/responses/resp_x", {"host": "[::1]"}, 401, "invalid_api_key"),
+        ("GET", "/v1", {"host": "localhost"}, 401, "invalid_api_key"),
+        ("OPTIONS", CHAT, {"host": "localhost"}, None, None),  # a CORS preflight carries no key
+        ("GET", "/other", {"host": "localhost"}, None, None),  # not the API: the replica answers 404
+        ("POST", CHAT, {**GOOD, "host": "evil.example"}, 403, "host_not_allowed"),
+        ("POST", CHAT, {"host": "evil.example"}, 403, "host_not_allowed"),  # the Host is checked first
+        ("POST", CHAT, {"authorization": "Bearer key-one"}, 403, "host_not_allowed"),  # no Host at all
+        ("POST", CHAT, {**GOOD, "content-length": "1000"}, None, None),
+        ("POST", CHAT, {**GOOD, "content-length": "1001"}, 413, "request_too_large"),
+        ("POST", CHAT, {"host": "localhost", "content-length": "99999"}, 401, "invalid_api_key"),
+    ],
+)
+def test_the_ingress_refuses_from_the_headers_alone(
+    method: str, path: str, headers: dict[str, str], status: int | None, code: str | None
+) -> None:
+    refused = _access().refusal(method, path, headers)
+    assert (refused and (refused.status, refused.code)) == ((status, code) if status else None)
+
+
+def test_the_ingress_without_keys_checks_only_the_host() -> None:
+    access = _access(api_keys=(), allowed_hosts=("kvchat.example.com", "*.internal"))
+    for host in ("kvchat.example.com", "KVChat.example.com:443", "a.b.internal", "127.0.0.5", "localhost."):
+        assert access.refusal("POST", CHAT, {"host": host}) is None
+        assert access.host_refusal({"host": host}) is None
+    for host in ("example.com", "internal", "kvchat.example.com.evil", "", "a b"):
+        refused = access.refusal("POST", CHAT, {"host": host})
+        assert refused is not None and refused.status == 403
+    assert _access(allowed_hosts=("*",)).host_refusal({}) is None
+
+
+# -- the Serve application's bounds and Host names (built, not run) -------------------------------
+
+
+def test_build_app_bounds_the_handles_queue_and_sizes_the_ingress() -> None:
+    pytest.importorskip("ray")
+    from kvchat.engine import EngineSettings
+    from kvchat.server.ray_serve.app import INGRESS_SPARE_REQUESTS, build_app
+    from kvchat.server.ray_serve.ingress import IngressOptions
+    from kvchat.server.settings import ServerSettings
+
+    settings = ServerSettings(model_name="m", api_keys=("k",), max_queued=8, allowed_hosts=("a.example",))
+    engine = EngineSettings(max_running=3)
+    for queued, expected in ((None, 8), (5, 5)):
+        app = build_app(
+            "m", server_settings=settings, engine_settings=engine, num_replicas=2, max_queued_requests=queued
+        )
+        ingress = app._bound_deployment
+        replicas = ingress.init_args[0]._bound_deployment
+        assert (replicas.max_ongoing_requests, replicas.max_queued_requests) == (3 + 8, expected)
+        assert ingress.max_ongoing_requests == 2 * (3 + 8) + expected + INGRESS_SPARE_REQUESTS
+        assert ingress.max_queued_requests == expected and ingress.backpressure_config.status_code == 429
+        options = ingress.init_args[1]
+        assert isinstance(options, IngressOptions)
+        assert (options.api_keys, options.allowed_hosts, options.max_body_bytes) == (("k",), ("a.example",), 4 << 20)
+    no_queue = build_app("m", server_settings=ServerSettings(model_name="m", max_queued=0), engine_settings=engine)
+    assert no_queue._bound_deployment.init_args[0]._bound_deployment.max_queued_requests == 1  # Ray's least
+    with pytest.raises(ValueError, match="max_queued_requests"):
+        build_app("m", server_settings=settings, max_queued_requests=0)
+
+
+@pytest.mark.parametrize(
+    ("host", "added"),
+    [
+        ("10.1.2.3", "10.1.2.3"),
+        ("kvchat.example.com", "kvchat.example.com"),
+        ("fe80::1", "[fe80::1]"),
+        ("127.0.0.1", None),  # loopback: always allowed
+        ("localhost", None),
+        ("::1", None),
+        ("0.0.0.0", None),  # every address: only the names the operator allows
+        ("::", None),
+    ],
+)
+def test_kvchat_serve_ray_allows_the_host_it_binds(
+    monkeypatch: pytest.MonkeyPatch, host: str, added: str | None
+) -> None:
+    pytest.importorskip("ray")
+    from typer.testing import CliRunner
+
+    from kvchat.cli import app as cli
+    from kvchat.server.middleware import HostCheck
+    from kvchat.server.ray_serve import app as ray_app
+
+    built: dict[str, Any] = {}
+    monkeypatch.setattr(ray_app, "build_app", lambda model, **options: built.update(options) or "application")
+    monkeypatch.setattr(ray_app, "run", lambda application, **options: built.update(run=(application, options)))
+    result = CliRunner().invoke(cli, ["serve", "--ray", "--host", host, "--allowed-host", "other.example"])
+    assert result.exit_code == 0, result.output
+    allowed = built["server_settings"].allowed_hosts
+    assert allowed == ("other.example",) + ((added,) if added else ())
+    assert built["run"] == ("application", {"host": host, "port": 8000, "address": None})
+    check = HostCheck(None, allowed)  # type: ignore[arg-type]
+    if added:
+        assert check.allows(f"{added}:8000")  # what a client that connects to `host` sends
+    assert not check.allows("evil.example")
+
+
+def test_allow_bound_host_adds_a_name_once() -> None:
+    pytest.importorskip("ray")
+    from kvchat.server.ray_serve.app import allow_bound_host
+    from kvchat.server.settings import ServerSettings
+
+    settings = allow_bound_host(ServerSettings(model_name="m", allowed_hosts=("Box.LAN",)), "box.lan")
+    assert settings.allowed_hosts == ("box.lan",)
+    assert allow_bound_host(settings, "10.0.0.7").allowed_hosts == ("box.lan", "10.0.0.7")

@@ -231,12 +231,13 @@ def _serve_on_ray(
     replica_cpus: float,
     address: str | None,
 ) -> None:
-    """``kvchat serve --ray``: the same API, on `replicas` engine replicas on Ray Serve."""
+    """``kvchat serve --ray``: the same API, on `replicas` engine replicas on Ray Serve.
+    As without ``--ray``, a specific `host` to bind is an allowed ``Host`` name too."""
     import dataclasses
     import math
 
     try:
-        from kvchat.server.ray_serve.app import build_app, run
+        from kvchat.server.ray_serve.app import allow_bound_host, build_app, run
     except ImportError as exc:
         raise KVChatError(f"--ray needs Ray Serve: pip install 'kvchat[ray]' ({exc})") from None
     if engine_settings.n_threads is None:
@@ -244,7 +245,7 @@ def _serve_on_ray(
         engine_settings = dataclasses.replace(engine_settings, n_threads=max(1, math.floor(replica_cpus)))
     application = build_app(
         model,
-        server_settings=settings,
+        server_settings=allow_bound_host(settings, host),
         engine_settings=engine_settings,
         num_replicas=replicas,
         ray_actor_options={"num_cpus": replica_cpus},

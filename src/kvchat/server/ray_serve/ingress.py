@@ -1,14 +1,19 @@
 """`KVChatIngress`: the one OpenAI endpoint in front of the kvchat replicas.
 
-It reads a request's body (bounded by `max_body_bytes`), derives its routing
-hint (:func:`routing_hint`) and forwards it through the replicas' handle, whose
+It first refuses, from the headers alone, a foreign ``Host``, a missing or
+wrong API key and a declared body over `max_body_bytes`
+(:class:`IngressAccess`): such a request's body is never read. Then it reads
+the body (bounded by `max_body_bytes`), derives its routing hint
+(:func:`routing_hint`) and forwards it through the replicas' handle, whose
 router picks the replica; the replica's kvchat app answers and the answer is
-streamed back unchanged. A replica that dies before anything reached the
-client is retried on another (`retries` times); one that dies mid-stream ends
-the stream with an error event. With no replica left, the answer is an
-OpenAI-shaped 503 with ``Retry-After``. ``/health`` and ``/metrics`` cover
-every replica (their metrics carry a ``replica`` label) and the routing
-decisions by kind.
+streamed back unchanged. The handle's queue is bounded (the replicas'
+``max_queued_requests``, see :func:`kvchat.server.ray_serve.build_app`): past
+it the answer is an OpenAI-shaped 429 with ``Retry-After``. A replica that
+dies before anything reached the client is retried on another (`retries`
+times); one that dies mid-stream ends the stream with an error event. With no
+replica left, the answer is an OpenAI-shaped 503 with ``Retry-After``.
+``/health`` and ``/metrics`` cover every replica (their metrics carry a
+``replica`` label) and the routing decisions by kind.
 """
 
 import asyncio
@@ -23,12 +28,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError, RayError
-from ray.serve.exceptions import RayServeException
+from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from ray.serve.schema import ReplicaState
 
-from kvchat.server.errors import error_body
-from kvchat.server.middleware import HostCheck
+from kvchat.server.errors import APIError, error_body, error_response
+from kvchat.server.ray_serve.access import IngressAccess
 from kvchat.server.ray_serve.cluster_metrics import render_cluster_metrics
 from kvchat.server.ray_serve.forwarding import ForwardedRequest, ResponseHead
 from kvchat.server.ray_serve.router import RouterBook
@@ -46,12 +51,24 @@ ingress_app = FastAPI(title="kvchat on Ray Serve", docs_url=None, redoc_url=None
 
 @dataclass(frozen=True)
 class IngressOptions:
-    """The ingress's own settings (the replicas' come from `ServerSettings`)."""
+    """The ingress's own settings (the replicas' come from `ServerSettings`;
+    :func:`kvchat.server.ray_serve.build_app` copies the shared ones from there).
+
+    - `max_body_bytes`: largest request body (413 beyond it).
+    - `retries`: how many times a request is sent again when its replica died
+      before anything reached the client.
+    - `retry_after`: the ``Retry-After`` seconds of a 429 or 503.
+    - `allowed_hosts`: host names a ``Host`` header may name besides loopback
+      ones (as `ServerSettings.allowed_hosts`).
+    - `api_keys`: if any, a ``/v1`` request without one of them is refused (401)
+      before its body is read; the replica checks the key again.
+    """
 
     max_body_bytes: int = 4 * 1024 * 1024
     retries: int = 2
     retry_after: int = 1
     allowed_hosts: tuple[str, ...] = ()
+    api_keys: tuple[str, ...] = ()
 
 
 @dataclass
@@ -116,17 +133,28 @@ def _is_event_stream(head: ResponseHead) -> bool:
     return (head.header(b"content-type") or b"").startswith(b"text/event-stream")
 
 
-def _error(status: int, message: str, code: str | None, headers: dict[str, str] | None = None) -> JSONResponse:
-    kind = "server_error" if status >= 500 else "invalid_request_error"
-    return JSONResponse(error_body(message, type=kind, code=code), status_code=status, headers=headers)
+def _queue_full(retry_after: int) -> JSONResponse:
+    # The shape of kvchat's own 429 (kvchat.server.admission), so clients back off alike.
+    return error_response(
+        APIError(
+            429,
+            "the server is busy (every replica is full and the queue in front of them too); retry later",
+            type="rate_limit_error",
+            code="rate_limit_exceeded",
+            headers={"Retry-After": str(retry_after)},
+        )
+    )
 
 
 def _unavailable(retry_after: int) -> JSONResponse:
-    return _error(
-        503,
-        "no kvchat replica could serve the request; retry shortly",
-        "replica_unavailable",
-        headers={"Retry-After": str(retry_after)},
+    return error_response(
+        APIError(
+            503,
+            "no kvchat replica could serve the request; retry shortly",
+            type="server_error",
+            code="replica_unavailable",
+            headers={"Retry-After": str(retry_after)},
+        )
     )
 
 
@@ -137,7 +165,9 @@ class KVChatIngress:
     def __init__(self, replicas: DeploymentHandle, options: IngressOptions) -> None:
         self.replicas = replicas
         self.options = options
-        self.hosts = HostCheck(None, options.allowed_hosts)  # type: ignore[arg-type]
+        self.access = IngressAccess(
+            api_keys=options.api_keys, allowed_hosts=options.allowed_hosts, max_body_bytes=options.max_body_bytes
+        )
         self.started = time.time()
         self.counts = _Counts()
 
@@ -151,8 +181,8 @@ class KVChatIngress:
 
     @ingress_app.get("/health")
     async def health(self, request: Request) -> Response:
-        if not self.hosts.allows(request.headers.get("host")):
-            return _error(403, "this host name is not allowed", "forbidden")
+        if (refused := self.access.host_refusal(request.headers)) is not None:
+            return error_response(refused)
         running = await asyncio.to_thread(_running_replicas)
         replicas = self.book.snapshot()
         body = {
@@ -165,16 +195,19 @@ class KVChatIngress:
 
     @ingress_app.get("/metrics")
     async def metrics(self, request: Request) -> Response:
-        if not self.hosts.allows(request.headers.get("host")):
-            return _error(403, "this host name is not allowed", "forbidden")
+        if (refused := self.access.host_refusal(request.headers)) is not None:
+            return error_response(refused)
         text = render_cluster_metrics(self.book, retried=self.counts.retried, failed=self.counts.failed)
         return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     @ingress_app.api_route("/{path:path}", methods=["GET", "POST", "DELETE", "PUT", "PATCH", "OPTIONS", "HEAD"])
     async def forward(self, path: str, request: Request) -> Response:
+        # From the headers alone: a refused request's body is never read.
+        if (refused := self.access.refusal(request.method, request.url.path, request.headers)) is not None:
+            return error_response(refused)
         body = await _read_body(request, self.options.max_body_bytes)
         if body is None:
-            return _error(413, f"the request body is larger than {self.options.max_body_bytes} bytes", None)
+            return error_response(self.access.too_large())
         forwarded = ForwardedRequest(
             method=request.method,
             path=request.url.path,
@@ -198,6 +231,8 @@ class KVChatIngress:
                     response.raw_headers = _headers(head)
                     return response
                 first = await anext(stream, b"")
+            except BackPressureError:  # the handle's queue is full: not sent anywhere
+                return _queue_full(self.options.retry_after)
             except REPLICA_ERRORS:
                 continue
             except StopAsyncIteration:

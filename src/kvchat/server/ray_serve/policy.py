@@ -27,6 +27,7 @@ drive this class.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping
@@ -125,36 +126,80 @@ class PendingDecisions:
     Ray reports where the request went.
 
     A request cancelled before it is routed never gets that report, so entries
-    also leave by age (`max_age_s`) and by number (`max_entries`, oldest first):
-    the map stays bounded whatever clients do. A request routed after its entry
-    left is counted without its decision (its text is not recorded).
+    also leave by age (`max_age_s`), by number (`max_entries`) and by size
+    (`max_bytes`: the memory of the ids and texts kept, as ``sys.getsizeof``
+    counts it, plus :attr:`ENTRY_OVERHEAD` an entry), oldest first: the map stays
+    bounded whatever clients send. A single entry larger than `max_bytes` is not
+    kept at all. A request routed after its entry left (or that had none kept) is
+    counted without its decision (its text is not recorded); its next turn is
+    then routed as a new conversation, which costs one cache miss, not an error.
     """
 
+    ENTRY_OVERHEAD = 256
+    """Bytes an entry costs besides its id and text (the map's node, the tuple, the time)."""
+    DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+    """The default `max_bytes`: many full-size (4 MB) request bodies' texts at once."""
+
     def __init__(
-        self, *, max_age_s: float = 600.0, max_entries: int = 65_536, clock: Callable[[], float] = time.monotonic
+        self,
+        *,
+        max_age_s: float = 600.0,
+        max_entries: int = 65_536,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if max_age_s <= 0 or max_entries < 1:
-            raise ValueError("max_age_s must be > 0 and max_entries >= 1")
-        self._entries: OrderedDict[str, tuple[float, RoutingDecision, str]] = OrderedDict()
+        if max_age_s <= 0 or max_entries < 1 or max_bytes < 1:
+            raise ValueError("max_age_s must be > 0, max_entries >= 1 and max_bytes >= 1")
+        self._entries: OrderedDict[str, tuple[float, RoutingDecision, str, int]] = OrderedDict()
         self._max_age_s = max_age_s
         self._max_entries = max_entries
+        self._max_bytes = max_bytes
+        self._bytes = 0
         self._clock = clock
 
     def __len__(self) -> int:
         return len(self._entries)
 
+    @property
+    def bytes(self) -> int:
+        """The size of what is kept (see the class doc); never above `max_bytes`."""
+        return self._bytes
+
     def put(self, request_id: str, decision: RoutingDecision, text: str) -> None:
         """Keep `request_id`'s latest decision (a request Ray retries is chosen again)."""
         now = self._clock()
-        self._entries.pop(request_id, None)
-        self._entries[request_id] = (now, decision, text)
+        self._drop(request_id)
+        size = sys.getsizeof(request_id) + sys.getsizeof(text) + self.ENTRY_OVERHEAD
+        if size <= self._max_bytes:
+            self._entries[request_id] = (now, decision, text, size)
+            self._bytes += size
         while self._entries:
-            oldest_id, (made, _, _) = next(iter(self._entries.items()))
-            if now - made <= self._max_age_s and len(self._entries) <= self._max_entries:
+            oldest_id, (made, _, _, _) = next(iter(self._entries.items()))
+            if (
+                now - made <= self._max_age_s
+                and len(self._entries) <= self._max_entries
+                and self._bytes <= self._max_bytes
+            ):
                 break
-            del self._entries[oldest_id]
+            self._drop(oldest_id)
 
     def pop(self, request_id: str) -> tuple[RoutingDecision, str] | None:
         """`request_id`'s decision and routing text, if still kept; it leaves the map."""
-        entry = self._entries.pop(request_id, None)
+        entry = self._drop(request_id)
         return None if entry is None else (entry[1], entry[2])
+
+    def check_integrity(self) -> None:
+        """Raise AssertionError unless the bounds hold and `bytes` is the sum of the entries' sizes."""
+        sizes = [
+            sys.getsizeof(key) + sys.getsizeof(text) + self.ENTRY_OVERHEAD
+            for key, (_, _, text, _) in self._entries.items()
+        ]
+        assert sizes == [size for _, _, _, size in self._entries.values()], "an entry's size is off"
+        assert self._bytes == sum(sizes) <= self._max_bytes, (self._bytes, sum(sizes), self._max_bytes)
+        assert len(self._entries) <= self._max_entries
+
+    def _drop(self, request_id: str) -> tuple[float, RoutingDecision, str, int] | None:
+        entry = self._entries.pop(request_id, None)
+        if entry is not None:
+            self._bytes -= entry[3]
+        return entry

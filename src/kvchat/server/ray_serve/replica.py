@@ -3,14 +3,16 @@
 Every route, schema, API-key check, cache namespace, limit and error shape is
 the one ``kvchat serve`` has: the replica runs :func:`kvchat.server.create_app`
 and the ingress forwards requests to it (:mod:`.forwarding`). The replica
-publishes what the router needs with ``record_routing_stats``: its response id
-tag, its cache capacity and its Prometheus metrics.
+publishes what the router needs with ``record_routing_stats``: its cache
+capacity and its Prometheus metrics. Its response ids begin with a tag derived
+from its Serve replica id (:func:`replica_response_tag`), which the router
+computes for every candidate replica, so ``GET``/``DELETE /v1/responses/{id}``
+and ``previous_response_id`` reach the replica that stored the response from
+its first request on.
 """
 
 from __future__ import annotations
 
-import os
-import secrets
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,7 +21,7 @@ from kvchat.engine import Engine, EngineSettings
 from kvchat.models import resolve
 from kvchat.server import ServerSettings, create_app
 from kvchat.server.ray_serve.forwarding import ForwardedRequest, ResponseHead, run_asgi
-from kvchat.server.ray_serve.routing_text import RoutingHint, make_response_tag
+from kvchat.server.ray_serve.routing_text import RoutingHint, replica_response_tag
 
 __all__ = ["KVChatReplica"]
 
@@ -34,7 +36,8 @@ class KVChatReplica:
 
         context = serve.get_replica_context()
         self.name = context.replica_id.unique_id
-        self.response_tag = make_response_tag(f"{self.name}:{os.getpid()}:{secrets.token_hex(8)}".encode())
+        # A replica that Serve starts again gets a new replica id, hence a new tag.
+        self.response_tag = replica_response_tag(self.name)
         self.started = time.time()
         self.engine = Engine(resolve(model), engine_settings)
         settings = dataclasses.replace(server_settings, response_id_tag=self.response_tag)
@@ -51,7 +54,6 @@ class KVChatReplica:
         settings = self.engine.settings
         return {
             "replica": self.name,
-            "response_tag": self.response_tag,
             "started": self.started,
             "reported": time.time(),
             "capacity_tokens": settings.n_ctx,

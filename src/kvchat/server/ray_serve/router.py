@@ -6,7 +6,7 @@
   by queue length) with the same bookkeeping, for comparison.
 
 Both count decisions and requests in flight per replica, read the stats each
-replica publishes (response tag, cache capacity, metrics) and register
+replica publishes (cache capacity, metrics) and register
 themselves in :data:`ROUTERS`, where the ingress (whose process holds the
 routers of its handles) reads them for ``/metrics`` and ``/health``.
 """
@@ -22,7 +22,7 @@ from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequ
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from kvchat.server.ray_serve.policy import PendingDecisions, PrefixAffinityPolicy
-from kvchat.server.ray_serve.routing_text import RoutingHint
+from kvchat.server.ray_serve.routing_text import RoutingHint, replica_response_tag
 
 __all__ = ["ROUTERS", "LoadBalancedRouter", "PrefixAffinityRouter", "RouterBook"]
 
@@ -41,23 +41,18 @@ class RouterBook:
         self.in_flight: Counter[str] = Counter()
         self.decisions: Counter[str] = Counter()
         self.stats: dict[str, dict[str, Any]] = {}
-        self.tags: dict[str, str] = {}
 
     def refresh(self, replicas: list[RunningReplica]) -> None:
         """Take in the stats the replicas published last."""
         for replica in replicas:
             stats = replica.routing_stats or {}
             if stats:
-                key = replica.replica_id.unique_id
-                self.stats[key] = stats
-                if stats.get("response_tag"):
-                    self.tags[str(stats["response_tag"])] = key
+                self.stats[replica.replica_id.unique_id] = stats
 
     def drop(self, key: str) -> None:
         """Forget replica `key` (it died)."""
         self.stats.pop(key, None)
         self.in_flight.pop(key, None)
-        self.tags = {tag: owner for tag, owner in self.tags.items() if owner != key}
 
     def snapshot(self) -> dict[str, Any]:
         """The replicas as ``/health`` shows them."""
@@ -119,12 +114,27 @@ class _Bookkeeping(RequestRouter):
 
 class PrefixAffinityRouter(_Bookkeeping):
     """Sends each request to the replica that holds the longest prefix of its
-    routing text, within a load bound (see :class:`PrefixAffinityPolicy`)."""
+    routing text, within a load bound (see :class:`PrefixAffinityPolicy`).
 
-    def initialize_state(self, min_match_chars: int = 32, max_imbalance: int = 4, **kwargs: Any) -> None:
+    A request about a stored response (its hint names a response tag) goes to the
+    replica whose tag it is, and waits for that replica when it is full: no other
+    replica holds the response. Each candidate's tag is computed from its replica
+    id (:func:`replica_response_tag`), so this holds from a replica's first request.
+
+    Router kwargs: `min_match_chars`, `max_imbalance` (the policy's),
+    `pending_bytes` (the bound on :class:`PendingDecisions`).
+    """
+
+    def initialize_state(
+        self,
+        min_match_chars: int = 32,
+        max_imbalance: int = 4,
+        pending_bytes: int = PendingDecisions.DEFAULT_MAX_BYTES,
+        **kwargs: Any,
+    ) -> None:
         super().initialize_state(**kwargs)
         self.policy = PrefixAffinityPolicy(min_match_chars=min_match_chars, max_imbalance=max_imbalance)
-        self._pending = PendingDecisions()
+        self._pending = PendingDecisions(max_bytes=pending_bytes)
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
@@ -137,15 +147,17 @@ class PrefixAffinityRouter(_Bookkeeping):
         for key, stats in self.book.stats.items():
             if key in by_key and stats.get("capacity_tokens"):
                 self.policy.set_capacity(key, int(stats["capacity_tokens"]) * CHARS_PER_TOKEN)
-        pinned = self.book.tags.get(hint.response_tag) if hint.response_tag else None
+        pinned = _owner(hint.response_tag, by_key) if hint.response_tag else None
         decision = self.policy.choose(
             hint.text, {key: self._load(replica) for key, replica in by_key.items()}, pinned=pinned, header=hint.header
         )
         self._pending.put(pending_request.metadata.internal_request_id, decision, hint.text)
         chosen = by_key[str(decision.replica)]
         others = [replica for replica in candidate_replicas if replica is not chosen]
+        if decision.kind == "pinned" or not others:
+            return [[chosen]]  # only it can serve the request: wait for it if it is full
         # The chosen replica first; if Ray finds its queue full, the others by load.
-        return [[chosen], others] if others else [[chosen]]
+        return [[chosen], others]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         key = replica_id.unique_id
@@ -163,11 +175,23 @@ class PrefixAffinityRouter(_Bookkeeping):
         self.policy.forget(replica_id.unique_id)
 
 
+def _owner(tag: str, replicas: dict[str, RunningReplica]) -> str | None:
+    """The replica among `replicas` (by replica id) whose response tag is `tag`."""
+    return next((key for key in replicas if replica_response_tag(key) == tag), None)
+
+
 class LoadBalancedRouter(_Bookkeeping, PowerOfTwoChoicesRequestRouter):
-    """Ray Serve's default routing (power of two choices) with kvchat's bookkeeping."""
+    """Ray Serve's default routing (power of two choices) with kvchat's bookkeeping;
+    a request about a stored response still goes to the replica that stored it."""
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
         self.book.refresh(candidate_replicas)
+        hint = _hint(pending_request)
+        if hint is not None and hint.response_tag:
+            by_key = {replica.replica_id.unique_id: replica for replica in candidate_replicas}
+            owner = _owner(hint.response_tag, by_key)
+            if owner is not None:
+                return [[by_key[owner]]]
         return await PowerOfTwoChoicesRequestRouter.choose_replicas(self, candidate_replicas, pending_request)

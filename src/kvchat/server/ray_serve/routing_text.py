@@ -6,9 +6,14 @@ prefix, and it starts with the tenant (a digest of the API key) and the path
 (`RoutingHint.header`): kvchat keeps each key's cache apart, so one key's
 prefixes must never draw another key's requests. Each message ends with a
 separator, so an earlier text is a whole prefix of a later one only at a
-message boundary: "Hello" is not an earlier turn of "Hello, can you...". A
-request that continues a stored response names the replica holding it through
-the tag in ``previous_response_id`` (:func:`response_tag`).
+message boundary: "Hello" is not an earlier turn of "Hello, can you...".
+
+A request about a stored response names the replica holding it through the tag
+that begins the response's id (:func:`response_tag`): ``previous_response_id``
+in a ``POST /v1/responses`` body, or the id in the path of ``GET`` and
+``DELETE /v1/responses/{id}``. Each replica's tag is derived from its Serve
+replica id alone (:func:`replica_response_tag`), so the router knows the tag of
+every replica it can choose, with no stats round trip.
 """
 
 from __future__ import annotations
@@ -20,9 +25,11 @@ from typing import Any
 
 from kvchat.server.ids import ID_HEX_DIGITS, is_hex
 
-__all__ = ["RoutingHint", "make_response_tag", "response_tag", "routing_hint"]
+__all__ = ["RoutingHint", "make_response_tag", "replica_response_tag", "response_tag", "routing_hint"]
 
 _RESPONSE_PREFIX = "resp_"
+_STORED_RESPONSE = "/responses/"
+"""What precedes a response id in a path (``/v1/responses/{id}``, ``/v1/responses/{id}/...``)."""
 _TAG_LENGTH = 8
 
 _SEPARATOR = "\x1e"
@@ -43,8 +50,13 @@ class RoutingHint:
 
 def routing_hint(path: str, body: bytes, authorization: str | None) -> RoutingHint:
     """The hint for a request to `path` with JSON `body`; a body that is not a JSON
-    object gives just the tenant (the replica then answers with the proper error)."""
+    object gives just the tenant (the replica then answers with the proper error).
+    A request for one stored response (``/v1/responses/{id}``: GET, DELETE) gives the
+    tenant and the id's tag; its body is not read."""
     tenant = hashlib.sha256((authorization or "").encode()).hexdigest()[:16]
+    _, found, rest = path.partition(_STORED_RESPONSE)
+    if found:
+        return RoutingHint(tenant, response_tag(rest.partition("/")[0]), header=len(tenant))
     try:
         data = json.loads(body) if body else {}
     except (ValueError, RecursionError):
@@ -84,6 +96,13 @@ def _hint(tenant: str, path: str, data: dict[str, Any]) -> RoutingHint:
 def make_response_tag(seed: bytes) -> str:
     """A replica's response tag: `_TAG_LENGTH` hex digits drawn from `seed`."""
     return hashlib.sha256(seed).hexdigest()[:_TAG_LENGTH]
+
+
+def replica_response_tag(replica: str) -> str:
+    """The tag that begins the response ids of the replica whose Serve replica id
+    (``ReplicaID.unique_id``) is `replica`: the replica sets it, the router
+    recomputes it from its candidates' ids."""
+    return make_response_tag(replica.encode())
 
 
 def response_tag(response_id: str) -> str | None:
