@@ -412,6 +412,51 @@ def test_invalid_options_are_typed_errors(client: KVChatClient, prompts: list[st
     assert prompts == []
 
 
+@pytest.mark.parametrize("bias", [
+    lambda n_vocab: {"abc": 5},  # not a number
+    lambda n_vocab: {"1.5": 5},
+    lambda n_vocab: {"": 5},
+    lambda n_vocab: {"²": 5},  # a digit to str.isdigit, not to int()
+    lambda n_vocab: {"-3": 5},  # negative ids
+    lambda n_vocab: {-3: 5},
+    lambda n_vocab: {True: 5},
+    lambda n_vocab: {str(n_vocab): 5},  # ids past the vocabulary
+    lambda n_vocab: {n_vocab: 5},
+    lambda n_vocab: {"9" * 5000: 5},  # more digits than int() reads
+    lambda n_vocab: {"1": float("nan")},  # non-finite biases
+    lambda n_vocab: {"1": float("inf")},
+    lambda n_vocab: {1: float("-inf")},
+    lambda n_vocab: {"1": 10**400},  # an int too large for a float
+    lambda n_vocab: {"1": "5"},
+    lambda n_vocab: [("1", 5)],  # not a mapping
+], ids=["abc", "decimal", "empty", "superscript", "negative-text", "negative", "bool", "vocab-size-text",
+        "vocab-size", "5000-digits", "nan", "inf", "minus-inf", "huge-int", "text-value", "list"])
+def test_bad_logit_bias_is_a_typed_error_and_queues_nothing(
+    client: KVChatClient, engine: Engine, prompts: list[str], bias: Any
+) -> None:
+    options = greedy(4, logit_bias=bias(engine.model.n_vocab))
+    with pytest.raises(InvalidRequestError) as error:
+        asyncio.run(client.get_response(ask("Hello."), options=options))
+    assert error.value.field == "logit_bias"
+
+    async def stream() -> None:
+        async for _ in client.get_response(ask("Hello."), stream=True, options=options):
+            pass
+
+    with pytest.raises(InvalidRequestError) as error:
+        asyncio.run(stream())
+    assert error.value.field == "logit_bias"
+    assert prompts == []
+
+
+def test_logit_bias_takes_token_ids_as_text_or_integers(client: KVChatClient, engine: Engine) -> None:
+    [a] = engine.model.tokenize("a")
+    last = engine.model.n_vocab - 1
+    for key in (str(a), a, f"00{a}"):
+        reply = asyncio.run(client.get_response(ask("Say hello."), options=greedy(3, logit_bias={key: 100, last: -1})))
+        assert reply.text == "aaa"
+
+
 def test_client_needs_exactly_one_of_engine_or_model(engine: Engine) -> None:
     with pytest.raises(ValueError, match="exactly one"):
         KVChatClient()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import uuid
 
 import pytest
@@ -100,3 +102,65 @@ def test_fork_save_load_and_errors(session: ChatSession, tmp_path) -> None:
         fresh.regenerate()
     with pytest.raises(InvalidRequestError):
         fresh.undo()
+
+
+# -- /load and /save of damaged files and bad paths -------------------------------------------------
+
+
+def nested_lists(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+@pytest.mark.parametrize(("write", "message"), [
+    (lambda p: p.write_text('{"format": "kvchat-chat-session/1", "messages": [}'), "not valid JSON"),
+    (lambda p: p.write_text(nested_lists(100_000)), "nested more than 32 levels"),
+    (lambda p: p.write_text('{"format": "kvchat-chat-session/1", "messages": ' + nested_lists(40) + "}"),
+     "nested more than 32 levels"),
+    (lambda p: os.truncate(p.touch() or p, 1 << 30), "more than the 16777216 bytes"),  # 1 GiB, sparse
+    (lambda p: None, "No such file or directory"),
+    (lambda p: p.mkdir(), "it is a directory"),
+    (lambda p: os.mkfifo(p), "not a regular file"),
+    (lambda p: p.write_bytes(b"\xff\xfe{}"), "not UTF-8"),
+    (lambda p: p.write_text('{"messages": []}'), "not a kvchat chat session file"),
+    (lambda p: p.write_text("[1, 2]"), "not a kvchat chat session file"),
+    (lambda p: p.write_text('{"format": "kvchat-chat-session/1", "messages": [1]}'), "message 1 is not an object"),
+    (lambda p: p.write_text('{"format": "kvchat-chat-session/1", "messages": [{"role": "user", "content": 5}]}'),
+     "message 1's 'content'"),
+], ids=["malformed", "100000-nested-lists", "nested-messages", "huge", "missing", "directory", "fifo", "not-utf8",
+        "no-format", "not-an-object", "bad-message", "bad-content"])
+def test_load_of_a_bad_file_says_why_and_changes_nothing(qwen_engine: Engine, tmp_path, write, message: str) -> None:
+    path = tmp_path / "chat.json"
+    write(path)
+    kept = ChatSession(qwen_engine, system="Be brief.", messages=[{"role": "user", "content": "Hi"}])
+    before = kept.history
+    with pytest.raises(InvalidRequestError, match=re.escape(message)) as raised:
+        ChatSession.load(qwen_engine, path)
+    assert raised.value.field == "path" and str(path) in str(raised.value)
+    assert kept.history == before
+
+
+def test_load_refuses_a_file_over_max_bytes(qwen_engine: Engine, tmp_path) -> None:
+    path = tmp_path / "chat.json"
+    ChatSession(qwen_engine, messages=[{"role": "user", "content": "x" * 1000}]).save(path)
+    assert len(ChatSession.load(qwen_engine, path).messages) == 1
+    with pytest.raises(InvalidRequestError, match="more than the 100 bytes"):
+        ChatSession.load(qwen_engine, path, max_bytes=100)
+
+
+def test_save_to_a_path_that_cannot_be_written_leaves_no_file(qwen_engine: Engine, tmp_path) -> None:
+    session = ChatSession(qwen_engine, system="Be brief.", messages=[{"role": "user", "content": "Hi"}])
+    before = session.history
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "inside.txt").write_text("untouched")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for path, reason in [(folder, "it is a directory"), (blocker / "chat.json", "cannot save the chat to")]:
+        with pytest.raises(InvalidRequestError, match=reason) as raised:
+            session.save(path)
+        assert raised.value.field == "path"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "folder"]  # no temporary file left
+    assert [p.name for p in folder.iterdir()] == ["inside.txt"] and blocker.read_text() == "not a folder"
+    assert session.history == before
+    session.save(tmp_path / "chat.json")  # the session still saves where it can
+    assert ChatSession.load(qwen_engine, tmp_path / "chat.json").history == before

@@ -62,6 +62,63 @@ def test_piped_chat_with_commands(tmp_path) -> None:
     assert "1 system" in result.stderr.replace("  ", " ")
 
 
+def test_bad_load_and_save_print_an_error_and_keep_the_chat(tmp_path) -> None:
+    saved, folder, blocker = tmp_path / "chat.json", tmp_path / "folder", tmp_path / "a-file"
+    folder.mkdir()
+    blocker.write_text("not a folder")
+    malformed = tmp_path / "malformed.json"
+    malformed.write_text('{"format": "kvchat-chat-session/1", "messages": [')
+    nested = tmp_path / "nested.json"
+    nested.write_text("[" * 100_000 + "]" * 100_000)
+    huge = tmp_path / "huge.json"
+    with huge.open("wb") as f:
+        f.truncate(1 << 30)  # 1 GiB (sparse)
+    script = "\n".join([
+        "Name three colours.",
+        f"/save {saved}",
+        f"/load {malformed}",
+        f"/load {nested}",
+        f"/load {huge}",
+        f"/load {tmp_path / 'missing.json'}",
+        f"/load {folder}",
+        f"/save {folder}",
+        f"/save {blocker / 'chat.json'}",
+        "/history",
+        "Name three animals.",
+        "/history",
+        "/quit",
+    ]) + "\n"
+    result = run_cli("chat", *GEMMA, "--max-tokens", "8", stdin=script)
+    assert result.returncode == 0, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 7, result.stderr
+    expected = [
+        (malformed, "it is not valid JSON"),
+        (nested, "its JSON is nested more than 32 levels deep"),
+        (huge, "more than the 16777216 bytes a chat session file may have"),
+        (tmp_path / "missing.json", "No such file or directory"),
+        (folder, "it is a directory"),
+    ]
+    for line, (path, reason) in zip(errors[:5], expected, strict=True):
+        assert line.startswith(f"error: cannot load a chat session from {path}: ") and reason in line, line
+    assert errors[5] == f"error: cannot save the chat to {folder}: it is a directory"
+    assert errors[6].startswith(f"error: cannot save the chat to {blocker / 'chat.json'}: ")
+    # The chat went on with its history: the second question's prompt holds the first exchange, cached.
+    turns = [tuple(map(int, m)) for m in STATS.findall(result.stderr)]
+    assert len(turns) == 2 and turns[1][0] > turns[0][0] and turns[1][1] > turns[0][0] // 2
+    history = re.findall(r"^\s*(\d+) (\w+)\s+(.*)$", result.stderr, flags=re.MULTILINE)
+    assert [(n, role) for n, role, _ in history] == [
+        ("1", "user"), ("2", "assistant"),  # the first /history
+        ("1", "user"), ("2", "assistant"), ("3", "user"), ("4", "assistant"),  # after the second question
+    ]
+    assert history[0][2] == "Name three colours." and history[4][2] == "Name three animals."
+    # No file was half-written: the directory and the file in the way are untouched, no temporary file.
+    assert list(folder.iterdir()) == [] and blocker.read_text() == "not a folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a-file", "chat.json", "folder", "huge.json", "malformed.json", "nested.json"]
+    assert len(json.loads(saved.read_text())["messages"]) == 2
+
+
 def test_ctrl_c_stops_the_answer_and_keeps_the_chat() -> None:
     env = {**os.environ, "NO_COLOR": "1"}
     process = subprocess.Popen([*KVCHAT, "chat", *GEMMA, "--max-tokens", "1500"], stdin=subprocess.PIPE,

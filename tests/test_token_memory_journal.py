@@ -22,7 +22,8 @@ def test_entries_survive_a_restart(tmp_path) -> None:
     again = GeneratedTokenMemory(journal=journal)  # a new process: nothing held in RAM
     assert again.lookup("Hello there!") == (13, 14)
     assert again.lookup("Second reply") == (20, 21)
-    # Loading compacted the journal to one line per entry.
+    # Loading compacted the journal to one line per entry (on the memory's own thread).
+    assert again.wait_for_compaction(timeout=30)
     assert len(journal.read_text().splitlines()) == 2
 
 
@@ -36,6 +37,7 @@ def test_a_line_cut_short_by_a_crash_is_skipped(tmp_path, caplog) -> None:
     assert again.lookup("kept") == (1, 2) and again.lookup("cut short") is None
     assert "skipped 1 unreadable line" in caplog.text
     again.remember("after", [5])
+    assert again.wait_for_compaction(timeout=30)
     assert [json.loads(line)[0] for line in journal.read_text().splitlines()] == ["kept", "after"]
 
 
@@ -44,8 +46,10 @@ def test_the_journal_keeps_only_max_entries_after_a_restart(tmp_path) -> None:
     memory = GeneratedTokenMemory(max_entries=3, journal=journal)
     for i in range(10):
         memory.remember(f"reply {i}", [i + 1])
+    assert memory.wait_for_compaction(timeout=30)
     again = GeneratedTokenMemory(max_entries=3, journal=journal)
     assert len(again) == 3 and again.lookup("reply 9") == (10,) and again.lookup("reply 6") is None
+    assert again.wait_for_compaction(timeout=30)
     assert len(journal.read_text().splitlines()) == 3
 
 
@@ -114,6 +118,7 @@ def test_the_journal_stays_bounded_while_running(tmp_path) -> None:
     longest = 0
     for i in range(500):
         memory.remember(f"reply {i % 40}", [i + 1], namespace=f"tenant {i % 2}")
+        assert memory.wait_for_compaction(timeout=30)
         longest = max(longest, len(journal.read_text().splitlines()))
     assert len(memory) == 10
     assert longest <= 2 * len(memory) + 1  # compacted once it held twice the live entries
@@ -131,6 +136,7 @@ def test_the_journal_is_readable_by_its_owner_only(tmp_path, umask: int) -> None
         assert stat.S_IMODE(journal.stat().st_mode) == 0o600
         for i in range(5):  # compactions replace the file
             memory.remember(f"secret {i}", [i + 1])
+        assert memory.wait_for_compaction(timeout=30)
         assert stat.S_IMODE(journal.stat().st_mode) == 0o600
     finally:
         os.umask(old)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import stat
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,12 @@ from kvchat.engine import Engine, SamplingParams
 from kvchat.errors import InvalidRequestError
 
 _FORMAT = "kvchat-chat-session/1"
+
+MAX_SESSION_FILE_BYTES = 16 * 1024 * 1024
+"""Largest chat session file :meth:`ChatSession.load` reads (a long chat is well under 1 MiB)."""
+
+MAX_SESSION_FILE_DEPTH = 32
+"""Deepest nesting of lists and objects in a chat session file (a message with tool calls needs 6)."""
 
 
 class SessionReply:
@@ -163,21 +170,42 @@ class ChatSession:
         )
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the messages to a JSON file atomically."""
+        """Write the messages to a JSON file atomically: it appears whole or not at
+        all, and a file already at `path` is replaced only by a whole new one.
+
+        A `path` that cannot be written (a directory, a folder without write
+        permission, a full disk) raises `InvalidRequestError` (field ``path``)
+        and leaves no file, no temporary file and the session unchanged.
+        """
+        target = Path(path)
+        if target.is_dir():
+            raise InvalidRequestError(f"cannot save the chat to {path}: it is a directory", field="path")
         data = json.dumps({"format": _FORMAT, "messages": self.messages}, ensure_ascii=False, indent=1)
-        write_atomically(path, data.encode("utf-8"))
+        try:
+            write_atomically(target, data.encode("utf-8"))
+        except OSError as exc:
+            raise InvalidRequestError(f"cannot save the chat to {path}: {_reason(exc)}", field="path") from exc
 
     @classmethod
-    def load(cls, engine: Engine, path: str | os.PathLike[str], **options: Any) -> ChatSession:
+    def load(
+        cls,
+        engine: Engine,
+        path: str | os.PathLike[str],
+        *,
+        max_bytes: int = MAX_SESSION_FILE_BYTES,
+        **options: Any,
+    ) -> ChatSession:
         """A session with the messages saved by :meth:`save` (the KV comes back from
-        the cache, or is recomputed once)."""
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-            if data.get("format") != _FORMAT or not isinstance(data.get("messages"), list):
-                raise ValueError("not a kvchat chat session file")
-        except (OSError, ValueError, AttributeError) as exc:
-            raise InvalidRequestError(f"cannot load a chat session from {path}: {exc}", field="path") from exc
-        return cls(engine, messages=data["messages"], **options)
+        the cache, or is recomputed once); `options` as for the constructor.
+
+        A file that is missing, a directory or not a regular file, larger than
+        `max_bytes`, not UTF-8 JSON, nested deeper than
+        :data:`MAX_SESSION_FILE_DEPTH`, or not a chat session (an object with
+        this format's name and a list of messages, each an object with a string
+        ``role`` and a string, null or list ``content``) raises
+        `InvalidRequestError` (field ``path``) saying which; nothing else changes.
+        """
+        return cls(engine, messages=_read_session_file(path, max_bytes), **options)
 
     def _message(self, index: int) -> dict[str, Any]:
         try:
@@ -196,3 +224,68 @@ class ChatSession:
             prediction=prediction,
         )
         return SessionReply(self, stream)
+
+
+def _read_session_file(path: str | os.PathLike[str], max_bytes: int) -> list[dict[str, Any]]:
+    """The messages of a chat session file, checked (see :meth:`ChatSession.load`)."""
+
+    def refuse(reason: str) -> InvalidRequestError:
+        return InvalidRequestError(f"cannot load a chat session from {path}: {reason}", field="path")
+
+    file = Path(path)
+    try:
+        info = file.stat()
+        if stat.S_ISDIR(info.st_mode):
+            raise refuse("it is a directory")
+        if not stat.S_ISREG(info.st_mode):
+            raise refuse("it is not a regular file")
+        if info.st_size > max_bytes:
+            raise refuse(
+                f"the file has {info.st_size} bytes, more than the {max_bytes} bytes a chat session file may have"
+            )
+        with file.open("rb") as f:
+            raw = f.read(max_bytes + 1)  # the file may have grown since
+    except OSError as exc:
+        raise refuse(_reason(exc)) from exc
+    if len(raw) > max_bytes:
+        raise refuse(f"the file has more than the {max_bytes} bytes a chat session file may have")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise refuse("it is not UTF-8 text") from exc
+    except RecursionError as exc:
+        raise refuse(f"its JSON is nested more than {MAX_SESSION_FILE_DEPTH} levels deep") from exc
+    except ValueError as exc:
+        raise refuse(f"it is not valid JSON ({exc})") from exc
+    if _nested_deeper_than(data, MAX_SESSION_FILE_DEPTH):
+        raise refuse(f"its JSON is nested more than {MAX_SESSION_FILE_DEPTH} levels deep")
+    if not isinstance(data, dict) or data.get("format") != _FORMAT or not isinstance(data.get("messages"), list):
+        raise refuse(f"it is not a kvchat chat session file (format {_FORMAT!r})")
+    messages: list[dict[str, Any]] = data["messages"]
+    for number, message in enumerate(messages, start=1):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise refuse(f"message {number} is not an object with a string 'role'")
+        if not isinstance(message.get("content"), (str, list, type(None))):
+            raise refuse(f"message {number}'s 'content' is not a string, a list or null")
+    return messages
+
+
+def _nested_deeper_than(value: Any, limit: int) -> bool:
+    """True if `value` has lists or dicts nested more than `limit` levels (without recursion)."""
+    level: list[Any] = [value]  # the containers at depth 1, then 2, ...: after `limit` rounds, deeper than it
+    for _ in range(limit):
+        level = [
+            child
+            for item in level
+            if isinstance(item, (list, dict))
+            for child in (item.values() if isinstance(item, dict) else item)
+            if isinstance(child, (list, dict))
+        ]
+        if not level:
+            return False
+    return True
+
+
+def _reason(exc: OSError) -> str:
+    """An OS error's reason without the repeated path: "No such file or directory"."""
+    return exc.strerror or str(exc)

@@ -11,7 +11,10 @@ oldest turns instead of failing. ``/edit N TEXT`` numbers messages as
 ``/history`` shows them; editing a user message drops what followed it and
 answers again, editing any other message changes it in place. Ctrl-C during an
 answer stops that answer (the partial answer stays in the history); at the
-prompt, Ctrl-C or Ctrl-D leaves.
+prompt, Ctrl-C or Ctrl-D leaves. A command that fails prints ``error: ...`` and
+the chat goes on as it was: ``/load`` of a file that is missing, a directory,
+too large, too deeply nested or not a saved chat keeps the current chat, and
+``/save`` to a path that cannot be written leaves no file (saves are atomic).
 """
 
 from __future__ import annotations
@@ -128,7 +131,7 @@ class ChatREPL:
                 self.print_stats()
             else:
                 self.info.print(f"unknown command {name}; /help lists them", style="yellow")
-        except (KVChatError, ValueError) as exc:
+        except (KVChatError, ValueError, OSError) as exc:  # the chat goes on as it was
             self.info.print(f"error: {exc}", style="red")
         return True
 
@@ -204,12 +207,14 @@ class ChatREPL:
 
     def print_history(self) -> None:
         for number, message in enumerate(self.session.messages, start=1):
-            content = message.get("content") or ""
+            content = message_text(message.get("content"))
             if len(content) > 70:
                 content = content[:67] + "..."
             self.info.print(f"{number:>3} {message['role']:<9} {content}", markup=False, highlight=False)
 
     def load(self, path: str) -> None:
+        """Replace the chat with the one saved in `path`; a file that cannot be
+        loaded raises (with the reason) and the current chat stays."""
         from kvchat.chat.session import ChatSession
 
         old = self.session
@@ -244,6 +249,16 @@ class ChatREPL:
         if not value:
             raise ValueError(f"usage: {usage}")
         return value
+
+
+def message_text(content: object) -> str:
+    """A message's content as one line of text: a string as it is, the text parts of a
+    list of content parts joined, anything else (null) empty."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
 
 
 def speculation_line(stats: EngineStats) -> str:

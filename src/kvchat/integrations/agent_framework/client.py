@@ -202,7 +202,7 @@ class RawKVChatClient(BaseChatClient[KVChatOptionsT], Generic[KVChatOptionsT]):
         """Check the call and queue it. Rendering and tokenizing a long history is
         blocking work, so it runs in a worker thread; if the caller is cancelled
         meanwhile, the request is cancelled as soon as it is queued."""
-        request = request_from_options(options, model_id=self.model)
+        request = request_from_options(options, model_id=self.model, n_vocab=self.engine.model.n_vocab)
         history = messages_to_dicts(messages, request.instructions)
         task = asyncio.ensure_future(asyncio.to_thread(self._complete, history, request))
         try:

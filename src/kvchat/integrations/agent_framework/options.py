@@ -8,6 +8,8 @@ naming the option, before anything is queued.
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -95,6 +97,8 @@ _OTHER_KEYS = frozenset(
     }
 )
 _SCHEMA_NAME_CHARS = re.compile(r"[^A-Za-z0-9_-]")
+_TOKEN_ID_TEXT = re.compile(r"[0-9]+")  # ASCII digits only: int() also reads other scripts' digits
+_BEYOND_ANY_VOCABULARY = 1 << 62  # what a key of more than 18 digits stands for (int() of 4,301 digits fails)
 _JSON_SCHEMA_KEYWORDS = ("properties", "items", "anyOf", "oneOf", "allOf", "$ref", "$defs", "enum", "const")
 _JSON_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 
@@ -112,11 +116,12 @@ class KVChatRequest:
     overflow: OverflowPolicy
 
 
-def request_from_options(options: Mapping[str, Any], *, model_id: str) -> KVChatRequest:
+def request_from_options(options: Mapping[str, Any], *, model_id: str, n_vocab: int | None = None) -> KVChatRequest:
     """Check `options` (a :class:`KVChatOptions` dict; None values count as unset) and
     convert them. Raises `InvalidRequestError` whose `field` names the bad option: an
     unknown key, a value out of range, a tool that cannot run locally, a `model` that
-    is not `model_id`."""
+    is not `model_id`, a `logit_bias` key that is not a token id of the model (with
+    `n_vocab`, ids must be below it) or a bias that is not a finite number."""
     given = {key: value for key, value in options.items() if value is not None}
     unknown = sorted(set(given) - _OTHER_KEYS - set(_SAMPLING_KEYS))
     if unknown:
@@ -134,7 +139,7 @@ def request_from_options(options: Mapping[str, Any], *, model_id: str) -> KVChat
     if cache_key is not None and not isinstance(cache_key, str):
         raise InvalidRequestError("cache_key must be a string", field="cache_key")
     return KVChatRequest(
-        sampling=_sampling(given),
+        sampling=_sampling(given, n_vocab),
         tools=tools,
         tool_choice=choice,
         response_format=response_format_envelope(given.get("response_format")),
@@ -144,7 +149,7 @@ def request_from_options(options: Mapping[str, Any], *, model_id: str) -> KVChat
     )
 
 
-def _sampling(given: Mapping[str, Any]) -> SamplingParams:
+def _sampling(given: Mapping[str, Any], n_vocab: int | None) -> SamplingParams:
     """`SamplingParams` from the sampling options; it checks every value itself."""
     values: dict[str, Any] = {key: given[key] for key in _SAMPLING_KEYS if key in given}
     stop = given.get("stop")
@@ -157,22 +162,61 @@ def _sampling(given: Mapping[str, Any]) -> SamplingParams:
             raise InvalidRequestError("stop must be a string or a list of strings", field="stop")
     bias = given.get("logit_bias")
     if bias is not None:
-        values["logit_bias"] = _logit_bias(bias)
+        values["logit_bias"] = _logit_bias(bias, n_vocab)
     return SamplingParams(**values)
 
 
-def _logit_bias(bias: Any) -> dict[int, float]:
+def _logit_bias(bias: Any, n_vocab: int | None) -> dict[int, float]:
+    """Token id to bias. Keys are token ids: integers >= 0 or their decimal digits (JSON
+    keys are strings), below `n_vocab` when given; values are finite numbers."""
     if not isinstance(bias, Mapping):
         raise InvalidRequestError("logit_bias must map token ids to biases", field="logit_bias")
     out: dict[int, float] = {}
     for key, value in bias.items():
-        token = key if isinstance(key, int) else int(key) if isinstance(key, str) and key.isdigit() else None
-        if token is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        token = _token_id(key)
+        if token is None:
             raise InvalidRequestError(
-                f"logit_bias entry {key!r}: keys must be token ids and values numbers", field="logit_bias"
+                f"logit_bias key {_short(key)} is not a token id (an integer >= 0, or its decimal digits)",
+                field="logit_bias",
             )
-        out[token] = float(value)
+        if n_vocab is not None and token >= n_vocab:
+            raise InvalidRequestError(
+                f"logit_bias key {_short(key)} is not a token id of this model (its ids are 0 to {n_vocab - 1})",
+                field="logit_bias",
+            )
+        number = _finite_number(value)
+        if number is None:
+            raise InvalidRequestError(
+                f"logit_bias value {_short(value)} of token {token} is not a finite number", field="logit_bias"
+            )
+        out[token] = number
     return out
+
+
+def _token_id(key: object) -> int | None:
+    if isinstance(key, numbers.Integral) and not isinstance(key, bool):
+        token = int(key)
+        return token if token >= 0 else None
+    if isinstance(key, str) and _TOKEN_ID_TEXT.fullmatch(key):
+        digits = key.lstrip("0") or "0"
+        return int(digits) if len(digits) <= 18 else _BEYOND_ANY_VOCABULARY
+    return None
+
+
+def _finite_number(value: object) -> float | None:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (OverflowError, ValueError):  # an int too large for a float
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _short(value: object) -> str:
+    """`value`'s repr, cut to 40 characters (a key may be any length)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _instructions(instructions: Any) -> list[str]:
