@@ -1,16 +1,23 @@
-"""`kvchat.chat.complete` on the real Qwen model: stateless chat, tools, JSON, overflow."""
+"""`kvchat.chat.complete` on the real Qwen model: stateless chat, tools, JSON, overflow, cancellation;
+and, without a model, the overflow fitting's renders and result against dropping one turn at a time."""
 
 from __future__ import annotations
 
 import asyncio
+import math
+import threading
 import uuid
+from types import SimpleNamespace
 
 import jsonschema
 import pytest
 from helpers import assert_idle
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvchat import ContextOverflowError, Engine, EngineSettings, InvalidRequestError, SamplingParams
 from kvchat.chat import chat_tokenizer, complete
+from kvchat.chat.complete import _fit
 from kvchat.chat.tool_round import CLOSING_NOTE
 from kvchat.llama import Model
 
@@ -200,3 +207,138 @@ def test_unknown_overflow_policy_is_refused(qwen_engine: Engine) -> None:
     with pytest.raises(InvalidRequestError) as caught:
         complete(qwen_engine, [{"role": "user", "content": "hi"}], overflow="shift-everything")
     assert caught.value.field == "overflow"
+
+
+# -- overflow fitting: O(log n) renders, the same prompt as dropping one turn at a time ----------
+
+ROLE_TOKENS = {"system": 1, "developer": 2, "user": 3, "assistant": 4, "tool": 5}
+
+
+class CountingTokenizer:
+    """A stand-in for `ChatTokenizer.encode` (pure logic): each message renders as a
+    role token and one token per character, plus a 2-token generation prompt."""
+
+    def __init__(self) -> None:
+        self.renders = 0
+
+    def encode(self, messages, *, tools=None, namespace=None, add_generation_prompt=True) -> list[int]:
+        self.renders += 1
+        tokens = []
+        for message in messages:
+            tokens += [ROLE_TOKENS[message["role"]], *(ord(c) for c in message.get("content") or "")]
+        return tokens + ([9, 9] if add_generation_prompt else [])
+
+
+def linear_fit(tokenizer, messages: list[dict], limit: int, need: int) -> list[int]:
+    """The overflow fitting as it was: render, drop the oldest turn, render again."""
+    messages = list(messages)
+    while True:
+        tokens = tokenizer.encode(messages)
+        if len(tokens) + need <= limit:
+            return tokens
+        first = next((i for i, m in enumerate(messages) if m.get("role") not in ("system", "developer")), None)
+        if first is None:
+            raise ContextOverflowError(prompt_tokens=len(tokens), max_tokens=need, context_limit=limit)
+        end = first + 1
+        while end < len(messages) and messages[end].get("role") != "user":
+            end += 1
+        if end >= len(messages):
+            raise ContextOverflowError(prompt_tokens=len(tokens), max_tokens=need, context_limit=limit)
+        del messages[first:end]
+
+
+def fit(tokenizer, messages: list[dict], limit: int, need: int) -> list[int]:
+    engine = SimpleNamespace(context_limit=limit)
+    tokens, shift = _fit(engine, tokenizer, messages, None, SamplingParams(max_tokens=need), "truncate_oldest",
+                         None, None)
+    assert shift is None
+    return tokens
+
+
+def test_a_long_overflowing_conversation_is_fitted_with_a_logarithmic_number_of_renders() -> None:
+    turns = 20_000
+    messages = [{"role": "system", "content": "sys"}]
+    for i in range(turns):
+        messages += [{"role": "user", "content": f"q{i % 10}"}, {"role": "assistant", "content": "ok"}]
+    messages.append({"role": "user", "content": "last"})
+    tokenizer = CountingTokenizer()
+    limit, need = 1000, 16
+    tokens = fit(tokenizer, messages, limit, need)
+    assert tokenizer.renders <= 2 * math.log2(turns) + 4, tokenizer.renders
+    assert len(tokens) + need <= limit
+    # The newest turns that fit, and no fewer dropped: one more turn would not fit.
+    kept_turns = (len(tokens) - len(tokenizer.encode(messages[:1] + messages[-1:]))) // 6  # "q9"+"ok": 2 + 4
+    assert len(tokens) + 6 + need > limit and kept_turns > 0
+    assert tokens == tokenizer.encode(messages[:1] + messages[-1 - 2 * kept_turns:])
+
+
+MESSAGE = st.fixed_dictionaries({
+    "role": st.sampled_from(["system", "developer", "user", "user", "assistant", "tool"]),
+    "content": st.text(alphabet="abc", max_size=12),
+})
+
+
+@settings(max_examples=300, deadline=None)
+@given(messages=st.lists(MESSAGE, max_size=24), limit=st.integers(1, 120), need=st.integers(1, 8))
+def test_fitting_gives_what_dropping_one_turn_at_a_time_gives(messages: list[dict], limit: int, need: int) -> None:
+    try:
+        expected: list[int] | ContextOverflowError = linear_fit(CountingTokenizer(), messages, limit, need)
+    except ContextOverflowError as exc:
+        expected = exc
+    tokenizer = CountingTokenizer()
+    try:
+        got: list[int] | ContextOverflowError = fit(tokenizer, messages, limit, need)
+    except ContextOverflowError as exc:
+        got = exc
+    if isinstance(expected, ContextOverflowError):
+        assert isinstance(got, ContextOverflowError) and got.prompt_tokens == expected.prompt_tokens
+    else:
+        assert got == expected
+    assert tokenizer.renders <= 2 * math.log2(len(messages) + 1) + 4
+
+
+def test_a_cancelled_complete_stops_between_renders_and_queues_nothing(small_qwen_engine: Engine,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    tokenizer = chat_tokenizer(small_qwen_engine)
+    encode = tokenizer.encode
+    renders: list[int] = []
+
+    def counting(*args, **kwargs):
+        renders.append(1)
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "encode", counting)
+    submitted = []
+    monkeypatch.setattr(small_qwen_engine, "submit", lambda *args, **kwargs: submitted.append(args))
+    messages = long_history(10)
+    checks = iter([False, False, False, True])  # the phases before fitting, the first render, then stop
+    stream = complete(small_qwen_engine, messages, sampling=greedy(16), overflow="truncate_oldest",
+                      cancelled=lambda: next(checks, True))
+    reply = stream.collect()
+    assert reply.finish_reason == "cancelled" and reply.usage.completion_tokens == 0 and reply.content == ""
+    assert stream.prompt_tokens == 0 and not submitted
+    assert len(renders) == 1  # the conversation overflowed; the next render was not started
+
+    async def cancelled_at_once():
+        deltas = [d async for d in complete(small_qwen_engine, messages, cancelled=lambda: True)]
+        return deltas
+
+    deltas = asyncio.run(cancelled_at_once())
+    assert [d.finish_reason for d in deltas] == ["cancelled"] and len(renders) == 1 and not submitted
+
+
+def test_a_complete_cancelled_while_it_submits_ends_cancelled(qwen_engine: Engine) -> None:
+    flag = threading.Event()
+    submit = qwen_engine.submit
+
+    def submit_then_cancel(*args, **kwargs):
+        stream = submit(*args, **kwargs)
+        flag.set()  # the client leaves while the request is being queued
+        return stream
+
+    messages = [{"role": "user", "content": "Count from 1 to 100."}]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(qwen_engine, "submit", submit_then_cancel)
+        reply = complete(qwen_engine, messages, sampling=greedy(200), cancelled=flag.is_set).collect()
+    assert reply.finish_reason == "cancelled" and reply.usage.completion_tokens < 200
+    assert_idle(qwen_engine)

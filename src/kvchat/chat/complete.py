@@ -6,13 +6,20 @@ policy, turns `tool_choice` and `response_format` into a grammar, tokenizes a
 `prediction` of the reply (speculative decoding's drafts), submits the tokens to
 the engine, and turns the engine's text back into content and tool calls in the
 model's own tool-call format.
+
+A caller that may lose interest before the work is done (a server whose client
+disconnected, or whose time limit passed) passes a `cancelled` check: it is read
+between the phases (rendering, each attempt at fitting an overflowing
+conversation, tokenizing the prediction, submitting), and once it is True,
+`complete()` stops there and returns a reply that has already ended, with finish
+reason ``"cancelled"``, having queued nothing.
 """
 
 from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -110,26 +117,51 @@ class _Translator:
         return out
 
 
+_CANCELLED = ChatDelta(
+    usage=Usage(
+        prompt_tokens=0,
+        cached_tokens=0,
+        evaluated_tokens=0,
+        completion_tokens=0,
+        time_to_first_token=None,
+        finish_reason="cancelled",
+    ),
+    finish_reason="cancelled",
+)
+"""The one delta of a reply that :func:`complete` stopped before submitting it."""
+
+
 class ChatStream:
     """The reply to :func:`complete`: iterate it (sync or async) for :class:`ChatDelta`s,
     or :meth:`collect` it. Leaving an async iteration early, or :meth:`cancel`,
-    stops generation within one engine step."""
+    stops generation within one engine step.
 
-    def __init__(self, stream: Stream, translator: _Translator, prompt_tokens: int) -> None:
+    Without an engine `stream` (a `complete()` cancelled before it submitted),
+    the reply is one delta with no tokens and finish reason ``"cancelled"``.
+    """
+
+    def __init__(self, stream: Stream | None, translator: _Translator, prompt_tokens: int) -> None:
         self._stream = stream
         self._translator = translator
         self.prompt_tokens = prompt_tokens
-        """Tokens of the rendered prompt (after any truncation)."""
+        """Tokens of the rendered prompt (after any truncation; 0 if never submitted)."""
 
     def cancel(self) -> None:
         """Stop generating; the stream ends with finish reason ``cancelled``."""
-        self._stream.cancel()
+        if self._stream is not None:
+            self._stream.cancel()
 
     def __iter__(self) -> Iterator[ChatDelta]:
+        if self._stream is None:
+            yield _CANCELLED
+            return
         for chunk in self._stream:
             yield from self._translator.translate(chunk)
 
     async def __aiter__(self) -> AsyncIterator[ChatDelta]:
+        if self._stream is None:
+            yield _CANCELLED
+            return
         async for chunk in self._stream:
             for delta in self._translator.translate(chunk):
                 yield delta
@@ -190,6 +222,7 @@ def complete(
     n_keep: int | None = None,
     cache_key: str | None = None,
     prediction: str | None = None,
+    cancelled: Callable[[], bool] | None = None,
 ) -> ChatStream:
     """Answer a chat: render `messages`, generate, and stream the assistant's reply.
 
@@ -216,11 +249,62 @@ def complete(
       drafted from while the engine's speculation is on: a reply that repeats it
       comes faster, and the reply is the same with or without it. It replaces any
       `sampling.prediction`; at most `kvchat.engine.sampling.MAX_PREDICTION_TOKENS` tokens.
+    - `cancelled`: read between the phases of the work (see the module's
+      docstring); once it returns True, the call stops and returns a reply that
+      has ended with finish reason ``"cancelled"``. If it turns True just after
+      the request was submitted, the request is cancelled (it ends the same way).
 
     Raises `InvalidRequestError` (or its subclasses) for bad input before anything
     is queued.
     """
-    sampling = sampling or SamplingParams()
+    try:
+        return _complete(
+            engine,
+            messages,
+            tools=tools,
+            tool_choice=tool_choice,
+            response_format=response_format,
+            sampling=sampling or SamplingParams(),
+            overflow=overflow,
+            n_keep=n_keep,
+            cache_key=cache_key,
+            prediction=prediction,
+            cancelled=cancelled or _never,
+        )
+    except _Cancelled:
+        return ChatStream(None, _Translator(None, None, cache_key), 0)
+
+
+class _Cancelled(Exception):
+    """`complete()`'s caller lost interest: the work stops at the next phase."""
+
+
+def _never() -> bool:
+    return False
+
+
+def _checkpoint(cancelled: Callable[[], bool]) -> None:
+    """Stop the work here (raise `_Cancelled`) if the caller has cancelled it."""
+    if cancelled():
+        raise _Cancelled
+
+
+def _complete(
+    engine: Engine,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    tools: Sequence[Mapping[str, Any]] | None,
+    tool_choice: str | Mapping[str, Any] | None,
+    response_format: Mapping[str, Any] | None,
+    sampling: SamplingParams,
+    overflow: OverflowPolicy,
+    n_keep: int | None,
+    cache_key: str | None,
+    prediction: str | None,
+    cancelled: Callable[[], bool],
+) -> ChatStream:
+    """:func:`complete`'s work, phase by phase; raises `_Cancelled` between phases."""
+    _checkpoint(cancelled)
     tokenizer = chat_tokenizer(engine)
     if tools is not None:
         validate_tools(tools)
@@ -233,6 +317,7 @@ def complete(
         # Small models often write the call's JSON without its tags: a reply that
         # starts with a JSON object naming a function and its arguments is a call.
         tool_format = replace(tool_format, bare_start="{")
+    _checkpoint(cancelled)
     grammar: Grammar | None
     if choice not in ("none", "auto"):
         forced = None if choice == "required" else choice
@@ -253,9 +338,15 @@ def complete(
     if grammar is not None:
         sampling = replace(sampling, grammar=grammar)
     if prediction is not None:
+        _checkpoint(cancelled)
         sampling = replace(sampling, prediction=_prediction_tokens(engine, prediction))
-    tokens, shift = _fit(engine, tokenizer, prompt_messages, visible_tools, sampling, overflow, n_keep, cache_key)
+    tokens, shift = _fit(
+        engine, tokenizer, prompt_messages, visible_tools, sampling, overflow, n_keep, cache_key, cancelled
+    )
+    _checkpoint(cancelled)
     stream = engine.submit(tokens, sampling, cache_key=cache_key, shift=shift)
+    if cancelled():  # (turned True while the grammar compiled, say): it ends cancelled within a step
+        stream.cancel()
     parser = StreamingToolCallParser(tool_format) if tool_format else None
     return ChatStream(stream, _Translator(parser, tokenizer.memory, cache_key), len(tokens))
 
@@ -295,21 +386,71 @@ def _fit(
     overflow: OverflowPolicy,
     n_keep: int | None,
     namespace: str | None,
+    cancelled: Callable[[], bool] = _never,
 ) -> tuple[list[int], ContextShift | None]:
-    """The prompt's tokens, after applying the overflow policy (and the shift, if any)."""
+    """The prompt's tokens, after applying the overflow policy (and the shift, if any).
+
+    ``"truncate_oldest"`` keeps the fewest dropped turns that fit (see
+    :func:`_turn_starts` for what a turn is). Rather than render the conversation
+    once per dropped turn (quadratic in its length), it renders the whole
+    conversation, then the one that keeps only the last turn, then bisects the
+    number of dropped turns in between: at most ``log2(turns) + 2`` renders.
+    That gives the same prompt as dropping one turn at a time, since dropping
+    more turns never makes the prompt longer (a template renders each message
+    on its own). The `cancelled` check is read before every render.
+    """
     if overflow not in ("error", "truncate_oldest", "shift"):
         raise InvalidRequestError(f"unknown overflow policy {overflow!r}", field="overflow")
     need = sampling.max_tokens or 1
-    while True:
-        tokens = tokenizer.encode(messages, tools=tools, namespace=namespace)
-        if len(tokens) + need <= engine.context_limit:
-            return tokens, None
-        if overflow == "shift":
-            keep = _system_prefix_length(tokenizer, messages, tokens, namespace) if n_keep is None else n_keep
-            shift = ContextShift.to_fit(tuple(tokens), keep, engine.context_limit - need)
-            return list(shift.prompt), shift
-        if overflow == "error" or not _drop_oldest_turn(messages):
-            raise ContextOverflowError(prompt_tokens=len(tokens), max_tokens=need, context_limit=engine.context_limit)
+    limit = engine.context_limit
+
+    def encode(kept: list[Mapping[str, Any]]) -> list[int]:
+        _checkpoint(cancelled)
+        return tokenizer.encode(kept, tools=tools, namespace=namespace)
+
+    tokens = encode(messages)
+    if len(tokens) + need <= limit:
+        return tokens, None
+    if overflow == "shift":
+        keep = _system_prefix_length(tokenizer, messages, tokens, namespace) if n_keep is None else n_keep
+        shift = ContextShift.to_fit(tuple(tokens), keep, limit - need)
+        return list(shift.prompt), shift
+    starts = _turn_starts(messages) if overflow == "truncate_oldest" else []
+    if len(starts) < 2:  # nothing may be dropped
+        raise ContextOverflowError(prompt_tokens=len(tokens), max_tokens=need, context_limit=limit)
+
+    def dropping(turns: int) -> list[Mapping[str, Any]]:
+        return messages[: starts[0]] + messages[starts[turns] :]
+
+    fits, fitted = len(starts) - 1, encode(dropping(len(starts) - 1))  # only the last turn left
+    if len(fitted) + need > limit:
+        raise ContextOverflowError(prompt_tokens=len(fitted), max_tokens=need, context_limit=limit)
+    too_few = 0  # dropping this many turns does not fit; dropping `fits` does
+    while fits - too_few > 1:
+        middle = (too_few + fits) // 2
+        candidate = encode(dropping(middle))
+        if len(candidate) + need <= limit:
+            fits, fitted = middle, candidate
+        else:
+            too_few = middle
+    return fitted, None
+
+
+def _turn_starts(messages: Sequence[Mapping[str, Any]]) -> list[int]:
+    """Where the kept part of `messages` may begin, oldest first: dropping ``k`` turns
+    keeps ``messages[:starts[0]] + messages[starts[k]:]``.
+
+    ``starts[0]`` is the first message after the leading system (and developer)
+    messages, which are always kept. A turn runs from there up to the next user
+    message: a message and the replies, tool calls and tool results (and any
+    system message) that follow it, so a tool call is never kept without its
+    results or the other way round. The last turn, the one being answered, is
+    never dropped. Empty if there is no message but system ones.
+    """
+    first = next((i for i, m in enumerate(messages) if m.get("role") not in ("system", "developer")), None)
+    if first is None:
+        return []
+    return [first, *(i for i in range(first + 1, len(messages)) if messages[i].get("role") == "user")]
 
 
 def _system_prefix_length(
@@ -326,18 +467,3 @@ def _system_prefix_length(
     while common < min(len(system), len(tokens)) and system[common] == tokens[common]:
         common += 1
     return common
-
-
-def _drop_oldest_turn(messages: list[Mapping[str, Any]]) -> bool:
-    """Remove the oldest non-system turn (a message and the replies that follow it up
-    to the next user message). False if only the last turn is left."""
-    first = next((i for i, m in enumerate(messages) if m.get("role") not in ("system", "developer")), None)
-    if first is None:
-        return False
-    end = first + 1
-    while end < len(messages) and messages[end].get("role") != "user":
-        end += 1
-    if end >= len(messages):  # that is the turn being answered: nothing older to drop
-        return False
-    del messages[first:end]
-    return True

@@ -26,7 +26,11 @@ Decisions where OpenAI's API and kvchat differ, or OpenAI is silent:
 - Every path answers only requests whose ``Host`` header names a loopback host
   or one of `allowed_hosts` (403 otherwise): DNS rebinding cannot reach it.
 - One API key among several holds at most its `key_share` of the running places
-  and of the queue (429 beyond it); see :mod:`kvchat.server.admission`.
+  and of the queue (429 beyond it), counting one place per prompt of a
+  completion and per input of an embedding; see :mod:`kvchat.server.admission`.
+- Templates are rendered, conversations fitted and prompts tokenized on the
+  app's bounded work pool (503 ``server_busy`` when its queue is full); see
+  :mod:`kvchat.server.work_pool`.
 - Stored responses (``/v1/responses``) are kept in memory, bounded in count,
   size and age, and reachable only with the API key that made them (404
   otherwise, as for an unknown id); see :mod:`kvchat.server.routes.responses`.
@@ -48,6 +52,7 @@ from kvchat.server.middleware import AccessLog, BodySizeLimit, HostCheck
 from kvchat.server.routes import chat, completions, embeddings, info, responses
 from kvchat.server.settings import ServerSettings
 from kvchat.server.state import ServerState
+from kvchat.server.work_pool import WorkPool
 
 __all__ = ["create_app"]
 
@@ -63,16 +68,22 @@ def create_app(
     """
     settings = settings or ServerSettings(**options)
     state = ServerState(engine, settings)
+    # Made with the app, not in the lifespan: a host that never runs the lifespan
+    # still serves (the pool's threads start with work and end when idle).
+    work = WorkPool(threads=settings.work_threads, max_queued=settings.work_queue, retry_after=settings.retry_after)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
+        # Before the engine closes: no job submits to a closed engine.
+        await asyncio.to_thread(work.close)
         state.close()
         if owns_engine:
             await asyncio.to_thread(engine.close)
 
     app = FastAPI(title="kvchat", version="0.1.0", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.kvchat = state
+    app.state.kvchat_work = work
     install_error_handlers(app)
     for module in (chat, completions, responses, embeddings, info):
         app.include_router(module.router)

@@ -58,8 +58,9 @@ class RequestRun:
         timeout: float | None,
         shutdown_grace: float,
         request: Request | None = None,
+        items: int = 1,
     ) -> None:
-        self._ticket: Ticket = admission.enter(key)
+        self._ticket: Ticket = admission.enter(key, items)
         self._admission = admission
         self._metrics = metrics
         self._timeout = timeout

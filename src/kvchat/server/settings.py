@@ -54,6 +54,11 @@ class ServerSettings:
       With two or more `api_keys`, one key's responses hold at most its
       `key_share` of the count and of the bytes (see
       :class:`kvchat.server.response_store.ResponseStore`).
+    - `work_threads`: threads of the server's work pool, which renders chat
+      templates, fits overflowing conversations and tokenizes prompts off the
+      event loop (see :class:`kvchat.server.work_pool.WorkPool`).
+    - `work_queue`: jobs that may wait for a pool thread; past that a request gets
+      503 ``server_busy`` with ``Retry-After: retry_after`` seconds.
     - `response_id_tag`: hex digits (even count, at most 16) that begin the random
       part of every response id this server makes: on Ray Serve each replica
       has its own, so a ``previous_response_id`` names the replica that stored it.
@@ -78,6 +83,8 @@ class ServerSettings:
     responses_store_bytes: int = 64 * 1024 * 1024
     responses_store_ttl: float = 6 * 3600.0
     response_id_tag: str = ""
+    work_threads: int = 4
+    work_queue: int = 64
 
     def __post_init__(self) -> None:
         if not self.model_name:
@@ -93,10 +100,17 @@ class ServerSettings:
         object.__setattr__(self, "allowed_hosts", tuple(host.strip().lower() for host in self.allowed_hosts))
         if any(not key for key in self.api_keys):
             raise InvalidRequestError("API keys must not be empty", field="api_keys")
-        for name in ("max_queued", "retry_after", "max_tools", "max_embedding_inputs", "responses_store_max"):
+        for name in (
+            "max_queued",
+            "retry_after",
+            "max_tools",
+            "max_embedding_inputs",
+            "responses_store_max",
+            "work_queue",
+        ):
             if getattr(self, name) < 0:
                 raise InvalidRequestError(f"{name} must be >= 0", field=name)
-        for name in ("max_body_bytes", "max_embedding_tokens", "responses_store_bytes"):
+        for name in ("max_body_bytes", "max_embedding_tokens", "responses_store_bytes", "work_threads"):
             if getattr(self, name) < 1:
                 raise InvalidRequestError(f"{name} must be >= 1", field=name)
         if self.max_tokens_limit is not None and self.max_tokens_limit < 1:

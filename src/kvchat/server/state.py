@@ -91,9 +91,10 @@ class ServerState:
                 code="model_not_found",
             )
 
-    def new_run(self, request: Request, tenant: Tenant) -> RequestRun:
-        """Admit a model request of `tenant` (429 if the server or the tenant's share
-        is full); the run watches `request`'s client for a disconnect."""
+    def new_run(self, request: Request, tenant: Tenant, *, items: int = 1) -> RequestRun:
+        """Admit a model request of `tenant` that runs `items` items (prompts, texts;
+        see :class:`Admission`), or 429 if the server or the tenant's share is full;
+        the run watches `request`'s client for a disconnect."""
         return RequestRun(
             self.admission,
             tenant.key,
@@ -101,6 +102,7 @@ class ServerState:
             timeout=self.settings.request_timeout,
             shutdown_grace=self.settings.shutdown_grace,
             request=request,
+            items=items,
         )
 
     def sampling(self, body: Any, max_tokens: int | None) -> SamplingParams:

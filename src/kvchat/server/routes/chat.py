@@ -1,15 +1,15 @@
 """``POST /v1/chat/completions``: a chat through :func:`kvchat.chat.complete.complete`.
 
 The request is admitted before any work (rendering and tokenizing the prompt and
-the ``prediction`` happen on a thread, once the request holds its running place);
-a client that disconnects cancels the request, streamed or not. A ``prediction``
+the ``prediction`` happen on the server's work pool, once the request holds its
+running place); a client that disconnects cancels the request, streamed or not,
+and stops that work between its phases (or before it starts). A ``prediction``
 (OpenAI's predicted outputs) gives speculative decoding its drafts; the usage
 reports the drafts of every request (see :func:`openai_usage`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -24,6 +24,7 @@ from kvchat.server.runs import RequestRun, serving
 from kvchat.server.schemas import ChatCompletionRequest
 from kvchat.server.sse import Event, data_event, sse_response
 from kvchat.server.state import ServerState, Tenant, authorized, server_state
+from kvchat.server.work_pool import work_pool
 
 router = APIRouter()
 
@@ -47,16 +48,20 @@ async def chat_completions(
     run = state.new_run(request, tenant)
     with serving(run):
         await run.start()
-        stream = await asyncio.to_thread(
-            complete,
-            state.engine,
-            body.history(),
-            tools=body.tools,
-            tool_choice=body.tool_choice,
-            response_format=body.response_format,
-            sampling=sampling,
-            cache_key=tenant.cache_key,
-            prediction=prediction,
+        stream = await work_pool(request).run_for(
+            run,
+            lambda cancelled: complete(
+                state.engine,
+                body.history(),
+                tools=body.tools,
+                tool_choice=body.tool_choice,
+                response_format=body.response_format,
+                sampling=sampling,
+                cache_key=tenant.cache_key,
+                prediction=prediction,
+                cancelled=cancelled,
+            ),
+            discard=ChatStream.cancel,
         )
         run.attach(stream)
         reply_id = "chatcmpl-" + uuid.uuid4().hex

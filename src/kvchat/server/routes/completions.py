@@ -8,9 +8,15 @@ prompt. ``max_tokens`` defaults to 16 (as OpenAI). ``echo`` is supported;
 ``suffix``, ``logprobs`` and ``best_of`` other than 1 are refused (400).
 
 The request is admitted before its prompts are tokenized, and they are
-tokenized on a thread: a prompt of megabytes neither does work for a request
-that gets 429 nor stalls the event loop. A client that disconnects cancels the
-request, streamed or not.
+tokenized on the server's work pool: a prompt of megabytes neither does work for
+a request that gets 429 nor stalls the event loop. A client that disconnects
+cancels the request, streamed or not (tokenizing stops before the next prompt).
+
+Each prompt counts one place of the API key's share (see
+:class:`kvchat.server.admission.Admission`), and the request has at most as many
+prompts with the engine at once as it holds places: with more prompts than its
+key's running places, it runs them in waves (a prompt starts when an earlier one
+ends), so it never crowds another key's requests out of the engine.
 """
 
 from __future__ import annotations
@@ -23,26 +29,48 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
-from kvchat.engine import Completion, Engine, Stream, Usage
+from kvchat.engine import Completion, Engine, SamplingParams, Stream, Usage
 from kvchat.server.errors import APIError
 from kvchat.server.routes.common import finish_reason, openai_usage
 from kvchat.server.runs import RequestRun, serving
 from kvchat.server.schemas import CompletionRequest
 from kvchat.server.sse import Event, data_event, sse_response
 from kvchat.server.state import ServerState, Tenant, authorized, server_state
+from kvchat.server.work_pool import CancelCheck, work_pool
 
 router = APIRouter()
 
 
 class _StreamGroup:
-    """The streams of one request's prompts, cancelled together."""
+    """The streams of one request's prompts, cancelled together (no prompt starts after that)."""
 
     def __init__(self, streams: list[Stream]) -> None:
         self.streams = streams
+        self.cancelled = False
 
     def cancel(self) -> None:
+        self.cancelled = True
         for stream in self.streams:
             stream.cancel()
+
+    async def run_all(
+        self, engine: Engine, token_lists: list[list[int]], sampling: SamplingParams, cache_key: str | None, width: int
+    ) -> list[Completion | None]:
+        """Run every prompt, at most `width` at once, each starting when an earlier
+        one ends; a prompt that never started (the group was cancelled) has None."""
+        results: list[Completion | None] = [None] * len(token_lists)
+        waiting = iter(range(len(token_lists)))
+
+        async def lane() -> None:
+            for index in waiting:
+                if self.cancelled:
+                    return
+                stream = engine.submit(token_lists[index], sampling, cache_key=cache_key)
+                self.streams.append(stream)
+                results[index] = await stream.acollect()
+
+        await asyncio.gather(*(lane() for _ in range(min(width, len(token_lists)))))
+        return results
 
 
 @router.post("/v1/completions")
@@ -57,27 +85,31 @@ async def completions(
     _check_supported(body, len(prompts), max_prompts=state.engine.settings.max_running)
     sampling = state.sampling(body, body.max_tokens)
     engine = state.engine
-    run = state.new_run(request, tenant)
+    run = state.new_run(request, tenant, items=len(prompts))
     with serving(run):
         await run.start()
         # A text prompt may be megabytes: tokenize it off the event loop, once admitted.
-        token_lists = await asyncio.to_thread(lambda: [_tokens(engine, prompt) for prompt in prompts])
+        token_lists, echoed = await work_pool(request).run_for(
+            run, lambda cancelled: _prepare(engine, prompts, echo=bool(body.echo), cancelled=cancelled)
+        )
         group = _StreamGroup([])
         run.attach(group)
-        for tokens in token_lists:
-            group.streams.append(engine.submit(tokens, sampling, cache_key=tenant.cache_key))
         reply_id = "cmpl-" + uuid.uuid4().hex
         model = state.settings.model_name
-        echoed = [_echo_text(engine, prompt) if body.echo else "" for prompt in prompts]
         if body.stream:
+            group.streams.append(engine.submit(token_lists[0], sampling, cache_key=tenant.cache_key))
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = _text_events(group.streams[0], run, reply_id, model, echoed[0], include_usage)
             return sse_response(run, group, events, shutdown_grace=state.settings.shutdown_grace)
-        results: list[Completion] = await asyncio.gather(*(stream.acollect() for stream in group.streams))
-        total = _sum_usage([result.usage for result in results])
-        run.usage = total
+        width = state.admission.places(len(prompts))
+        finished = await group.run_all(engine, token_lists, sampling, tenant.cache_key, width)
         if run.error is not None:
             raise run.error
+        results = [result for result in finished if result is not None]
+        if len(results) < len(finished):  # (only a stopped run cancels the group)
+            raise APIError(503, "the request was stopped", type="server_error")
+        total = _sum_usage([result.usage for result in results])
+        run.usage = total
     return {
         "id": reply_id,
         "object": "text_completion",
@@ -112,6 +144,21 @@ def _check_supported(body: CompletionRequest, count: int, *, max_prompts: int) -
         raise APIError(400, f"{count} prompts; at most {max_prompts} per request", param="prompt")
     if body.stream and count > 1:
         raise APIError(400, "a streamed completion takes one prompt", param="prompt")
+
+
+def _prepare(
+    engine: Engine, prompts: list[str | list[int]], *, echo: bool, cancelled: CancelCheck
+) -> tuple[list[list[int]], list[str]]:
+    """The prompts' tokens and (with `echo`) their text; stops before the next
+    prompt once `cancelled` (the request's result is its error then)."""
+    token_lists: list[list[int]] = []
+    echoed: list[str] = []
+    for prompt in prompts:
+        if cancelled():
+            break
+        token_lists.append(_tokens(engine, prompt))
+        echoed.append(_echo_text(engine, prompt) if echo else "")
+    return token_lists, echoed
 
 
 def _tokens(engine: Engine, prompt: str | list[int]) -> list[int]:
