@@ -395,9 +395,7 @@ class Engine:
             sampling_cpu += time.thread_time() - sampling_started
         if decoded:
             self._stats.counters.steps += 1
-            self._stats.record_step(
-                StepTiming(started, time.perf_counter() - started, sampling_cpu)
-            )
+            self._stats.record_step(StepTiming(started, time.perf_counter() - started, sampling_cpu))
         self._publish_stats()
 
     def _new_sampler(self, sampling: SamplingParams) -> SamplerChain:

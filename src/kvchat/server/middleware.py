@@ -21,15 +21,28 @@ from kvchat.server.errors import APIError, error_response, valid_text
 
 access_log = logging.getLogger("kvchat.server.access")
 
-_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics")
+_ENDPOINTS = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/models",
+    "/health",
+    "/metrics",
+)
 
 
 def endpoint_label(path: str) -> str:
-    """A bounded label for `path` (unknown paths share one label)."""
+    """A bounded label for `path` (unknown paths share one label): a path that
+    carries an id or a name gets its route's template (``/v1/models/{model}``,
+    ``/v1/responses/{id}``), never the id itself."""
     if path in _ENDPOINTS:
         return path
     if path.startswith("/v1/models/"):
         return "/v1/models/{model}"
+    response_id = path.removeprefix("/v1/responses/")
+    if response_id != path and response_id and "/" not in response_id:
+        return "/v1/responses/{id}"
     return "other"
 
 

@@ -6,6 +6,14 @@ usage, and the typed events of a streamed response.
 and the stream events that announce them, so a streamed and a whole response
 are made by the same code. :class:`EventCounter` numbers the events
 (``sequence_number``) and names each SSE event by its ``type``, as OpenAI does.
+
+Everything sent must be valid UTF-8. What a response echoes of its request is
+checked on the way in (:mod:`kvchat.server.responses_api`); what the model
+writes is text the engine decoded whole, except the arguments of a tool call,
+parsed JSON whose escapes may make a lone surrogate: those arguments are written
+back with that escape (``\\ud800``), not the character. An event that still cannot
+be encoded raises the typed 500 of :func:`unencodable` instead of breaking the
+stream.
 """
 
 from __future__ import annotations
@@ -23,7 +31,20 @@ from kvchat.server.errors import APIError, error_body
 from kvchat.server.ids import new_id
 from kvchat.server.sse import Event
 
-__all__ = ["EventCounter", "OutputBuilder", "ResponseFrame", "new_id", "response_usage"]
+__all__ = ["EventCounter", "OutputBuilder", "ResponseFrame", "new_id", "response_usage", "unencodable"]
+
+
+def unencodable(what: str) -> APIError:
+    """The error of a response that cannot be written as JSON (`what`: which, such
+    as ``response resp_...``): a 500 ``server_error``, code
+    ``response_not_serializable``. Such a response is never stored."""
+    return APIError(
+        500,
+        f"{what} cannot be written as JSON (it holds text that is not valid Unicode, "
+        "or a value JSON cannot hold); it was not stored",
+        type="server_error",
+        code="response_not_serializable",
+    )
 
 
 def response_usage(usage: Usage, *, cache_writes: bool) -> dict[str, Any]:
@@ -109,10 +130,18 @@ class EventCounter:
         self.next = 0
 
     def event(self, payload: dict[str, Any]) -> Event:
-        """`payload` (with a ``type``) as the stream's next event."""
+        """`payload` (with a ``type``) as the stream's next event. Raises `APIError`
+        (500, see :func:`unencodable`) if it cannot be sent as UTF-8 JSON; the
+        sequence number is then not used."""
         body = {"type": payload["type"], "sequence_number": self.next, **payload}
+        try:
+            data = json.dumps(body, ensure_ascii=False, allow_nan=False)
+            if not data.isascii():
+                data.encode("utf-8")
+        except (ValueError, TypeError, RecursionError):  # UnicodeEncodeError is a ValueError
+            raise unencodable(f"the stream's {body['type']} event") from None
         self.next += 1
-        return {"event": body["type"], "data": json.dumps(body, ensure_ascii=False)}
+        return {"event": body["type"], "data": data}
 
     def error(self, error: APIError) -> Event:
         """An ``error`` event for `error`: OpenAI's fields (``code``, ``message``,
@@ -198,7 +227,7 @@ class OutputBuilder:
         ]
 
     def _function_call(self, call: ToolCall) -> list[dict[str, Any]]:
-        arguments = json.dumps(call.arguments, ensure_ascii=False)
+        arguments = _arguments_json(call.arguments)
         item = {
             "id": new_id("fc"),
             "type": "function_call",
@@ -220,6 +249,18 @@ class OutputBuilder:
             {"type": "response.function_call_arguments.done", **where, "name": call.name, "arguments": arguments},
             {"type": "response.output_item.done", "output_index": index, "item": item},
         ]
+
+
+def _arguments_json(arguments: Any) -> str:
+    """A call's arguments as JSON text: characters as they are, unless a string
+    holds a lone surrogate (the model wrote an escape such as ``\\ud800``): then
+    with ASCII escapes, so the text is valid Unicode and parses to the same value."""
+    text = json.dumps(arguments, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(arguments)
+    return text
 
 
 def _text_part(text: str) -> dict[str, Any]:

@@ -16,11 +16,16 @@ that they exist. The bounds:
   stores many responses evicts its own oldest ones, not the other keys'.
 
 An entry larger than the byte bound (or the tenant's share of it) is not kept.
+Nor is one that cannot be written as JSON: :meth:`ResponseStore.put` encodes
+the body first (:func:`encode_response`, the bytes a ``GET`` returns unchanged)
+and raises :class:`UnencodableResponseError` without storing anything if that
+fails, so a stored response can always be read.
 Call it from one thread (the event loop).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections import OrderedDict
@@ -28,19 +33,42 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ResponseStore", "StoredResponse", "approximate_size"]
+__all__ = ["ResponseStore", "StoredResponse", "UnencodableResponseError", "approximate_size", "encode_response"]
+
+
+class UnencodableResponseError(ValueError):
+    """A response body that cannot be written as JSON: a string that is not valid
+    Unicode (a lone surrogate), a number JSON has no form for (NaN, infinity), a
+    value of another type, or nesting too deep for the encoder."""
+
+
+def encode_response(body: Mapping[str, Any]) -> bytes:
+    """`body` as the JSON bytes the server sends: UTF-8, as Starlette's
+    ``JSONResponse`` writes it (no ASCII escapes, no NaN, compact separators).
+    Raises :class:`UnencodableResponseError`."""
+    try:
+        return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+    except (ValueError, TypeError, RecursionError) as exc:  # UnicodeEncodeError is a ValueError
+        raise UnencodableResponseError(f"the response cannot be written as JSON: {exc}") from None
 
 
 @dataclass(frozen=True)
 class StoredResponse:
-    """One stored response: its `body` (the response object a ``GET`` returns) and
-    the `history` a continuation starts from (chat messages: the conversation's
-    input and output, without any request's instructions)."""
+    """One stored response: its `content` (the response object as the JSON bytes a
+    ``GET`` returns, see :func:`encode_response`) and the `history` a continuation
+    starts from (chat messages: the conversation's input and output, without any
+    request's instructions)."""
 
-    body: Mapping[str, Any]
+    content: bytes
     history: Sequence[Mapping[str, Any]]
     size: int = field(default=0, compare=False)
     expires: float = field(default=0.0, compare=False)
+
+    @property
+    def body(self) -> dict[str, Any]:
+        """The response object (decoded from `content`)."""
+        body: dict[str, Any] = json.loads(self.content)
+        return body
 
 
 class ResponseStore:
@@ -70,9 +98,25 @@ class ResponseStore:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def put(self, tenant: str, response_id: str, body: Mapping[str, Any], history: Sequence[Mapping[str, Any]]) -> bool:
+    def put(
+        self,
+        tenant: str,
+        response_id: str,
+        body: Mapping[str, Any],
+        history: Sequence[Mapping[str, Any]],
+        *,
+        content: bytes | None = None,
+    ) -> bool:
         """Store a response of `tenant` (replacing one with the same id); False if it
-        is too large to keep (or the store keeps none)."""
+        is too large to keep (or the store keeps none).
+
+        `content` is `body` already encoded by :func:`encode_response` (saves a
+        second encoding); without it, the body is encoded here. A body that
+        cannot be encoded raises :class:`UnencodableResponseError` and changes
+        nothing: an entry with the same id stays.
+        """
+        if content is None:
+            content = encode_response(body)
         self.delete(tenant, response_id)
         size = approximate_size(body) + approximate_size(history)
         if self.max_entries == 0 or size > min(self.max_bytes, self._key_bytes):
@@ -84,7 +128,7 @@ class ResponseStore:
             self._remove((tenant, next(iter(own))))
         while self._entries and (len(self._entries) >= self.max_entries or self.bytes + size > self.max_bytes):
             self._remove(next(iter(self._entries)))
-        self._entries[(tenant, response_id)] = StoredResponse(body, tuple(history), size, now + self.ttl)
+        self._entries[(tenant, response_id)] = StoredResponse(content, tuple(history), size, now + self.ttl)
         self._tenants.setdefault(tenant, OrderedDict())[response_id] = None
         self._tenant_bytes[tenant] = self._tenant_bytes.get(tenant, 0) + size
         self.bytes += size

@@ -14,23 +14,37 @@ them: another key's ``GET``, ``DELETE`` or ``previous_response_id`` gets the 404
 unknown id gets. Requests go through the same admission, time limit, tool and
 token limits as chat completions; what the API has and kvchat does not is refused
 (see :mod:`kvchat.server.responses_api`).
+
+A finished response is encoded once (:func:`kvchat.server.response_store.encode_response`):
+those bytes are the reply and what a later ``GET`` returns. A response that cannot
+be encoded (its echoed fields are checked on the way in, so only a model's output
+could make one) is never stored: the request ends with a typed 500
+(``response_not_serializable``), or that error event when streamed.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
 
 from kvchat.chat.complete import ChatDelta, ChatStream, complete
 from kvchat.engine import SamplingParams
 from kvchat.errors import InvalidRequestError
 from kvchat.server.errors import APIError
-from kvchat.server.response_objects import EventCounter, OutputBuilder, ResponseFrame, new_id, response_usage
+from kvchat.server.response_objects import (
+    EventCounter,
+    OutputBuilder,
+    ResponseFrame,
+    new_id,
+    response_usage,
+    unencodable,
+)
+from kvchat.server.response_store import UnencodableResponseError, encode_response
 from kvchat.server.responses_api import (
     ResponsesRequest,
     chat_tools,
@@ -43,6 +57,7 @@ from kvchat.server.runs import RequestRun, serving
 from kvchat.server.settings import ServerSettings
 from kvchat.server.sse import Event, sse_response
 from kvchat.server.state import ServerState, Tenant, authorized, server_state
+from kvchat.server.work_pool import work_pool
 
 router = APIRouter()
 log = logging.getLogger("kvchat.server")
@@ -60,25 +75,33 @@ class _Turn:
     tenant: Tenant
     state: ServerState
 
-    def finish(self, builder: OutputBuilder, delta: ChatDelta) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """The finished response for the last `delta` (with usage), and the events
-        that close its output; stored if the request asked for it."""
+    def finish(self, builder: OutputBuilder, delta: ChatDelta) -> tuple[dict[str, Any], bytes, list[dict[str, Any]]]:
+        """The finished response for the last `delta` (with usage), as an object and
+        as the JSON bytes sent and stored, and the events that close its output;
+        stored if the request asked for it. Raises `APIError` (500, see
+        :func:`unencodable`) if the response cannot be encoded: nothing is stored."""
         status = "incomplete" if delta.finish_reason == "length" else "completed"
         events = builder.finish(status)
         assert delta.usage is not None
         usage = response_usage(delta.usage, cache_writes=self.state.engine.settings.prefix_cache)
         body = self.frame.body(status, builder.items, usage)
+        try:
+            content = encode_response(body)
+        except UnencodableResponseError as exc:
+            log.error("response %s is neither returned nor stored: %s", self.frame.id, exc)
+            raise unencodable(f"response {self.frame.id}") from None
         if self.frame.store:
-            self._store(body, builder.items)
-        return body, events
+            self._store(body, content, builder.items)
+        return body, content, events
 
-    def _store(self, body: dict[str, Any], output: list[dict[str, Any]]) -> None:
+    def _store(self, body: dict[str, Any], content: bytes, output: list[dict[str, Any]]) -> None:
         try:
             reply = input_messages(output, calls=known_calls(self.conversation), field="output")
         except InvalidRequestError:  # a call the model made up, under a name no tool can have
             log.warning("response %s is not stored: its output cannot be continued", self.frame.id)
             return
-        if not self.state.responses.put(self.tenant.key, self.frame.id, body, [*self.conversation, *reply]):
+        history = [*self.conversation, *reply]
+        if not self.state.responses.put(self.tenant.key, self.frame.id, body, history, content=content):
             log.warning("response %s is not stored: it is larger than the store's bound", self.frame.id)
 
 
@@ -110,16 +133,20 @@ async def create_response(
     with serving(run):
         await run.start()
         try:
-            stream = await asyncio.to_thread(
-                complete,
-                state.engine,
-                prompt,
-                tools=tools,
-                tool_choice=tool_choice,
-                response_format=fmt,
-                sampling=sampling,
-                overflow="truncate_oldest" if body.truncation == "auto" else "error",
-                cache_key=tenant.cache_key,
+            stream = await work_pool(request).run_for(
+                run,
+                lambda cancelled: complete(
+                    state.engine,
+                    prompt,
+                    tools=tools,
+                    tool_choice=tool_choice,
+                    response_format=fmt,
+                    sampling=sampling,
+                    overflow="truncate_oldest" if body.truncation == "auto" else "error",
+                    cache_key=tenant.cache_key,
+                    cancelled=cancelled,
+                ),
+                discard=ChatStream.cancel,
             )
         except InvalidRequestError as exc:
             exc.field = _PARAMS.get(exc.field or "", exc.field)
@@ -140,8 +167,8 @@ async def create_response(
         if run.error is not None:
             raise run.error
         assert last is not None
-        response, _ = turn.finish(builder, last)
-    return response
+        _, content, _ = turn.finish(builder, last)
+    return Response(content, media_type="application/json")
 
 
 @router.get("/v1/responses/{response_id}")
@@ -156,7 +183,7 @@ async def retrieve_response(
     stored = state.responses.get(tenant.key, response_id)
     if stored is None:
         raise _not_found(response_id)
-    return stored.body
+    return Response(stored.content, media_type="application/json")  # the bytes checked when it was stored
 
 
 @router.delete("/v1/responses/{response_id}")
@@ -231,7 +258,7 @@ async def _response_events(
         if delta.usage is not None:
             run.usage = delta.usage
         if delta.finish_reason is not None and run.error is None:
-            response, closing = turn.finish(builder, delta)
+            response, _, closing = turn.finish(builder, delta)
             for payload in closing:
                 yield counter.event(payload)
             yield counter.event({"type": f"response.{response['status']}", "response": response})
