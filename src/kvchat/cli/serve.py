@@ -88,7 +88,12 @@ def serve(
     ] = None,
     share_cache_between_keys: Annotated[
         bool,
-        typer.Option(envvar="KVCHAT_SHARE_CACHE_BETWEEN_KEYS", help="Let different API keys share cached prefixes."),
+        typer.Option(
+            envvar="KVCHAT_SHARE_CACHE_BETWEEN_KEYS",
+            help="One cache namespace for all API keys: they share cached prefixes and what earlier replies left "
+            "(speculation's n-gram drafts and acceptance rates, the generated-token memory), so one key's "
+            "timing can reveal another's prompts and replies.",
+        ),
     ] = False,
     max_tokens: Annotated[
         int, typer.Option(envvar="KVCHAT_MAX_TOKENS", min=1, help="Most tokens one request may generate.")

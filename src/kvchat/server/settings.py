@@ -14,8 +14,10 @@ class ServerSettings:
 
     - `model_name`: the model id clients send (and ``/v1/models`` lists).
     - `api_keys`: if any, every ``/v1`` request needs ``Authorization: Bearer <key>``.
-    - `isolate_api_keys`: with API keys, each key's requests share cached prefixes
-      only with that key's own (on by default).
+    - `isolate_api_keys`: with API keys, each key is a cache namespace of its own
+      (on by default): cached prefixes, speculation's n-gram drafts and acceptance
+      rates, and the generated-token memory are that key's only. Off, all keys
+      share them (outputs included, not only prefixes).
     - `max_queued`: requests allowed to wait beyond the engine's running ones;
       past that the server answers 429 with ``Retry-After: retry_after`` seconds.
     - `key_share`: with two or more `api_keys`, the share (0 to 1) of the running
