@@ -315,3 +315,26 @@ def test_sampling_requests_failures_do_not_pause_greedy_requests() -> None:
     greedy.sampling = SamplingParams(temperature=0)
     speculator.propose([greedy], capacity=512, call_rows=512)
     assert greedy.draft == tuple(REPEATED[1 : 1 + len(greedy.draft)]) and greedy.draft
+
+
+# -- acceptance priors per namespace -------------------------------------------------------------
+
+
+def test_one_namespaces_acceptance_never_changes_anothers_prior() -> None:
+    speculator = Speculator(max_draft_tokens=8, ngram_cache_entries=0)
+    for _ in range(50):  # tenant a's drafts are all rejected
+        speculator._recent_for("a", True)["lookup"].update(8, 0)
+    assert speculator._recent_for("a", True)["lookup"].rate < 0.2
+    assert speculator._recent_for("b", True)["lookup"].rate == Acceptance().rate  # b starts fresh
+    assert speculator._recent_for(None, True)["lookup"].rate == Acceptance().rate
+
+
+def test_acceptance_priors_keep_a_bounded_number_of_namespaces() -> None:
+    from kvchat.engine.speculation import MAX_PRIOR_NAMESPACES
+
+    speculator = Speculator(max_draft_tokens=8, ngram_cache_entries=0)
+    speculator._recent_for("first", True)["lookup"].update(8, 0)
+    for i in range(3 * MAX_PRIOR_NAMESPACES):  # a million keys would cost the same
+        speculator._recent_for(f"key-{i}", i % 2 == 0)
+    assert len(speculator._recent) == MAX_PRIOR_NAMESPACES
+    assert speculator._recent_for("first", True)["lookup"].rate == Acceptance().rate  # forgotten: fresh again

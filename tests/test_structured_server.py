@@ -281,18 +281,35 @@ def test_a_hostile_pattern_holds_no_step_and_no_other_client(
 
 @pytest.mark.system
 def test_sigterm_stops_the_server_within_5_seconds_during_a_hostile_request(tmp_path) -> None:
-    env = {"KVCHAT_MODEL": "gemma-3-270m", "KVCHAT_MODEL_NAME": MODEL, "KVCHAT_CTX_SIZE": "2048",
-           "KVCHAT_SHUTDOWN_GRACE": "2"}
+    """At the default shutdown grace (3 s): requests in flight, streamed or not, are
+    answered `server_shutdown` and the process is gone within 5 s of SIGTERM."""
+    env = {"KVCHAT_MODEL": "gemma-3-270m", "KVCHAT_MODEL_NAME": MODEL, "KVCHAT_CTX_SIZE": "4096"}
+    hostile = {"model": MODEL, "messages": [{"role": "user", "content": "Write the letter a many times."}],
+               "max_tokens": 3000, "temperature": 0,
+               "response_format": schema_format({"type": "string", "pattern": "(a?){1000}(a?){1000}"})}
+    long_plain = {"model": MODEL, "prompt": "1, 2, 3, 4,", "max_tokens": 3000, "temperature": 0}
+    answers: dict[str, httpx.Response | Exception] = {}
+
+    def send(name: str, path: str, body: dict) -> None:
+        try:
+            answers[name] = httpx.post(f"{served.url}{path}", json=body, timeout=60)
+        except httpx.TransportError as exc:
+            answers[name] = exc
+
     with ServeProcess(env=env, log_path=str(tmp_path / "serve.log")) as served:
-        body = {"model": MODEL, "messages": [{"role": "user", "content": "a"}], "max_tokens": 2000,
-                "temperature": 0, "response_format": schema_format({"type": "string",
-                                                                     "pattern": "(a?){1000}(a?){1000}"})}
-        thread = threading.Thread(target=lambda: httpx.post(f"{served.url}/v1/chat/completions", json=body,
-                                                            timeout=60), daemon=True)
-        thread.start()
-        time.sleep(3)  # the hostile request runs
+        threads = [threading.Thread(target=send, args=("hostile", "/v1/chat/completions", hostile)),
+                   threading.Thread(target=send, args=("plain", "/v1/completions", long_plain))]
+        for thread in threads:
+            thread.start()
+        time.sleep(3)  # both run (3,000 tokens take far longer)
         started = time.monotonic()
         served.signal(signal.SIGTERM)
         returncode = served.wait(timeout=30)
-        assert time.monotonic() - started < 5, served.log()
-        assert returncode == -signal.SIGTERM, served.log()
+        stopped_after = time.monotonic() - started
+        for thread in threads:
+            thread.join(timeout=30)
+    assert stopped_after < 5, served.log()
+    assert returncode == -signal.SIGTERM, served.log()
+    plain = answers["plain"]
+    assert isinstance(plain, httpx.Response) and plain.status_code == 503, plain
+    assert plain.json()["error"]["code"] == "server_shutdown"

@@ -120,7 +120,7 @@ def serve(
     ] = None,
     shutdown_grace: Annotated[
         float, typer.Option(envvar="KVCHAT_SHUTDOWN_GRACE", min=0, help="Seconds in-flight requests get on shutdown.")
-    ] = 10.0,
+    ] = 3.0,
     responses_store_max: Annotated[
         int,
         typer.Option(

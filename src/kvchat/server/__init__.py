@@ -83,7 +83,9 @@ def serve(
             access_log=False,
             timeout_graceful_shutdown=int(settings.shutdown_grace) + 5,
         )
-        uvicorn.Server(config).run()
+        server = uvicorn.Server(config)
+        app.state.kvchat.shutting_down = lambda: server.should_exit
+        server.run()
 
 
 def _bracketed(host: str) -> str:

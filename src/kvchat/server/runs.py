@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Protocol
 
@@ -33,6 +33,9 @@ from kvchat.server.errors import APIError, error_for
 from kvchat.server.metrics import ServerMetrics
 
 __all__ = ["Cancellable", "RequestRun", "serving"]
+
+SHUTDOWN_POLL_SECONDS = 0.25
+"""How often a request looks whether the server is shutting down."""
 
 
 class Cancellable(Protocol):
@@ -58,6 +61,7 @@ class RequestRun:
         timeout: float | None,
         shutdown_grace: float,
         request: Request | None = None,
+        shutting_down: Callable[[], bool] | None = None,
         items: int = 1,
     ) -> None:
         self._ticket: Ticket = admission.enter(key, items)
@@ -77,6 +81,9 @@ class RequestRun:
         loop = asyncio.get_running_loop()
         self._timer = None if timeout is None else loop.call_later(timeout, self._stop, "timeout")
         self._watcher = None if request is None else loop.create_task(self._watch_client(request))
+        self._shutdown_watcher = (
+            None if shutting_down is None else loop.create_task(self._watch_shutdown(shutting_down))
+        )
 
     async def start(self) -> None:
         """Wait for a running place of the request's key; raises :attr:`error` if
@@ -99,6 +106,14 @@ class RequestRun:
         """Wait for `shutdown`, then give the work the grace period and cancel it.
         Run as a task; cancel the task when the work ends."""
         await shutdown.wait()
+        await asyncio.sleep(self._shutdown_grace)
+        self._stop("shutdown")
+
+    async def _watch_shutdown(self, shutting_down: Callable[[], bool]) -> None:
+        # uvicorn only sets a flag on SIGTERM; a request that is not streamed would
+        # otherwise run on until uvicorn's own timeout cancels it without an answer.
+        while not shutting_down():
+            await asyncio.sleep(SHUTDOWN_POLL_SECONDS)
         await asyncio.sleep(self._shutdown_grace)
         self._stop("shutdown")
 
@@ -149,6 +164,8 @@ class RequestRun:
         if self._timer is not None:
             self._timer.cancel()
         self.stop_watching_client()
+        if self._shutdown_watcher is not None:
+            self._shutdown_watcher.cancel()
         if self._work is not None:
             self._work.cancel()  # nothing happens if it has ended
         usage = usage or self.usage

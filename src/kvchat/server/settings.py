@@ -45,8 +45,11 @@ class ServerSettings:
       DNS rebinding: a web page whose name resolves to this machine cannot reach
       the server through the user's browser (403 otherwise).
     - `cors_origins`: origins allowed by CORS (none: CORS headers are not sent).
-    - `shutdown_grace`: seconds in-flight streams may run on after a shutdown
-      signal; streams still running then are cancelled with a ``server_shutdown`` error.
+    - `shutdown_grace`: seconds in-flight requests may run on after a shutdown
+      signal (3 by default, so that the server is gone within 5 s of SIGTERM, and
+      before a container runtime's usual 10 s before SIGKILL); requests still
+      running then are cancelled: a 503 ``server_shutdown``, or that error event
+      in a stream.
     - `responses_store_max`: most stored ``/v1/responses`` responses (the ones
       ``previous_response_id`` and ``GET /v1/responses/{id}`` can reach; 0 stores
       none); beyond it, the least recently used go first.
@@ -80,7 +83,7 @@ class ServerSettings:
     max_embedding_tokens: int = 32768
     allowed_hosts: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
-    shutdown_grace: float = 10.0
+    shutdown_grace: float = 3.0
     responses_store_max: int = 1024
     responses_store_bytes: int = 64 * 1024 * 1024
     responses_store_ttl: float = 6 * 3600.0

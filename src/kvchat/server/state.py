@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,9 @@ class ServerState:
         self.engine = engine
         self.settings = settings
         self.created = int(time.time())
+        self.shutting_down: Callable[[], bool] = lambda: False
+        """Whether the server has begun to shut down (`kvchat.server.serve` points it at
+        uvicorn's flag): in-flight requests then get `shutdown_grace` seconds."""
         self.metrics = ServerMetrics(engine)
         self.admission = Admission(
             max_running=engine.settings.max_running,
@@ -103,6 +107,7 @@ class ServerState:
             shutdown_grace=self.settings.shutdown_grace,
             request=request,
             items=items,
+            shutting_down=self.shutting_down,
         )
 
     def sampling(self, body: Any, max_tokens: int | None) -> SamplingParams:
