@@ -313,3 +313,26 @@ def test_sigterm_stops_the_server_within_5_seconds_during_a_hostile_request(tmp_
     plain = answers["plain"]
     assert isinstance(plain, httpx.Response) and plain.status_code == 503, plain
     assert plain.json()["error"]["code"] == "server_shutdown"
+
+
+def test_forced_tokens_ride_along_only_while_the_request_runs_alone(engine: Engine) -> None:
+    """A forced run is evaluated like a prompt: next to another decoding request it
+    would slow that one down, so it is appended only while the request is alone."""
+    from kvchat import Grammar, SamplingParams
+
+    grammar = Grammar.json_schema({"const": "ab" * 500})
+    prompt = engine.model.tokenize("JSON:", add_special=True)
+    alone = engine.submit(prompt, SamplingParams(temperature=0, max_tokens=400, grammar=grammar)).collect()
+    assert alone.usage.forced_tokens > alone.usage.completion_tokens / 2  # all but a few picks
+    # A neighbour that cannot end before its max_tokens, whose grammar forces nothing and
+    # whose drawn letters no draft predicts (it decodes one token a step, for seconds).
+    neighbour = engine.submit(engine.model.tokenize("1, 2, 3,", add_special=True), SamplingParams(
+        temperature=1.5, seed=7, max_tokens=2000, grammar=Grammar.regex("[a-z]{5000}")))
+    chunks = iter(neighbour)  # kept: a dropped iterator cancels its stream
+    next(chunks)  # decoding
+    shared = engine.submit(prompt, SamplingParams(temperature=0, max_tokens=40, grammar=grammar)).collect()
+    neighbour.cancel()
+    assert list(chunks)[-1].usage.finish_reason == "cancelled"  # it decoded all along
+    assert shared.usage.forced_tokens == 0
+    assert shared.text == alone.text[: len(shared.text)]  # the same output, one token a step
+    assert_idle(engine)
