@@ -59,10 +59,9 @@ class Embedder:
     tokens). Their attention is masked from each other, but llama.cpp's CPU
     matrix kernels round differently depending on where a row falls in the
     batch and on the batch size, so a packed text's vector differs from its
-    one-at-a-time vector (measured on Gemma 3 270M Q4_K, 2-core x86 CPU: 6
-    sentences, max 2.6e-3 per component; 64 sentences 16 per decode, max
-    1.7e-2, cosine >= 0.9994) - fine for search, not reproducible bit for bit.
-    Packing 64 short texts was about 1.4x faster on that CPU.
+    one-at-a-time vector slightly (cosine above 0.999; figures in
+    docs/benchmarks.md, "Embeddings next to chat in one process") - fine for
+    search, not reproducible bit for bit, and faster for many short texts.
 
     Decisions:
 

@@ -48,10 +48,10 @@ VERIFY_COST: tuple[tuple[int, float], ...] = (
     (63, 19.88),
 )
 """Cost of one `llama_decode` call of n rows, as a multiple of a 1-row call: Qwen 0.5B
-on 2 CPU cores after 401 cached tokens, measured by benchmarks/speculative.py
-(`backend.call_cost` in benchmarks/results/speculative.json, 2026-12-06). A single
-row takes llama.cpp's matrix-vector path; two to five rows cost far more than one,
-so short drafts rarely pay."""
+on 2 CPU cores after 401 cached tokens, as benchmarks/speculative.py measures it
+(`backend.call_cost` in benchmarks/results/speculative.json; docs/benchmarks.md,
+"Speculative decoding"). A single row takes llama.cpp's matrix-vector path; two to
+five rows cost far more than one, so short drafts rarely pay."""
 COST_PER_ROW_BEYOND = 0.28
 """Added cost of each row past the table's last (the slope of its last points)."""
 

@@ -15,9 +15,9 @@ The thread ends when no job waits, and the next job starts a new one. A
 thread that has run `llama_decode` keeps an OpenMP team for as long as it
 lives, and while two such teams exist in the process (this one and the
 engine's), libgomp throttles the spinning of ggml's barriers: the engine's
-decode ran 17% slower (46.7 against 56.2 tok/s, Qwen2.5-Coder 0.5B on 2 cores;
-benchmarks/embedding_interference.py) from the first embedding request on,
-and recovered once the thread ended.
+decode ran markedly slower from the first embedding request on, and recovered
+once the thread ended (figures: docs/benchmarks.md, "Embeddings next to chat in
+one process").
 
 A job is cut per text: the worker tokenizes the texts one by one, checks the
 request's token bound before any is evaluated, then evaluates them one by one,
