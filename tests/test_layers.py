@@ -30,17 +30,48 @@ def module_name(path: Path) -> str:
 MODULES = {module_name(p): p for p in (SRC / "kvchat").rglob("*.py")}
 
 
+def absolute_module(name: str, is_package: bool, level: int, module: str | None) -> str:
+    """The absolute name of what ``from <level dots><module> import ...`` names inside
+    module `name` (a package's ``__init__`` when `is_package`)."""
+    if level == 0:
+        return module or ""
+    package = name.split(".") if is_package else name.split(".")[:-1]
+    base = package[: len(package) - (level - 1)]
+    return ".".join([*base, module] if module else base)
+
+
 def imports_of(name: str) -> set[str]:
-    """The kvchat modules `name` imports, anywhere in its body."""
+    """The kvchat modules `name` imports, anywhere in its body (relative imports too)."""
     found: set[str] = set()
+    is_package = MODULES[name].name == "__init__.py"
     for node in ast.walk(ast.parse(MODULES[name].read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.startswith("kvchat"):
+        if isinstance(node, ast.ImportFrom):
+            module = absolute_module(name, is_package, node.level, node.module)
+            if not module.startswith("kvchat"):
+                continue
             for alias in node.names:
-                sub = f"{node.module}.{alias.name}"
-                found.add(sub if sub in MODULES else node.module)
+                sub = f"{module}.{alias.name}"
+                found.add(sub if sub in MODULES else module)
         elif isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names if alias.name.startswith("kvchat"))
     return found - {name}
+
+
+@pytest.mark.parametrize("name, is_package, level, module, expected", [
+    ("kvchat.engine.engine", False, 1, "grammar", "kvchat.engine.grammar"),
+    ("kvchat.engine.engine", False, 2, "chat", "kvchat.chat"),
+    ("kvchat.engine", True, 1, "grammar", "kvchat.engine.grammar"),
+    ("kvchat.engine", True, 2, None, "kvchat"),
+    ("kvchat.server.routes.chat", False, 3, "cli", "kvchat.cli"),
+])
+def test_relative_imports_are_read_as_the_modules_they_name(name, is_package, level, module, expected) -> None:
+    assert absolute_module(name, is_package, level, module) == expected
+
+
+def test_a_relative_upward_import_would_be_caught() -> None:
+    """``from ..server import x`` in an engine module resolves to kvchat.server, a layer above."""
+    target = absolute_module("kvchat.engine.engine", False, 2, "server")
+    assert unit_of(target)[0] > unit_of("kvchat.engine.engine")[0]
 
 
 def unit_of(name: str) -> tuple[int, str]:
