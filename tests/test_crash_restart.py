@@ -223,11 +223,13 @@ def test_kill_while_a_conversation_is_re_spilled_keeps_its_saved_prefix(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A longer entry replaces its saved prefix only once its own file is written:
-    killed in between (here: in the fsync of the new file), the prefix survives."""
+    killed in between (here: in the fsync of the new file), the prefix survives.
+    The stores write on this thread (`write_queue_bytes=None`) so that the kill
+    reaches the test; tests/test_state_writer.py kills the writer thread instead."""
     turn_1 = SpilledState((1, 2, 3), None, b"state after turn 1")
     turn_2 = SpilledState((1, 2, 3, 4, 5), None, b"state after turn 2")
-    StateStore(ram_budget_bytes=0, disk_dir=tmp_path, layout_key="L").put(turn_1)
-    store = StateStore(ram_budget_bytes=0, disk_dir=tmp_path, layout_key="L")
+    StateStore(ram_budget_bytes=0, disk_dir=tmp_path, layout_key="L", write_queue_bytes=None).put(turn_1)
+    store = StateStore(ram_budget_bytes=0, disk_dir=tmp_path, layout_key="L", write_queue_bytes=None)
 
     def kill(fd: int) -> None:
         raise Killed
@@ -237,7 +239,7 @@ def test_kill_while_a_conversation_is_re_spilled_keeps_its_saved_prefix(
         store.put(turn_2)
     monkeypatch.undo()
 
-    restarted = StateStore(ram_budget_bytes=0, disk_dir=tmp_path, layout_key="L")
+    restarted = StateStore(ram_budget_bytes=0, disk_dir=tmp_path, layout_key="L", write_queue_bytes=None)
     match = restarted.best_match([1, 2, 3, 4, 5, 6])
     assert match is not None and match.entry_tokens == turn_1.tokens
     assert restarted.load(match) == turn_1

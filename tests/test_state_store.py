@@ -27,6 +27,19 @@ LOGGER = "kvchat.engine.state_store"
 MAGIC = CACHE_ENTRY.magic
 
 
+@pytest.fixture(autouse=True)
+def _files_written_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests read the files a `put` writes: each `put` here waits for the store's
+    writer thread (tests/test_state_writer.py tests the writer and its queue)."""
+    put = StateStore.put
+
+    def put_and_drain(self: StateStore, entry: SpilledState) -> None:
+        put(self, entry)
+        self.drain()
+
+    monkeypatch.setattr(StateStore, "put", put_and_drain)
+
+
 def blob(seed: int, size: int = 100) -> bytes:
     """Distinct pseudo-random state bytes."""
     return random.Random(seed).randbytes(size)
@@ -335,14 +348,14 @@ def test_crash_during_write_leaves_no_file(
     def crash(src: object, dst: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(os, "replace", crash)
-    store.put(entry([1, 2, 3], seed=1))
-    assert list(tmp_path.iterdir()) == []  # neither the final file nor the temp file
-    assert any("No space left" in w for w in warnings_of(caplog))
-    s = store.stats()
-    assert (s.disk_entries, s.spills_to_disk, s.dropped) == (0, 0, 1)
-    assert store.best_match([1, 2, 3]) is None
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", crash)
+        store.put(entry([1, 2, 3], seed=1))
+        assert list(tmp_path.iterdir()) == []  # neither the final file nor the temp file
+        assert any("No space left" in w for w in warnings_of(caplog))
+        s = store.stats()
+        assert (s.disk_entries, s.spills_to_disk, s.dropped) == (0, 0, 1)
+        assert store.best_match([1, 2, 3]) is None
     store.put(entry([1, 2, 3], seed=1))
     assert len(state_files(tmp_path)) == 1
     assert load_tokens(store, [1, 2, 3]) == entry([1, 2, 3], seed=1)

@@ -190,6 +190,7 @@ class KVPool:
         while self.evict_lru():
             pass
         self.store.flush_to_disk()
+        self.store.close()  # every file written; the writer thread stops
 
     # -- numbers -----------------------------------------------------------------------------
 

@@ -12,6 +12,15 @@ number of entries, so the engine thread can ask at every admission and eviction.
 Disk format: one file ``<key>.kvstate`` per entry, of the kind
 :data:`~kvchat.engine.state_file.CACHE_ENTRY` (its header adds the entry's
 ``namespace``).
+
+Disk writes: the state bytes are handed over on the engine thread, but the file
+is written (and fsynced) by one writer thread the store owns, through a queue
+bounded in bytes (:data:`WRITE_QUEUE_BYTES`). An entry whose file is still
+queued is indexed on the disk tier already and is served from its pending bytes;
+removing it cancels the write (or deletes the file once written). A spill that
+finds the queue full is dropped and counted (it is a cache): eviction never
+waits for the disk. `flush_to_disk` (shutdown) waits for room instead, then for
+every file; `close` waits for the queue and stops the writer.
 """
 
 from __future__ import annotations
@@ -20,7 +29,8 @@ import hashlib
 import json
 import logging
 import os
-from collections import OrderedDict
+import threading
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass
@@ -36,6 +46,8 @@ from kvchat.engine.state_index import _common_prefix_len as _common_prefix_len  
 logger = logging.getLogger("kvchat.engine.state_store")
 
 FILE_SUFFIX = ".kvstate"
+WRITE_QUEUE_BYTES = 64 * 1024 * 1024
+"""Default bound of file bytes waiting for the writer thread (one larger entry is let in alone)."""
 
 
 @dataclass(frozen=True)
@@ -72,7 +84,9 @@ class StoreStats:
     Counters since construction: `spills_to_disk` files written, `dropped` entries
     discarded for lack of space (or a failed disk write), `loads` successful
     :meth:`StateStore.load` calls (either tier), `load_failures` disk files that
-    could not be loaded.
+    could not be loaded, `write_queue_drops` spills dropped (also counted in
+    `dropped`) because the writer's queue was full. `pending_writes` and
+    `pending_write_bytes`: files queued for (or being written by) the writer thread.
     """
 
     ram_entries: int
@@ -85,6 +99,9 @@ class StoreStats:
     dropped: int
     loads: int
     load_failures: int
+    write_queue_drops: int = 0
+    pending_writes: int = 0
+    pending_write_bytes: int = 0
 
 
 @dataclass(eq=False)
@@ -96,6 +113,23 @@ class _Entry:
     last_used: int
     state: bytes | None = None  # RAM tier only
     tier: Literal["ram", "disk"] = "ram"
+    job: _WriteJob | None = None  # disk tier: its file write, until the engine sees it done
+
+
+@dataclass(eq=False)
+class _WriteJob:
+    """One file for the writer thread. `state` is None once the file is in place (or
+    the write failed: `failed`); the flags change under the store's condition lock."""
+
+    key: str
+    path: Path
+    header: bytes
+    state: bytes | None
+    size: int
+    then_unlink: list[Path]  # superseded files, deleted once this one is written
+    cancelled: bool = False
+    done: bool = False
+    failed: bool = False
 
 
 def _rank(e: _Entry) -> tuple[int, int]:
@@ -118,7 +152,10 @@ class StateStore:
     the least-recently-used disk entries are deleted. Files of
     another `layout_key` (model sha256 + KV-relevant context settings) in the
     directory are foreign: never matched, loaded, counted or deleted. One process
-    per directory. Not thread-safe: only the engine's worker thread calls it.
+    per directory. Not thread-safe: only the engine's worker thread calls it (files
+    are written by a writer thread of its own, see the module docstring).
+    `write_queue_bytes` bounds the bytes waiting for that thread; None writes on
+    the caller's thread instead (no writer thread).
     """
 
     def __init__(
@@ -128,11 +165,15 @@ class StateStore:
         disk_dir: str | os.PathLike[str] | None = None,
         disk_budget_bytes: int | None = None,
         layout_key: str = "",
+        write_queue_bytes: int | None = WRITE_QUEUE_BYTES,
     ) -> None:
         if not isinstance(ram_budget_bytes, int) or ram_budget_bytes < 0:
             raise ValueError("ram_budget_bytes must be an integer >= 0")
         if disk_budget_bytes is not None and (not isinstance(disk_budget_bytes, int) or disk_budget_bytes < 0):
             raise ValueError("disk_budget_bytes must be an integer >= 0 or None")
+        if write_queue_bytes is not None and (not isinstance(write_queue_bytes, int) or write_queue_bytes < 0):
+            raise ValueError("write_queue_bytes must be an integer >= 0 or None")
+        self.write_queue_bytes = write_queue_bytes
         self.ram_budget_bytes = ram_budget_bytes
         self.disk_budget_bytes = disk_budget_bytes
         self.layout_key = layout_key
@@ -145,7 +186,16 @@ class StateStore:
         self._disk_tokens = 0
         self._index: StateIndex[_Entry] = StateIndex(_rank)
         self._clock = 0
-        self._counts = dict.fromkeys(("spills_to_disk", "dropped", "loads", "load_failures"), 0)
+        self._counts = dict.fromkeys(("dropped", "loads", "load_failures", "write_queue_drops"), 0)
+        # The writer thread's side: everything below is guarded by `_cond`.
+        self._cond = threading.Condition()
+        self._jobs: deque[_WriteJob] = deque()
+        self._queued_bytes = 0  # jobs queued or being written
+        self._queued_jobs = 0
+        self._files_written = 0
+        self._failed: deque[_WriteJob] = deque()
+        self._stopping = False
+        self._writer: threading.Thread | None = None
         if self.disk_dir is not None:
             self.disk_dir.mkdir(parents=True, exist_ok=True)
             self._scan_disk()
@@ -160,12 +210,14 @@ class StateStore:
         """
         if not entry.tokens:
             raise ValueError("a spilled state must hold at least one token")
+        self._reap()
         extension, superseded = self._index.extension_and_prefixes(entry.tokens, entry.namespace)
         if extension is not None:
             self._touch(extension)
             return
-        # Superseded files are deleted only once the new entry is stored: a crash
-        # while its file is written must not lose the prefix that was saved.
+        # Superseded files are deleted only once the new entry is stored (on disk:
+        # by the writer, after its file): a crash while its file is written must
+        # not lose the prefix that was saved.
         stale_files = [self._path(old.key) for old in superseded if old.key in self._disk]
         for old in superseded:
             self._remove(old, delete_file=False)
@@ -177,17 +229,17 @@ class StateStore:
                 len(entry.state),
                 self._tick(),
                 entry.state,
-            )
+            ),
+            stale_files,
         )
-        for path in stale_files:
-            with suppress(OSError):
-                os.unlink(path)
 
-    def _store_new(self, new: _Entry) -> None:
-        """Index a new entry in RAM (spilling LRU entries over budget) or straight on disk."""
+    def _store_new(self, new: _Entry, stale_files: list[Path]) -> None:
+        """Index a new entry in RAM (spilling LRU entries over budget) or straight on
+        disk; `stale_files` are deleted once it is stored."""
         if self.ram_budget_bytes == 0 or new.size > self.ram_budget_bytes:
-            self._demote(new)
+            self._demote(new, then_unlink=stale_files)
             return
+        _unlink_all(stale_files)
         self._add(new, "ram")
         while self._ram_bytes > self.ram_budget_bytes:
             oldest = next(iter(self._ram.values()))
@@ -199,6 +251,7 @@ class StateStore:
 
         None if no entry of `namespace` shares at least one token. Reads no file.
         """
+        self._reap()
         found = self._index.longest_match(tokens, namespace)
         if found is None:
             return None
@@ -211,7 +264,9 @@ class StateStore:
         The entry stays stored. None if it is gone, or if its file is missing,
         truncated, corrupt or foreign (logged at WARNING; the entry leaves the
         index, and a broken file of ours is deleted). Never raises for a bad file.
+        An entry whose file is still queued for the writer is served from its bytes.
         """
+        self._reap()
         if (e := self._ram.get(match.key)) is not None:
             self._touch(e)
             self._counts["loads"] += 1
@@ -219,6 +274,10 @@ class StateStore:
         if (e := self._disk.get(match.key)) is None:
             logger.debug("entry %s is no longer stored", match.key)
             return None
+        if e.job is not None and (pending := e.job.state) is not None:
+            self._touch(e)
+            self._counts["loads"] += 1
+            return SpilledState(e.tokens, e.namespace, pending)
         path = self._path(e.key)
         try:
             state = self._read_file(path, load=True).state or b""
@@ -233,6 +292,9 @@ class StateStore:
 
     def stats(self) -> StoreStats:
         """Current sizes and counters."""
+        self._reap()
+        with self._cond:
+            written, pending, pending_bytes = self._files_written, self._queued_jobs, self._queued_bytes
         return StoreStats(
             ram_entries=len(self._ram),
             ram_bytes=self._ram_bytes,
@@ -240,6 +302,9 @@ class StateStore:
             disk_entries=len(self._disk),
             disk_bytes=self._disk_bytes,
             disk_tokens=self._disk_tokens,
+            spills_to_disk=written,
+            pending_writes=pending,
+            pending_write_bytes=pending_bytes,
             **self._counts,
         )
 
@@ -254,12 +319,35 @@ class StateStore:
         return self.disk_dir is not None
 
     def flush_to_disk(self) -> None:
-        """Move every RAM entry to the disk tier (before shutdown), oldest first."""
+        """Move every RAM entry to the disk tier (before shutdown), oldest first, and
+        wait until every queued file is written (this waits for room in the writer's
+        queue instead of dropping)."""
         if self.disk_dir is None:
             return
+        self._reap()
         for entry in list(self._ram.values()):
             self._remove(entry, delete_file=False)
-            self._demote(entry)
+            self._demote(entry, wait=True)
+        self.drain()
+
+    def drain(self) -> None:
+        """Wait until the writer thread has written (or given up on) every queued file."""
+        with self._cond:
+            while self._queued_jobs and self._writer is not None and self._writer.is_alive():
+                self._cond.wait(0.1)
+        self._reap()
+
+    def close(self) -> None:
+        """Wait for the queued files, then stop the writer thread. The store stays
+        usable: a later spill starts a new writer."""
+        self.drain()
+        with self._cond:
+            writer, self._stopping = self._writer, True
+            self._cond.notify_all()
+        if writer is not None:
+            writer.join()
+        with self._cond:
+            self._writer, self._stopping = None, False
 
     def _tick(self) -> int:
         self._clock += 1
@@ -301,35 +389,115 @@ class StateStore:
         elif (held := self._disk.pop(e.key, None)) is not None:
             self._disk_bytes -= held.size
             self._disk_tokens -= len(held.tokens)
-            if delete_file:
+            written = True
+            if held.job is not None:
+                with self._cond:  # the writer deletes a file it writes after this
+                    held.job.cancelled = True
+                    written = held.job.done
+            if delete_file and written:
                 with suppress(OSError):
                     os.unlink(self._path(e.key))
         if held is not None:
             self._index.remove(held)
 
-    def _demote(self, e: _Entry) -> None:
-        """Write a RAM entry (already out of the RAM index) to disk, or drop it."""
+    def _demote(self, e: _Entry, *, wait: bool = False, then_unlink: Sequence[Path] = ()) -> None:
+        """Write a RAM entry (already out of the RAM index) to disk, or drop it; then
+        delete `then_unlink` (after the new file, if it is written). With `wait`,
+        wait for room in the writer's queue rather than drop."""
+        stale = list(then_unlink)
         if self.disk_dir is None or e.state is None:
             self._drop(e, "no disk tier")
+            _unlink_all(stale)
             return
         header = state_file.header_bytes(
             CACHE_ENTRY, layout_key=self.layout_key, tokens=e.tokens, state=e.state, namespace=e.namespace
         )
         file_size = len(header) + len(e.state)
+        path = self._path(e.key)
+        if self.write_queue_bytes is not None and not wait and not self._queue_has_room(file_size):
+            self._counts["write_queue_drops"] += 1
+            self._drop(e, "the disk writer's queue is full")
+            _unlink_all(stale)
+            return
         if self.disk_budget_bytes is not None:
             if file_size > self.disk_budget_bytes:
                 self._drop(e, "larger than the disk budget")
+                _unlink_all(stale)
                 return
             while self._disk and self._disk_bytes + file_size > self.disk_budget_bytes:
                 self._evict_oldest_disk_entry()
-        if not self._write_file(self._path(e.key), header, e.state):
-            self._drop(e, "disk write failed")
-            return
+        job = None
+        if self.write_queue_bytes is None:
+            written = self._write_file(path, header, e.state)
+            _unlink_all(stale)
+            if not written:
+                self._drop(e, "disk write failed")
+                return
+            with self._cond:
+                self._files_written += 1
+        else:
+            job = _WriteJob(e.key, path, header, e.state, file_size, stale)
+            self._enqueue(job, wait=wait)
         if (old := self._disk.get(e.key)) is not None:
-            self._remove(old, delete_file=False)  # the file was just replaced
-        self._add(_Entry(e.key, e.namespace, e.tokens, file_size, e.last_used), "disk")
-        self._counts["spills_to_disk"] += 1
+            self._remove(old, delete_file=False)  # its file is (being) replaced
+        self._add(_Entry(e.key, e.namespace, e.tokens, file_size, e.last_used, job=job), "disk")
         logger.debug("spilled %d tokens (%d bytes) to disk as %s", len(e.tokens), file_size, e.key)
+
+    # -- the writer thread -------------------------------------------------------------
+
+    def _queue_has_room(self, size: int) -> bool:
+        """True if a file of `size` bytes fits in the writer's queue (one too large
+        for the bound is let in when the queue is empty)."""
+        assert self.write_queue_bytes is not None
+        with self._cond:
+            return self._queued_jobs == 0 or self._queued_bytes + size <= self.write_queue_bytes
+
+    def _enqueue(self, job: _WriteJob, *, wait: bool) -> None:
+        with self._cond:
+            if self._writer is None or not self._writer.is_alive():
+                self._writer = threading.Thread(target=self._write_loop, name="kvchat-state-writer", daemon=True)
+                self._writer.start()
+            while wait and not self._queue_has_room(job.size) and self._writer.is_alive():
+                self._cond.wait(0.1)
+            self._jobs.append(job)
+            self._queued_jobs += 1
+            self._queued_bytes += job.size
+            self._cond.notify_all()
+
+    def _write_loop(self) -> None:
+        """The writer thread: write queued files in order until `close`."""
+        while True:
+            with self._cond:
+                while not self._jobs and not self._stopping:
+                    self._cond.wait()
+                if not self._jobs:
+                    return
+                job = self._jobs[0]  # stays counted (and drainable) until written
+                skip = job.cancelled
+            state = job.state
+            written = not skip and state is not None and self._write_file(job.path, job.header, state)
+            with self._cond:
+                self._jobs.popleft()
+                self._queued_jobs -= 1
+                self._queued_bytes -= job.size
+                job.done, job.state, job.header = True, None, b""
+                job.failed = not skip and not written
+                self._files_written += written
+                remove_again = written and job.cancelled
+                self._cond.notify_all()
+            if remove_again:  # removed from the index while it was being written
+                _unlink_all([job.path])
+            _unlink_all(job.then_unlink)  # superseded by this entry, written or since removed
+            if job.failed:
+                self._failed.append(job)
+
+    def _reap(self) -> None:
+        """Unindex entries whose file the writer failed to write (engine thread)."""
+        while self._failed:
+            job = self._failed.popleft()
+            if (e := self._disk.get(job.key)) is not None and e.job is job:
+                self._remove(e, delete_file=False)
+                self._drop(e, "disk write failed")
 
     def _evict_oldest_disk_entry(self) -> None:
         oldest = next(iter(self._disk.values()))
@@ -392,3 +560,9 @@ class StateStore:
         if entry_key(self.layout_key, read.header["namespace"], read.tokens) != path.stem:
             raise StateFileError("file name does not match its header", "header")
         return read
+
+
+def _unlink_all(paths: Sequence[Path]) -> None:
+    for path in paths:
+        with suppress(OSError):
+            os.unlink(path)
