@@ -1,23 +1,39 @@
 """``kvchat serve``: the OpenAI-compatible server on one model.
 
 Every option can also come from an environment variable (``KVCHAT_<OPTION>``,
-shown in ``--help``); a command-line value wins.
+shown in ``--help``); a command-line value wins. An option that sets a field of
+`ServerSettings` or `EngineSettings` takes its default from that field (in the
+option's unit: ``--max-body 4M``, ``--request-timeout 0`` for no limit), so each
+default is written once, in the settings class.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import typer
 
-from kvchat.cli.sizes import parse_size
+from kvchat.cli.sizes import format_size, parse_size
+from kvchat.engine.settings import EngineSettings
 from kvchat.errors import KVChatError
 from kvchat.models import DEFAULT_CHAT_MODEL
+from kvchat.server.settings import ServerSettings
 
-if TYPE_CHECKING:
-    from kvchat.engine import EngineSettings
-    from kvchat.server import ServerSettings
+
+def _defaults(settings: type[EngineSettings] | type[ServerSettings]) -> dict[str, Any]:
+    """The defaults of `settings`' fields, by name (the options below take theirs from here)."""
+    return {field.name: field.default for field in dataclasses.fields(settings)}
+
+
+_ENGINE = _defaults(EngineSettings)
+_SERVER = _defaults(ServerSettings)
+
+
+def _seconds(limit: float | None) -> float:
+    """A time limit as its option takes it: seconds, 0 for None (no limit)."""
+    return 0.0 if limit is None else float(limit)
 
 
 def _size(text: str) -> int:
@@ -43,16 +59,16 @@ def serve(
     port: Annotated[int, typer.Option(envvar="KVCHAT_PORT", min=0, max=65535)] = 8000,
     ctx_size: Annotated[
         int, typer.Option(envvar="KVCHAT_CTX_SIZE", min=16, help="KV cells shared by all requests.")
-    ] = 8192,
+    ] = _ENGINE["n_ctx"],
     parallel: Annotated[
         int,
         typer.Option(
             envvar="KVCHAT_PARALLEL", min=1, max=128, help="Requests decoded together; more wait in the queue."
         ),
-    ] = 16,
+    ] = _ENGINE["max_running"],
     max_queued: Annotated[
         int, typer.Option(envvar="KVCHAT_MAX_QUEUED", min=0, help="Requests that may wait; beyond them: 429.")
-    ] = 64,
+    ] = _SERVER["max_queued"],
     key_share: Annotated[
         float,
         typer.Option(
@@ -61,17 +77,17 @@ def serve(
             max=1.0,
             help="With several API keys: share of --parallel and of --max-queued one key may hold; beyond: 429.",
         ),
-    ] = 0.5,
+    ] = _SERVER["key_share"],
     cache_ram: Annotated[
         str, typer.Option(envvar="KVCHAT_CACHE_RAM", help="Host RAM for KV state evicted from the pool (0: none).")
-    ] = "256M",
+    ] = format_size(_ENGINE["cache_ram_bytes"]),
     cache_dir: Annotated[
         Path | None,
         typer.Option(envvar="KVCHAT_CACHE_DIR", help="Directory that keeps cached KV state across restarts."),
-    ] = None,
+    ] = _ENGINE["cache_dir"],
     cache_disk: Annotated[
         str, typer.Option(envvar="KVCHAT_CACHE_DISK", help="Bound on --cache-dir's size (oldest files go first).")
-    ] = "4G",
+    ] = format_size(_ENGINE["cache_disk_bytes"]),
     speculation: Annotated[
         Literal["auto", "off"],
         typer.Option(
@@ -79,7 +95,7 @@ def serve(
             help="Speculative decoding: 'auto' drafts tokens (from a request's prediction, its own text and "
             "earlier replies) where it pays; 'off' decodes one token per step.",
         ),
-    ] = "auto",
+    ] = _ENGINE["speculation"],
     api_key: Annotated[
         list[str] | None,
         typer.Option(
@@ -94,18 +110,20 @@ def serve(
             "(speculation's n-gram drafts and acceptance rates, the generated-token memory), so one key's "
             "timing can reveal another's prompts and replies.",
         ),
-    ] = False,
+    ] = not _SERVER["isolate_api_keys"],
     max_tokens: Annotated[
         int, typer.Option(envvar="KVCHAT_MAX_TOKENS", min=1, help="Most tokens one request may generate.")
-    ] = 4096,
+    ] = _SERVER["max_tokens_limit"],
     request_timeout: Annotated[
         float, typer.Option(envvar="KVCHAT_REQUEST_TIMEOUT", min=0, help="Seconds a request may take (0: no limit).")
-    ] = 600.0,
-    max_body: Annotated[str, typer.Option(envvar="KVCHAT_MAX_BODY", help="Largest request body.")] = "4M",
+    ] = _seconds(_SERVER["request_timeout"]),
+    max_body: Annotated[str, typer.Option(envvar="KVCHAT_MAX_BODY", help="Largest request body.")] = format_size(
+        _SERVER["max_body_bytes"]
+    ),
     max_embedding_tokens: Annotated[
         int,
         typer.Option(envvar="KVCHAT_MAX_EMBEDDING_TOKENS", min=1, help="Most tokens in one /v1/embeddings request."),
-    ] = 32768,
+    ] = _SERVER["max_embedding_tokens"],
     allowed_host: Annotated[
         list[str] | None,
         typer.Option(
@@ -120,7 +138,7 @@ def serve(
     ] = None,
     shutdown_grace: Annotated[
         float, typer.Option(envvar="KVCHAT_SHUTDOWN_GRACE", min=0, help="Seconds in-flight requests get on shutdown.")
-    ] = 3.0,
+    ] = _SERVER["shutdown_grace"],
     responses_store_max: Annotated[
         int,
         typer.Option(
@@ -128,18 +146,18 @@ def serve(
             min=0,
             help="Most stored /v1/responses responses (previous_response_id, GET); 0: none.",
         ),
-    ] = 1024,
+    ] = _SERVER["responses_store_max"],
     responses_store_bytes: Annotated[
         str,
         typer.Option(envvar="KVCHAT_RESPONSES_STORE_BYTES", help="Bound on the stored responses' size (text)."),
-    ] = "64M",
+    ] = format_size(_SERVER["responses_store_bytes"]),
     responses_store_ttl: Annotated[
         float,
         typer.Option(envvar="KVCHAT_RESPONSES_STORE_TTL", min=1, help="Seconds a stored response is kept."),
-    ] = 21600.0,
+    ] = _SERVER["responses_store_ttl"],
     threads: Annotated[
         int | None, typer.Option(envvar="KVCHAT_THREADS", min=1, help="CPU threads (default: every core).")
-    ] = None,
+    ] = _ENGINE["n_threads"],
     ray: Annotated[
         bool,
         typer.Option(
@@ -166,8 +184,7 @@ def serve(
     ] = True,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions and more)."""
-    from kvchat.engine import EngineSettings
-    from kvchat.server import ServerSettings, default_model_name
+    from kvchat.server import default_model_name
     from kvchat.server import serve as run_server
 
     try:

@@ -18,3 +18,13 @@ def parse_size(text: str) -> int:
         raise ValueError(f"not a size: {text!r} (examples: 0, 512M, 2G)")
     number, unit = match.groups()
     return int(float(number) * _UNITS[unit.upper()])
+
+
+def format_size(size: int) -> str:
+    """`size` bytes as `parse_size` reads them, in the largest unit that is exact: ``256M``, ``4G``, ``1000``."""
+    if size < 0:
+        raise ValueError(f"not a size: {size}")
+    for unit in ("T", "G", "M", "K"):
+        if size and size % _UNITS[unit] == 0:
+            return f"{size // _UNITS[unit]}{unit}"
+    return str(size)

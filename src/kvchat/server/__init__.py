@@ -11,16 +11,25 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from kvchat.server.app import create_app
-from kvchat.server.middleware import host_name, is_loopback
 from kvchat.server.settings import ServerSettings
 
 if TYPE_CHECKING:
     from kvchat.engine import EngineSettings
+    from kvchat.server.app import create_app
 
 __all__ = ["ServerSettings", "create_app", "default_model_name", "serve"]
+
+
+def __getattr__(name: str) -> Any:
+    # FastAPI and uvicorn load on first use: `kvchat` commands that only read the
+    # settings (every command's start-up) do not pay for them.
+    if name == "create_app":
+        from kvchat.server.app import create_app
+
+        return create_app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def default_model_name(model: str | os.PathLike[str]) -> str:
@@ -60,6 +69,8 @@ def serve(
 
     from kvchat.engine import Engine
     from kvchat.models import resolve
+    from kvchat.server.app import create_app
+    from kvchat.server.middleware import host_name, is_loopback
 
     settings = settings or ServerSettings(model_name=default_model_name(model))
     _configure_logging(log_level, access_log)
