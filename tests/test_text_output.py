@@ -38,23 +38,23 @@ def test_incomplete_tail_becomes_replacement_at_finish() -> None:
     assert out.finish().text == "\ufffd"
 
 
+def stream_through(out: TextOutput, data: bytes, cuts: list[int]) -> tuple[str, bool]:
+    """Push `data` split at `cuts` through `out`, then finish: (text released, whether a stop string ended it)."""
+    released = ""
+    for piece in split_bytes(data, cuts):
+        delta = out.push(piece)
+        released += delta.text
+        if delta.stopped:
+            return released, True
+    delta = out.finish()
+    return released + delta.text, delta.stopped
+
+
 @given(st.text(min_size=0, max_size=30), st.text(min_size=1, max_size=6), st.text(max_size=30),
        st.lists(st.integers(min_value=0, max_value=200), max_size=10))
 def test_stop_string_cuts_output_and_never_leaks(before: str, stop: str, after: str, cuts: list[int]) -> None:
     full = before + stop + after
-    out = TextOutput([stop])
-    released = ""
-    stopped = False
-    for piece in split_bytes(full.encode(), cuts):
-        delta = out.push(piece)
-        released += delta.text
-        if delta.stopped:
-            stopped = True
-            break
-    if not stopped:
-        delta = out.finish()
-        released += delta.text
-        stopped = delta.stopped
+    released, stopped = stream_through(TextOutput([stop]), full.encode(), cuts)
     first = full.find(stop)
     assert stopped
     assert released == full[:first]
@@ -89,18 +89,7 @@ def _reference_cut(full: str, stops: list[str]) -> int | None:
 def test_many_stop_strings_cut_where_the_first_one_ends_for_any_token_split(
     full: str, stops: list[str], cuts: list[int]
 ) -> None:
-    out = TextOutput(stops)
-    released, stopped = "", False
-    for piece in split_bytes(full.encode(), cuts):
-        delta = out.push(piece)
-        released += delta.text
-        if delta.stopped:
-            stopped = True
-            break
-    if not stopped:
-        delta = out.finish()
-        released += delta.text
-        stopped = delta.stopped
+    released, stopped = stream_through(TextOutput(stops), full.encode(), cuts)
     cut = _reference_cut(full, stops)
     assert stopped == (cut is not None)
     assert released == (full if cut is None else full[:cut])
