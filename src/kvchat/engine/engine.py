@@ -490,8 +490,8 @@ class Engine:
             else:
                 # Forced tokens are evaluated as rows of the next call. On a CPU each row
                 # costs about a quarter of a decode step, and every request in that call
-                # waits for it (like a prompt being evaluated): a 400,000-character
-                # `const` next to a plain request cost it a third of its decode rate.
+                # waits for it (like a prompt being evaluated; docs/benchmarks.md,
+                # "Structured output on llguidance").
                 # So they are appended only while the request runs alone; otherwise the
                 # grammar still gives each next forced token without a mask (`pick`).
                 alone = len(self._scheduler.running) == 1
