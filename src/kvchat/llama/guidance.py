@@ -57,10 +57,8 @@ def _build(model: Model) -> LLTokenizer:
     ends: list[int] = []
     for token in range(model.n_vocab):
         piece = model.token_to_bytes(token, special=True)
-        if llama_cpp.llama_vocab_get_attr(vocab, token) & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL:
-            piece = _SPECIAL + piece
-        tokens.append(piece)
-        if llama_cpp.llama_vocab_is_eog(vocab, token):
+        tokens.append(_SPECIAL + piece if model.is_control(token) else piece)
+        if model.is_end_of_generation(token):
             ends.append(token)
     if model.eos_token in ends:  # llguidance's main end token first
         ends.remove(model.eos_token)
