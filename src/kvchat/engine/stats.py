@@ -20,6 +20,8 @@ class EngineStats:
     `parked_sequences`: ids holding prefix-cache entries; `tokens_resident`: KV
     cells in use (cache, conversations and running requests, shared cells once);
     `cache_tokens`, `ram_tokens`, `disk_tokens`: tokens held by each cache tier;
+    `ram_bytes`, `disk_bytes`: the state bytes the RAM tier holds and the disk
+    tier's file bytes;
     `locked_cache_tokens`: cached tokens that running requests depend on (not
     evictable; 0 when the engine is idle);
     `restore_failures`: spilled states chosen for a request that could not be
@@ -44,6 +46,8 @@ class EngineStats:
     cache_tokens: int
     ram_tokens: int
     disk_tokens: int
+    ram_bytes: int
+    disk_bytes: int
     locked_cache_tokens: int
     evictions: int
     spills: int
@@ -153,6 +157,8 @@ class StatsBoard:
             cache_tokens=pool.cached_tokens_resident,
             ram_tokens=store.ram_tokens if store else 0,
             disk_tokens=store.disk_tokens if store else 0,
+            ram_bytes=store.ram_bytes if store else 0,
+            disk_bytes=store.disk_bytes if store else 0,
             locked_cache_tokens=pool.cache.protected_tokens if pool.cache is not None else 0,
             evictions=pool.counters.evictions,
             spills=pool.counters.spills,

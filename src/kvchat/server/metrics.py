@@ -67,6 +67,14 @@ class _EngineCollector(Collector):
         for tier, value in (("kv", stats.cache_tokens), ("ram", stats.ram_tokens), ("disk", stats.disk_tokens)):
             tiers.add_metric([tier], value)
         yield tiers
+        tier_bytes = GaugeMetricFamily(
+            "kvchat_cache_resident_bytes",
+            "State bytes held by the RAM tier, file bytes by the disk tier.",
+            labels=["tier"],
+        )
+        for tier, value in (("ram", stats.ram_bytes), ("disk", stats.disk_bytes)):
+            tier_bytes.add_metric([tier], value)
+        yield tier_bytes
         sequences = GaugeMetricFamily("kvchat_sequences", "KV sequence ids by state.", labels=["state"])
         for state, value in (
             ("free", stats.free_sequences),
