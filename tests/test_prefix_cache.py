@@ -9,6 +9,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from kvchat.engine.eviction_queue import EvictionQueue
 from kvchat.engine.prefix_cache import Eviction, InsertResult, IntegrityError, MatchResult, Node, PrefixCache
 
 
@@ -402,6 +403,11 @@ def test_empty_namespace_root_is_dropped(cache: PrefixCache) -> None:
         lambda c: setattr(c, "_protected", 1),
         lambda c: c._leaf_of.pop(1),
         lambda c: c.match([1]).node.children.update({7: c.match([1, 2, 3]).node}),
+        lambda c: c._namespace_of.clear(),
+        lambda c: c._evictable.discard(c.match([5]).node),  # an unlocked leaf left out of the queue
+        lambda c: c._evictable.push(c.match([1, 2]).node),  # an inner node queued
+        lambda c: setattr(c.peek([5]).node, "last_used", 9.0),  # a new key the queue was not told of
+        lambda c: c._evictable._heaps[0].clear(),
     ],
 )
 def test_check_integrity_catches_corruption(cache: PrefixCache, corrupt) -> None:  # type: ignore[no-untyped-def]
@@ -411,6 +417,55 @@ def test_check_integrity_catches_corruption(cache: PrefixCache, corrupt) -> None
     corrupt(cache)
     with pytest.raises(IntegrityError):
         cache.check_integrity()
+
+
+def test_lru_leaf_by_depth_follows_locks_touches_and_evictions(cache: PrefixCache, clock: FakeClock) -> None:
+    for t, tokens in enumerate(([1] * 4, [2], [3] * 5, [4] * 2)):
+        clock.now = float(t)
+        _insert(cache, tokens, t)
+    assert [cache.lru_leaf(d).holder for d in (0, 2, 4, 5)] == [0, 0, 0, 2]  # type: ignore[union-attr]
+    assert cache.lru_leaf(6) is None
+    clock.now = 10.0
+    cache.match([1, 1])
+    assert [cache.lru_leaf(d).holder for d in (0, 2, 4)] == [1, 2, 2]  # type: ignore[union-attr]
+    three = cache.match([3]).node  # at the same time as 1, but later
+    cache.lock(three)  # type: ignore[arg-type]
+    assert [cache.lru_leaf(d).holder for d in (0, 4)] == [1, 0]  # type: ignore[union-attr]
+    assert cache.evict_leaf(cache.lru_leaf(2)) == Eviction(3, 0, (4, 4), 2, True)  # type: ignore[arg-type]
+    cache.unlock(three)  # type: ignore[arg-type]
+    cache.check_integrity()
+    assert [cache.lru_leaf(d).holder for d in (0, 2, 5)] == [1, 0, 2]  # type: ignore[union-attr]
+
+
+def test_eviction_queue_keeps_stale_entries_bounded(cache: PrefixCache) -> None:
+    for seq in range(10):
+        _insert(cache, [seq, seq], seq)
+    cache.lru_leaf(2)  # a second heap, kept up to date from now on
+    for _ in range(200):
+        for seq in range(10):
+            cache.match([seq, seq])  # each touch queues the leaf again
+    heaps = cache._evictable._heaps
+    assert set(heaps) == {0, 2} and all(len(heap) <= 2 * 10 + 32 for heap in heaps.values())
+    cache.check_integrity()
+    assert [cache.evict_lru().seq_id for _ in range(10)] == list(range(10))  # type: ignore[union-attr]
+
+
+def test_eviction_queue_keeps_a_few_depths() -> None:
+    class Leaf:
+        def __init__(self, end: int, last_used: float) -> None:
+            self.end, self.last_used, self.stamp = end, last_used, 0
+
+    queue: EvictionQueue[Leaf] = EvictionQueue()
+    leaves = [Leaf(end, float(-end)) for end in range(1, 9)]  # the deepest is the oldest
+    for leaf in leaves:
+        queue.push(leaf)
+    for depth in range(1, 9):
+        assert queue.oldest(depth) is leaves[-1]
+        assert len(queue._heaps) <= 4 and 0 in queue._heaps
+    queue.discard(leaves[-1])
+    assert queue.oldest(8) is None and queue.oldest(3) is leaves[-2] and len(queue) == 7
+    assert queue.inconsistency(set(leaves[:-1])) is None
+    assert queue.inconsistency(set(leaves)) is not None
 
 
 # -- stateful property test -----------------------------------------------------
@@ -534,6 +589,20 @@ class PrefixCacheMachine(RuleBasedStateMachine):
         else:
             assert self.longest(ns, tokens, but=ev.seq_id) < ev.keep == len(tokens) - ev.freed_tokens
             self.parked[ev.seq_id] = (ns, tokens[: ev.keep])
+
+    @rule(min_depth=st.integers(0, 13))
+    def lru_leaf(self, min_depth: int) -> None:
+        locked_paths = {(ns, path) for _, ns, path in self.locks}
+        times = {
+            s: self.used[(ns, t)]
+            for s, (ns, t) in self.parked.items()
+            if (ns, t) not in locked_paths and len(t) >= min_depth
+        }
+        leaf = self.cache.lru_leaf(min_depth)
+        if leaf is None:
+            assert not times
+        else:
+            assert leaf.holder in times and times[leaf.holder] == min(times.values())
 
     @precondition(lambda self: self.parked)
     @rule(data=st.data())

@@ -6,7 +6,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from kvchat.engine.state_store import SpilledState, StateStore, _common_prefix_len
+from kvchat.engine.radix import common_prefix_length
+from kvchat.engine.state_store import SpilledState, StateStore
 
 SYSTEM = tuple(range(1000, 1040))  # a system prompt every conversation starts with
 
@@ -47,7 +48,7 @@ def test_index_answers_as_a_scan_of_every_entry_would(tmp_path: Path) -> None:
 
     def scan(query: tuple[int, ...], namespace: str | None) -> tuple[int, bool, int] | None:
         ranks = [
-            (_common_prefix_len(e.tokens, query), tier == "ram", e.last_used)
+            (common_prefix_length(e.tokens, query), tier == "ram", e.last_used)
             for tier, entries in (("ram", store._ram), ("disk", store._disk))
             for e in entries.values()
             if e.namespace == namespace

@@ -4,7 +4,9 @@ sequence holds the cells of each token run.
 Pure bookkeeping, after SGLang's radix cache: the engine asks what is resident
 (:meth:`PrefixCache.match`), parks finished sequences (:meth:`PrefixCache.insert`)
 and asks what to free (:meth:`PrefixCache.evict_lru`); the tree answers with the
-KV operations to perform and never touches llama.cpp itself.
+KV operations to perform and never touches llama.cpp itself. The tree is built on
+:mod:`kvchat.engine.radix`; its unlocked leaves wait in an
+:class:`~kvchat.engine.eviction_queue.EvictionQueue`, least recently used first.
 
 A parked sequence holds cells for exactly the positions ``[0, n)`` of its tokens,
 and ``seq_copy`` shares cells between sequences. So every parked sequence owns
@@ -17,15 +19,22 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from kvchat.engine.eviction_queue import EvictionQueue
+from kvchat.engine.radix import RadixNode
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 
 class IntegrityError(Exception):
     """An invariant of the tree is broken (raised by `PrefixCache.check_integrity`)."""
 
 
-class Node:
+class Node(RadixNode[tuple[int, ...]]):
     """One edge of the tree: `tokens` at positions ``[start, end)``, below `parent`.
 
     `children` are keyed by the first token of their edge. `holder` is the seq id
@@ -34,22 +43,19 @@ class Node:
     insert through it.
     """
 
-    __slots__ = ("tokens", "start", "parent", "children", "holder", "lock_ref", "last_used", "stamp")
+    __slots__ = ("holder", "lock_ref", "last_used", "stamp")
 
-    def __init__(self, tokens: tuple[int, ...], start: int, parent: Node | None, holder: int | None) -> None:
-        self.tokens = tokens
-        self.start = start
-        self.parent = parent
-        self.children: dict[int, Node] = {}
+    def __init__(self, tokens: tuple[int, ...], holder: int | None = None) -> None:
+        super().__init__(tokens)
         self.holder = holder
         self.lock_ref = 0
         self.last_used = 0.0
         self.stamp = 0  # order of the last touch: breaks ties between equal clock readings
 
     @property
-    def end(self) -> int:
-        """The position after this node's last token (= depth below the root)."""
-        return self.start + len(self.tokens)
+    def tokens(self) -> tuple[int, ...]:
+        """This edge's token ids (its label)."""
+        return self.label
 
     def path(self) -> tuple[int, ...]:
         """Every token from the root to the end of this node's edge."""
@@ -59,6 +65,14 @@ class Node:
             parts.append(node.tokens)
             node = node.parent
         return tuple(itertools.chain.from_iterable(reversed(parts)))
+
+    def upper_half(self, label: tuple[int, ...]) -> Self:
+        """The upper part of a split inherits holder, lock count and use time: every
+        lock counted on this node walks through it from now on, and the counters of
+        the cache do not change."""
+        upper = type(self)(label, self.holder)
+        upper.lock_ref, upper.last_used, upper.stamp = self.lock_ref, self.last_used, self.stamp
+        return upper
 
     def __repr__(self) -> str:
         return f"Node(start={self.start}, tokens={self.tokens}, holder={self.holder}, lock_ref={self.lock_ref})"
@@ -119,14 +133,16 @@ class PrefixCache:
     """Radix tree of parked KV sequences, one tree per namespace.
 
     Requests in different namespaces never share. Eviction picks the least
-    recently used unlocked leaf over all namespaces. Not thread-safe: the engine's
-    worker thread owns it.
+    recently used unlocked leaf over all namespaces, from a queue of those leaves
+    kept as the tree changes. Not thread-safe: the engine's worker thread owns it.
     """
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._roots: dict[str | None, Node] = {}
+        self._namespace_of: dict[Node, str | None] = {}  # root -> its namespace
         self._leaf_of: dict[int, Node] = {}
+        self._evictable: EvictionQueue[Node] = EvictionQueue()  # the unlocked leaves
         self._total = 0
         self._protected = 0
         self._stamps = itertools.count(1)
@@ -139,12 +155,16 @@ class PrefixCache:
 
     def peek(self, tokens: Sequence[int], *, namespace: str | None = None) -> MatchResult:
         """Like :meth:`match`, but leaves the last-use times alone."""
-        length, node = self._walk(tokens, namespace)
+        length, node = self._walk(tuple(tokens), namespace)
         return MatchResult(length, node.holder, node) if node is not None else MatchResult(0, None, None)
 
     def holders(self) -> set[int]:
         """The seq ids currently parked in the tree."""
         return set(self._leaf_of)
+
+    def held_tokens(self) -> dict[int, tuple[int, ...]]:
+        """Each parked sequence and the tokens it holds (its leaf's path)."""
+        return {seq_id: leaf.path() for seq_id, leaf in self._leaf_of.items()}
 
     @property
     def total_tokens(self) -> int:
@@ -173,6 +193,7 @@ class PrefixCache:
             n.lock_ref += 1
             if n.lock_ref == 1:
                 self._protected += len(n.tokens)
+        self._evictable.discard(node)
 
     def unlock(self, node: Node) -> None:
         """Drop one reference taken by :meth:`lock`; raises ValueError if there is none.
@@ -187,6 +208,8 @@ class PrefixCache:
             n.lock_ref -= 1
             if n.lock_ref == 0 and attached:
                 self._protected -= len(n.tokens)
+        if attached:
+            self._queue_if_evictable(node)
 
     def insert(
         self, tokens: Sequence[int], seq_id: int, *, shared_prefix: int = 0, namespace: str | None = None
@@ -206,9 +229,7 @@ class PrefixCache:
         if length == len(tokens):
             self._touch(deepest)
             return InsertResult(0, False)
-        parent = deepest if deepest is not None else self._roots.setdefault(namespace, Node((), 0, None, None))
-        if parent.end > length:  # the tokens leave `deepest` inside its edge
-            parent = self._split(parent, length - parent.start)
+        parent = (deepest or self._root(namespace)).ending_at(length)
         shared_from: tuple[tuple[int, int, int], ...] = ()
         if length > shared_prefix and parent.holder is not None:  # evaluated again what the tree had
             shared_from = ((parent.holder, shared_prefix, length),)
@@ -218,12 +239,13 @@ class PrefixCache:
             assert old is not None
             redundant = (old,)
             del self._leaf_of[old]
+            self._evictable.discard(parent)
             self._reassign(parent, old, seq_id)
-        leaf = Node(tokens[length:], length, parent, seq_id)
-        parent.children[leaf.tokens[0]] = leaf
+        leaf = parent.add_child(Node(tokens[length:], seq_id))
         self._leaf_of[seq_id] = leaf
         self._total += len(leaf.tokens)
         self._touch(leaf)
+        self._queue_if_evictable(leaf)
         return InsertResult(len(leaf.tokens), True, redundant, shared_from)
 
     def evict_lru(self) -> Eviction | None:
@@ -238,8 +260,7 @@ class PrefixCache:
     def lru_leaf(self, min_depth: int = 0) -> Node | None:
         """The least recently used unlocked leaf ending at least `min_depth` tokens below
         its root; None if there is none."""
-        candidates = [leaf for leaf in self._leaf_of.values() if leaf.lock_ref == 0 and leaf.end >= min_depth]
-        return min(candidates, key=lambda n: (n.last_used, n.stamp)) if candidates else None
+        return self._evictable.oldest(min_depth)
 
     def evict_leaf(self, leaf: Node) -> Eviction:
         """Remove `leaf` (an unlocked leaf, e.g. from :meth:`lru_leaf`) as :meth:`evict_lru` would."""
@@ -276,10 +297,12 @@ class PrefixCache:
         root = self._roots.pop(namespace, None)
         if root is None:
             return []
+        del self._namespace_of[root]
         released: list[int] = []
-        for node in _subtree(root):
+        for node in root.subtree():
             self._total -= len(node.tokens)
             self._protected -= len(node.tokens) if node.lock_ref > 0 else 0
+            self._evictable.discard(node)
             if node.holder is not None and not node.children:
                 released.append(node.holder)
                 del self._leaf_of[node.holder]
@@ -293,10 +316,11 @@ class PrefixCache:
         """Recount everything from scratch; raise IntegrityError on any broken invariant."""
         total = protected = 0
         leaves: dict[int, Node] = {}
+        _require(self._namespace_of == {root: ns for ns, root in self._roots.items()}, "roots and namespaces disagree")
         for namespace, root in self._roots.items():
             malformed = root.parent is not None or root.tokens or root.start != 0 or root.holder is not None
             _require(not malformed, f"namespace {namespace!r}: malformed root {root!r}")
-            for node in _subtree(root):
+            for node in root.subtree():
                 total += len(node.tokens)
                 protected += len(node.tokens) if node.lock_ref > 0 else 0
                 _check_node(node)
@@ -309,48 +333,47 @@ class PrefixCache:
         for holder, leaf in leaves.items():
             _require(self._leaf_of[holder] is leaf, f"seq {holder}: recorded leaf is not its leaf")
         for root in self._roots.values():
-            for node in _subtree(root):
+            for node in root.subtree():
                 if node.parent is not None:
                     below = node.holder is not None and _is_below(leaves.get(node.holder), node)
                     _require(below, f"holder is not the holder of a leaf below: {node!r}")
         _require(total == self._total, f"total_tokens {self._total} != recount {total}")
         _require(protected == self._protected, f"protected_tokens {self._protected} != recount {protected}")
+        problem = self._evictable.inconsistency({leaf for leaf in leaves.values() if leaf.lock_ref == 0})
+        _require(problem is None, f"eviction queue: {problem}")
 
-    def _walk(self, tokens: Sequence[int], namespace: str | None) -> tuple[int, Node | None]:
+    def _root(self, namespace: str | None) -> Node:
+        """`namespace`'s root, made if it has none."""
+        root = self._roots.get(namespace)
+        if root is None:
+            root = self._roots[namespace] = Node(())
+            self._namespace_of[root] = namespace
+        return root
+
+    def _walk(self, tokens: tuple[int, ...], namespace: str | None) -> tuple[int, Node | None]:
         """Tokens matched and the deepest node reached (None if no token matched)."""
-        node = self._roots.get(namespace)
-        pos, deepest = 0, None
-        while node is not None and pos < len(tokens):
-            child = node.children.get(tokens[pos])
-            if child is None:
-                break
-            k = _common_length(child.tokens, tokens, pos)
-            pos, deepest = pos + k, child
-            node = child if k == len(child.tokens) else None
-        return pos, deepest
+        root = self._roots.get(namespace)
+        if root is None:
+            return 0, None
+        length, deepest = root.longest_match(tokens)
+        return length, (deepest if length else None)
 
     def _touch(self, node: Node | None) -> None:
         """Mark `node` and its ancestors as just used (nothing if `node` is None)."""
         if node is None:
             return
         now, stamp = self._clock(), next(self._stamps)
-        while node is not None:
-            node.last_used, node.stamp = now, stamp
-            node = node.parent
+        n: Node | None = node
+        while n is not None:
+            n.last_used, n.stamp = now, stamp
+            n = n.parent
+        if node in self._evictable:  # only `node` can be a leaf: its key changed
+            self._evictable.push(node)
 
-    def _split(self, node: Node, k: int) -> Node:
-        """Cut `node`'s edge after `k` tokens; return the new upper node.
-
-        The upper node inherits holder, lock count and use time: every lock
-        counted on `node` walks through it from now on. The counters do not change.
-        """
-        assert node.parent is not None and 0 < k < len(node.tokens)
-        upper = Node(node.tokens[:k], node.start, node.parent, node.holder)
-        upper.lock_ref, upper.last_used, upper.stamp = node.lock_ref, node.last_used, node.stamp
-        node.parent.children[node.tokens[0]] = upper
-        node.tokens, node.start, node.parent = node.tokens[k:], node.start + k, upper
-        upper.children[node.tokens[0]] = node
-        return upper
+    def _queue_if_evictable(self, node: Node) -> None:
+        """Queue `node` for eviction if it is an unlocked leaf."""
+        if node.parent is not None and not node.children and node.lock_ref == 0:
+            self._evictable.push(node)
 
     def _reassign(self, node: Node | None, old: int, new: int | None) -> None:
         """Replace holder `old` on `node` and its ancestors by `new` (None: by a child's holder)."""
@@ -363,17 +386,18 @@ class PrefixCache:
         holder, parent, tokens = leaf.holder, leaf.parent, leaf.path()
         assert holder is not None and parent is not None and leaf.lock_ref == 0
         path, _ = self._path_to_root(leaf)
-        namespace = next(ns for ns, root in self._roots.items() if root is path[-1])
-        del parent.children[leaf.tokens[0]]
-        leaf.parent = None
+        namespace = self._namespace_of[path[-1]]
+        leaf.detach()
+        self._evictable.discard(leaf)
         self._total -= len(leaf.tokens)
         if parent.parent is not None and not parent.children:  # the parent is the holder's new leaf
             self._leaf_of[holder] = parent
+            self._queue_if_evictable(parent)
             return Eviction(holder, parent.end, tokens, len(leaf.tokens), False, namespace)
         del self._leaf_of[holder]
         self._reassign(parent, holder, None)
         if parent.parent is None and not parent.children and not parent.lock_ref:
-            del self._roots[namespace]
+            del self._roots[namespace], self._namespace_of[parent]
         return Eviction(holder, 0, tokens, len(leaf.tokens), True, namespace)
 
     def _path_to_root(self, node: Node) -> tuple[list[Node], bool]:
@@ -383,25 +407,7 @@ class PrefixCache:
         while n is not None:
             path.append(n)
             n = n.parent
-        return path, any(path[-1] is root for root in self._roots.values())
-
-
-def _common_length(edge: tuple[int, ...], tokens: Sequence[int], pos: int) -> int:
-    """How many leading tokens of `edge` equal ``tokens[pos:]``."""
-    n = min(len(edge), len(tokens) - pos)
-    for i in range(n):
-        if edge[i] != tokens[pos + i]:
-            return i
-    return n
-
-
-def _subtree(root: Node) -> Iterator[Node]:
-    """`root` and every node below it, parents first."""
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        yield node
-        stack.extend(node.children.values())
+        return path, path[-1] in self._namespace_of
 
 
 def _is_below(leaf: Node | None, node: Node) -> bool:

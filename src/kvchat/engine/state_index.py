@@ -1,4 +1,5 @@
-"""`StateIndex`: a radix tree per namespace over the tokens of stored KV states.
+"""`StateIndex`: a radix tree per namespace (on :mod:`kvchat.engine.radix`) over the
+tokens of stored KV states.
 
 `StateStore` asks it two things on the engine thread, at every admission and at
 every eviction: which stored entry shares the longest prefix with a prompt (the
@@ -16,7 +17,12 @@ tier) is removed and added again.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+
+from kvchat.engine.radix import RadixNode
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 
 class IndexedEntry(Protocol):
@@ -35,18 +41,22 @@ class IndexedEntry(Protocol):
 E = TypeVar("E", bound=IndexedEntry)
 
 
-class _Node(Generic[E]):
-    """An edge of `tokens` below `parent`; `entries` end exactly here; `best` is the
-    best-ranked entry in this subtree (None only in an empty root)."""
+class _Node(RadixNode[tuple[int, ...]], Generic[E]):
+    """An edge of tokens; `entries` end exactly here; `best` is the best-ranked entry
+    in this subtree (None only in an empty root)."""
 
-    __slots__ = ("tokens", "parent", "children", "entries", "best")
+    __slots__ = ("entries", "best")
 
-    def __init__(self, tokens: tuple[int, ...], parent: _Node[E] | None) -> None:
-        self.tokens = tokens
-        self.parent = parent
-        self.children: dict[int, _Node[E]] = {}
+    def __init__(self, tokens: tuple[int, ...]) -> None:
+        super().__init__(tokens)
         self.entries: dict[str, E] = {}
         self.best: E | None = None
+
+    def upper_half(self, label: tuple[int, ...]) -> Self:
+        """The upper part of a split leads the same subtree."""
+        upper = type(self)(label)
+        upper.best = self.best
+        return upper
 
 
 class _Walk(Generic[E]):
@@ -100,19 +110,8 @@ class StateIndex(Generic[E]):
         """Index `entry` (its key must not be indexed)."""
         root = self._roots.get(entry.namespace)
         if root is None:
-            root = self._roots[entry.namespace] = _Node((), None)
-        node, tokens, i = root, entry.tokens, 0
-        while i < len(tokens):
-            child = node.children.get(tokens[i])
-            if child is None:
-                leaf: _Node[E] = _Node(tokens[i:], node)
-                node.children[tokens[i]] = leaf
-                node = leaf
-                break
-            common = _common_prefix_len(child.tokens, tokens[i : i + len(child.tokens)])
-            if common < len(child.tokens):
-                child = self._split(child, common)
-            node, i = child, i + common
+            root = self._roots[entry.namespace] = _Node(())
+        node = root.insert(entry.tokens)
         node.entries[entry.key] = entry
         self._nodes[entry.key] = node
         self._raise(node, entry)
@@ -123,14 +122,10 @@ class StateIndex(Generic[E]):
         if node is None:
             return
         del node.entries[entry.key]
-        while node.parent is not None and not node.entries and not node.children:  # prune the empty branch
-            parent = node.parent
-            del parent.children[node.tokens[0]]
-            node = parent
-        if node.parent is not None and not node.entries and len(node.children) == 1:
-            self._merge(node)  # its child (which never held `entry`) takes its place
-            node = node.parent
-        walk: _Node[E] | None = node
+        kept = node.prune(lambda n: bool(n.entries))
+        walk: _Node[E] | None = kept
+        if kept.parent is not None and not kept.entries and len(kept.children) == 1:
+            walk = kept.merge_into_child().parent  # its child (which never held `entry`) takes its place
         while walk is not None and walk.best is entry:  # the subtrees that `entry` led
             walk.best = self._best_of(walk)
             walk = walk.parent
@@ -144,49 +139,18 @@ class StateIndex(Generic[E]):
         if node is not None:
             self._raise(node, entry)
 
-    # -- tree -------------------------------------------------------------------------------------
-
     def _walk(self, query: tuple[int, ...], namespace: str | None) -> _Walk[E] | None:
         root = self._roots.get(namespace)
         self.steps = 0
         if root is None:
             return None
-        node, i = root, 0
+        node, length = root, 0
         prefixes: list[E] = []
-        while i < len(query):
-            child = node.children.get(query[i])
+        for node, length in root.descend(query):
             self.steps += 1
-            if child is None:
-                break
-            common = _common_prefix_len(child.tokens, query[i : i + len(child.tokens)])
-            i += common
-            node = child
-            if common < len(child.tokens):  # stopped inside this edge
-                return _Walk(i, node, prefixes, i == len(query))
-            if i < len(query):
+            if length == node.end and length < len(query):
                 prefixes.extend(node.entries.values())
-        return _Walk(i, node, prefixes, i == len(query))
-
-    def _split(self, child: _Node[E], at: int) -> _Node[E]:
-        """Cut `child`'s edge after `at` tokens; the new upper node is returned."""
-        parent = child.parent
-        assert parent is not None
-        upper: _Node[E] = _Node(child.tokens[:at], parent)
-        parent.children[child.tokens[0]] = upper
-        child.tokens = child.tokens[at:]
-        child.parent = upper
-        upper.children[child.tokens[0]] = child
-        upper.best = child.best
-        return upper
-
-    def _merge(self, node: _Node[E]) -> None:
-        """Fold a node without entries into its only child."""
-        parent = node.parent
-        assert parent is not None
-        [child] = node.children.values()
-        child.tokens = node.tokens + child.tokens
-        child.parent = parent
-        parent.children[child.tokens[0]] = child
+        return _Walk(length, node, prefixes, length == len(query))
 
     def _raise(self, node: _Node[E] | None, entry: E) -> None:
         rank = self._rank(entry)
@@ -197,18 +161,3 @@ class StateIndex(Generic[E]):
     def _best_of(self, node: _Node[E]) -> E | None:
         candidates = [*node.entries.values(), *(c.best for c in node.children.values() if c.best is not None)]
         return max(candidates, key=self._rank, default=None)
-
-
-def _common_prefix_len(a: tuple[int, ...], b: tuple[int, ...]) -> int:
-    """Length of the common prefix, by slice comparisons (C speed) in a binary search."""
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    lo, hi = 0, n  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if a[lo:mid] == b[lo:mid]:
-            lo = mid
-        else:
-            hi = mid
-    return lo

@@ -1,12 +1,13 @@
 """`ReplicaPrefixTree`: an approximate record of the prompts each replica holds.
 
-One radix tree over routing texts (see :mod:`kvchat.server.ray_serve.routing_text`),
-each node tagged with the replicas that were sent a text running through it and
-when. A replica that holds a node holds all its ancestors, so one walk down the
-tree gives every replica's longest match. Each replica's share of the tree is
-bounded by its cache capacity (in characters); past it, that replica's least
-recently used leaves are forgotten, as its engine evicts least recently used
-prefixes. No Ray here: the router and the simulation share it.
+One radix tree (on :mod:`kvchat.engine.radix`) over routing texts (see
+:mod:`kvchat.server.ray_serve.routing_text`), each node tagged with the replicas
+that were sent a text running through it and when. A replica that holds a node
+holds all its ancestors, so one walk down the tree gives every replica's longest
+match. Each replica's share of the tree is bounded by its cache capacity (in
+characters); past it, that replica's least recently used leaves are forgotten,
+as its engine evicts least recently used prefixes. No Ray here: the router and
+the simulation share it.
 """
 
 from __future__ import annotations
@@ -14,29 +15,43 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import Hashable, Iterator
-from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from kvchat.engine.radix import RadixNode
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 __all__ = ["ReplicaPrefixTree"]
 
 ReplicaKey = Hashable
 
 
-@dataclass(eq=False)
-class _Node:
-    label: str
-    parent: _Node | None
-    children: dict[str, _Node] = field(default_factory=dict)
-    last_used: dict[ReplicaKey, float] = field(default_factory=dict)
-    """The replicas holding this node, with the logical time they last used it."""
-    ends: set[ReplicaKey] = field(default_factory=set)
-    """The replicas that were sent a text ending exactly here."""
+class _Node(RadixNode[str]):
+    """A run of characters; `last_used` maps the replicas holding it to the logical
+    time they last used it; `ends` are the replicas that were sent a text ending
+    exactly here."""
+
+    __slots__ = ("last_used", "ends")
+
+    def __init__(self, label: str) -> None:
+        super().__init__(label)
+        self.last_used: dict[ReplicaKey, float] = {}
+        self.ends: set[ReplicaKey] = set()
+
+    def upper_half(self, label: str) -> Self:
+        """Each holder of this node holds the upper part too (its character count is
+        unchanged); no text ends there yet."""
+        upper = type(self)(label)
+        upper.last_used = dict(self.last_used)
+        return upper
 
 
 class ReplicaPrefixTree:
     """Which replica was sent which text, as a radix tree with per-replica LRU bounds."""
 
     def __init__(self) -> None:
-        self._root = _Node("", None)
+        self._root = _Node("")
         self._chars: dict[ReplicaKey, int] = {}
         self._capacity: dict[ReplicaKey, int] = {}
         self._clock = 0.0
@@ -46,33 +61,20 @@ class ReplicaPrefixTree:
     def match(self, text: str) -> dict[ReplicaKey, int]:
         """For every replica whose record shares a prefix with `text`, that prefix's length."""
         matched: dict[ReplicaKey, int] = {}
-        node, pos = self._root, 0
-        while pos < len(text):
-            child = node.children.get(text[pos])
-            if child is None:
-                break
-            common = _common_prefix(child.label, text, pos)
-            for replica in child.last_used:
-                matched[replica] = pos + common
-            pos += common
-            if common < len(child.label):
-                break
-            node = child
+        for node, length in self._root.descend(text):
+            for replica in node.last_used:
+                matched[replica] = length
         return matched
 
     def match_whole(self, text: str) -> dict[ReplicaKey, int]:
         """For every replica that was sent a text which is a prefix of `text` (a
         conversation's earlier turn), the longest such text's length."""
         whole: dict[ReplicaKey, int] = {}
-        node, pos = self._root, 0
-        while pos < len(text):
-            child = node.children.get(text[pos])
-            if child is None or not text.startswith(child.label, pos):
+        for node, length in self._root.descend(text):
+            if length < node.end:
                 break
-            pos += len(child.label)
-            for replica in child.ends:
-                whole[replica] = pos
-            node = child
+            for replica in node.ends:
+                whole[replica] = length
         return whole
 
     def chars(self, replica: ReplicaKey) -> int:
@@ -89,24 +91,15 @@ class ReplicaPrefixTree:
         """Record that `replica` was sent `text` (and so holds its prefixes), then
         trim the replica's record to its capacity."""
         self._clock += 1
-        now = self._clock
-        node, pos = self._root, 0
-        while pos < len(text):
-            child = node.children.get(text[pos])
-            if child is None:
-                child = _Node(text[pos:], node)
-                node.children[text[pos]] = child
-            else:
-                common = _common_prefix(child.label, text, pos)
-                if common < len(child.label):
-                    child = self._split(child, common)
-            if replica not in child.last_used:
-                self._chars[replica] = self._chars.get(replica, 0) + len(child.label)
-            child.last_used[replica] = now
-            pos += len(child.label)
-            node = child
-        if node is not self._root:
-            node.ends.add(replica)
+        end = self._root.insert(text)
+        if end is not self._root:
+            end.ends.add(replica)
+        node: _Node | None = end
+        while node is not None and node is not self._root:
+            if replica not in node.last_used:
+                self._chars[replica] = self._chars.get(replica, 0) + len(node.label)
+            node.last_used[replica] = self._clock
+            node = node.parent
         capacity = self._capacity.get(replica)
         if capacity is not None and self._chars.get(replica, 0) > capacity:
             self._trim(replica, capacity)
@@ -130,16 +123,6 @@ class ReplicaPrefixTree:
         self._capacity.pop(replica, None)
 
     # -- internals -------------------------------------------------------------
-
-    def _split(self, node: _Node, at: int) -> _Node:
-        """Cut `node`'s label after `at` characters; return the new upper part."""
-        assert node.parent is not None
-        upper = _Node(node.label[:at], node.parent, last_used=dict(node.last_used))
-        node.parent.children[upper.label[0]] = upper
-        node.label = node.label[at:]
-        node.parent = upper
-        upper.children[node.label[0]] = node
-        return upper  # each holder now holds both parts: its character count is unchanged
 
     def _nodes_of(self, replica: ReplicaKey) -> Iterator[_Node]:
         stack = list(self._root.children.values())
@@ -178,18 +161,4 @@ class ReplicaPrefixTree:
 
     def _prune(self, node: _Node) -> None:
         """Remove `node` and its empty ancestors once no replica holds them."""
-        while node is not self._root and not node.last_used and not node.children:
-            parent = node.parent
-            assert parent is not None
-            del parent.children[node.label[0]]
-            node = parent
-
-
-def _common_prefix(label: str, text: str, start: int) -> int:
-    if text.startswith(label, start):
-        return len(label)
-    limit = min(len(label), len(text) - start)
-    index = 0
-    while index < limit and label[index] == text[start + index]:
-        index += 1
-    return index
+        node.prune(lambda n: bool(n.last_used))
