@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-import kvchat.server
 from kvchat.cli import app
+from kvchat.cli.runtime import Runtime
 from kvchat.engine import EngineSettings
 from kvchat.errors import InvalidRequestError
 
@@ -19,10 +19,10 @@ def test_the_disk_tier_has_a_default_bound() -> None:
             EngineSettings(cache_disk_bytes=bad)  # type: ignore[arg-type]
 
 
-def test_serve_bounds_the_disk_tier_by_default(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+def test_serve_bounds_the_disk_tier_by_default(tmp_path) -> None:
     seen = []
-    monkeypatch.setattr(kvchat.server, "serve", lambda model, **options: seen.append(options["engine_settings"]))
+    runtime = Runtime(serve=lambda model, **options: seen.append(options["engine_settings"]))
     runner = CliRunner()
-    assert runner.invoke(app, ["serve", "--cache-dir", str(tmp_path)]).exit_code == 0
-    assert runner.invoke(app, ["serve", "--cache-dir", str(tmp_path), "--cache-disk", "1G"]).exit_code == 0
+    assert runner.invoke(app, ["serve", "--cache-dir", str(tmp_path)], obj=runtime).exit_code == 0
+    assert runner.invoke(app, ["serve", "--cache-dir", str(tmp_path), "--cache-disk", "1G"], obj=runtime).exit_code == 0
     assert [s.cache_disk_bytes for s in seen] == [4 << 30, 1 << 30]

@@ -13,16 +13,16 @@ write order that keeps a conversation's saved state through a kill mid-spill.
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
+from functools import partial
 from pathlib import Path
 
 import openai
 import pytest
 from http_server import ServeProcess
 
-from kvchat.atomic_file import leftover_temp_files
+from kvchat.atomic_file import leftover_temp_files, write_atomically
 from kvchat.engine.state_store import FILE_SUFFIX, SpilledState, StateStore
 
 pytestmark = pytest.mark.system  # child processes (see tests/conftest.py)
@@ -219,9 +219,7 @@ class Killed(BaseException):
     """Stands for SIGKILL inside the store: nothing after the raise runs."""
 
 
-def test_kill_while_a_conversation_is_re_spilled_keeps_its_saved_prefix(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_kill_while_a_conversation_is_re_spilled_keeps_its_saved_prefix(tmp_path: Path) -> None:
     """A longer entry replaces its saved prefix only once its own file is written:
     killed in between (here: in the fsync of the new file), the prefix survives.
     The stores write on this thread (`write_queue_bytes=None`) so that the kill
@@ -229,15 +227,19 @@ def test_kill_while_a_conversation_is_re_spilled_keeps_its_saved_prefix(
     turn_1 = SpilledState((1, 2, 3), None, b"state after turn 1")
     turn_2 = SpilledState((1, 2, 3, 4, 5), None, b"state after turn 2")
     StateStore(ram_budget_bytes=0, disk_dir=tmp_path, layout_key="L", write_queue_bytes=None).put(turn_1)
-    store = StateStore(ram_budget_bytes=0, disk_dir=tmp_path, layout_key="L", write_queue_bytes=None)
 
     def kill(fd: int) -> None:
         raise Killed
 
-    monkeypatch.setattr(os, "fsync", kill)
+    store = StateStore(
+        ram_budget_bytes=0,
+        disk_dir=tmp_path,
+        layout_key="L",
+        write_queue_bytes=None,
+        write_file=partial(write_atomically, fsync=kill),
+    )
     with pytest.raises(Killed):
         store.put(turn_2)
-    monkeypatch.undo()
 
     restarted = StateStore(ram_budget_bytes=0, disk_dir=tmp_path, layout_key="L", write_queue_bytes=None)
     match = restarted.best_match([1, 2, 3, 4, 5, 6])

@@ -28,6 +28,7 @@ from typer.testing import CliRunner
 from kvchat import Engine, EngineSettings
 from kvchat.cli import app as cli_app
 from kvchat.cli.chat import speculation_line
+from kvchat.cli.runtime import Runtime
 from kvchat.engine import EngineStats, Usage
 from kvchat.engine.sampling import MAX_PREDICTION_TOKENS
 from kvchat.errors import InvalidRequestError
@@ -141,21 +142,19 @@ def test_chat_stats_line_shows_the_acceptance() -> None:
     (["--speculation", "off"], {}, "off"),
     ([], {"KVCHAT_SPECULATION": "off"}, "off"),
 ])
-def test_serve_passes_speculation_to_the_engine(monkeypatch, args: list[str], env: dict, expected: str) -> None:
+def test_serve_passes_speculation_to_the_engine(args: list[str], env: dict, expected: str) -> None:
     seen: dict = {}
-    monkeypatch.setattr("kvchat.server.serve", lambda model, **options: seen.update(options))
-    result = CliRunner().invoke(cli_app, ["serve", *args], env=env)
+    runtime = Runtime(serve=lambda model, **options: seen.update(options))
+    result = CliRunner().invoke(cli_app, ["serve", *args], env=env, obj=runtime)
     assert result.exit_code == 0, result.output
     assert seen["engine_settings"].speculation == expected
 
 
 class FakeEngine:
-    """Stands in for the engine `kvchat chat` opens: records its settings."""
-
-    settings: EngineSettings | None = None
+    """Stands in for the engine `kvchat chat` opens (`Runtime.open_engine`): keeps its settings."""
 
     def __init__(self, model: object, settings: EngineSettings) -> None:
-        FakeEngine.settings = settings
+        self.settings = settings
 
     def __enter__(self) -> FakeEngine:
         return self
@@ -165,13 +164,18 @@ class FakeEngine:
 
 
 @pytest.mark.parametrize("args, expected", [([], "auto"), (["--speculation", "off"], "off")])
-def test_chat_passes_speculation_to_the_engine(monkeypatch, args: list[str], expected: str) -> None:
-    monkeypatch.setattr(FakeEngine, "settings", None)
-    monkeypatch.setattr("kvchat.engine.Engine", FakeEngine)
-    monkeypatch.setattr("kvchat.models.resolve", lambda name: name)
-    result = CliRunner().invoke(cli_app, ["chat", *args], input="/quit\n")
+def test_chat_passes_speculation_to_the_engine(args: list[str], expected: str) -> None:
+    opened: list[FakeEngine] = []
+
+    def open_engine(model: object, settings: EngineSettings) -> FakeEngine:
+        opened.append(FakeEngine(model, settings))
+        return opened[-1]
+
+    runtime = Runtime(open_engine=open_engine, resolve_model=lambda name: name)
+    result = CliRunner().invoke(cli_app, ["chat", *args], input="/quit\n", obj=runtime)
     assert result.exit_code == 0, result.output
-    assert FakeEngine.settings is not None and FakeEngine.settings.speculation == expected
+    (engine,) = opened
+    assert engine.settings.speculation == expected
 
 
 @pytest.mark.parametrize("command", ["serve", "chat"])

@@ -1344,20 +1344,21 @@ def test_build_app_bounds_the_handles_queue_and_sizes_the_ingress() -> None:
         ("::", None),
     ],
 )
-def test_kvchat_serve_ray_allows_the_host_it_binds(
-    monkeypatch: pytest.MonkeyPatch, host: str, added: str | None
-) -> None:
+def test_kvchat_serve_ray_allows_the_host_it_binds(host: str, added: str | None) -> None:
     pytest.importorskip("ray")
     from typer.testing import CliRunner
 
     from kvchat.cli import app as cli
+    from kvchat.cli.runtime import Runtime
     from kvchat.server.middleware import HostCheck
-    from kvchat.server.ray_serve import app as ray_app
 
     built: dict[str, Any] = {}
-    monkeypatch.setattr(ray_app, "build_app", lambda model, **options: built.update(options) or "application")
-    monkeypatch.setattr(ray_app, "run", lambda application, **options: built.update(run=(application, options)))
-    result = CliRunner().invoke(cli, ["serve", "--ray", "--host", host, "--allowed-host", "other.example"])
+    runtime = Runtime(
+        build_ray_app=lambda model, **options: built.update(options) or "application",
+        run_ray=lambda application, **options: built.update(run=(application, options)),
+    )
+    args = ["serve", "--ray", "--host", host, "--allowed-host", "other.example"]
+    result = CliRunner().invoke(cli, args, obj=runtime)
     assert result.exit_code == 0, result.output
     allowed = built["server_settings"].allowed_hosts
     assert allowed == ("other.example",) + ((added,) if added else ())

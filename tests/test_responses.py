@@ -35,6 +35,7 @@ from kvchat.chat import chat_tokenizer
 from kvchat.chat.complete import ChatDelta
 from kvchat.chat.tool_calls import ToolCall
 from kvchat.cli import app as cli_app
+from kvchat.cli.runtime import Runtime
 from kvchat.engine import Usage
 from kvchat.errors import InvalidRequestError
 from kvchat.llama import Model
@@ -166,10 +167,10 @@ def test_server_settings_validate_the_store_bounds() -> None:
      (5, 1024 * 1024, 60.0)),
     ([], {"KVCHAT_RESPONSES_STORE_MAX": "0", "KVCHAT_RESPONSES_STORE_TTL": "30"}, (0, 64 * 1024 * 1024, 30.0)),
 ])
-def test_serve_passes_the_store_bounds(monkeypatch, args: list[str], env: dict, expected: tuple) -> None:
+def test_serve_passes_the_store_bounds(args: list[str], env: dict, expected: tuple) -> None:
     seen: dict = {}
-    monkeypatch.setattr("kvchat.server.serve", lambda model, **options: seen.update(options))
-    result = CliRunner().invoke(cli_app, ["serve", *args], env=env)
+    runtime = Runtime(serve=lambda model, **options: seen.update(options))
+    result = CliRunner().invoke(cli_app, ["serve", *args], env=env, obj=runtime)
     assert result.exit_code == 0, result.output
     settings = seen["settings"]
     assert (settings.responses_store_max, settings.responses_store_bytes, settings.responses_store_ttl) == expected

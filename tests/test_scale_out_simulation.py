@@ -54,23 +54,18 @@ def test_one_replica_with_room_for_everything_makes_the_policies_equal() -> None
     assert rows[0]["hit_rate"] > 0.7
 
 
-def test_the_affinity_run_routes_with_the_real_policy(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[str] = []
-    choose = PrefixAffinityPolicy.choose
-
-    def counting(self: PrefixAffinityPolicy, text: str, loads: Any, **kwargs: Any) -> Any:
-        calls.append(text)
-        return choose(self, text, loads, **kwargs)
-
-    monkeypatch.setattr(PrefixAffinityPolicy, "choose", counting)
+def test_the_affinity_run_routes_with_the_real_policy() -> None:
     result = sim.simulate("affinity", **SMALL)
-    assert len(calls) == result["requests"] == SMALL["conversations"] * SMALL["turns"]
+    requests = SMALL["conversations"] * SMALL["turns"]
+    # The cluster counts one decision per `choose` of its policy: every request was routed
+    # once, by a PrefixAffinityPolicy ("prefix" and "pinned" are its own kinds).
+    assert result["requests"] == sum(result["decisions"].values()) == requests
     assert set(result["decisions"]) <= {"pinned", "prefix", "overloaded", "least_loaded"}
     assert result["decisions"]["prefix"] > 0
-    assert result["policy_settings"]["class"].endswith("policy.PrefixAffinityPolicy")
-    calls.clear()
-    sim.simulate("round_robin", **SMALL)
-    assert calls == []
+    real = f"{PrefixAffinityPolicy.__module__}.{PrefixAffinityPolicy.__qualname__}"
+    assert real.endswith("policy.PrefixAffinityPolicy") and result["policy_settings"]["class"] == real
+    robin = sim.simulate("round_robin", **SMALL)
+    assert robin["decisions"] == {"round_robin": requests} and "policy_settings" not in robin
 
 
 def test_a_lone_request_costs_its_prompt_at_the_prefill_rate() -> None:

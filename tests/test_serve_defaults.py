@@ -17,8 +17,8 @@ import typer.main
 from typer.testing import CliRunner
 
 import kvchat.cli.serve
-import kvchat.server
 from kvchat.cli import app
+from kvchat.cli.runtime import Runtime
 from kvchat.cli.sizes import format_size, parse_size
 from kvchat.engine import EngineSettings
 from kvchat.models import DEFAULT_CHAT_MODEL
@@ -100,8 +100,8 @@ def test_serve_without_options_runs_on_the_default_settings(monkeypatch: pytest.
     for name in [name for name in os.environ if name.startswith("KVCHAT_")]:
         monkeypatch.delenv(name)
     calls: list[dict[str, Any]] = []
-    monkeypatch.setattr(kvchat.server, "serve", lambda model, **kwargs: calls.append({"model": model, **kwargs}))
-    result = CliRunner().invoke(app, ["serve"])
+    runtime = Runtime(serve=lambda model, **kwargs: calls.append({"model": model, **kwargs}))
+    result = CliRunner().invoke(app, ["serve"], obj=runtime)
     assert result.exit_code == 0, result.output
     (call,) = calls
     assert call["model"] == DEFAULT_CHAT_MODEL

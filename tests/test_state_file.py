@@ -121,30 +121,26 @@ def test_arbitrary_bytes_never_raise_anything_but_state_file_error(tmp_path_fact
 # -- atomic writes -------------------------------------------------------------------------------------
 
 
-def test_atomic_write_syncs_the_file_and_then_its_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_atomic_write_syncs_the_file_and_then_its_directory(tmp_path: Path) -> None:
     synced: list[str] = []
-    real_fsync = os.fsync
 
     def recording_fsync(fd: int) -> None:
         synced.append("dir" if os.path.isdir(f"/proc/self/fd/{fd}") else "file")
-        real_fsync(fd)
+        os.fsync(fd)
 
-    monkeypatch.setattr(os, "fsync", recording_fsync)
-    write_atomically(tmp_path / "f", b"one", b"two")
+    write_atomically(tmp_path / "f", b"one", b"two", fsync=recording_fsync)
     assert (tmp_path / "f").read_bytes() == b"onetwo"
     assert synced == ["file", "dir"]
 
 
-def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
     target = tmp_path / "f.kvstate"
     write_atomically(target, b"old")
 
     def fail(src: object, dst: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(os, "replace", fail)
     with pytest.raises(OSError, match="No space"):
-        write_atomically(target, b"new")
+        write_atomically(target, b"new", replace=fail)
     assert target.read_bytes() == b"old"
     assert list(tmp_path.iterdir()) == [target] and leftover_temp_files(tmp_path, ".kvstate") == []

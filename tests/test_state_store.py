@@ -7,18 +7,19 @@ import logging
 import os
 import random
 import struct
+from functools import partial
 from pathlib import Path
 
 import pytest
 
-from kvchat.atomic_file import leftover_temp_files
+from kvchat.atomic_file import leftover_temp_files, write_atomically
+from kvchat.engine.radix import common_prefix_length
 from kvchat.engine.state_file import CACHE_ENTRY
 from kvchat.engine.state_store import (
     FILE_SUFFIX,
     SpilledState,
     StateStore,
     StoreMatch,
-    _common_prefix_len,
     entry_key,
 )
 
@@ -27,17 +28,13 @@ LOGGER = "kvchat.engine.state_store"
 MAGIC = CACHE_ENTRY.magic
 
 
-@pytest.fixture(autouse=True)
-def _files_written_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+class DrainingStore(StateStore):
     """These tests read the files a `put` writes: each `put` here waits for the store's
     writer thread (tests/test_state_writer.py tests the writer and its queue)."""
-    put = StateStore.put
 
-    def put_and_drain(self: StateStore, entry: SpilledState) -> None:
-        put(self, entry)
+    def put(self, entry: SpilledState) -> None:
+        super().put(entry)
         self.drain()
-
-    monkeypatch.setattr(StateStore, "put", put_and_drain)
 
 
 def blob(seed: int, size: int = 100) -> bytes:
@@ -67,7 +64,7 @@ def load_tokens(store: StateStore, tokens: list[int], namespace: str | None = No
 
 
 def test_ram_round_trip() -> None:
-    store = StateStore(ram_budget_bytes=10_000, layout_key=LAYOUT)
+    store = DrainingStore(ram_budget_bytes=10_000, layout_key=LAYOUT)
     e = entry([1, 2, 3, 4], seed=1)
     store.put(e)
     match = store.best_match([1, 2, 3, 4, 5, 6])
@@ -85,7 +82,7 @@ def test_ram_round_trip() -> None:
 
 
 def test_best_match_prefers_longest_then_most_recent() -> None:
-    store = StateStore(ram_budget_bytes=10_000)
+    store = DrainingStore(ram_budget_bytes=10_000)
     store.put(entry([1, 2, 3, 7], seed=1))
     store.put(entry([1, 2, 3, 4, 5], seed=2))
     store.put(entry([1, 2, 8], seed=3))
@@ -98,7 +95,7 @@ def test_best_match_prefers_longest_then_most_recent() -> None:
 
 
 def test_tie_prefers_ram_over_disk(tmp_path: Path) -> None:
-    store = StateStore(ram_budget_bytes=100, disk_dir=tmp_path)
+    store = DrainingStore(ram_budget_bytes=100, disk_dir=tmp_path)
     store.put(entry([1, 2, 3, 5], seed=1))
     store.put(entry([1, 2, 3, 6], seed=2))  # pushes the first to disk
     disk_match = store.best_match([1, 2, 3, 5])
@@ -109,7 +106,7 @@ def test_tie_prefers_ram_over_disk(tmp_path: Path) -> None:
 
 
 def test_namespaces_are_isolated() -> None:
-    store = StateStore(ram_budget_bytes=10_000)
+    store = DrainingStore(ram_budget_bytes=10_000)
     store.put(entry([1, 2, 3], seed=1, namespace="alice"))
     assert store.best_match([1, 2, 3], namespace="bob") is None
     assert store.best_match([1, 2, 3]) is None
@@ -124,7 +121,7 @@ def test_namespaces_are_isolated() -> None:
 
 
 def test_prefix_dedupe() -> None:
-    store = StateStore(ram_budget_bytes=10_000)
+    store = DrainingStore(ram_budget_bytes=10_000)
     store.put(entry([1, 2, 3, 4], seed=1))
     store.put(entry([1, 2, 3], seed=2))  # a prefix: served by the longer one
     store.put(entry([1, 2, 3, 4], seed=3))  # equal: not stored again
@@ -140,7 +137,7 @@ def test_prefix_dedupe() -> None:
 
 
 def test_deduped_put_touches_the_serving_entry() -> None:
-    store = StateStore(ram_budget_bytes=200)
+    store = DrainingStore(ram_budget_bytes=200)
     store.put(entry([1, 2, 3], seed=1))
     store.put(entry([4, 5], seed=2))
     store.put(entry([1, 2], seed=3))  # not stored, but [1, 2, 3] was just in use
@@ -150,7 +147,7 @@ def test_deduped_put_touches_the_serving_entry() -> None:
 
 
 def test_prefix_dedupe_reaches_disk(tmp_path: Path) -> None:
-    store = StateStore(ram_budget_bytes=0, disk_dir=tmp_path)
+    store = DrainingStore(ram_budget_bytes=0, disk_dir=tmp_path)
     store.put(entry([1, 2, 3], seed=1))
     [old_file] = state_files(tmp_path)
     store.put(entry([1, 2], seed=2))  # prefix of a disk entry: not stored
@@ -163,13 +160,13 @@ def test_prefix_dedupe_reaches_disk(tmp_path: Path) -> None:
 
 def test_put_rejects_empty_tokens() -> None:
     with pytest.raises(ValueError):
-        StateStore(ram_budget_bytes=10).put(SpilledState((), None, b"x"))
+        DrainingStore(ram_budget_bytes=10).put(SpilledState((), None, b"x"))
     with pytest.raises(ValueError):
-        StateStore(ram_budget_bytes=-1)
+        DrainingStore(ram_budget_bytes=-1)
 
 
 def test_ram_budget_drops_lru_without_disk() -> None:
-    store = StateStore(ram_budget_bytes=250)
+    store = DrainingStore(ram_budget_bytes=250)
     store.put(entry([1], seed=1))
     store.put(entry([2], seed=2))
     assert load_tokens(store, [1]) is not None  # touch 1: 2 is now least recently used
@@ -184,7 +181,7 @@ def test_ram_budget_drops_lru_without_disk() -> None:
 
 
 def test_ram_budget_spills_lru_to_disk(tmp_path: Path) -> None:
-    store = StateStore(ram_budget_bytes=250, disk_dir=tmp_path, layout_key=LAYOUT)
+    store = DrainingStore(ram_budget_bytes=250, disk_dir=tmp_path, layout_key=LAYOUT)
     store.put(entry([1], seed=1))
     store.put(entry([2], seed=2))
     load_tokens(store, [1])
@@ -202,10 +199,10 @@ def test_ram_budget_spills_lru_to_disk(tmp_path: Path) -> None:
 
 
 def test_oversized_and_zero_budget_go_straight_to_disk(tmp_path: Path) -> None:
-    store = StateStore(ram_budget_bytes=50, disk_dir=tmp_path)
+    store = DrainingStore(ram_budget_bytes=50, disk_dir=tmp_path)
     store.put(entry([1, 2], seed=1, size=51))
     assert store.stats().ram_entries == 0 and store.stats().disk_entries == 1
-    zero = StateStore(ram_budget_bytes=0, disk_dir=tmp_path / "z")
+    zero = DrainingStore(ram_budget_bytes=0, disk_dir=tmp_path / "z")
     zero.put(entry([3], seed=2, size=10))
     zero.put(entry([4], seed=3, size=10))
     s = zero.stats()
@@ -217,11 +214,11 @@ def test_oversized_and_zero_budget_go_straight_to_disk(tmp_path: Path) -> None:
 
 
 def test_restart_finds_disk_entries(tmp_path: Path) -> None:
-    first = StateStore(ram_budget_bytes=0, disk_dir=tmp_path, layout_key=LAYOUT)
+    first = DrainingStore(ram_budget_bytes=0, disk_dir=tmp_path, layout_key=LAYOUT)
     big = SpilledState(tuple(range(5000)), "tenant", blob(7, 300_000))
     first.put(big)
     first.put(entry([1, 2, 3], seed=8))
-    second = StateStore(ram_budget_bytes=1_000_000, disk_dir=tmp_path, layout_key=LAYOUT)
+    second = DrainingStore(ram_budget_bytes=1_000_000, disk_dir=tmp_path, layout_key=LAYOUT)
     s = second.stats()
     assert (s.disk_entries, s.disk_tokens, s.ram_entries) == (2, 5003, 0)
     assert s.disk_bytes == sum(p.stat().st_size for p in state_files(tmp_path))
@@ -233,12 +230,12 @@ def test_restart_finds_disk_entries(tmp_path: Path) -> None:
 
 
 def test_foreign_layout_is_ignored(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    other = StateStore(ram_budget_bytes=0, disk_dir=tmp_path, layout_key="another-model")
+    other = DrainingStore(ram_budget_bytes=0, disk_dir=tmp_path, layout_key="another-model")
     other.put(entry([1, 2, 3], seed=1))
     other.put(entry([4, 5, 6], seed=2))
     foreign_files = state_files(tmp_path)
     caplog.set_level(logging.INFO, logger=LOGGER)
-    store = StateStore(ram_budget_bytes=0, disk_dir=tmp_path, disk_budget_bytes=1, layout_key=LAYOUT)
+    store = DrainingStore(ram_budget_bytes=0, disk_dir=tmp_path, disk_budget_bytes=1, layout_key=LAYOUT)
     infos = [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno == logging.INFO]
     assert len([m for m in infos if "another model" in m]) == 1 and "2 " in infos[0]
     assert not warnings_of(caplog)
@@ -249,11 +246,11 @@ def test_foreign_layout_is_ignored(tmp_path: Path, caplog: pytest.LogCaptureFixt
 
 
 def test_foreign_file_at_load_is_not_deleted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    store = StateStore(ram_budget_bytes=0, disk_dir=tmp_path, layout_key=LAYOUT)
+    store = DrainingStore(ram_budget_bytes=0, disk_dir=tmp_path, layout_key=LAYOUT)
     store.put(entry([1, 2, 3], seed=1))
     [path] = state_files(tmp_path)
     alien = tmp_path / "alien"
-    StateStore(ram_budget_bytes=0, disk_dir=alien, layout_key="another-model").put(entry([1, 2, 3], seed=1))
+    DrainingStore(ram_budget_bytes=0, disk_dir=alien, layout_key="another-model").put(entry([1, 2, 3], seed=1))
     [alien_file] = state_files(alien)
     os.replace(alien_file, path)  # another process put a foreign file under our name
     match = store.best_match([1, 2, 3])
@@ -286,7 +283,7 @@ def _assert_store_still_works(store: StateStore) -> None:
     ids=["flipped-byte", "truncated-state", "truncated-header", "garbage", "missing"],
 )
 def test_bad_file_at_load(tmp_path: Path, caplog: pytest.LogCaptureFixture, damage, reason: str) -> None:
-    store = StateStore(ram_budget_bytes=0, disk_dir=tmp_path, layout_key=LAYOUT)
+    store = DrainingStore(ram_budget_bytes=0, disk_dir=tmp_path, layout_key=LAYOUT)
     store.put(entry([1, 2, 3], seed=1))
     [path] = state_files(tmp_path)
     damage(path)
@@ -302,7 +299,7 @@ def test_bad_file_at_load(tmp_path: Path, caplog: pytest.LogCaptureFixture, dama
 
 
 def test_bad_files_are_skipped_at_start_up(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    first = StateStore(ram_budget_bytes=0, disk_dir=tmp_path, layout_key=LAYOUT)
+    first = DrainingStore(ram_budget_bytes=0, disk_dir=tmp_path, layout_key=LAYOUT)
     for i in range(3):
         first.put(entry([i + 1, 100], seed=i))
     good, truncated, flipped = (tmp_path / f"{entry_key(LAYOUT, None, (i + 1, 100))}.kvstate" for i in range(3))
@@ -315,7 +312,7 @@ def test_bad_files_are_skipped_at_start_up(tmp_path: Path, caplog: pytest.LogCap
     bad_json.write_bytes(MAGIC + struct.pack("<HI", 1, len(raw)) + raw)
     (tmp_path / "readme.txt").write_text("unrelated files are left alone")
 
-    store = StateStore(ram_budget_bytes=0, disk_dir=tmp_path, layout_key=LAYOUT)
+    store = DrainingStore(ram_budget_bytes=0, disk_dir=tmp_path, layout_key=LAYOUT)
     warnings = warnings_of(caplog)
     assert any(str(truncated) in w for w in warnings)
     assert any(str(garbage) in w and "magic" in w for w in warnings)
@@ -334,38 +331,40 @@ def test_leftover_temp_file_is_removed_at_start_up(tmp_path: Path) -> None:
     leftover = tmp_path / f".{'a' * 64}{FILE_SUFFIX}.crashed.tmp"  # as write_atomically names it
     leftover.write_bytes(MAGIC + b"half written")
     assert leftover_temp_files(tmp_path, FILE_SUFFIX) == [leftover]
-    store = StateStore(ram_budget_bytes=0, disk_dir=tmp_path)
+    store = DrainingStore(ram_budget_bytes=0, disk_dir=tmp_path)
     assert not leftover.exists()
     assert store.stats().disk_entries == 0
     _assert_store_still_works(store)
 
 
-def test_crash_during_write_leaves_no_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    store = StateStore(ram_budget_bytes=0, disk_dir=tmp_path, layout_key=LAYOUT)
+def test_crash_during_write_leaves_no_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    disk_full = True
 
-    def crash(src: object, dst: object) -> None:
-        raise OSError(28, "No space left on device")
+    def rename(src: str, dst: Path) -> None:
+        if disk_full:
+            raise OSError(28, "No space left on device")
+        os.replace(src, dst)
 
-    with monkeypatch.context() as patch:
-        patch.setattr(os, "replace", crash)
-        store.put(entry([1, 2, 3], seed=1))
-        assert list(tmp_path.iterdir()) == []  # neither the final file nor the temp file
-        assert any("No space left" in w for w in warnings_of(caplog))
-        s = store.stats()
-        assert (s.disk_entries, s.spills_to_disk, s.dropped) == (0, 0, 1)
-        assert store.best_match([1, 2, 3]) is None
+    store = DrainingStore(
+        ram_budget_bytes=0, disk_dir=tmp_path, layout_key=LAYOUT, write_file=partial(write_atomically, replace=rename)
+    )
+    store.put(entry([1, 2, 3], seed=1))
+    assert list(tmp_path.iterdir()) == []  # neither the final file nor the temp file
+    assert any("No space left" in w for w in warnings_of(caplog))
+    s = store.stats()
+    assert (s.disk_entries, s.spills_to_disk, s.dropped) == (0, 0, 1)
+    assert store.best_match([1, 2, 3]) is None
+    disk_full = False
     store.put(entry([1, 2, 3], seed=1))
     assert len(state_files(tmp_path)) == 1
     assert load_tokens(store, [1, 2, 3]) == entry([1, 2, 3], seed=1)
 
 
 def test_disk_budget_evicts_least_recently_used(tmp_path: Path) -> None:
-    probe = StateStore(ram_budget_bytes=0, disk_dir=tmp_path / "probe")
+    probe = DrainingStore(ram_budget_bytes=0, disk_dir=tmp_path / "probe")
     probe.put(entry([1], seed=0))
     file_size = probe.stats().disk_bytes  # every single-token, 100-byte entry has this size
-    store = StateStore(ram_budget_bytes=0, disk_dir=tmp_path / "d", disk_budget_bytes=2 * file_size)
+    store = DrainingStore(ram_budget_bytes=0, disk_dir=tmp_path / "d", disk_budget_bytes=2 * file_size)
     store.put(entry([1], seed=1))
     store.put(entry([2], seed=2))
     load_tokens(store, [1])  # 2 is now the least recently used
@@ -379,23 +378,23 @@ def test_disk_budget_evicts_least_recently_used(tmp_path: Path) -> None:
 
 
 def test_smaller_disk_budget_at_start_up_evicts_oldest_by_mtime(tmp_path: Path) -> None:
-    first = StateStore(ram_budget_bytes=0, disk_dir=tmp_path)
+    first = DrainingStore(ram_budget_bytes=0, disk_dir=tmp_path)
     for i in range(3):
         first.put(entry([i + 1], seed=i))
     file_size = first.stats().disk_bytes // 3
     paths = [tmp_path / f"{entry_key('', None, (i + 1,))}.kvstate" for i in range(3)]
     for age, path in zip((100, 300, 200), paths):  # entry 2 is the oldest, then 3
         os.utime(path, (1_000_000 - age, 1_000_000 - age))
-    store = StateStore(ram_budget_bytes=0, disk_dir=tmp_path, disk_budget_bytes=2 * file_size)
+    store = DrainingStore(ram_budget_bytes=0, disk_dir=tmp_path, disk_budget_bytes=2 * file_size)
     assert [p.exists() for p in paths] == [True, False, True]
     assert store.stats().dropped == 1
-    store2 = StateStore(ram_budget_bytes=0, disk_dir=tmp_path, disk_budget_bytes=file_size)
+    store2 = DrainingStore(ram_budget_bytes=0, disk_dir=tmp_path, disk_budget_bytes=file_size)
     assert [p.exists() for p in paths] == [True, False, False]
     assert store2.stats().disk_entries == 1
 
 
 def test_file_format_header(tmp_path: Path) -> None:
-    store = StateStore(ram_budget_bytes=0, disk_dir=tmp_path, layout_key=LAYOUT)
+    store = DrainingStore(ram_budget_bytes=0, disk_dir=tmp_path, layout_key=LAYOUT)
     e = entry([5, 6, 7], seed=9, namespace="ns")
     store.put(e)
     [path] = state_files(tmp_path)
@@ -416,17 +415,17 @@ def test_common_prefix_len_matches_brute_force() -> None:
         a = tuple(rng.randrange(3) for _ in range(rng.randrange(40)))
         b = tuple(rng.randrange(3) for _ in range(rng.randrange(40)))
         expected = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        assert _common_prefix_len(a, b) == expected
-        assert _common_prefix_len(a, a + b) == len(a)
+        assert common_prefix_length(a, b) == expected
+        assert common_prefix_length(a, a + b) == len(a)
 
 
 def test_flush_to_disk_moves_ram_entries_so_a_restart_finds_them(tmp_path) -> None:
-    store = StateStore(ram_budget_bytes=1 << 20, disk_dir=tmp_path, layout_key="L")
+    store = DrainingStore(ram_budget_bytes=1 << 20, disk_dir=tmp_path, layout_key="L")
     store.put(SpilledState((1, 2, 3), None, b"abc"))
     assert store.has_disk and store.stats().ram_entries == 1
     store.flush_to_disk()
     assert store.stats().ram_entries == 0 and store.stats().disk_entries == 1
-    restarted = StateStore(ram_budget_bytes=1 << 20, disk_dir=tmp_path, layout_key="L")
+    restarted = DrainingStore(ram_budget_bytes=1 << 20, disk_dir=tmp_path, layout_key="L")
     match = restarted.best_match([1, 2, 3, 4])
     assert match is not None and match.length == 3 and match.tier == "disk"
     assert restarted.load(match).state == b"abc"

@@ -6,12 +6,12 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from kvchat.atomic_file import write_atomically
-from kvchat.engine import state_store
 from kvchat.engine.state_file import CACHE_ENTRY, header_bytes
 from kvchat.engine.state_store import SpilledState, StateStore, entry_key
 
@@ -37,8 +37,8 @@ def state_files(directory: Path) -> set[Path]:
 
 
 class Gate:
-    """Stands in for `write_atomically`: notes the writing thread, and holds every
-    write until `open()` (a slow disk)."""
+    """The stores' `write_file`: notes the writing thread, and holds every write
+    until `open()` (a slow disk), then writes the file."""
 
     def __init__(self) -> None:
         self.opened = threading.Event()
@@ -56,15 +56,14 @@ class Gate:
 
 
 @pytest.fixture
-def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gate]:
+def gate() -> Iterator[Gate]:
     g = Gate()
-    monkeypatch.setattr(state_store, "write_atomically", g)
     yield g
     g.open()  # never leave the writer thread waiting
 
 
 def test_put_returns_while_the_writer_is_stuck_and_the_entry_is_served_from_memory(tmp_path: Path, gate: Gate) -> None:
-    store = StateStore(ram_budget_bytes=0, disk_dir=tmp_path, layout_key=LAYOUT)
+    store = StateStore(ram_budget_bytes=0, disk_dir=tmp_path, layout_key=LAYOUT, write_file=gate)
     e = entry([1, 2, 3])
     store.put(e)  # returns although the write cannot finish
     assert gate.writing.wait(10)
@@ -87,7 +86,9 @@ def test_put_returns_while_the_writer_is_stuck_and_the_entry_is_served_from_memo
 
 def test_a_full_queue_drops_the_spill_and_counts_it(tmp_path: Path, gate: Gate) -> None:
     one = file_size(entry([1]))
-    store = StateStore(ram_budget_bytes=0, disk_dir=tmp_path, layout_key=LAYOUT, write_queue_bytes=2 * one)
+    store = StateStore(
+        ram_budget_bytes=0, disk_dir=tmp_path, layout_key=LAYOUT, write_queue_bytes=2 * one, write_file=gate
+    )
     store.put(entry([1]))
     assert gate.writing.wait(10)  # the writer holds the first; it still counts until written
     store.put(entry([2]))
@@ -104,7 +105,9 @@ def test_a_full_queue_drops_the_spill_and_counts_it(tmp_path: Path, gate: Gate) 
 
 
 def test_an_entry_larger_than_the_bound_goes_alone(tmp_path: Path, gate: Gate) -> None:
-    store = StateStore(ram_budget_bytes=0, disk_dir=tmp_path, layout_key=LAYOUT, write_queue_bytes=10)
+    store = StateStore(
+        ram_budget_bytes=0, disk_dir=tmp_path, layout_key=LAYOUT, write_queue_bytes=10, write_file=gate
+    )
     store.put(entry([1], size=1000))  # the queue is empty: let in
     store.put(entry([2], size=1000))  # not while another waits
     assert store.stats().write_queue_drops == 1
@@ -114,7 +117,7 @@ def test_an_entry_larger_than_the_bound_goes_alone(tmp_path: Path, gate: Gate) -
 
 
 def test_a_removed_queued_entry_leaves_no_file(tmp_path: Path, gate: Gate) -> None:
-    store = StateStore(ram_budget_bytes=0, disk_dir=tmp_path, layout_key=LAYOUT)
+    store = StateStore(ram_budget_bytes=0, disk_dir=tmp_path, layout_key=LAYOUT, write_file=gate)
     store.put(entry([9]))  # the writer holds this one
     assert gate.writing.wait(10)
     store.put(entry([1, 2]))  # queued...
@@ -129,7 +132,9 @@ def test_a_removed_queued_entry_leaves_no_file(tmp_path: Path, gate: Gate) -> No
 
 def test_an_entry_removed_while_its_file_is_written_leaves_no_file(tmp_path: Path, gate: Gate) -> None:
     one = file_size(entry([1]))
-    store = StateStore(ram_budget_bytes=0, disk_dir=tmp_path, layout_key=LAYOUT, disk_budget_bytes=one)
+    store = StateStore(
+        ram_budget_bytes=0, disk_dir=tmp_path, layout_key=LAYOUT, disk_budget_bytes=one, write_file=gate
+    )
     store.put(entry([1]))
     assert gate.writing.wait(10)  # [1] is being written...
     store.put(entry([2]))  # ...when the disk budget evicts it
@@ -141,12 +146,11 @@ def test_an_entry_removed_while_its_file_is_written_leaves_no_file(tmp_path: Pat
     assert (s.disk_entries, s.disk_bytes, s.dropped) == (1, one, 1)
 
 
-def test_a_failed_write_leaves_the_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_write_leaves_the_index(tmp_path: Path) -> None:
     def full_disk(path: object, *parts: bytes) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(state_store, "write_atomically", full_disk)
-    store = StateStore(ram_budget_bytes=0, disk_dir=tmp_path, layout_key=LAYOUT)
+    store = StateStore(ram_budget_bytes=0, disk_dir=tmp_path, layout_key=LAYOUT, write_file=full_disk)
     store.put(entry([1, 2]))
     store.drain()
     assert store.best_match([1, 2]) is None
@@ -177,25 +181,29 @@ class Killed(BaseException):
     """Stands for SIGKILL inside the writer thread: nothing after the raise runs."""
 
 
-def test_killed_in_the_writer_keeps_the_saved_prefix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+# The thread's death is the point: pytest reports it as a warning, here expected.
+@pytest.mark.filterwarnings(
+    "ignore:Exception in thread kvchat-state-writer:pytest.PytestUnhandledThreadExceptionWarning"
+)
+def test_killed_in_the_writer_keeps_the_saved_prefix(tmp_path: Path) -> None:
     """The writer deletes a superseded file only after the new one is written."""
     turn_1 = SpilledState((1, 2, 3), None, b"state after turn 1")
     turn_2 = SpilledState((1, 2, 3, 4, 5), None, b"state after turn 2")
     first = StateStore(ram_budget_bytes=0, disk_dir=tmp_path, layout_key=LAYOUT)
     first.put(turn_1)
     first.close()
-    store = StateStore(ram_budget_bytes=0, disk_dir=tmp_path, layout_key=LAYOUT)
-    died: list[BaseException | None] = []
+    died: list[BaseException] = []
 
     def kill(fd: int) -> None:
-        raise Killed
+        died.append(Killed())
+        raise died[-1]
 
-    with monkeypatch.context() as patch:
-        patch.setattr(os, "fsync", kill)
-        patch.setattr(threading, "excepthook", lambda args: died.append(args.exc_value))
-        store.put(turn_2)
-        assert store._writer is not None
-        store._writer.join(10)
+    dying_write = partial(write_atomically, fsync=kill)
+    store = StateStore(ram_budget_bytes=0, disk_dir=tmp_path, layout_key=LAYOUT, write_file=dying_write)
+    store.put(turn_2)
+    assert store._writer is not None
+    store._writer.join(10)
+    assert not store._writer.is_alive()  # the Killed raised in its fsync ended the thread
     assert len(died) == 1 and isinstance(died[0], Killed)
     restarted = StateStore(ram_budget_bytes=0, disk_dir=tmp_path, layout_key=LAYOUT)
     match = restarted.best_match([1, 2, 3, 4, 5, 6])

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kvchat.chat import history
-from kvchat.chat.history import DEFAULT_MAX_BYTES, GeneratedTokenMemory
+from kvchat.chat.history import DEFAULT_MAX_BYTES, GeneratedTokenMemory, JournalWriter
 from kvchat.errors import InvalidRequestError
 
 # About what a BPE tokenizer gives for English: 4 to 5 characters a token.
@@ -131,9 +130,7 @@ def test_bad_bounds_and_ids_are_refused() -> None:
 # -- compaction, off the caller's thread -------------------------------------------------------------
 
 
-def test_compaction_runs_off_the_event_loop_and_the_journal_reloads(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_compaction_runs_off_the_event_loop_and_the_journal_reloads(tmp_path: Path) -> None:
     """While a compaction is writing (held mid-write here), the event loop keeps
     remembering and forgetting replies; the compaction ran on another thread, and
     the journal it leaves reads back to exactly what the memory holds."""
@@ -141,7 +138,7 @@ def test_compaction_runs_off_the_event_loop_and_the_journal_reloads(
     writing, proceed = threading.Event(), threading.Event()
     threads: set[int] = set()
     loop_kept_going: list[bool] = []
-    real_write_all = history._write_all
+    real_write_all = JournalWriter().write_all
 
     def held_write_all(fd: int, data: bytes) -> None:
         threads.add(threading.get_ident())
@@ -150,11 +147,9 @@ def test_compaction_runs_off_the_event_loop_and_the_journal_reloads(
             loop_kept_going.append(proceed.wait(timeout=60))
         real_write_all(fd, data)
 
-    monkeypatch.setattr(history, "_write_all", held_write_all)
-
     async def main() -> tuple[int, GeneratedTokenMemory]:
         loop_thread = threading.get_ident()
-        memory = GeneratedTokenMemory(max_entries=3, journal=journal)
+        memory = GeneratedTokenMemory(max_entries=3, journal=journal, journal_writer=JournalWriter(held_write_all))
         for i in range(7):  # 7 lines for 3 entries: a compaction starts
             memory.remember(f"reply {i}", [i + 1])
         assert await asyncio.to_thread(writing.wait, 60)
@@ -180,16 +175,13 @@ def test_compaction_runs_off_the_event_loop_and_the_journal_reloads(
     assert len(journal.read_text().splitlines()) == 3
 
 
-def test_a_failed_compaction_leaves_the_old_journal_whole(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_a_failed_compaction_leaves_the_old_journal_whole(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     journal = tmp_path / "memory.jsonl"
 
-    def no_rename(src: str, dst: str) -> None:
+    def no_rename(src: str, dst: Path) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(history.os, "replace", no_rename)
-    memory = GeneratedTokenMemory(max_entries=1, journal=journal)
+    memory = GeneratedTokenMemory(max_entries=1, journal=journal, journal_writer=JournalWriter(replace=no_rename))
     with caplog.at_level(logging.WARNING, logger="kvchat.chat.history"):
         for i in range(4):
             memory.remember(f"reply {i}", [i + 1])
@@ -197,7 +189,6 @@ def test_a_failed_compaction_leaves_the_old_journal_whole(
     assert "cannot compact the generated-token journal" in caplog.text
     assert [p.name for p in tmp_path.iterdir()] == ["memory.jsonl"]  # no temporary file left behind
     assert len(journal.read_text().splitlines()) == 4  # every line appended, none lost
-    monkeypatch.undo()
     again = GeneratedTokenMemory(max_entries=1, journal=journal)
     assert again.lookup("reply 3") == (4,) and len(again) == 1
 

@@ -4,19 +4,35 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
+from typing import Protocol
 
 TEMP_SUFFIX = ".tmp"
 
 
-def write_atomically(path: str | os.PathLike[str], *parts: bytes) -> None:
+class FileWriter(Protocol):
+    """Writes a whole file from `parts`, as :func:`write_atomically` does (which is
+    the default wherever one is taken)."""
+
+    def __call__(self, path: str | os.PathLike[str], *parts: bytes) -> None: ...
+
+
+def write_atomically(
+    path: str | os.PathLike[str],
+    *parts: bytes,
+    fsync: Callable[[int], None] = os.fsync,
+    replace: Callable[[str, Path], None] = os.replace,
+) -> None:
     """Write `parts` one after another to a temporary file beside `path`
     (``.<name>.<random>.tmp``), flush it to disk, rename it over `path`, then
     flush the directory so that the rename survives a power loss (POSIX).
 
     A crash leaves the old file (or none), never half a file; on any error the
-    temporary file is removed and the error raised.
+    temporary file is removed and the error raised. `fsync` (of the file, then
+    of the directory) and `replace` (the rename) are the system calls, or
+    stand-ins that fail or stop there.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -26,12 +42,12 @@ def write_atomically(path: str | os.PathLike[str], *parts: bytes) -> None:
             for part in parts:
                 file.write(part)
             file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
+            fsync(file.fileno())
+        replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
-    _fsync_directory(path.parent)
+    _fsync_directory(path.parent, fsync)
 
 
 def leftover_temp_files(directory: Path, name_suffix: str) -> list[Path]:
@@ -40,10 +56,10 @@ def leftover_temp_files(directory: Path, name_suffix: str) -> list[Path]:
     return sorted(directory.glob(f".*{name_suffix}.*{TEMP_SUFFIX}"))
 
 
-def _fsync_directory(directory: Path) -> None:
+def _fsync_directory(directory: Path, fsync: Callable[[int], None]) -> None:
     with suppress(OSError):  # some file systems cannot open or sync a directory
         fd = os.open(directory, os.O_RDONLY)
         try:
-            os.fsync(fd)
+            fsync(fd)
         finally:
             os.close(fd)

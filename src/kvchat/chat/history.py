@@ -45,8 +45,9 @@ import tempfile
 import threading
 from array import array
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,28 @@ def _unpack(packed: bytes) -> tuple[int, ...]:
     return tuple(ids)
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+@dataclass(frozen=True)
+class JournalWriter:
+    """How a compaction writes the new journal; the defaults are the system's.
+
+    `write_all(fd, data)` writes every byte of `data` to the new file; `replace(temp,
+    journal)` renames the finished file over the journal. Tests pass stand-ins that
+    hold a compaction midway or fail it.
+    """
+
+    write_all: Callable[[int, bytes], None] = _write_all
+    replace: Callable[[str, Path], None] = os.replace
+
+
+_SYSTEM_JOURNAL_WRITER = JournalWriter()
+
+
 class _Space:
     """One namespace: its entries (least recently used first) and the bytes they are counted for."""
 
@@ -141,6 +164,7 @@ class GeneratedTokenMemory:
     docstring); lines that cannot be read (a write cut short by a crash) and
     entries with ids outside the vocabulary are skipped with a log line, and a
     journal that cannot be written only costs the persistence, with a log line.
+    `journal_writer` writes the compacted journal (:class:`JournalWriter`).
     """
 
     def __init__(
@@ -151,6 +175,7 @@ class GeneratedTokenMemory:
         max_namespaces: int = DEFAULT_MAX_NAMESPACES,
         journal: str | os.PathLike[str] | None = None,
         n_vocab: int | None = None,
+        journal_writer: JournalWriter = _SYSTEM_JOURNAL_WRITER,
     ) -> None:
         bounds = {"max_bytes": max_bytes, "max_namespaces": max_namespaces}
         if max_entries is not None:
@@ -167,6 +192,7 @@ class GeneratedTokenMemory:
         self._bytes = 0
         self._lock = threading.Lock()
         self._journal = Path(journal) if journal is not None else None
+        self._journal_writer = journal_writer
         self._journal_lines = 0
         # Compaction (on its own thread): whether one is running or about to; the lines appended
         # since it took its snapshot (None before the snapshot); whether `forget` or `clear` ran
@@ -374,21 +400,22 @@ class GeneratedTokenMemory:
             snapshot = [(namespace, list(space.entries.items())) for namespace, space in self._spaces.items()]
             self._tail = []
             self._forgotten_since_snapshot = False
+        write_all, replace = self._journal_writer.write_all, self._journal_writer.replace
         lines = 0
         fd, temp = -1, ""
         try:
             fd, temp = tempfile.mkstemp(dir=journal.parent, prefix=f".{journal.name}.", suffix=TEMP_SUFFIX)
             for namespace, entries in snapshot:
                 for text, ids in entries:
-                    _write_all(fd, _journal_line(namespace, text, ids).encode("utf-8"))
+                    write_all(fd, _journal_line(namespace, text, ids).encode("utf-8"))
                     lines += 1
             del snapshot
             os.fsync(fd)
             with self._lock:
                 tail, self._tail = self._tail or [], None
                 for line in tail:  # appended since the snapshot: they follow it, in order
-                    _write_all(fd, line)
-                os.replace(temp, journal)  # mkstemp made it 0600
+                    write_all(fd, line)
+                replace(temp, journal)  # mkstemp made it 0600
                 temp = ""
                 self._journal_lines = lines + len(tail)
                 again = self._forgotten_since_snapshot
@@ -455,12 +482,6 @@ class GeneratedTokenMemory:
                 file.write(b"\n")
         except OSError as exc:
             logger.warning("cannot append to the generated-token journal %s: %s", self._journal, exc)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -1,6 +1,8 @@
 """The ``kvchat`` command (typer): ``chat``, ``serve``, ``models``, ``bench``.
 
 Each subcommand is a function in a module of its own; this module puts them on :data:`app`.
+What a command starts (the server, an engine) comes from its
+:class:`~kvchat.cli.runtime.Runtime`: the click context's ``obj``, else the real one.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from kvchat.cli.runtime import runtime_of
 from kvchat.errors import KVChatError
 from kvchat.models import DEFAULT_CHAT_MODEL
 
@@ -270,6 +271,7 @@ def speculation_line(stats: EngineStats) -> str:
 
 
 def chat(
+    ctx: typer.Context,
     model: Annotated[
         str, typer.Option("--model", "-m", envvar="KVCHAT_MODEL", help="Packaged model name or .gguf path.")
     ] = DEFAULT_CHAT_MODEL,
@@ -285,15 +287,14 @@ def chat(
 ) -> None:
     """Chat with a model in the terminal; /help lists the commands."""
     from kvchat.chat.session import ChatSession
-    from kvchat.engine import Engine, EngineSettings, SamplingParams
-    from kvchat.models import resolve
+    from kvchat.engine import EngineSettings, SamplingParams
 
+    runtime = runtime_of(ctx)
     interactive = sys.stdin.isatty()
     out, info = Console(soft_wrap=True), Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
     try:
-        with Engine(
-            resolve(model), EngineSettings(n_ctx=ctx_size, max_running=2, n_seq_max=8, speculation=speculation)
-        ) as engine:
+        settings = EngineSettings(n_ctx=ctx_size, max_running=2, n_seq_max=8, speculation=speculation)
+        with runtime.open_engine(runtime.resolve_model(model), settings) as engine:
             sampling = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed)
             session = ChatSession(engine, system=system, sampling=sampling, overflow="truncate_oldest")
             if interactive:

@@ -4,7 +4,8 @@ Every option can also come from an environment variable (``KVCHAT_<OPTION>``,
 shown in ``--help``); a command-line value wins. An option that sets a field of
 `ServerSettings` or `EngineSettings` takes its default from that field (in the
 option's unit: ``--max-body 4M``, ``--request-timeout 0`` for no limit), so each
-default is written once, in the settings class.
+default is written once, in the settings class. What it starts comes from the
+command's :class:`~kvchat.cli.runtime.Runtime`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 import typer
 
+from kvchat.cli.runtime import Runtime, runtime_of
 from kvchat.cli.sizes import format_size, parse_size
 from kvchat.engine.settings import EngineSettings
 from kvchat.errors import KVChatError
@@ -44,6 +46,7 @@ def _size(text: str) -> int:
 
 
 def serve(
+    ctx: typer.Context,
     model: Annotated[
         str, typer.Option("--model", "-m", envvar="KVCHAT_MODEL", help="Packaged model name or path to a .gguf file.")
     ] = DEFAULT_CHAT_MODEL,
@@ -185,8 +188,8 @@ def serve(
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions and more)."""
     from kvchat.server import default_model_name
-    from kvchat.server import serve as run_server
 
+    runtime = runtime_of(ctx)
     try:
         engine_settings = EngineSettings(
             n_ctx=ctx_size,
@@ -218,6 +221,7 @@ def serve(
         )
         if ray:
             _serve_on_ray(
+                runtime,
                 model,
                 settings=settings,
                 engine_settings=engine_settings,
@@ -228,7 +232,7 @@ def serve(
                 address=ray_address,
             )
             return
-        run_server(
+        runtime.serve(
             model,
             host=host,
             port=port,
@@ -243,6 +247,7 @@ def serve(
 
 
 def _serve_on_ray(
+    runtime: Runtime,
     model: str,
     *,
     settings: ServerSettings,
@@ -259,17 +264,17 @@ def _serve_on_ray(
     import math
 
     try:
-        from kvchat.server.ray_serve.app import allow_bound_host, build_app, run
+        from kvchat.server.ray_serve.app import allow_bound_host
     except ImportError as exc:
         raise KVChatError(f"--ray needs Ray Serve: pip install 'kvchat[ray]' ({exc})") from None
     if engine_settings.n_threads is None:
         # Each replica is one process: its threads follow the CPUs Ray gives it.
         engine_settings = dataclasses.replace(engine_settings, n_threads=max(1, math.floor(replica_cpus)))
-    application = build_app(
+    application = runtime.build_ray_app(
         model,
         server_settings=allow_bound_host(settings, host),
         engine_settings=engine_settings,
         num_replicas=replicas,
         ray_actor_options={"num_cpus": replica_cpus},
     )
-    run(application, host=host, port=port, address=address)
+    runtime.run_ray(application, host=host, port=port, address=address)

@@ -37,11 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from kvchat.atomic_file import leftover_temp_files, write_atomically
+from kvchat.atomic_file import FileWriter, leftover_temp_files, write_atomically
 from kvchat.engine import state_file
 from kvchat.engine.state_file import CACHE_ENTRY, StateFileError
 from kvchat.engine.state_index import StateIndex
-from kvchat.engine.state_index import _common_prefix_len as _common_prefix_len  # where it lived before
 
 logger = logging.getLogger("kvchat.engine.state_store")
 
@@ -155,7 +154,9 @@ class StateStore:
     per directory. Not thread-safe: only the engine's worker thread calls it (files
     are written by a writer thread of its own, see the module docstring).
     `write_queue_bytes` bounds the bytes waiting for that thread; None writes on
-    the caller's thread instead (no writer thread).
+    the caller's thread instead (no writer thread). `write_file` writes one file
+    whole (default: :func:`~kvchat.atomic_file.write_atomically`; tests pass a
+    slow, failing or dying one).
     """
 
     def __init__(
@@ -166,6 +167,7 @@ class StateStore:
         disk_budget_bytes: int | None = None,
         layout_key: str = "",
         write_queue_bytes: int | None = WRITE_QUEUE_BYTES,
+        write_file: FileWriter = write_atomically,
     ) -> None:
         if not isinstance(ram_budget_bytes, int) or ram_budget_bytes < 0:
             raise ValueError("ram_budget_bytes must be an integer >= 0")
@@ -178,6 +180,7 @@ class StateStore:
         self.disk_budget_bytes = disk_budget_bytes
         self.layout_key = layout_key
         self.disk_dir = None if disk_dir is None else Path(disk_dir)
+        self._write_atomically = write_file
         self._ram: OrderedDict[str, _Entry] = OrderedDict()  # oldest first
         self._disk: OrderedDict[str, _Entry] = OrderedDict()  # oldest first
         self._ram_bytes = 0
@@ -477,19 +480,20 @@ class StateStore:
             state = job.state
             written = not skip and state is not None and self._write_file(job.path, job.header, state)
             with self._cond:
-                self._jobs.popleft()
-                self._queued_jobs -= 1
-                self._queued_bytes -= job.size
                 job.done, job.state, job.header = True, None, b""
                 job.failed = not skip and not written
-                self._files_written += written
                 remove_again = written and job.cancelled
-                self._cond.notify_all()
             if remove_again:  # removed from the index while it was being written
                 _unlink_all([job.path])
             _unlink_all(job.then_unlink)  # superseded by this entry, written or since removed
             if job.failed:
                 self._failed.append(job)
+            with self._cond:  # uncounted only now: `drain` returns after all of the above
+                self._jobs.popleft()
+                self._queued_jobs -= 1
+                self._queued_bytes -= job.size
+                self._files_written += written
+                self._cond.notify_all()
 
     def _reap(self) -> None:
         """Unindex entries whose file the writer failed to write (engine thread)."""
@@ -516,7 +520,7 @@ class StateStore:
     def _write_file(self, path: Path, header: bytes, state: bytes) -> bool:
         """Write atomically; False, logged, on an OS error."""
         try:
-            write_atomically(path, header, state)
+            self._write_atomically(path, header, state)
         except OSError as exc:
             logger.warning("cannot write spilled KV state %s: %s", path, exc)
             return False
