@@ -1,5 +1,6 @@
-"""`kvchat.chat.complete` on the real Qwen model: stateless chat, tools, JSON, overflow, cancellation;
-and, without a model, the overflow fitting's renders and result against dropping one turn at a time."""
+"""`kvchat.chat.complete` (and `ChatRuntime.complete`) on the real Qwen model: stateless chat, tools,
+JSON, overflow, cancellation; and, without a model, the overflow fitting's renders and result against
+dropping one turn at a time."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvchat import ContextOverflowError, Engine, EngineSettings, InvalidRequestError, SamplingParams
-from kvchat.chat import chat_tokenizer, complete
-from kvchat.chat.complete import _fit
+from kvchat.chat import ChatRuntime, ChatTokenizer, chat_tokenizer, complete
+from kvchat.chat.fit import fit_prompt
+from kvchat.chat.runtime import runtime_for
+from kvchat.chat.template import CHATML_TEMPLATE, ChatTemplate
 from kvchat.chat.tool_round import CLOSING_NOTE
 from kvchat.llama import Model
 
@@ -248,11 +251,19 @@ def linear_fit(tokenizer, messages: list[dict], limit: int, need: int) -> list[i
 
 
 def fit(tokenizer, messages: list[dict], limit: int, need: int) -> list[int]:
-    engine = SimpleNamespace(context_limit=limit)
-    tokens, shift = _fit(engine, tokenizer, messages, None, SamplingParams(max_tokens=need), "truncate_oldest",
-                         None, None)
+    tokens, shift = fit_prompt(tokenizer, messages, None, limit=limit, need=need, overflow="truncate_oldest")
     assert shift is None
     return tokens
+
+
+def test_a_chat_runtime_belongs_to_one_engine() -> None:
+    engine, other = SimpleNamespace(model=object()), SimpleNamespace(model=object())
+    runtime = ChatRuntime(engine, ChatTokenizer(engine.model, ChatTemplate(CHATML_TEMPLATE)))
+    assert runtime_for(engine, runtime) is runtime
+    with pytest.raises(ValueError, match="another engine"):
+        runtime_for(other, runtime)
+    with pytest.raises(ValueError, match="engine's model"):
+        ChatRuntime(other, runtime.tokenizer)
 
 
 def test_a_long_overflowing_conversation_is_fitted_with_a_logarithmic_number_of_renders() -> None:
@@ -297,34 +308,37 @@ def test_fitting_gives_what_dropping_one_turn_at_a_time_gives(messages: list[dic
     assert tokenizer.renders <= 2 * math.log2(len(messages) + 1) + 4
 
 
+class CountingChatTokenizer(ChatTokenizer):
+    """A chat tokenizer that counts its renders."""
+
+    renders = 0
+
+    def encode(self, *args, **kwargs) -> list[int]:
+        self.renders += 1
+        return super().encode(*args, **kwargs)
+
+
 def test_a_cancelled_complete_stops_between_renders_and_queues_nothing(small_qwen_engine: Engine,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    tokenizer = chat_tokenizer(small_qwen_engine)
-    encode = tokenizer.encode
-    renders: list[int] = []
-
-    def counting(*args, **kwargs):
-        renders.append(1)
-        return encode(*args, **kwargs)
-
-    monkeypatch.setattr(tokenizer, "encode", counting)
+    tokenizer = CountingChatTokenizer(small_qwen_engine.model)
+    runtime = ChatRuntime(small_qwen_engine, tokenizer)
     submitted = []
     monkeypatch.setattr(small_qwen_engine, "submit", lambda *args, **kwargs: submitted.append(args))
     messages = long_history(10)
     checks = iter([False, False, False, True])  # the phases before fitting, the first render, then stop
-    stream = complete(small_qwen_engine, messages, sampling=greedy(16), overflow="truncate_oldest",
-                      cancelled=lambda: next(checks, True))
+    stream = runtime.complete(messages, sampling=greedy(16), overflow="truncate_oldest",
+                              cancelled=lambda: next(checks, True))
     reply = stream.collect()
     assert reply.finish_reason == "cancelled" and reply.usage.completion_tokens == 0 and reply.content == ""
     assert stream.prompt_tokens == 0 and not submitted
-    assert len(renders) == 1  # the conversation overflowed; the next render was not started
+    assert tokenizer.renders == 1  # the conversation overflowed; the next render was not started
 
     async def cancelled_at_once():
-        deltas = [d async for d in complete(small_qwen_engine, messages, cancelled=lambda: True)]
+        deltas = [d async for d in runtime.complete(messages, cancelled=lambda: True)]
         return deltas
 
     deltas = asyncio.run(cancelled_at_once())
-    assert [d.finish_reason for d in deltas] == ["cancelled"] and len(renders) == 1 and not submitted
+    assert [d.finish_reason for d in deltas] == ["cancelled"] and tokenizer.renders == 1 and not submitted
 
 
 def test_a_complete_cancelled_while_it_submits_ends_cancelled(qwen_engine: Engine) -> None:

@@ -7,7 +7,6 @@ Bounded for CI: a few dozen examples per test, replies of one token.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
@@ -20,6 +19,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from kvchat import Engine, SamplingParams
+from kvchat.chat import ChatRuntime
 from kvchat.chat.complete import ChatCompletion, complete
 from kvchat.chat.response_format import grammar_for_response_format
 from kvchat.chat.template import ChatTemplate, TemplateRenderError
@@ -29,9 +29,6 @@ from kvchat.chat.tool_calls import HERMES, LLAMA3, MISTRAL, StreamingToolCallPar
 from kvchat.chat.tool_requests import tool_call_grammar
 from kvchat.errors import InvalidRequestError, KVChatError
 from kvchat.llama import Model
-
-# The module (the package exports the function under the same name).
-complete_module = importlib.import_module("kvchat.chat.complete")
 
 FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
@@ -488,10 +485,10 @@ def test_sandbox_escapes_from_a_gguf_template_fail_with_the_typed_error_and_do_n
     assert isinstance(info.value, InvalidRequestError) and info.value.field == "messages"
     with pytest.raises(TemplateRenderError):
         ChatTokenizer(qwen_model, template).encode(messages)
-    # Through complete(), as if the engine's model carried this template.
-    monkeypatch.setitem(complete_module._tokenizers, qwen_engine, ChatTokenizer(qwen_model, template))
+    # Through a chat runtime on the engine, as if the engine's model carried this template.
+    runtime = ChatRuntime(qwen_engine, ChatTokenizer(qwen_model, template))
     with pytest.raises(TemplateRenderError):
-        complete(qwen_engine, messages, sampling=SamplingParams(temperature=0, max_tokens=1))
+        runtime.complete(messages, sampling=SamplingParams(temperature=0, max_tokens=1))
 
     assert not marker.exists()
     assert os.environ["KVCHAT_SANDBOX_SECRET"] == secret

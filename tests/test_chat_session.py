@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from kvchat import ChatSession, Engine, InvalidRequestError, SamplingParams
-from kvchat.chat import chat_tokenizer
+from kvchat.chat import ChatRuntime, ChatTokenizer, GeneratedTokenMemory, chat_tokenizer
 
 QUESTIONS = ["Name a colour.", "Name a fruit.", "Name a country.", "Name a planet.", "Name a metal.",
              "Name a river."]
@@ -34,7 +34,7 @@ def session(qwen_engine: Engine) -> ChatSession:
 
 
 def prompt_of(session: ChatSession) -> list[int]:
-    return chat_tokenizer(session.engine).encode(session.messages, namespace=session.cache_key)
+    return session.chat_runtime.tokenizer.encode(session.messages, namespace=session.cache_key)
 
 
 def test_edit_then_send_evaluates_from_the_edited_message_on(session: ChatSession) -> None:
@@ -47,8 +47,8 @@ def test_edit_then_send_evaluates_from_the_edited_message_on(session: ChatSessio
     start_of_message_1 = common_prefix(new_prompt, last_prompt)
     assert done.usage.cached_tokens == start_of_message_1
     assert done.usage.evaluated_tokens == done.usage.prompt_tokens - start_of_message_1
-    system_only = chat_tokenizer(session.engine).encode(session.messages[:1], add_generation_prompt=False,
-                                                     namespace=session.cache_key)
+    system_only = session.chat_runtime.tokenizer.encode(session.messages[:1], add_generation_prompt=False,
+                                                        namespace=session.cache_key)
     assert start_of_message_1 >= len(system_only)  # nothing before message 1 was evaluated again
 
 
@@ -62,7 +62,7 @@ def test_regenerate_evaluates_only_the_prompt_tail_and_replaces_the_answer(sessi
 
 
 def test_undo_then_send_keeps_the_earlier_turns(session: ChatSession) -> None:
-    turn_six_prompt = chat_tokenizer(session.engine).encode(session.messages[:-1], namespace=session.cache_key)
+    turn_six_prompt = session.chat_runtime.tokenizer.encode(session.messages[:-1], namespace=session.cache_key)
     session.undo()
     assert len(session.history) == 11
     reply = session.send("Name a mountain.")
@@ -73,7 +73,7 @@ def test_undo_then_send_keeps_the_earlier_turns(session: ChatSession) -> None:
 
 
 def test_delete_the_last_exchange_frees_nothing_it_should_keep(session: ChatSession) -> None:
-    turn_six_prompt = chat_tokenizer(session.engine).encode(session.messages[:-1], namespace=session.cache_key)
+    turn_six_prompt = session.chat_runtime.tokenizer.encode(session.messages[:-1], namespace=session.cache_key)
     session.delete(-1)
     session.delete(-1)
     assert len(session.history) == 11
@@ -102,6 +102,18 @@ def test_fork_save_load_and_errors(session: ChatSession, tmp_path) -> None:
         fresh.regenerate()
     with pytest.raises(InvalidRequestError):
         fresh.undo()
+
+
+def test_a_session_chats_on_the_runtime_it_is_given_and_its_forks_share_it(qwen_engine: Engine) -> None:
+    memory = GeneratedTokenMemory()
+    runtime = ChatRuntime(qwen_engine, ChatTokenizer(qwen_engine.model, memory=memory))
+    chat = ChatSession(qwen_engine, chat_runtime=runtime, cache_key=f"session-{uuid.uuid4()}",
+                       sampling=SamplingParams(temperature=0, max_tokens=4))
+    reply = chat.send("Name a colour.").collect()
+    assert reply.content and memory.lookup(reply.content, namespace=chat.cache_key) is not None
+    assert chat.fork().chat_runtime is runtime
+    # Without one, a session uses the engine's shared runtime, as complete(engine, ...) does.
+    assert ChatSession(qwen_engine).chat_runtime.tokenizer is chat_tokenizer(qwen_engine)
 
 
 # -- /load and /save of damaged files and bad paths -------------------------------------------------

@@ -37,8 +37,7 @@ from kvchat.server.errors import APIError
 from kvchat.server.middleware import endpoint_label
 from kvchat.server.response_objects import EventCounter, OutputBuilder, ResponseFrame
 from kvchat.server.response_store import ResponseStore, UnencodableResponseError, encode_response
-from kvchat.server.responses_api import MAX_JSON_DEPTH, ResponsesRequest
-from kvchat.server.routes import responses as responses_route
+from kvchat.server.responses_api import MAX_JSON_DEPTH, ResponsesRequest, response_frame
 
 MODEL = "gemma-responses"
 SURROGATE = "\ud800"
@@ -324,35 +323,37 @@ class UnencodableWhenDone(ResponseFrame):
         return body if status == "in_progress" else {**body, "metadata": {"k": SURROGATE}}
 
 
-def bad_frame(monkeypatch: pytest.MonkeyPatch) -> None:
-    original = responses_route._frame
-
-    def frame(*args: Any, **kwargs: Any) -> ResponseFrame:
-        made = original(*args, **kwargs)
-        return UnencodableWhenDone(**made.__dict__)
-
-    monkeypatch.setattr(responses_route, "_frame", frame)
+def unencodable_frame(*args: Any) -> ResponseFrame:
+    return UnencodableWhenDone(**response_frame(*args).__dict__)
 
 
-def test_a_response_that_cannot_be_encoded_is_a_typed_500_and_is_not_stored(
-        server: RunningServer, client: OpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
-    stored = stored_count(server)
-    bad_frame(monkeypatch)
-    response = post_raw(server, request())
+@pytest.fixture
+def bad_frame_server(gemma_engine: Engine, idle_engine: Engine) -> Iterator[RunningServer]:
+    """A server of its own whose finished responses echo what cannot be encoded (the
+    app's `response_frame`, replaced)."""
+    app = create_app(gemma_engine, ServerSettings(model_name=MODEL, max_tokens_limit=64, max_tools=4))
+    app.state.kvchat.response_frame = unencodable_frame
+    with RunningServer(app) as running:
+        running.app = app
+        yield running
+
+
+def test_a_response_that_cannot_be_encoded_is_a_typed_500_and_is_not_stored(bad_frame_server: RunningServer) -> None:
+    response = post_raw(bad_frame_server, request())
     assert response.status_code == 500, response.text
     error = response.json()["error"]
     assert error["type"] == "server_error" and error["code"] == "response_not_serializable"
     assert "not stored" in error["message"]
-    assert stored_count(server) == stored
-    monkeypatch.undo()
-    assert client.responses.create(**request()).status in ("completed", "incomplete")  # the server serves on
+    assert stored_count(bad_frame_server) == 0
+    bad_frame_server.app.state.kvchat.response_frame = response_frame  # fixed: the server serves on
+    created = bad_frame_server.client().responses.create(**request())
+    assert created.status in ("completed", "incomplete") and stored_count(bad_frame_server) == 1
 
 
 def test_a_streamed_response_that_cannot_be_encoded_ends_with_the_error_event_and_is_not_stored(
-        server: RunningServer, idle_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
-    stored = stored_count(server)
-    bad_frame(monkeypatch)
-    with httpx.stream("POST", f"{server.url}/v1/responses", json=request(stream=True), timeout=120) as response:
+        bad_frame_server: RunningServer) -> None:
+    with httpx.stream("POST", f"{bad_frame_server.url}/v1/responses", json=request(stream=True),
+                      timeout=120) as response:
         assert response.status_code == 200
         lines = [line for line in response.iter_lines() if line.startswith("data:")]
     events = [json.loads(line.removeprefix("data:")) for line in lines]
@@ -360,9 +361,9 @@ def test_a_streamed_response_that_cannot_be_encoded_ends_with_the_error_event_an
     assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "error"
     assert not any(kind in ("response.completed", "response.incomplete") for kind in kinds)
     assert events[-1]["code"] == "response_not_serializable" and events[-1]["error"]["type"] == "server_error"
-    assert stored_count(server) == stored
+    assert stored_count(bad_frame_server) == 0
     with pytest.raises(openai.NotFoundError):
-        server.client().responses.retrieve(events[0]["response"]["id"])
+        bad_frame_server.client().responses.retrieve(events[0]["response"]["id"])
 
 
 def test_metrics_label_responses_requests_without_their_ids(server: RunningServer, client: OpenAI) -> None:

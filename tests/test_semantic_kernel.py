@@ -23,7 +23,7 @@ from semantic_kernel.contents.utils.finish_reason import FinishReason
 from semantic_kernel.functions import KernelArguments
 from sk_plugins import MathPlugin
 
-from kvchat.chat import chat_tokenizer
+from kvchat.chat import ChatRuntime, chat_tokenizer
 from kvchat.chat.tool_round import CLOSING_NOTE
 from kvchat.integrations.semantic_kernel import (
     KVChatCompletion,
@@ -92,7 +92,8 @@ def test_settings_class_and_sampling(service):
 
 
 def test_ten_turns_pay_only_for_new_messages(service, qwen_engine):
-    tokenizer = chat_tokenizer(qwen_engine)
+    tokenizer = service.chat_runtime.tokenizer
+    assert tokenizer is chat_tokenizer(qwen_engine)  # the engine's shared runtime, by default
 
     async def run() -> None:
         history = ChatHistory(system_message="You are a helpful assistant. Answer in one short sentence.")
@@ -288,6 +289,19 @@ def test_service_needs_exactly_one_of_engine_or_model(qwen_engine):
         KVChatCompletion()
     with pytest.raises(ValueError):
         KVChatCompletion(qwen_engine, model="qwen2.5-coder-0.5b-instruct")
+
+
+def test_a_service_chats_on_the_runtime_it_is_given(qwen_engine):
+    runtime = ChatRuntime(qwen_engine)
+    service = KVChatCompletion(qwen_engine, chat_runtime=runtime)
+    assert service.chat_runtime is runtime
+    history = ChatHistory()
+    history.add_user_message("Say hi.")
+    reply = asyncio.run(service.get_chat_message_content(history, greedy(4)))
+    assert reply is not None and reply.content
+    assert runtime.memory.lookup(reply.content) is not None  # its reply went to the runtime's memory
+    with pytest.raises(ValueError, match="given engine"):  # before any engine is started on the model
+        KVChatCompletion(model="no-such-model", chat_runtime=runtime)
 
 
 def test_text_completion_and_streaming(qwen_engine):

@@ -15,7 +15,7 @@ from http_server import RunningServer
 from openai import OpenAI
 
 from kvchat import Engine, EngineSettings
-from kvchat.chat import chat_tokenizer
+from kvchat.chat import ChatRuntime, chat_tokenizer
 from kvchat.server import create_app
 
 MODEL = "qwen-test"
@@ -250,19 +250,23 @@ def test_api_keys(qwen_engine: Engine) -> None:
         assert_serves(running.client("secret"))
 
 
-def test_unexpected_error_is_generic_500(server: RunningServer, client: OpenAI, monkeypatch) -> None:
-    import kvchat.server.routes.chat as app_module
+class BrokenChatRuntime(ChatRuntime):
+    """A chat runtime that fails as a bug would, with internals in its message."""
 
-    def broken(*args, **kwargs):
+    def complete(self, *args, **kwargs):
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(app_module, "complete", broken)
-    response = httpx.post(f"{server.url}/v1/chat/completions",
-                          json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
-    assert response.status_code == 500
-    assert response.json()["error"]["type"] == "server_error"
-    assert "secret internals" not in response.text and "Traceback" not in response.text
-    monkeypatch.undo()
+
+def test_unexpected_error_is_generic_500(qwen_engine: Engine, client: OpenAI) -> None:
+    app = create_app(qwen_engine, model_name=MODEL, chat_runtime=BrokenChatRuntime(qwen_engine))
+    with RunningServer(app) as broken:
+        response = httpx.post(f"{broken.url}/v1/chat/completions",
+                              json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+        assert response.status_code == 500
+        assert response.json()["error"]["type"] == "server_error"
+        assert "secret internals" not in response.text and "Traceback" not in response.text
+        assert httpx.get(f"{broken.url}/v1/models").status_code == 200  # the app serves on
+    assert_idle(qwen_engine)
     assert_serves(client)
 
 

@@ -3,7 +3,6 @@ and not the generated-token memory (the exact ids of recent replies)."""
 
 from __future__ import annotations
 
-import importlib
 import uuid
 from collections.abc import Iterator
 
@@ -13,26 +12,25 @@ from http_server import RunningServer
 from openai import OpenAI
 
 from kvchat import Engine
-from kvchat.chat import ChatTokenizer, GeneratedTokenMemory
+from kvchat.chat import ChatRuntime, ChatTokenizer, GeneratedTokenMemory
 from kvchat.llama import Model
 from kvchat.server import create_app
 
 MODEL = "qwen-test"
-complete_module = importlib.import_module("kvchat.chat.complete")  # kvchat.chat.complete is also a function
 REPLY_TOKENS = 4
 
 
 @pytest.fixture
-def small_memory(qwen_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> GeneratedTokenMemory:
-    """The engine's chat tokenizer, with a memory of 3 replies per tenant for this test."""
-    memory = GeneratedTokenMemory(max_entries=3)
-    monkeypatch.setitem(complete_module._tokenizers, qwen_engine, ChatTokenizer(qwen_engine.model, memory=memory))
-    return memory
+def small_memory() -> GeneratedTokenMemory:
+    """A memory of 3 replies per tenant, for this test's server."""
+    return GeneratedTokenMemory(max_entries=3)
 
 
 @pytest.fixture
 def tenants(qwen_engine: Engine, small_memory: GeneratedTokenMemory) -> Iterator[tuple[OpenAI, OpenAI]]:
-    with RunningServer(create_app(qwen_engine, model_name=MODEL, api_keys=["key-alice", "key-bob"])) as server:
+    runtime = ChatRuntime(qwen_engine, ChatTokenizer(qwen_engine.model, memory=small_memory))
+    app = create_app(qwen_engine, model_name=MODEL, api_keys=["key-alice", "key-bob"], chat_runtime=runtime)
+    with RunningServer(app) as server:
         yield server.client("key-alice"), server.client("key-bob")
     assert_idle(qwen_engine)
 
@@ -79,3 +77,4 @@ def test_another_key_remembering_many_replies_does_not_evict_yours(
             model=MODEL, messages=[{"role": "user", "content": f"Count to {i}."}], max_tokens=2, temperature=0)
     again = alice.chat.completions.create(model=MODEL, messages=history, max_tokens=1, temperature=0)
     assert again.usage.prompt_tokens == alice_prompt  # still her exact ids
+    assert small_memory.nbytes > 0  # the memory of the app's chat runtime holds them

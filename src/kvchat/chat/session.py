@@ -1,9 +1,9 @@
 """`ChatSession`: a message-level chat you can edit, with stateful speed.
 
 The session only keeps messages. Every call renders the whole history through
-:func:`kvchat.chat.complete`, and the engine's prefix cache finds the longest
-resident prefix, so each operation costs only the tokens after the first
-change: an edit of message 1 re-evaluates from message 1 on, `regenerate`
+its chat runtime (:meth:`kvchat.chat.ChatRuntime.complete`), and the engine's
+prefix cache finds the longest resident prefix, so each operation costs only
+the tokens after the first change: an edit of message 1 re-evaluates from message 1 on, `regenerate`
 evaluates only the generation prompt's last token, `undo` then `send` only the
 new message. No second cache, no session-held KV: nothing breaks when the
 history is changed.
@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from kvchat.atomic_file import write_atomically
-from kvchat.chat.complete import ChatCompletion, ChatDelta, ChatStream, OverflowPolicy, complete
+from kvchat.chat.fit import OverflowPolicy
+from kvchat.chat.runtime import ChatRuntime, runtime_for
+from kvchat.chat.stream import ChatCompletion, ChatDelta, ChatStream
 from kvchat.engine import Engine, SamplingParams
 from kvchat.errors import InvalidRequestError
 
@@ -85,6 +87,9 @@ class ChatSession:
 
     `history` is a copy of the messages (OpenAI shape). Options given here
     (`system`, `sampling`, `tools`, `overflow`, `cache_key`) apply to every call.
+    `chat_runtime` (a :class:`ChatRuntime` on `engine`; default: the engine's
+    shared one) holds the chat tokenizer and generated-token memory the session
+    uses; its forks share it.
     """
 
     def __init__(
@@ -97,8 +102,10 @@ class ChatSession:
         overflow: OverflowPolicy = "error",
         cache_key: str | None = None,
         messages: Sequence[Mapping[str, Any]] = (),
+        chat_runtime: ChatRuntime | None = None,
     ) -> None:
         self.engine = engine
+        self.chat_runtime = runtime_for(engine, chat_runtime)
         self.sampling = sampling or SamplingParams()
         self.tools = list(tools) if tools else None
         self.overflow = overflow
@@ -115,7 +122,7 @@ class ChatSession:
     def send(self, text: str, *, sampling: SamplingParams | None = None, prediction: str | None = None) -> SessionReply:
         """Add a user message and stream the assistant's reply.
 
-        `prediction`: the reply's text as you expect it (see :func:`complete`):
+        `prediction`: the reply's text as you expect it (see :meth:`ChatRuntime.complete`):
         drafts for speculative decoding, which make a reply that repeats it faster.
         """
         self.messages.append({"role": "user", "content": text})
@@ -167,6 +174,7 @@ class ChatSession:
             overflow=self.overflow,
             cache_key=self.cache_key,
             messages=self.history,
+            chat_runtime=self.chat_runtime,
         )
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -214,8 +222,7 @@ class ChatSession:
             raise InvalidRequestError(f"no message at index {index!r}", field="index") from exc
 
     def _reply(self, sampling: SamplingParams | None, prediction: str | None) -> SessionReply:
-        stream = complete(
-            self.engine,
+        stream = self.chat_runtime.complete(
             self.messages,
             tools=self.tools,
             sampling=sampling or self.sampling,

@@ -1,5 +1,6 @@
 """What every integration shares: the engine it runs on, given by the caller (and
-left open) or started on a model name (and owned), and the name it reports.
+left open) or started on a model name (and owned), the chat runtime its chats run
+on, and the name it reports.
 
 Imports no framework."""
 
@@ -8,12 +9,13 @@ from __future__ import annotations
 import logging
 import os
 
+from kvchat.chat.runtime import ChatRuntime
 from kvchat.engine import Engine, EngineSettings
 from kvchat.models import resolve
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["engine_for", "model_id"]
+__all__ = ["check_chat_runtime", "engine_for", "model_id"]
 
 
 def engine_for(
@@ -29,6 +31,14 @@ def engine_for(
     assert model is not None  # exactly one of them is given
     logger.info("starting a kvchat engine on %s", model)
     return Engine(resolve(model), engine_settings), True
+
+
+def check_chat_runtime(engine: Engine | None, chat_runtime: ChatRuntime | None) -> None:
+    """`ValueError` unless `chat_runtime` is None or runs on the given `engine` (a
+    runtime cannot come with a model to start an engine on). Checked before an
+    engine is started."""
+    if chat_runtime is not None and chat_runtime.engine is not engine:
+        raise ValueError("chat_runtime must run on the given engine")
 
 
 def model_id(engine: Engine, model: str | os.PathLike[str] | None) -> str:

@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP app: ``create_app(engine, model_name=...)``.
 
 The app holds no model state: it keeps a reference to an engine its caller made
-(and closes); chat requests go through :func:`kvchat.chat.complete.complete`,
-text completions straight to :meth:`Engine.submit`.
+(and closes); chat requests go through a chat runtime on that engine
+(:meth:`kvchat.chat.ChatRuntime.complete`: the caller's, or the engine's shared
+one), text completions straight to :meth:`Engine.submit`.
 
 Endpoints (see the modules under :mod:`kvchat.server.routes`):
 ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/responses``
@@ -46,6 +47,7 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
+from kvchat.chat import ChatRuntime
 from kvchat.engine import Engine
 from kvchat.server.errors import install_error_handlers
 from kvchat.server.middleware import AccessLog, BodySizeLimit, HostCheck
@@ -58,16 +60,23 @@ __all__ = ["create_app"]
 
 
 def create_app(
-    engine: Engine, settings: ServerSettings | None = None, *, owns_engine: bool = False, **options: Any
+    engine: Engine,
+    settings: ServerSettings | None = None,
+    *,
+    owns_engine: bool = False,
+    chat_runtime: ChatRuntime | None = None,
+    **options: Any,
 ) -> FastAPI:
     """An app that serves `engine`, configured by `settings` or by
     :class:`ServerSettings` keyword options (``model_name=...`` at least).
 
+    Chats run on `chat_runtime` (a :class:`ChatRuntime` on `engine`, shared with
+    whatever else chats on it), by default the engine's shared runtime.
     The caller closes `engine` after the app stops, unless `owns_engine`: then the
     app's shutdown closes it (which also saves the prefix cache to its disk tier).
     """
     settings = settings or ServerSettings(**options)
-    state = ServerState(engine, settings)
+    state = ServerState(engine, settings, chat_runtime)
     # Made with the app, not in the lifespan: a host that never runs the lifespan
     # still serves (the pool's threads start with work and end when idle).
     work = WorkPool(threads=settings.work_threads, max_queued=settings.work_queue, retry_after=settings.retry_after)

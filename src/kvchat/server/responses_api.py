@@ -1,5 +1,6 @@
 """The request of OpenAI's Responses API (``POST /v1/responses``) and its translation
-to what :func:`kvchat.chat.complete.complete` takes.
+to what :meth:`kvchat.chat.ChatRuntime.complete` takes, and to what the response
+echoes of it (:func:`response_frame`).
 
 - `input` (a string, or a list of items) becomes chat messages
   (:func:`input_messages`): ``message`` items (roles user, assistant, system,
@@ -56,8 +57,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
+from kvchat.engine import SamplingParams
 from kvchat.errors import InvalidRequestError
 from kvchat.server.errors import valid_text
+from kvchat.server.ids import new_id
+from kvchat.server.response_objects import ResponseFrame
+from kvchat.server.settings import ServerSettings
 
 __all__ = [
     "MAX_INSTRUCTIONS",
@@ -381,7 +386,7 @@ def chat_tools(
     Function tools only; ``{"type": "allowed_tools", "mode", "tools"}`` keeps the
     named tools, with its mode as the choice. Raises `InvalidRequestError` (field
     ``tools[i]`` or ``tool_choice``); the tools' names and schemas are checked by
-    :func:`kvchat.chat.complete.complete`.
+    :meth:`kvchat.chat.ChatRuntime.complete`.
     """
     converted = None if tools is None else [_chat_tool(tool, f"tools[{i}]") for i, tool in enumerate(tools)]
     if tool_choice is None or isinstance(tool_choice, str):
@@ -435,6 +440,35 @@ def response_format(text: Mapping[str, Any] | None) -> dict[str, Any] | None:
         return dict(fmt)
     spec = {key: value for key, value in fmt.items() if key != "type"}
     return {"type": "json_schema", "json_schema": spec}
+
+
+def response_frame(body: ResponsesRequest, settings: ServerSettings, sampling: SamplingParams) -> ResponseFrame:
+    """What the response to `body` echoes of it (with a new id), on a server with
+    `settings`, generating with `sampling`."""
+    text = dict(body.text or {})
+    text.setdefault("format", {"type": "text"})
+    return ResponseFrame(
+        id=new_id("resp", settings.response_id_tag),
+        model=settings.model_name,
+        instructions=body.instructions,
+        previous_response_id=body.previous_response_id,
+        tools=[_echoed_tool(tool) for tool in body.tools or ()],
+        tool_choice=body.tool_choice if body.tool_choice is not None else "auto",
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        max_output_tokens=body.max_output_tokens,
+        max_tool_calls=body.max_tool_calls,
+        parallel_tool_calls=body.parallel_tool_calls is not False,
+        store=body.store is not False,
+        text=text,
+        truncation=body.truncation or "disabled",
+        metadata=dict(body.metadata or {}),
+        user=body.user,
+    )
+
+
+def _echoed_tool(tool: Mapping[str, Any]) -> dict[str, Any]:
+    return {"description": None, "parameters": None, "strict": None, **tool}
 
 
 def _shown(value: object) -> str:

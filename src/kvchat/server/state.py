@@ -1,5 +1,5 @@
-"""`ServerState`: what every route of one app shares (engine, settings, metrics,
-admission, the embedding worker, the stored responses).
+"""`ServerState`: what every route of one app shares (engine, chat runtime,
+settings, metrics, admission, the embedding worker, the stored responses).
 
 The routes reach it through the :func:`server_state` dependency; the app is
 built around it in :func:`kvchat.server.app.create_app`.
@@ -16,6 +16,8 @@ from typing import Any
 
 from fastapi import Request
 
+from kvchat.chat import ChatRuntime
+from kvchat.chat.runtime import runtime_for
 from kvchat.engine import Engine, SamplingParams
 from kvchat.engine.embedder import Embedder
 from kvchat.errors import InvalidRequestError
@@ -23,7 +25,9 @@ from kvchat.server.admission import Admission
 from kvchat.server.embedding_worker import EmbeddingWorker
 from kvchat.server.errors import APIError
 from kvchat.server.metrics import ServerMetrics
+from kvchat.server.response_objects import ResponseFrame
 from kvchat.server.response_store import ResponseStore
+from kvchat.server.responses_api import ResponsesRequest, response_frame
 from kvchat.server.runs import RequestRun
 from kvchat.server.settings import ServerSettings
 
@@ -38,10 +42,16 @@ class Tenant:
 
 
 class ServerState:
-    """The engine an app serves and the server-side machinery around it."""
+    """The engine an app serves and the server-side machinery around it.
 
-    def __init__(self, engine: Engine, settings: ServerSettings) -> None:
+    Chat requests run on `chat_runtime` (a :class:`ChatRuntime` on `engine`; by
+    default the engine's shared one), whose tokenizer and generated-token memory
+    every chat request of the app shares.
+    """
+
+    def __init__(self, engine: Engine, settings: ServerSettings, chat_runtime: ChatRuntime | None = None) -> None:
         self.engine = engine
+        self.chat_runtime = runtime_for(engine, chat_runtime)
         self.settings = settings
         self.created = int(time.time())
         self.shutting_down: Callable[[], bool] = lambda: False
@@ -63,6 +73,12 @@ class ServerState:
             key_share=settings.key_share if len(set(settings.api_keys)) >= 2 else 1.0,
         )
         """The stored ``/v1/responses`` responses, namespaced by API key."""
+        self.response_frame: Callable[[ResponsesRequest, ServerSettings, SamplingParams], ResponseFrame] = (
+            response_frame
+        )
+        """What a ``/v1/responses`` response echoes of its request
+        (:func:`kvchat.server.responses_api.response_frame`); replaceable, so that a
+        test can make a response that the checks on the way in would refuse."""
         self.embeddings = EmbeddingWorker(lambda: Embedder(self.engine.model, n_threads=self.engine.settings.n_threads))
 
     # -- per request -----------------------------------------------------------

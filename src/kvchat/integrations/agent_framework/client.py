@@ -32,7 +32,8 @@ from agent_framework._middleware import ChatAndFunctionMiddlewareTypes
 from agent_framework.observability import ChatTelemetryLayer
 from typing_extensions import Self
 
-from kvchat.chat import ChatDelta, ChatStream, complete
+from kvchat.chat import ChatDelta, ChatRuntime, ChatStream
+from kvchat.chat.runtime import runtime_for
 from kvchat.engine import Engine, EngineSettings
 from kvchat.integrations.agent_framework.messages import (
     finish_reason,
@@ -41,7 +42,7 @@ from kvchat.integrations.agent_framework.messages import (
     usage_details,
 )
 from kvchat.integrations.agent_framework.options import KVChatOptions, KVChatRequest, request_from_options
-from kvchat.integrations.engine_source import engine_for
+from kvchat.integrations.engine_source import check_chat_runtime, engine_for
 from kvchat.integrations.engine_source import model_id as default_model_id
 
 if sys.version_info >= (3, 13):
@@ -71,7 +72,8 @@ class RawKVChatClient(BaseChatClient[KVChatOptionsT], Generic[KVChatOptionsT]):
     the model's file name (or the packaged name given).
 
     Each call renders the history with the model's own chat template through
-    :func:`kvchat.chat.complete`, in a worker thread (tokenizing is blocking work);
+    `chat_runtime` (a :class:`~kvchat.chat.ChatRuntime` on the given `engine`, shared
+    with other callers; default: the engine's shared one), in a worker thread (tokenizing is blocking work);
     the engine's own thread generates. Calls run concurrently and the engine batches
     them. Errors in a call's input raise `kvchat.errors.InvalidRequestError` (its
     `field` names the option or ``messages``) before anything is queued.
@@ -88,14 +90,18 @@ class RawKVChatClient(BaseChatClient[KVChatOptionsT], Generic[KVChatOptionsT]):
         engine_settings: EngineSettings | None = None,
         model_id: str | None = None,
         additional_properties: dict[str, Any] | None = None,
+        chat_runtime: ChatRuntime | None = None,
         **kwargs: Any,
     ) -> None:
-        """Wrap `engine`, or start an engine on `model`; exactly one must be given, and
-        `engine_settings` only with `model` (else `ValueError`). Other keyword arguments
-        go to `BaseChatClient` (and, from :class:`KVChatClient`, its layers)."""
+        """Wrap `engine`, or start an engine on `model`; exactly one must be given,
+        `engine_settings` only with `model`, and `chat_runtime` only on `engine` (else
+        `ValueError`). Other keyword arguments go to `BaseChatClient` (and, from
+        :class:`KVChatClient`, its layers)."""
         if engine is not None and engine_settings is not None:
             raise ValueError("engine_settings apply to the engine started on a model, not to a given engine")
+        check_chat_runtime(engine, chat_runtime)
         self.engine, self.owns_engine = engine_for(engine, model, engine_settings)
+        self.chat_runtime = runtime_for(self.engine, chat_runtime)
         self.model: str = model_id or default_model_id(self.engine, model)
         try:
             super().__init__(additional_properties=additional_properties, **kwargs)
@@ -212,8 +218,7 @@ class RawKVChatClient(BaseChatClient[KVChatOptionsT], Generic[KVChatOptionsT]):
             raise
 
     def _complete(self, history: list[dict[str, Any]], request: KVChatRequest) -> ChatStream:
-        return complete(
-            self.engine,
+        return self.chat_runtime.complete(
             history,
             tools=request.tools,
             tool_choice=request.tool_choice,
@@ -261,9 +266,11 @@ class KVChatClient(
         middleware: Sequence[ChatAndFunctionMiddlewareTypes] | None = None,
         function_invocation_configuration: FunctionInvocationConfiguration | None = None,
         additional_properties: dict[str, Any] | None = None,
+        chat_runtime: ChatRuntime | None = None,
     ) -> None:
         """Wrap `engine`, or start an engine on `model` (exactly one); `middleware`
-        and `function_invocation_configuration` configure the framework's layers."""
+        and `function_invocation_configuration` configure the framework's layers;
+        `chat_runtime` as for :class:`RawKVChatClient`."""
         super().__init__(
             engine=engine,
             model=model,
@@ -272,6 +279,7 @@ class KVChatClient(
             middleware=middleware,
             function_invocation_configuration=function_invocation_configuration,
             additional_properties=additional_properties,
+            chat_runtime=chat_runtime,
         )
 
 

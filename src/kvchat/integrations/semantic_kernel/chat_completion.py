@@ -6,9 +6,11 @@ makes each call pay only for the messages it adds (see ``metadata["usage"]``).
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncGenerator, Callable
 from typing import Any, ClassVar
 
+from pydantic import PrivateAttr
 from semantic_kernel.connectors.ai.chat_completion_client_base import ChatCompletionClientBase
 from semantic_kernel.connectors.ai.function_call_choice_configuration import FunctionCallChoiceConfiguration
 from semantic_kernel.connectors.ai.function_calling_utils import kernel_function_metadata_to_function_call_format
@@ -23,7 +25,10 @@ from semantic_kernel.contents import (
 )
 from semantic_kernel.contents.utils.author_role import AuthorRole
 
-from kvchat.chat import ChatStream, complete
+from kvchat.chat import ChatRuntime, ChatStream
+from kvchat.chat.runtime import runtime_for
+from kvchat.engine import Engine, EngineSettings
+from kvchat.integrations.engine_source import check_chat_runtime
 from kvchat.integrations.semantic_kernel.engine_service import EngineService
 from kvchat.integrations.semantic_kernel.messages import (
     finish_reason,
@@ -41,10 +46,12 @@ __all__ = ["KVChatCompletion"]
 
 
 class KVChatCompletion(EngineService, ChatCompletionClientBase):
-    """Chat completion by a local GGUF model through :func:`kvchat.chat.complete`.
+    """Chat completion by a local GGUF model through a :class:`~kvchat.chat.ChatRuntime`.
 
     Constructed like :class:`EngineService`: ``KVChatCompletion(engine)`` or
-    ``KVChatCompletion(model="qwen2.5-coder-0.5b-instruct")``.
+    ``KVChatCompletion(model="qwen2.5-coder-0.5b-instruct")``; with a given
+    `engine`, `chat_runtime` may name the runtime (tokenizer and generated-token
+    memory) to share with other callers (default: the engine's shared one).
 
     Function calling runs through Semantic Kernel's own loop: a
     `FunctionChoiceBehavior` writes the kernel's functions into the settings'
@@ -55,6 +62,30 @@ class KVChatCompletion(EngineService, ChatCompletionClientBase):
 
     SUPPORTS_FUNCTION_CALLING: ClassVar[bool] = True
     MODEL_PROVIDER_NAME: ClassVar[str] = "kvchat"
+
+    _chat_runtime: ChatRuntime = PrivateAttr()
+
+    def __init__(
+        self,
+        engine: Engine | None = None,
+        *,
+        model: str | os.PathLike[str] | None = None,
+        engine_settings: EngineSettings | None = None,
+        ai_model_id: str | None = None,
+        service_id: str | None = None,
+        chat_runtime: ChatRuntime | None = None,
+    ) -> None:
+        """As :class:`EngineService`'s; `chat_runtime` must run on `engine` (else `ValueError`)."""
+        check_chat_runtime(engine, chat_runtime)
+        super().__init__(
+            engine, model=model, engine_settings=engine_settings, ai_model_id=ai_model_id, service_id=service_id
+        )
+        self._chat_runtime = runtime_for(self.engine, chat_runtime)
+
+    @property
+    def chat_runtime(self) -> ChatRuntime:
+        """The chat runtime this service's chats run on."""
+        return self._chat_runtime
 
     def get_prompt_execution_settings_class(self) -> type[PromptExecutionSettings]:
         """Settings type of this service: :class:`KVChatPromptExecutionSettings`."""
@@ -121,7 +152,7 @@ class KVChatCompletion(EngineService, ChatCompletionClientBase):
         """Semantic Kernel's last call after its auto-invoke attempts: no more calls.
 
         The tools stay, with `tool_choice` "none" (OpenAI's connector drops them):
-        that call follows tool results, so `complete` keeps the tools in the prompt
+        that call follows tool results, so the chat runtime keeps the tools in the prompt
         and asks for the answer (`kvchat.chat.tool_round`), continuing the cached
         prompt of the call instead of re-reading the conversation without tools.
         """
@@ -142,8 +173,7 @@ class KVChatCompletion(EngineService, ChatCompletionClientBase):
         messages = history_to_messages(chat_history)
         sampling = settings.to_sampling_params()
         return await asyncio.to_thread(
-            complete,
-            self.engine,
+            self.chat_runtime.complete,
             messages,
             tools=settings.tools or None,
             tool_choice=settings.tool_choice,

@@ -1,4 +1,5 @@
-"""``POST /v1/chat/completions``: a chat through :func:`kvchat.chat.complete.complete`.
+"""``POST /v1/chat/completions``: a chat through the app's chat runtime
+(:meth:`kvchat.chat.ChatRuntime.complete`).
 
 The request is admitted before any work (rendering and tokenizing the prompt and
 the ``prediction`` happen on the server's work pool, once the request holds its
@@ -17,7 +18,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
-from kvchat.chat.complete import ChatStream, complete
+from kvchat.chat import ChatStream
 from kvchat.server.errors import APIError
 from kvchat.server.routes.common import finish_reason, openai_usage
 from kvchat.server.runs import RequestRun, serving
@@ -50,8 +51,7 @@ async def chat_completions(
         await run.start()
         stream = await work_pool(request).run_for(
             run,
-            lambda cancelled: complete(
-                state.engine,
+            lambda cancelled: state.chat_runtime.complete(
                 body.history(),
                 tools=body.tools,
                 tool_choice=body.tool_choice,

@@ -1,6 +1,6 @@
 """OpenAI's Responses API: ``POST /v1/responses`` (streamed by typed server-sent
 events, or not), ``GET /v1/responses/{id}`` and ``DELETE /v1/responses/{id}``,
-over :func:`kvchat.chat.complete.complete`.
+over the app's chat runtime (:meth:`kvchat.chat.ChatRuntime.complete`).
 
 A response's conversation is its `input` after the stored conversation of its
 ``previous_response_id`` (that response's input and output, without its
@@ -32,7 +32,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from kvchat.chat.complete import ChatDelta, ChatStream, complete
+from kvchat.chat import ChatDelta, ChatStream
 from kvchat.engine import SamplingParams
 from kvchat.errors import InvalidRequestError
 from kvchat.server.errors import APIError
@@ -40,7 +40,6 @@ from kvchat.server.response_objects import (
     EventCounter,
     OutputBuilder,
     ResponseFrame,
-    new_id,
     response_usage,
     unencodable,
 )
@@ -54,7 +53,6 @@ from kvchat.server.responses_api import (
     response_format,
 )
 from kvchat.server.runs import RequestRun, serving
-from kvchat.server.settings import ServerSettings
 from kvchat.server.sse import Event, sse_response
 from kvchat.server.state import ServerState, Tenant, authorized, server_state
 from kvchat.server.work_pool import work_pool
@@ -63,7 +61,7 @@ router = APIRouter()
 log = logging.getLogger("kvchat.server")
 
 _PARAMS = {"messages": "input", "response_format": "text.format", "max_tokens": "max_output_tokens"}
-"""complete()'s names of a request's fields, and the Responses API's."""
+"""The chat runtime's names of a request's fields, and the Responses API's."""
 
 
 @dataclass(frozen=True)
@@ -127,7 +125,7 @@ async def create_response(
     fmt = response_format(body.text)
     sampling = _sampling(body)
     prompt = [{"role": "system", "content": body.instructions}, *conversation] if body.instructions else conversation
-    turn = _Turn(_frame(body, state.settings, sampling), conversation, tenant, state)
+    turn = _Turn(state.response_frame(body, state.settings, sampling), conversation, tenant, state)
     max_calls = 1 if body.parallel_tool_calls is False else body.max_tool_calls
     run = state.new_run(request, tenant)
     with serving(run):
@@ -135,8 +133,7 @@ async def create_response(
         try:
             stream = await work_pool(request).run_for(
                 run,
-                lambda cancelled: complete(
-                    state.engine,
+                lambda cancelled: state.chat_runtime.complete(
                     prompt,
                     tools=tools,
                     tool_choice=tool_choice,
@@ -217,33 +214,6 @@ def _sampling(body: ResponsesRequest) -> SamplingParams:
     if body.top_p is not None:
         options["top_p"] = body.top_p
     return SamplingParams(**options)
-
-
-def _frame(body: ResponsesRequest, settings: ServerSettings, sampling: SamplingParams) -> ResponseFrame:
-    text = dict(body.text or {})
-    text.setdefault("format", {"type": "text"})
-    return ResponseFrame(
-        id=new_id("resp", settings.response_id_tag),
-        model=settings.model_name,
-        instructions=body.instructions,
-        previous_response_id=body.previous_response_id,
-        tools=[_echoed_tool(tool) for tool in body.tools or ()],
-        tool_choice=body.tool_choice if body.tool_choice is not None else "auto",
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
-        max_output_tokens=body.max_output_tokens,
-        max_tool_calls=body.max_tool_calls,
-        parallel_tool_calls=body.parallel_tool_calls is not False,
-        store=body.store is not False,
-        text=text,
-        truncation=body.truncation or "disabled",
-        metadata=dict(body.metadata or {}),
-        user=body.user,
-    )
-
-
-def _echoed_tool(tool: Mapping[str, Any]) -> dict[str, Any]:
-    return {"description": None, "parameters": None, "strict": None, **tool}
 
 
 async def _response_events(
