@@ -1,4 +1,7 @@
-"""`FakeKV`: a stand-in for `kvchat.llama.Context`'s KV memory, for pool tests without a model.
+"""A fake backend for the engine (no model): `FakeKV` (KV memory), `FakeBackend`
+(KV memory and runner) and `FakeModel` (a 65-token vocabulary).
+
+`FakeKV` stands in for `kvchat.llama.Context`'s KV memory (`kvchat.engine.backend.KVMemory`).
 
 It models llama.cpp's unified KV cache the way the pool relies on it: a cell
 holds one token at one position and may belong to several sequences
@@ -14,8 +17,13 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
+from functools import lru_cache
 
-from kvchat.errors import BackendError
+import numpy as np
+
+from kvchat.errors import BackendError, DecodeError
+from kvchat.llama import Batch, SamplerChain
 
 
 class FakeKV:
@@ -24,6 +32,7 @@ class FakeKV:
     def __init__(self, *, n_ctx: int = 256, n_seq_max: int = 8, can_shift: bool = True,
                  partial_remove: bool = True) -> None:
         self.n_ctx = n_ctx
+        self.n_ctx_seq = n_ctx  # one unified pool of cells
         self.n_seq_max = n_seq_max
         self.can_shift = can_shift
         self.partial_remove = partial_remove
@@ -132,3 +141,127 @@ class FakeKV:
 
 def _within(pos: int, start: int, end: int) -> bool:
     return (start < 0 or pos >= start) and (end < 0 or pos < end)
+
+
+# -- the runner and the model -------------------------------------------------------------------
+
+ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 ."
+"""The text of tokens 1..64; token 0 is the end of generation."""
+EOS = 0
+N_VOCAB = 1 + len(ALPHABET)
+
+
+@lru_cache(maxsize=None)
+def fake_logits(previous: int, token: int) -> np.ndarray:
+    """The logits after `token` at a position whose predecessor holds `previous`
+    (-1 at position 0): fixed pseudo-random values, the end token somewhat less likely."""
+    values = np.random.default_rng(previous * 7919 + token + 7919).standard_normal(N_VOCAB).astype(np.float32)
+    values[EOS] -= 1.5
+    values.flags.writeable = False
+    return values
+
+
+def reference_greedy(prompt: list[int] | tuple[int, ...], max_new: int, stop: frozenset[int] = frozenset()) -> list[int]:
+    """What greedy decoding on the fake backend generates for `prompt`, computed
+    without any KV: the tokens up to (not including) the end token or a stop token."""
+    tokens = list(prompt)
+    out: list[int] = []
+    while len(out) < max_new:
+        previous = tokens[-2] if len(tokens) > 1 else -1
+        token = int(np.argmax(fake_logits(previous, tokens[-1])))
+        if token == EOS or token in stop:
+            break
+        out.append(token)
+        tokens.append(token)
+    return out
+
+
+class FakeBackend(FakeKV):
+    """KV memory and runner of a fake context (`kvchat.engine.backend.Runner`).
+
+    `decode` refuses what llama.cpp refuses, with its return codes and nothing
+    evaluated: a sequence id or token outside range, positions of a sequence that
+    do not continue its cells (Y = X + 1), and no free cells (1). Each evaluated
+    token becomes one cell; a row's logits depend on its token and on the token
+    its sequence holds at the position before (`fake_logits`), so evaluating
+    onto wrong or missing cells changes what is sampled. `fail_next_decode` makes
+    the next decode fail with that code; `decode_seconds` makes each decode take
+    that long (a request that must still be running when the test acts).
+    """
+
+    def __init__(self, *, n_ctx: int = 256, n_seq_max: int = 8, n_batch: int = 64, can_shift: bool = True,
+                 partial_remove: bool = True) -> None:
+        super().__init__(n_ctx=n_ctx, n_seq_max=n_seq_max, can_shift=can_shift, partial_remove=partial_remove)
+        self.n_batch = n_batch
+        self.n_vocab = N_VOCAB
+        self.fail_next_decode: int | None = None
+        self.decode_seconds = 0.0
+        self.decodes = 0
+        self.rows_decoded = 0
+        self._logits: dict[int, np.ndarray] = {}
+
+    def decode(self, batch: Batch) -> None:
+        rows = batch.rows()
+        if not rows:
+            return
+        self._logits = {}
+        if self.decode_seconds:
+            time.sleep(self.decode_seconds)
+        if self.fail_next_decode is not None:
+            code, self.fail_next_decode = self.fail_next_decode, None
+            raise DecodeError(code)
+        next_position: dict[int, int] = {}
+        for token, position, seq_id, _ in rows:
+            if not (0 <= seq_id < self.n_seq_max and 0 <= token < self.n_vocab):
+                raise DecodeError(-1)
+            expected = next_position.get(seq_id, self.seq_pos_max(seq_id) + 1)
+            if position != expected:
+                raise DecodeError(-1)
+            next_position[seq_id] = position + 1
+        if self.cells_used() + len(rows) > self.n_ctx:
+            raise DecodeError(1)
+        for token, position, seq_id, _ in rows:
+            self.append(seq_id, position, [token])
+        for row, (token, position, seq_id, wants) in enumerate(rows):
+            if wants:
+                held = self._seqs[seq_id]
+                previous = self._cells[held[position - 1]] if position - 1 in held else -1
+                self._logits[row] = fake_logits(previous, token)
+        self.decodes += 1
+        self.rows_decoded += len(rows)
+
+    def logits(self, row: int) -> np.ndarray:
+        if row not in self._logits:
+            raise BackendError(f"no logits for batch row {row}")
+        return self._logits[row]
+
+    def sample(self, sampler: SamplerChain, row: int) -> int:
+        token = sampler.choose(np.array(self.logits(row)))
+        sampler.accept(token)
+        return token
+
+
+class FakeModel:
+    """The vocabulary side of a model, for an engine on `FakeBackend`."""
+
+    n_vocab = N_VOCAB
+    n_ctx_train = 0
+    eos_token = EOS
+    description = "fake model"
+    is_recurrent = False
+    is_hybrid = False
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return token == EOS
+
+    def is_control(self, token: int) -> bool:
+        return token == EOS
+
+    def token_to_bytes(self, token: int, *, special: bool = False) -> bytes:
+        return b"" if token == EOS else ALPHABET[token - 1].encode()
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        return [ALPHABET.index(c) + 1 for c in text if c in ALPHABET]
+
+    def close(self) -> None:
+        pass

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvchat.engine.drafting import CACHE_TOKENS_PER_REPLY, NgramCache, NgramIndex, _entry_bytes
-from kvchat.engine.request import Request
+from kvchat.engine.request import Request, SequenceKV
 from kvchat.engine.sampling import SamplingParams
 from kvchat.engine.speculation import VERIFY_COST, Acceptance, Speculator, call_cost, expected_tokens
 from kvchat.engine.stream import Stream
@@ -173,9 +173,8 @@ def decoding_request(request_id: int, prompt: list[int], generated: list[int], *
                       Stream(request_id, on_cancel=lambda: None), cache_key=cache_key)
     for token in generated:
         request.record_token(token)
-    request.seq_id = request_id
-    request.n_past = len(prompt) + len(generated) - 1
-    request.reserved_cells = request.n_past + 256  # room, as the scheduler grants it
+    n_past = len(prompt) + len(generated) - 1
+    request.kv = SequenceKV(seq_id=request_id, n_past=n_past, reserved_cells=n_past + 256)  # room, as granted
     return request
 
 
@@ -219,7 +218,7 @@ def test_a_draft_stays_within_the_reservation_max_tokens_and_the_call(slack, max
         speculator.propose([request], capacity=512, call_rows=512)
         assert request.draft
         speculator.verified(request, len(request.draft), len(request.draft))
-    request.reserved_cells = request.own_cells + len(request.pending) + slack
+    request.kv.reserved_cells = request.own_cells + len(request.pending) + slack
     request.max_new_tokens = max_new
     speculator.propose([request], capacity=512, call_rows=call_rows)
     assert 1 <= len(request.draft) <= most

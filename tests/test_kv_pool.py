@@ -55,14 +55,14 @@ class Pool:
         if not self.admission.admit(request):
             assert request.seq_id is None
             return None
-        prefill(self.kv, request)
+        prefill(self, request)
         return request
 
     def run(self, prompt: list[int] | tuple[int, ...], generated: list[int] = (), **options) -> Request:  # type: ignore[assignment]
         """Admit, evaluate, generate and finish a request (parked in the tree)."""
         request = self.admit(prompt, **options)
         assert request is not None
-        generate(self.kv, request, generated)
+        generate(self, request, generated)
         self.pool.finish(request, keep=True)
         return request
 
@@ -76,25 +76,24 @@ def new_request(prompt: list[int] | tuple[int, ...], max_new: int = 4, *, cache_
     return request
 
 
-def prefill(kv: FakeKV, request: Request) -> None:
+def prefill(p: Pool, request: Request) -> None:
     """What the engine's steps do with an admitted request's pending prompt tokens."""
     assert request.seq_id is not None
-    kv.append(request.seq_id, request.n_past, request.pending)
-    request.n_past += len(request.pending)
+    p.kv.append(request.seq_id, p.pool.extend(request, len(request.pending)), request.pending)
     request.pending = []
 
 
-def generate(kv: FakeKV, request: Request, tokens: list[int] | tuple[int, ...]) -> None:
+def generate(p: Pool, request: Request, tokens: list[int] | tuple[int, ...]) -> None:
     """Sample `tokens` one by one; each is evaluated in the next step, the last one never."""
     assert request.seq_id is not None and len(request.generated) + len(tokens) <= request.max_new_tokens
     for token in tokens:
         if request.pending:
-            prefill(kv, request)
+            prefill(p, request)
         request.record_token(token)
 
 
 def leaf_path(cache: PrefixCache, seq_id: int) -> list[int]:
-    return list(cache._leaf_of[seq_id].path())
+    return list(cache.held_tokens()[seq_id])
 
 
 SYSTEM = [1, 2, 3, 4, 5, 6]
@@ -145,7 +144,7 @@ def test_reservations_are_what_the_plan_says() -> None:
     request = p.admit(SYSTEM + [7], max_new=5)
     assert request is not None and request.reserved_cells == cells_to_reserve(request, 0) == 7 + 5
     assert p.pool.cells_in_use() == 12
-    generate(p.kv, request, [1, 2])
+    generate(p, request, [1, 2])
     p.pool.finish(request, keep=True)
     assert p.pool.reserved_cells == 0 and p.pool.cells_in_use() == p.cache.total_tokens == 8
 
@@ -225,8 +224,8 @@ def test_finish_reshares_tokens_that_another_request_parked_meanwhile() -> None:
     first, second = p.admit(prompt), p.admit(prompt)
     assert first is not None and second is not None and second.cached_tokens == 0
     first_id, second_id = first.seq_id, second.seq_id
-    generate(p.kv, first, [50, 51])  # holds prompt + [50]
-    generate(p.kv, second, [50, 52, 53])  # holds prompt + [50, 52]: extends the first
+    generate(p, first, [50, 51])  # holds prompt + [50]
+    generate(p, second, [50, 52, 53])  # holds prompt + [50, 52]: extends the first
     p.pool.finish(first, keep=True)
     p.pool.finish(second, keep=True)
     shared = len(prompt) + 1  # evaluated by both
@@ -265,8 +264,8 @@ def conversation_turn(p: Pool, pinned: PinnedSequence, new: list[int], reply: li
     prompt = pinned.tokens + pinned.unevaluated + new
     request = new_request(prompt, max_new=len(reply) + 1, pinned=pinned)
     assert p.pinned.admit(request)
-    prefill(p.kv, request)
-    generate(p.kv, request, reply)
+    prefill(p, request)
+    generate(p, request, reply)
     p.pinned.finish(request, keep=True)
 
 
@@ -314,7 +313,7 @@ def test_a_failed_conversation_batch_goes_back_to_what_was_resident() -> None:
     conversation_turn(p, conv, SYSTEM, [30])
     request = new_request(conv.tokens + conv.unevaluated + [40, 41], pinned=conv)
     assert p.pinned.admit(request)
-    prefill(p.kv, request)
+    prefill(p, request)
     p.pinned.finish(request, keep=False)
     assert conv.tokens == SYSTEM and p.kv.tokens(conv.seq_id) == SYSTEM and conv.unevaluated == []
 
@@ -365,7 +364,7 @@ class PoolMachine(RuleBasedStateMachine):
         request = data.draw(st.sampled_from(self.running))
         room = request.max_new_tokens - len(request.generated)
         tokens = data.draw(st.lists(st.integers(0, 9), max_size=room))
-        generate(self.p.kv, request, tokens)
+        generate(self.p, request, tokens)
 
     @precondition(lambda self: self.running)
     @rule(data=st.data(), keep=st.booleans())
@@ -393,8 +392,8 @@ class PoolMachine(RuleBasedStateMachine):
         prompt = conv.tokens + conv.unevaluated + new
         request = new_request(prompt, max_new=len(reply) + 1, pinned=conv)
         if self.p.pinned.admit(request):
-            prefill(self.p.kv, request)
-            generate(self.p.kv, request, reply)
+            prefill(self.p, request)
+            generate(self.p, request, reply)
             self.p.pinned.finish(request, keep=data.draw(st.booleans()))
 
     @precondition(lambda self: self.conversations)

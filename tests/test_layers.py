@@ -119,3 +119,40 @@ def test_the_engine_needs_no_packaged_model_names() -> None:
     """Model names are resolved above the engine (`kvchat.models.resolve`)."""
     engine_modules = [n for n in MODULES if n.startswith("kvchat.engine")]
     assert not [n for n in engine_modules if "kvchat.models" in GRAPH[n]]
+
+
+KV_MEMORY_CALLS = {"seq_copy", "seq_remove", "seq_shift", "seq_state", "set_seq_state", "seq_pos_max"}
+"""The `KVMemory` methods (kvchat.engine.backend): llama_memory_seq_* and the state calls."""
+REQUEST_KV_FIELDS = {"seq_id", "n_past", "resident_prefix", "shared_prefix", "locked_node", "reserved_cells"}
+"""`SequenceKV`'s fields, which `Request` reads through properties."""
+
+
+def attribute_calls(name: str) -> set[str]:
+    return {node.func.attr for node in ast.walk(ast.parse(MODULES[name].read_text()))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)}
+
+
+def attribute_writes(name: str) -> set[str]:
+    written = set()
+    for node in ast.walk(ast.parse(MODULES[name].read_text())):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+            node, (ast.AugAssign, ast.AnnAssign)) else []
+        for target in targets:
+            for part in ast.walk(target):
+                if isinstance(part, ast.Attribute):
+                    written.add(part.attr)
+    return written
+
+
+def test_only_the_pool_calls_the_kv_memory() -> None:
+    """Every llama_memory_seq_* call goes through `KVPool`: no other module calls a
+    `KVMemory` method, and only the llama wrapper calls llama.cpp's own."""
+    callers = {name for name in MODULES if attribute_calls(name) & KV_MEMORY_CALLS}
+    assert callers == {"kvchat.engine.kv_pool"}
+    raw = {name for name in MODULES if any(c.startswith("llama_memory_seq_") for c in attribute_calls(name))}
+    assert raw == {"kvchat.llama.context"}
+
+
+def test_a_requests_kv_fields_have_one_writer() -> None:
+    writers = {name for name in MODULES if attribute_writes(name) & REQUEST_KV_FIELDS}
+    assert writers == {"kvchat.engine.kv_pool"}, writers

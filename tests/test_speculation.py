@@ -266,12 +266,9 @@ def test_no_rejected_token_stays_in_the_kv_or_the_prefix_cache(qwen_model: Model
         assert reply == first and stream.usage.rejected_draft_tokens > 0
         assert_idle(engine)
 
-        def parked_ends(_pinned) -> list[tuple[int, int]]:
-            cache = engine._pool.cache
-            return [(engine._context.seq_pos_max(seq), leaf.end) for seq, leaf in cache._leaf_of.items()]
-
-        ends = engine._on_worker(parked_ends)
-        assert ends and all(pos_max == end - 1 for pos_max, end in ends), ends
+        pool = engine._core.pool
+        assert pool.parked_sequences > 0
+        engine._on_worker(lambda _: pool.check_parked())  # each holds exactly its entry's positions
 
         follow_up = [*prompt_ids, *reply, *tokens(engine, "<|im_end|>\n<|im_start|>user\nAnd thirteen?<|im_end|>\n")]
         warm = engine.submit(follow_up, greedy(12, prediction=astray))

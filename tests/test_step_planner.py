@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
+from fake_kv import FakeKV
 
-from kvchat.engine.request import Request
+from kvchat.engine.kv_pool import KVPool
+from kvchat.engine.request import Request, SequenceKV
 from kvchat.engine.sampling import SamplingParams
 from kvchat.engine.settings import EngineSettings
 from kvchat.engine.step_planner import StepPlanner
@@ -27,7 +29,7 @@ class Call:
 
 def prompting(seq_id: int, pending: int, n_past: int = 0) -> Request:
     seq = Request(seq_id, tuple(range(n_past + pending)), SamplingParams(), 16, Stream(seq_id, lambda: None))
-    seq.seq_id, seq.n_past, seq.pending = seq_id, n_past, list(range(n_past, n_past + pending))
+    seq.kv, seq.pending = SequenceKV(seq_id=seq_id, n_past=n_past), list(range(n_past, n_past + pending))
     return seq
 
 
@@ -39,8 +41,9 @@ def generating(seq_id: int, n_past: int) -> Request:
 
 def run_step(running: list[Request], capacity: int = 512, call_rows: int | None = EXACT) -> list[Call]:
     calls = []
+    pool = KVPool(FakeKV(n_ctx=4096), cache=None, store=None)
     with Batch(capacity) as batch:
-        for sampled in StepPlanner(interleaved_call_rows=call_rows).calls(running, batch):
+        for sampled in StepPlanner(interleaved_call_rows=call_rows).calls(running, batch, pool):
             raw = batch.raw
             rows = [(raw.seq_id[i][0], raw.pos[i]) for i in range(batch.n_tokens)]
             wants = [i for i in range(batch.n_tokens) if raw.logits[i]]

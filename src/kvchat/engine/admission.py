@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from kvchat.engine.kv_pool import KVPool
-from kvchat.engine.prefix_cache import Node
+from kvchat.engine.prefix_cache import Node, PrefixCache
 from kvchat.engine.request import Request
 from kvchat.engine.state_store import StoreMatch
 from kvchat.errors import BackendError
@@ -99,54 +99,54 @@ class Admission:
 
     def admit(self, request: Request) -> bool:
         """Give `request` a sequence id, its cached prefix and its reservation, if
-        room can be made. On success its `seq_id`, `n_past`, `resident_prefix` and
-        `pending` are set (and `cached_tokens`, on its first admission); on failure
-        nothing changes and the request waits. A preempted request is admitted
-        again the same way, with everything it sampled so far as its tokens."""
-        share = self.tree_plan(request)
-        self._lock(share.node)  # the matched path must survive the evictions below
-        shifted = self.shifted_plan(request, share)
-        if shifted is not None:
-            self._lock(shifted.node)  # the original's holder too (compaction would spill it)
-        if self._compact:
-            self._spill_parked()
-        own = self.spilled_plan(request, share) or shifted
-        if shifted is not None and own is not shifted:
-            self._unlock(shifted.node)
-        chosen = next(
-            (plan for plan in (own, share) if plan is not None and self._pool.reserve(request, plan.reserve_cells)),
-            None,
-        )
-        if own is not None and not (chosen is own and own.source == "shifted"):
-            self._unlock(own.node)  # (a shift take-over unlocks it itself)
-        if chosen is None:
-            self._unlock(share.node)
-            if share.node is None or not self._pool.reserve(request, cells_to_reserve(request, 0)):
+        room can be made. On success its sequence is placed in the pool (`n_past`,
+        `resident_prefix`) and its `pending` tokens set (and `cached_tokens`, on
+        its first admission); on failure nothing changes and the request waits. A
+        preempted request is admitted again the same way, with everything it
+        sampled so far as its tokens.
+
+        Plan, reserve, execute: the plans' tree nodes are held by leases while they
+        are made and carried out (so the evictions that make room leave them), and
+        each lease not handed to the request ends with the admission.
+        """
+        with Leases(self._pool.cache) as leases:
+            share = self.tree_plan(request)
+            leases.hold(share.node)
+            shifted = self.shifted_plan(request, share)
+            if shifted is not None:
+                leases.hold(shifted.node)  # the original's holder too (compaction would spill it)
+            if self._compact:
+                self._spill_parked()
+            own = self.spilled_plan(request, share) or shifted
+            if shifted is not None and own is not shifted:
+                leases.release(shifted.node)
+            for plan in self._in_order(request, own, share):
+                if plan.source == "none" and share.node is not None:
+                    # The last resort: a short shared prefix must not keep a large parked
+                    # entry locked in the pool when the request needs its room.
+                    leases.release(share.node)
+                if self._pool.reserve(request, plan.reserve_cells):
+                    leases.keep_only(plan.node, share.node)
+                    self._execute(request, plan, share, leases)
+                    break
+            else:
                 return False
-            # The last resort: a short shared prefix must not keep a large parked entry
-            # locked in the pool when the request needs its room. Evaluate everything.
-            chosen = share = AdmissionPlan("none", 0, cells_to_reserve(request, 0))
-        if chosen is own and self._load_own(request, own):
-            self._unlock(share.node)
-        else:
-            self._share(request, share)
         if not self._settle_reservation(request):
             return False
-        request.n_past = request.resident_prefix
         request.pending = list(request.admission_tokens[request.resident_prefix :])
         if not request.preemptions:
             request.cached_tokens = request.resident_prefix
         return True
 
-    def _lock(self, node: Node | None) -> None:
-        if node is not None:
-            assert self._pool.cache is not None  # nodes come from the cache
-            self._pool.cache.lock(node)
-
-    def _unlock(self, node: Node | None) -> None:
-        if node is not None:
-            assert self._pool.cache is not None
-            self._pool.cache.unlock(node)
+    @staticmethod
+    def _in_order(request: Request, own: AdmissionPlan | None, share: AdmissionPlan) -> list[AdmissionPlan]:
+        """The plans to try, best first: the request's own cells (spilled or
+        shifted), the tree's, and evaluating everything if the tree's shares a prefix."""
+        plans = [own] if own is not None else []
+        plans.append(share)
+        if share.node is not None:
+            plans.append(AdmissionPlan("none", 0, cells_to_reserve(request, 0)))
+        return plans
 
     # -- plans ---------------------------------------------------------------------------------
 
@@ -197,6 +197,25 @@ class Admission:
 
     # -- carrying a plan out -------------------------------------------------------------------------
 
+    def _execute(self, request: Request, plan: AdmissionPlan, share: AdmissionPlan, leases: Leases) -> None:
+        """Place the request's prefix as `plan` says (its cells reserved). Loading
+        its own cells (spilled or shifted) may fail: then it shares the tree plan's."""
+        if plan.source in ("spilled", "shifted"):
+            if plan.source == "spilled":
+                resident = self._restore(request, plan)
+            else:
+                assert plan.node is not None
+                resident = self._take_over(request, plan, leases.hand_over(plan.node))
+            if resident is not None:
+                self._pool.place(request, resident=resident)
+                return
+            plan = share
+        if plan.source == "tree":
+            assert plan.node is not None
+            self._pool.share_prefix(request, leases.hand_over(plan.node), plan.prefix_tokens)
+        else:
+            self._pool.place(request, resident=0)
+
     def _settle_reservation(self, request: Request) -> bool:
         """Make the request's reservation what its prefix calls for (a fallback or a
         take-over can change it from the plan's). If the extra cells cannot be made
@@ -204,42 +223,20 @@ class Admission:
         pool = self._pool
         extra = cells_to_reserve(request, request.shared_prefix) - request.reserved_cells
         if extra > 0 and not pool.make_room(extra, need_id=False):
-            seq_id = request.seq_id
-            assert seq_id is not None
-            pool.release(request)
-            pool.free_id(seq_id)
-            request.seq_id, request.resident_prefix, request.shared_prefix = None, 0, 0
+            pool.undo_admission(request)
             return False
         pool.grow_reservation(request, extra)
         return True
 
-    def _share(self, request: Request, plan: AdmissionPlan) -> None:
-        """Share the tree plan's cells (its node stays locked until the request ends)."""
-        if plan.source != "tree":
-            return
-        assert plan.node is not None and plan.node.holder is not None and request.seq_id is not None
-        self._pool.context.seq_copy(plan.node.holder, request.seq_id, 0, plan.prefix_tokens)
-        request.locked_node = plan.node
-        request.resident_prefix = request.shared_prefix = plan.prefix_tokens
-
-    def _load_own(self, request: Request, plan: AdmissionPlan) -> bool:
-        """Load a spilled or shifted prefix as the request's own cells (not shared with
-        the tree: its reservation will cover them). False, with the request's
-        sequence left empty, if that fails."""
-        loaded = self._restore(request, plan) if plan.source == "spilled" else self._take_over(request, plan)
-        if loaded:
-            request.shared_prefix = 0
-        return loaded
-
-    def _restore(self, request: Request, plan: AdmissionPlan) -> bool:
-        """Load spilled state into the request's (empty) sequence, trimmed to the prompt."""
+    def _restore(self, request: Request, plan: AdmissionPlan) -> int | None:
+        """Load spilled state into the request's (empty) sequence, trimmed to the
+        prompt; the tokens it holds then, or None (its sequence left empty)."""
         pool, seq_id = self._pool, request.seq_id
         assert plan.spilled is not None and pool.store is not None and seq_id is not None
         entry = pool.store.load(plan.spilled)
         if entry is not None:
             try:
-                pool.context.set_seq_state(seq_id, entry.state)
-                held = pool.context.seq_pos_max(seq_id) + 1
+                held = pool.load_state(seq_id, entry.state)
                 if held != len(entry.tokens):  # a file whose header does not describe its state
                     raise BackendError(f"the state holds {held} positions, its entry {len(entry.tokens)}")
                 pool.remove(seq_id, plan.prefix_tokens, -1)
@@ -247,15 +244,15 @@ class Admission:
                 logger.warning("restoring %d cached tokens failed; evaluating them instead", plan.source_tokens)
                 pool.remove(seq_id)
             else:
-                request.resident_prefix = plan.prefix_tokens
                 pool.counters.restores += 1
-                return True
+                return plan.prefix_tokens
         pool.counters.restore_failures += 1
-        return False
+        return None
 
-    def _take_over(self, request: Request, plan: AdmissionPlan) -> bool:
-        """Move the original's cells into the request's sequence, drop the shift's cut,
-        move the rest back.
+    def _take_over(self, request: Request, plan: AdmissionPlan, node: Node) -> int | None:
+        """Move the original's cells (held by `node`'s holder, whose lock is handed to
+        this method) into the request's sequence, drop the shift's cut, move the rest
+        back; the tokens it holds then, or None (its sequence left empty).
 
         Positions are shifted in place, so the moved cells must belong to the request
         alone: the holder leaves the cache (its exact entry is spilled if a lower
@@ -264,30 +261,29 @@ class Admission:
         """
         pool, shift, target = self._pool, request.shift, request.seq_id
         cache = pool.cache
-        assert shift is not None and cache is not None and target is not None and plan.node is not None
-        holder, length = plan.node.holder, plan.source_tokens
+        assert shift is not None and cache is not None and target is not None
+        holder, length = node.holder, plan.source_tokens
         assert holder is not None
-        pool.context.seq_copy(holder, target, 0, length)
-        cache.unlock(plan.node)
+        pool.copy_cells(holder, target, 0, length)
+        cache.unlock(node)
         try:
             evictions = cache.evict_sequence(holder)
         except ValueError:  # a running request shares those cells: leave them alone
             pool.remove(target)
-            return False
+            return None
         for eviction in evictions:
             pool.evict(eviction)
         cut_end = shift.n_keep + shift.n_drop
         still_shared = cache.peek(shift.original[:length], namespace=request.original_cache_key).length
         if still_shared > cut_end:
-            request.resident_prefix = usable_prefix(request, shift.n_keep)
-            pool.remove(target, request.resident_prefix, -1)
-            return True
+            resident = usable_prefix(request, shift.n_keep)
+            pool.remove(target, resident, -1)
+            return resident
         pool.remove(target, shift.n_keep, cut_end)
-        pool.context.seq_shift(target, cut_end, length, -shift.n_drop)
-        request.resident_prefix = plan.prefix_tokens
-        pool.remove(target, request.resident_prefix, -1)
+        pool.shift_cells(target, cut_end, length, -shift.n_drop)
+        pool.remove(target, plan.prefix_tokens, -1)
         pool.counters.shifts += 1
-        return True
+        return plan.prefix_tokens
 
     # -- compaction ----------------------------------------------------------------------------------
 
@@ -306,3 +302,58 @@ class Admission:
         if per_token is None:  # size unknown until the first spill
             return store.ram_budget_bytes > 0 and store.ram_room_bytes == store.ram_budget_bytes
         return tokens * per_token <= store.ram_room_bytes
+
+
+class Leases:
+    """Locks on tree nodes held while an admission is planned and carried out.
+
+    :meth:`hold` locks a node; :meth:`hand_over` passes a held lock on to its new
+    owner (the request, or a take-over that unlocks it itself); every lock still
+    held when the `with` block ends is released.
+    """
+
+    def __init__(self, cache: PrefixCache | None) -> None:
+        self._cache = cache
+        self._held: list[Node] = []
+
+    def __enter__(self) -> Leases:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for node in self._held:
+            self._unlock(node)
+        self._held.clear()
+
+    def hold(self, node: Node | None) -> None:
+        """Lock `node` (None: nothing) until released or handed over."""
+        if node is not None:
+            assert self._cache is not None  # nodes come from the cache
+            self._cache.lock(node)
+            self._held.append(node)
+
+    def release(self, node: Node | None) -> None:
+        """Unlock one held lease on `node` now."""
+        if node is not None and node in self._held:
+            self._held.remove(node)
+            self._unlock(node)
+
+    def keep_only(self, *nodes: Node | None) -> None:
+        """Release every lease but one each on `nodes`."""
+        wanted = [n for n in nodes if n is not None]
+        kept: list[Node] = []
+        for node in self._held:
+            if node in wanted:
+                wanted.remove(node)
+                kept.append(node)
+            else:
+                self._unlock(node)
+        self._held = kept
+
+    def hand_over(self, node: Node) -> Node:
+        """Take one held lease on `node` out of this set: its lock is now the caller's."""
+        self._held.remove(node)
+        return node
+
+    def _unlock(self, node: Node) -> None:
+        assert self._cache is not None
+        self._cache.unlock(node)

@@ -27,8 +27,8 @@ LOOKUP_WINDOW = 8_192
 
 CACHE_TOKENS_PER_REPLY = 2_048
 """Most tokens of one finished reply that the n-gram cache indexes (its last ones):
-indexing runs on the engine thread, about 1 ms per 1,000 tokens, so one step never
-pays for a whole long reply."""
+indexing runs on the engine thread, in time in proportion to the tokens (measured in
+docs/reliability.md), so one step never pays for a whole long reply."""
 
 
 @dataclass(frozen=True)

@@ -85,9 +85,10 @@ class Embedder:
     Next to an `Engine` in the same process, call it from a thread that ends
     when the work is done (as `kvchat serve` does): a thread that has run a
     decode keeps an OpenMP team while it lives, and while two such teams exist
-    llama.cpp's CPU backend synchronises its threads more slowly; the engine's
-    decode ran 17% slower for as long as the embedding thread lived
-    (benchmarks/embedding_interference.py). :meth:`embed_async` does this.
+    llama.cpp's CPU backend synchronises its threads more slowly, and the
+    engine's decode runs slower for as long as the embedding thread lives
+    (docs/benchmarks.md, "Embeddings next to chat in one process").
+    :meth:`embed_async` does this.
     """
 
     def __init__(

@@ -50,11 +50,9 @@ GRAMMAR_LIMITS: Mapping[str, int] = {
     "max_grammar_size": 200_000,
     "max_items_in_row": 2_000,
 }
-"""llguidance's bounds on one grammar. Its own figures for their speed: lexer fuel
-about 50,000 units per ms when a grammar is built and 14,000 per ms in a step,
-Earley items about 20,000 per ms; a lexer state costs 1-2 kB. So building a grammar
-takes at most about 20 ms of lexer work, a step's mask at most about 8 ms, and a
-request's lexer at most about 40 MB (measured: `docs/reliability.md`)."""
+"""llguidance's bounds on one grammar: they bound the lexer and parser work of
+building it and of each step's mask, and the memory of its lexer (what that comes
+to in time and bytes: docs/reliability.md, "Bounded work")."""
 
 MAX_GRAMMAR_TEXT = 1 << 20
 """Longest grammar or schema text, in characters, that is compiled at all."""
@@ -64,8 +62,8 @@ MAX_FORCED_TOKENS = 32
 
 MAX_FORCED_BYTES = 256
 """Forced bytes tokenized in one step: llguidance's own forced-token call tokenizes
-all the bytes a grammar forces (300 ms for a 200,000-byte `const`), so a longer
-forced run is tokenized a prefix at a time."""
+all the bytes a grammar forces, in time in proportion to them (docs/reliability.md),
+so a longer forced run is tokenized a prefix at a time."""
 
 _MAX_REPICKS = 8
 """Choices made again after the grammar refused a masked pick (see `GrammarMatcher.pick`)."""
@@ -177,8 +175,8 @@ class GrammarMatcher:
         whose text the grammar spells out): such a pick is masked too and the choice
         made again, at most `_MAX_REPICKS` times. Where the grammar allows only one
         continuation (a forced run longer than one step appends), its next token is
-        taken without choosing: no mask is computed, which for a long literal (a
-        400,000-character ``const``) costs about 100 ms. Raises `GrammarError`.
+        taken without choosing: no mask is computed, which for a long literal costs
+        far more than a step (docs/reliability.md). Raises `GrammarError`.
         """
         forced = self._forced_tokens(1)
         if forced:

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvchat.engine.prefix_cache import Eviction, PrefixCache
-from kvchat.engine.request import Request
+from kvchat.engine.backend import KVMemory
+from kvchat.engine.prefix_cache import Eviction, IntegrityError, Node, PrefixCache
+from kvchat.engine.request import Request, SequenceKV
 from kvchat.engine.state_store import SpilledState, StateStore
 from kvchat.errors import BackendError
-from kvchat.llama import Context
 
 
 @dataclass
@@ -42,8 +42,8 @@ class PoolCounters:
 class KVPool:
     """Sequence ids, KV cell reservations and the parked entries of one context."""
 
-    def __init__(self, context: Context, *, cache: PrefixCache | None, store: StateStore | None) -> None:
-        self.context = context
+    def __init__(self, memory: KVMemory, *, cache: PrefixCache | None, store: StateStore | None) -> None:
+        self._memory = memory
         self.cache = cache
         self.store = store if cache is not None else None
         self.counters = PoolCounters()
@@ -51,7 +51,7 @@ class KVPool:
         """Cells charged to conversations (shared cells once)."""
         self.state_bytes_per_token: float | None = None
         """Size of spilled state per token, learned from the last spill (None before)."""
-        self._free_ids = list(reversed(range(context.n_seq_max)))
+        self._free_ids = list(reversed(range(memory.n_seq_max)))
         self._reserved = 0  # cells running requests may still add
 
     # -- sequence ids and cells --------------------------------------------------------------
@@ -67,7 +67,7 @@ class KVPool:
         unlocked entry would make room for the cells."""
         if not self._room_possible(cells):
             return False
-        while (need_id and not self._free_ids) or self.cells_in_use() + cells > self.context.n_ctx:
+        while (need_id and not self._free_ids) or self.cells_in_use() + cells > self._memory.n_ctx:
             if not self.evict_lru():
                 return False
         return True
@@ -75,7 +75,7 @@ class KVPool:
     def _room_possible(self, cells: int) -> bool:
         """Whether evicting every unlocked parked entry would free `cells` more cells."""
         evictable = self.cache.evictable_tokens if self.cache is not None else 0
-        return self.cells_in_use() + cells - evictable <= self.context.n_ctx
+        return self.cells_in_use() + cells - evictable <= self._memory.n_ctx
 
     def unshare(self, request: Request, cells: int) -> bool:
         """Stop holding the tree entry `request` shares its prefix with locked, if that
@@ -88,9 +88,9 @@ class KVPool:
         if not self._room_possible(request.shared_prefix + cells):
             self.cache.lock(node)
             return False
-        request.locked_node = None
+        request.kv.locked_node = None
         self.grow_reservation(request, request.shared_prefix)
-        request.shared_prefix = 0
+        request.kv.shared_prefix = 0
         return True
 
     def take_id(self) -> int:
@@ -107,7 +107,7 @@ class KVPool:
         evicting parked entries as needed. False, with nothing changed, if they do not fit."""
         if not self.make_room(cells, need_id=seq_id is None):
             return False
-        request.seq_id = self.take_id() if seq_id is None else seq_id
+        request.kv.seq_id = self.take_id() if seq_id is None else seq_id
         self.grow_reservation(request, cells)
         return True
 
@@ -115,21 +115,107 @@ class KVPool:
         """Charge `request` for `cells` more cells that are already counted free
         or that leave another owner's count (the caller checked)."""
         self._reserved += cells
-        request.reserved_cells += cells
+        request.kv.reserved_cells += cells
 
     def release(self, request: Request) -> None:
         """End `request`'s reservation and its lock on the tree (its sequence id stays set)."""
         if request.locked_node is not None and self.cache is not None:
             self.cache.unlock(request.locked_node)
-        request.locked_node = None
+        request.kv.locked_node = None
         self._reserved -= request.reserved_cells
-        request.reserved_cells = 0
+        request.kv.reserved_cells = 0
+
+    def place(self, request: Request, *, resident: int, shared: int = 0, node: Node | None = None) -> None:
+        """Record an admission: `request`'s sequence holds its first `resident`
+        tokens, the first `shared` of them shared (with the tree's `node`, whose lock
+        the request now holds, or with its conversation)."""
+        kv = request.kv
+        kv.n_past = kv.resident_prefix = resident
+        kv.shared_prefix, kv.locked_node = shared, node
+
+    def share_prefix(self, request: Request, node: Node, length: int) -> None:
+        """Admit `request` with the first `length` cells of `node`'s holder shared
+        into its (empty) sequence; it holds `node`'s lock from now on."""
+        assert node.holder is not None
+        self._memory.seq_copy(node.holder, _seq_id(request), 0, length)
+        self.place(request, resident=length, shared=length, node=node)
+
+    def undo_admission(self, request: Request) -> None:
+        """Take back an admission: free the request's sequence and reservation."""
+        seq_id = _seq_id(request)
+        self.release(request)
+        self.free_id(seq_id)
+        request.kv = SequenceKV()
+
+    def vacate(self, request: Request) -> None:
+        """Forget a request's sequence after :meth:`finish` (it was preempted and waits
+        to be admitted again)."""
+        assert request.seq_id is None and request.reserved_cells == 0
+        request.kv = SequenceKV()
+
+    # -- a running request's cells -----------------------------------------------------------
+
+    def extend(self, request: Request, n: int) -> int:
+        """Note that `n` more tokens of `request` are being evaluated into its
+        sequence (within its reservation); returns the position of the first."""
+        first = request.n_past
+        request.kv.n_past += n
+        return first
+
+    def drop_tail(self, request: Request, n: int) -> None:
+        """Drop the last `n` cells of `request`'s sequence (rejected drafted tokens)."""
+        if n:
+            self.truncate(request, request.n_past - n)
+
+    def truncate(self, request: Request, length: int) -> None:
+        """Drop `request`'s cells from position `length` on."""
+        if request.n_past > length:
+            self.remove(_seq_id(request), length, -1)
+            request.kv.n_past = length
 
     def remove(self, seq_id: int, start: int = -1, end: int = -1) -> None:
         """Drop `seq_id`'s cells at positions [start, end); `BackendError` if the
         model's memory cannot cut there (recurrent state)."""
-        if not self.context.seq_remove(seq_id, start, end):
+        if not self._memory.seq_remove(seq_id, start, end):
             raise BackendError(f"llama.cpp cannot remove positions [{start}, {end}) of sequence {seq_id}")
+
+    def leave(self, request: Request) -> int:
+        """End a conversation's request: release its reservation; its sequence stays
+        the conversation's. Returns the sequence id."""
+        seq_id = _seq_id(request)
+        self.release(request)
+        request.kv.seq_id = None
+        return seq_id
+
+    # -- the KV memory, for admission and conversations ----------------------------------------
+
+    def copy_cells(self, src: int, dst: int, start: int = -1, end: int = -1) -> None:
+        """Share `src`'s cells at [start, end) with `dst` (no copy in a unified cache)."""
+        self._memory.seq_copy(src, dst, start, end)
+
+    def shift_cells(self, seq_id: int, start: int, end: int, delta: int) -> None:
+        """Move the positions of `seq_id`'s cells in [start, end) by `delta`
+        (cells no other sequence shares)."""
+        self._memory.seq_shift(seq_id, start, end, delta)
+
+    def load_state(self, seq_id: int, state: bytes) -> int:
+        """Load state bytes into `seq_id`'s (empty) sequence; returns how many
+        positions it holds then. `BackendError` if the memory refuses them."""
+        self._memory.set_seq_state(seq_id, state)
+        return self._memory.seq_pos_max(seq_id) + 1
+
+    def state_of(self, seq_id: int) -> bytes:
+        """`seq_id`'s state bytes (to save)."""
+        return self._memory.seq_state(seq_id)
+
+    @property
+    def can_shift(self) -> bool:
+        """Whether the memory can move positions."""
+        return self._memory.can_shift
+
+    def layout_key(self) -> str:
+        """What saved state depends on (see `KVMemory.layout_key`)."""
+        return self._memory.layout_key()
 
     # -- eviction ---------------------------------------------------------------------------
 
@@ -146,7 +232,7 @@ class KVPool:
         tier (unless one holds these tokens already), then trim or free the holder."""
         self.counters.evictions += 1
         if self.store is not None and not self._store_covers(eviction):
-            state = self.context.seq_state(eviction.seq_id)
+            state = self._memory.seq_state(eviction.seq_id)
             self.state_bytes_per_token = len(state) / len(eviction.tokens)
             self.store.put(SpilledState(eviction.tokens, eviction.namespace, state))
             self.counters.spills += 1
@@ -169,7 +255,7 @@ class KVPool:
         if request.seq_id is None:
             return
         self.release(request)
-        seq_id, request.seq_id = request.seq_id, None
+        seq_id, request.kv.seq_id = request.seq_id, None
         kv_tokens = request.kv_tokens
         if not (keep and self.cache is not None and kv_tokens):
             self.free_id(seq_id)
@@ -177,7 +263,7 @@ class KVPool:
         result = self.cache.insert(kv_tokens, seq_id, shared_prefix=request.shared_prefix, namespace=request.cache_key)
         for holder, start, end in result.shared_from:  # tokens the tree had already: share, don't duplicate
             self.remove(seq_id, start, end)
-            self.context.seq_copy(holder, seq_id, start, end)
+            self._memory.seq_copy(holder, seq_id, start, end)
         for redundant in result.redundant:
             self.free_id(redundant)
         if not result.stored:
@@ -191,6 +277,16 @@ class KVPool:
             pass
         self.store.flush_to_disk()
         self.store.close()  # every file written; the writer thread stops
+
+    def check_parked(self) -> None:
+        """Raise `IntegrityError` unless every parked sequence holds exactly the
+        positions of its tree entry (a check for tests and debugging)."""
+        if self.cache is None:
+            return
+        for seq_id, tokens in self.cache.held_tokens().items():
+            held = self._memory.seq_pos_max(seq_id) + 1
+            if held != len(tokens):
+                raise IntegrityError(f"parked sequence {seq_id} holds {held} positions, its entry {len(tokens)}")
 
     # -- numbers -----------------------------------------------------------------------------
 
@@ -213,3 +309,9 @@ class KVPool:
     def reserved_cells(self) -> int:
         """Cells running requests may still add."""
         return self._reserved
+
+
+def _seq_id(request: Request) -> int:
+    if request.seq_id is None:
+        raise RuntimeError(f"request {request.request_id} has no KV sequence")
+    return request.seq_id

@@ -40,9 +40,10 @@ class PinnedSequences:
         cells = len(request.prompt) - len(pinned.tokens) + request.decode_cells()
         if not self._pool.reserve(request, cells, seq_id=pinned.seq_id):
             return False
-        request.cached_tokens = request.resident_prefix = request.shared_prefix = len(pinned.tokens)
-        request.n_past = len(pinned.tokens)
-        request.pending = list(request.prompt[request.n_past :])
+        resident = len(pinned.tokens)
+        self._pool.place(request, resident=resident, shared=resident)
+        request.cached_tokens = resident
+        request.pending = list(request.prompt[resident:])
         return True
 
     def finish(self, request: Request, *, keep: bool) -> None:
@@ -53,8 +54,7 @@ class PinnedSequences:
         assert pinned is not None
         if request.seq_id is None:
             return
-        self._pool.release(request)
-        request.seq_id = None
+        self._pool.leave(request)
         kv_tokens = request.kv_tokens
         if keep:
             added = len(kv_tokens) - len(pinned.tokens)
@@ -76,7 +76,7 @@ class PinnedSequences:
     def fork(self, pinned: PinnedSequence) -> PinnedSequence:
         """A new pinned sequence sharing every cell of `pinned` (no copy)."""
         child = self.pin()
-        self._pool.context.seq_copy(pinned.seq_id, child.seq_id, 0, len(pinned.tokens))
+        self._pool.copy_cells(pinned.seq_id, child.seq_id, 0, len(pinned.tokens))
         child.tokens = list(pinned.tokens)
         child.parent, child.fork_point = pinned, len(pinned.tokens)
         pinned.children.append(child)
@@ -105,25 +105,23 @@ class PinnedSequences:
 
     def shift_left(self, pinned: PinnedSequence, keep: int, n: int) -> None:
         """Drop `n` cells after the first `keep` and move the rest back by `n`."""
-        context = self._pool.context
-        if not context.can_shift:
+        if not self._pool.can_shift:
             raise InvalidRequestError("this model's KV positions cannot be shifted", field="shift_left")
         if pinned.children or pinned.parent is not None:
             raise InvalidRequestError("cannot shift a conversation that shares cells with a fork", field="shift_left")
         self._pool.remove(pinned.seq_id, keep, keep + n)
-        context.seq_shift(pinned.seq_id, keep + n, -1, -n)
+        self._pool.shift_cells(pinned.seq_id, keep + n, -1, -n)
         del pinned.tokens[keep : keep + n]
         pinned.own_cells -= n
         self._pool.pinned_cells -= n
 
     def state(self, pinned: PinnedSequence) -> tuple[bytes, str]:
         """The KV state bytes of `pinned` and the layout key they belong to."""
-        context = self._pool.context
-        return context.seq_state(pinned.seq_id), context.layout_key()
+        return self._pool.state_of(pinned.seq_id), self._pool.layout_key()
 
     def layout_key(self) -> str:
         """What saved state depends on: the model file and the KV layout."""
-        return self._pool.context.layout_key()
+        return self._pool.layout_key()
 
     def restore(self, tokens: list[int], state: bytes) -> PinnedSequence:
         """A pinned sequence loaded from saved state bytes.
@@ -133,10 +131,8 @@ class PinnedSequences:
         loaded are freed again (as on `BackendError`, if llama.cpp refuses them).
         """
         pinned = self.pin()
-        context = self._pool.context
         try:
-            context.set_seq_state(pinned.seq_id, state)
-            held = context.seq_pos_max(pinned.seq_id) + 1
+            held = self._pool.load_state(pinned.seq_id, state)
             if held != len(tokens):
                 raise ConversationFileError(
                     f"holds KV state for {held} positions but lists {len(tokens)} tokens", field="path"

@@ -16,6 +16,26 @@ from kvchat.engine.text_output import TextOutput
 from kvchat.llama import SamplerChain
 
 
+@dataclass
+class SequenceKV:
+    """A request's KV sequence: the one record :class:`~kvchat.engine.kv_pool.KVPool`
+    keeps of it, and only the pool writes it.
+
+    `seq_id` while admitted; `n_past` tokens held (= the next position);
+    `resident_prefix` tokens the latest admission found; `shared_prefix` leading
+    positions shared with the tree (or a conversation's resident tokens), not the
+    request's own; `locked_node` the tree node locked while it shares its cells;
+    `reserved_cells` charged to it (see `Scheduler`).
+    """
+
+    seq_id: int | None = None
+    n_past: int = 0
+    resident_prefix: int = 0
+    shared_prefix: int = 0
+    locked_node: Node | None = None
+    reserved_cells: int = 0
+
+
 @dataclass(eq=False)
 class Request:
     """A submitted request and the KV sequence it runs in (once admitted).
@@ -40,33 +60,20 @@ class Request:
     original_cache_key: str | None = None
     """The tenant's own namespace, where the unshifted original may be cached."""
     submitted_at: float = field(default_factory=time.perf_counter)
-    seq_id: int | None = None
+    kv: SequenceKV = field(default_factory=lambda: SequenceKV())
+    """Its KV sequence: written by the pool only (read through the properties below)."""
     pending: list[int] = field(default_factory=list)
     """Tokens to evaluate next: the prompt not yet evaluated, then the last sampled token
     and any tokens its grammar forced after it."""
-    n_past: int = 0
-    """Tokens of this sequence already in the KV cache (= the next position)."""
     generated: list[int] = field(default_factory=list)
     cached_tokens: int = 0
     """Prompt tokens taken from the cache (shared cells or restored state) at the first admission."""
-    resident_prefix: int = 0
-    """Tokens whose KV the latest admission found (shared, restored or shifted)."""
     preemptions: int = 0
     """Times the request was preempted: its KV parked, itself queued again to resume."""
-    shared_prefix: int = 0
-    """Leading positions whose cells are shared from the prefix cache's tree."""
-    locked_node: Node | None = None
-    """The prefix-cache node locked while this request uses its cells."""
-    reserved_cells: int = 0
-    """KV cells charged to this request: those it holds outside the tree, and room
-    for what it adds until its next growth (see `Scheduler`)."""
     first_token_at: float | None = None
     draft: tuple[int, ...] = ()
     """Tokens proposed to follow the last sampled one, verified in the coming step
     (speculative decoding; see `Speculator`)."""
-    kv_end: int | None = None
-    """While a verified draft's tokens are emitted: the KV length to keep if the
-    token being emitted ends the request."""
     draft_tokens: int = 0
     """Drafted tokens verified so far."""
     accepted_draft_tokens: int = 0
@@ -83,6 +90,41 @@ class Request:
 
     def __post_init__(self) -> None:
         self.text = TextOutput(self.sampling.stop)
+
+    # -- its KV sequence (see `SequenceKV`) ---------------------------------------------------------
+
+    @property
+    def seq_id(self) -> int | None:
+        """Its KV sequence id while admitted."""
+        return self.kv.seq_id
+
+    @property
+    def n_past(self) -> int:
+        """Tokens of this sequence already in the KV cache (= the next position)."""
+        return self.kv.n_past
+
+    @property
+    def resident_prefix(self) -> int:
+        """Tokens whose KV the latest admission found (shared, restored or shifted)."""
+        return self.kv.resident_prefix
+
+    @property
+    def shared_prefix(self) -> int:
+        """Leading positions whose cells are shared (from the tree, or a conversation's own)."""
+        return self.kv.shared_prefix
+
+    @property
+    def locked_node(self) -> Node | None:
+        """The prefix-cache node locked while this request uses its cells."""
+        return self.kv.locked_node
+
+    @property
+    def reserved_cells(self) -> int:
+        """KV cells charged to this request: those it holds outside the tree, and room
+        for what it adds until its next growth (see `Scheduler`)."""
+        return self.kv.reserved_cells
+
+    # -- generation ---------------------------------------------------------------------------------
 
     @property
     def is_decoding(self) -> bool:

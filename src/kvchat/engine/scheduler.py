@@ -110,8 +110,8 @@ class Scheduler:
         logger.debug("preempting request %d after %d tokens", request.request_id, len(request.generated))
         self.running.remove(request)
         self._pool.finish(request, keep=True)
+        self._pool.vacate(request)
         request.preemptions += 1
-        request.n_past = request.resident_prefix = request.shared_prefix = 0
         request.pending = []
         self.waiting.appendleft(request)
         self.preemptions += 1

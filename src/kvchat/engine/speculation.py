@@ -76,9 +76,9 @@ _DECAY = 0.8  # weight of the past in a source's acceptance estimate
 _RECOVERY = 0.995
 """Per step without a source's draft, how much of its failures is forgotten, so a paused
 source is tried again (after some 200 steps). Each try costs a long call, so tries are
-rare: replies whose drafts seldom hold (fresh chats at the default temperature) lost
-10 to 17% of their decode speed to tries with 0.97 and the earlier cost table
-(benchmarks/speculation_default_path.py)."""
+rare: with more frequent tries, replies whose drafts seldom hold (fresh chats at the
+default temperature) lost a good part of their decode speed to them (docs/benchmarks.md,
+"On the default path")."""
 
 
 def call_cost(rows: int) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from kvchat.engine.kv_pool import KVPool
 from kvchat.engine.request import Request
 from kvchat.llama import Batch
 
@@ -57,19 +58,16 @@ class StepPlanner:
     A sequence running alone has its cells together and gets one call (the tiled
     kernel is the faster one on contiguous cells).
 
-    Measured by benchmarks/attention_calls.py (Qwen 0.5B, 2 cores; an 80-token
-    chunk after 1,000 cached tokens, 7 other sequences of 1,000): contiguous
-    history 0.60 s in one call, 0.74 s in two; history interleaved with the
-    others' 1.79 s in one call, 0.83 s in two; contiguous, with 7 decode rows of
-    the others in its call, 1.21 s.
+    The figures behind this are measured by benchmarks/attention_calls.py (see
+    docs/benchmarks.md, where the engine's calls are cut at 63 rows).
     """
 
     def __init__(self, *, interleaved_call_rows: int | None) -> None:
         self._interleaved_call_rows = interleaved_call_rows
 
-    def calls(self, running: Sequence[Request], batch: Batch) -> Iterator[list[ScheduledRow]]:
-        """Fill `batch` for each call of the step in turn, advancing each sequence's
-        position, and yield the rows to sample from after that call.
+    def calls(self, running: Sequence[Request], batch: Batch, pool: KVPool) -> Iterator[list[ScheduledRow]]:
+        """Fill `batch` for each call of the step in turn, extending each sequence
+        in `pool`, and yield the rows to sample from after that call.
 
         The caller decodes the batch (and samples) before asking for the next call.
         """
@@ -95,8 +93,8 @@ class StepPlanner:
                     logits_from = None  # its logits come in a later part
                 elif logits_from is not None:
                     logits_from = max(0, logits_from - done)
-                row = batch.add_chunk(part, request.n_past, _seq_id(request), logits_from=logits_from)
-                request.n_past += len(part)
+                first = pool.extend(request, len(part))
+                row = batch.add_chunk(part, first, _seq_id(request), logits_from=logits_from)
                 done += len(part)
                 if logits_from is not None:
                     rows.append(ScheduledRow(request, row - len(segment.draft), segment.draft))

@@ -81,6 +81,13 @@ class Batch:
         self.n_tokens = end
         return end - 1
 
+    def rows(self) -> list[tuple[int, int, int, bool]]:
+        """The batch's rows as (token, position, seq_id, wants_logits), in order."""
+        return [
+            (int(self._tokens[i]), int(self._positions[i]), int(self._seq_id[i][0]), bool(self._wants_logits[i]))
+            for i in range(self.n_tokens)
+        ]
+
     @property
     def raw(self) -> llama_cpp.llama_batch:
         """The `llama_batch` struct with `n_tokens` set, for `Context.decode`."""

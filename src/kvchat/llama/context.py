@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 from importlib.metadata import version
 from types import TracebackType
+from typing import Protocol
 
 import llama_cpp
 import numpy as np
@@ -15,6 +16,13 @@ import numpy as np
 from kvchat.errors import BackendError, DecodeError
 from kvchat.llama.batch import Batch
 from kvchat.llama.model import Model
+
+
+class RowSampler(Protocol):
+    """What picks a token from a batch row (:class:`~kvchat.llama.SamplerChain`)."""
+
+    def sample(self, context: Context, row: int) -> int: ...
+
 
 _POOLING_TYPES: dict[str, int] = {
     "none": llama_cpp.LLAMA_POOLING_TYPE_NONE,
@@ -154,6 +162,10 @@ class Context:
         if not pointer:
             raise BackendError(f"no logits for batch row {row}")
         return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
+
+    def sample(self, sampler: RowSampler, row: int) -> int:
+        """Let `sampler` pick a token from batch row `row` of the last decode (and record it)."""
+        return sampler.sample(self, row)
 
     def sequence_embedding(self, seq_id: int) -> np.ndarray:
         """The pooled embedding of `seq_id` from the last decode: a float32 copy of
