@@ -4,6 +4,7 @@ pytest's `pythonpath` puts tests/ on sys.path)."""
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 from kvchat import Engine
 from kvchat.chat.tool_calls import TextDelta, ToolCallEvent
@@ -42,3 +43,33 @@ def summary(events: list) -> list:
             assert isinstance(event, ToolCallEvent)
             out.append((event.call.name, event.call.arguments))
     return out
+
+
+# Upper 0.1% points of the chi-square distribution, by degrees of freedom.
+CHI2_CRITICAL_0001 = {
+    1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12, 9: 27.88, 10: 29.59,
+    11: 31.26, 12: 32.91, 13: 34.53, 14: 36.12, 15: 37.70, 16: 39.25, 17: 40.79, 18: 42.31, 19: 43.82, 20: 45.31,
+}
+
+
+def chi_square_homogeneity(a: Counter, b: Counter) -> tuple[float, int]:
+    """Pearson's statistic for two samples over categories (those expected fewer
+    than 5 times in either sample are pooled into one), and its degrees of freedom."""
+    total_a, total_b = sum(a.values()), sum(b.values())
+    total = total_a + total_b
+    big, rest_a, rest_b = [], 0, 0
+    for key in set(a) | set(b):
+        column = a[key] + b[key]
+        if min(column * total_a, column * total_b) / total >= 5:
+            big.append((a[key], b[key]))
+        else:
+            rest_a, rest_b = rest_a + a[key], rest_b + b[key]
+    if rest_a + rest_b:
+        big.append((rest_a, rest_b))
+    statistic = 0.0
+    for count_a, count_b in big:
+        column = count_a + count_b
+        for count, row_total in ((count_a, total_a), (count_b, total_b)):
+            expected = column * row_total / total
+            statistic += (count - expected) ** 2 / expected
+    return statistic, min(len(big) - 1, max(CHI2_CRITICAL_0001))

@@ -10,9 +10,12 @@ something else.
 from __future__ import annotations
 
 import threading
+from collections import Counter
 
+import numpy as np
 import pytest
 from fake_kv import N_VOCAB, FakeBackend, FakeModel, fake_logits, reference_greedy
+from helpers import CHI2_CRITICAL_0001, chi_square_homogeneity
 
 from kvchat import Engine, EngineSettings, SamplingParams
 from kvchat.errors import DecodeError, EngineClosedError, InvalidRequestError
@@ -237,3 +240,47 @@ def test_the_fake_logits_depend_on_the_previous_cell() -> None:
     """The premise of these tests: the same token after different cells gives
     different logits, so wrong cells change the output."""
     assert (fake_logits(3, 5) != fake_logits(4, 5)).any()
+
+
+def test_chi_square_detects_a_changed_distribution() -> None:
+    same = chi_square_homogeneity(Counter({1: 100, 2: 60, 3: 40}), Counter({1: 98, 2: 63, 3: 39}))
+    skewed = chi_square_homogeneity(Counter({1: 100, 2: 60, 3: 40}), Counter({1: 160, 2: 25, 3: 15}))
+    assert same[0] < CHI2_CRITICAL_0001[same[1]] < skewed[0]
+
+
+def test_drafting_keeps_the_sampling_distribution() -> None:
+    """Chi-square test of homogeneity over the first two sampled tokens, with many
+    seeds, with speculation and without. The second token is the first one a draft
+    can cover: the prediction drafts the most likely second token after each of the
+    likely first ones, so drafts are accepted sometimes and rejected sometimes."""
+    prompt = prompt_of(17, 6)
+    likely_firsts = np.argsort(fake_logits(prompt[-2], prompt[-1]))[::-1][:4]
+    prediction: list[int] = []
+    for first in map(int, likely_firsts):
+        prediction += [first, int(np.argmax(fake_logits(prompt[-1], first)))]
+    n = 1500
+
+    def pairs(speculation: str, seeds: range, prediction: tuple[int, ...]) -> tuple[Counter, int, int]:
+        engine, _ = make_engine(n_ctx=2048, speculation=speculation, prefix_cache=False)
+        counts: Counter = Counter()
+        drafted = accepted = 0
+        with engine:
+            for batch in range(seeds.start, seeds.stop, 4):  # 4 at a time, as a server runs them
+                streams = [
+                    engine.submit(prompt, SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+                                                         max_tokens=2, seed=seed, prediction=prediction))
+                    for seed in range(batch, min(batch + 4, seeds.stop))
+                ]
+                for stream in streams:
+                    counts[stream.collect().token_ids] += 1
+                    drafted += stream.usage.draft_tokens
+                    accepted += stream.usage.accepted_draft_tokens
+        return counts, drafted, accepted
+
+    with_drafts, drafted, accepted = pairs("auto", range(0, n), tuple(prediction))
+    without, _, _ = pairs("off", range(n, 2 * n), ())
+    assert drafted >= n // 3, "too few drafts were verified for the test to mean anything"
+    assert 0 < accepted < drafted, "drafts should be accepted sometimes and rejected sometimes"
+    statistic, df = chi_square_homogeneity(with_drafts, without)
+    assert df >= 4, f"too few likely outputs: {with_drafts}, {without}"
+    assert statistic < CHI2_CRITICAL_0001[df], f"chi2={statistic:.1f} (df={df}): {with_drafts} vs {without}"

@@ -10,7 +10,6 @@ prompts here have clear margins (as the engine tests' do).
 from __future__ import annotations
 
 import json
-from collections import Counter
 
 import pytest
 from helpers import assert_idle
@@ -130,81 +129,6 @@ def test_prediction_fully_partly_and_never_accepted_gives_the_same_output(
     got, usage = run(idle_drafting, prompt, greedy(40, prediction=never))
     assert got == expected
     assert usage.rejected_draft_tokens > 0
-
-
-def test_drafting_keeps_the_sampling_distribution(idle_drafting: Engine, plain: Engine) -> None:
-    """Chi-square test of homogeneity over the first two sampled tokens, with many
-    seeds, with speculation and without. The second token is the first one a
-    draft can cover: the prediction drafts the most likely second token after
-    each of the likely first ones."""
-    prompt_ids = tokens(plain, chatml("Pick a random fruit.") + "Sure! ")
-    firsts = [1, 5, 4, 3]  # the likely first tokens are these digits (a numbered list)
-    prediction: list[int] = []
-    for digit in firsts:
-        first = tokens(plain, str(digit))[0]
-        second = plain.submit([*prompt_ids, first], greedy(1)).collect().token_ids[0]
-        prediction += [first, second]
-    sampling = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, max_tokens=2)
-    n = 300
-
-    def pairs(engine: Engine, seeds: range, prediction: tuple[int, ...]) -> tuple[Counter, int, int]:
-        counts: Counter = Counter()
-        drafted = accepted = 0
-        for batch in range(seeds.start, seeds.stop, 4):  # 4 at a time: drafting pays at this batch size
-            streams = [
-                engine.submit(prompt_ids, SamplingParams(**sampling, seed=seed, prediction=prediction))
-                for seed in range(batch, min(batch + 4, seeds.stop))
-            ]
-            for stream in streams:
-                counts[stream.collect().token_ids] += 1
-                drafted += stream.usage.draft_tokens
-                accepted += stream.usage.accepted_draft_tokens
-        return counts, drafted, accepted
-
-    with_drafts, drafted, accepted = pairs(idle_drafting, range(0, n), tuple(prediction))
-    without, _, _ = pairs(plain, range(n, 2 * n), ())
-    assert drafted >= n // 3, "too few drafts were verified for the test to mean anything"
-    assert 0 < accepted < drafted, "drafts should be accepted sometimes and rejected sometimes"
-
-    statistic, df = chi_square_homogeneity(with_drafts, without)
-    assert df >= 2, f"the prompt gave too few likely outputs: {with_drafts}, {without}"
-    assert statistic < CHI2_CRITICAL_0001[df], f"chi2={statistic:.1f} (df={df}): {with_drafts} vs {without}"
-
-
-# Upper 0.1% points of the chi-square distribution, by degrees of freedom.
-CHI2_CRITICAL_0001 = {
-    1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12, 9: 27.88, 10: 29.59,
-    11: 31.26, 12: 32.91, 13: 34.53, 14: 36.12, 15: 37.70, 16: 39.25, 17: 40.79, 18: 42.31, 19: 43.82, 20: 45.31,
-}
-
-
-def chi_square_homogeneity(a: Counter, b: Counter) -> tuple[float, int]:
-    """Pearson's statistic for two samples over categories (those expected fewer
-    than 5 times in either sample are pooled into one), and its degrees of freedom."""
-    total_a, total_b = sum(a.values()), sum(b.values())
-    total = total_a + total_b
-    big, rest_a, rest_b = [], 0, 0
-    for key in set(a) | set(b):
-        column = a[key] + b[key]
-        if min(column * total_a, column * total_b) / total >= 5:
-            big.append((a[key], b[key]))
-        else:
-            rest_a, rest_b = rest_a + a[key], rest_b + b[key]
-    if rest_a + rest_b:
-        big.append((rest_a, rest_b))
-    statistic = 0.0
-    for count_a, count_b in big:
-        column = count_a + count_b
-        for count, row_total in ((count_a, total_a), (count_b, total_b)):
-            expected = column * row_total / total
-            statistic += (count - expected) ** 2 / expected
-    return statistic, min(len(big) - 1, max(CHI2_CRITICAL_0001))
-
-
-def test_chi_square_detects_a_changed_distribution() -> None:
-    same = chi_square_homogeneity(Counter({1: 100, 2: 60, 3: 40}), Counter({1: 98, 2: 63, 3: 39}))
-    skewed = chi_square_homogeneity(Counter({1: 100, 2: 60, 3: 40}), Counter({1: 160, 2: 25, 3: 15}))
-    assert same[0] < CHI2_CRITICAL_0001[same[1]] < skewed[0]
 
 
 def test_json_schema_output_with_drafting_matches_plain(idle_drafting: Engine, plain: Engine) -> None:

@@ -9,6 +9,12 @@ new request's prefix comes from is decided by
 kept by :class:`~kvchat.engine.pinned.PinnedSequences`. Only the engine's worker
 thread calls any of them.
 
+The pool is the one door to the KV memory (:class:`~kvchat.engine.backend.KVMemory`):
+admission and conversations share, shift, load and save cells through its
+methods, and a request's KV record (:class:`~kvchat.engine.request.SequenceKV`:
+sequence id, positions held, shared prefix, locked node, reserved cells) is
+written here and nowhere else.
+
 Cell accounting: every token in the tree is one KV cell (shared cells are
 counted once); every running request reserves the cells it may still add; every
 conversation is charged for the cells only it holds. A reservation is made only
