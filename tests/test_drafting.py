@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvchat.engine.drafting import CACHE_TOKENS_PER_REPLY, NgramCache, NgramIndex, _entry_bytes
-from kvchat.engine.request import Request, SequenceKV
+from kvchat.engine.request import Request, RequestSpec, SequenceKV
 from kvchat.engine.sampling import SamplingParams
 from kvchat.engine.speculation import VERIFY_COST, Acceptance, Speculator, call_cost, expected_tokens
 from kvchat.engine.stream import Stream
@@ -169,8 +171,8 @@ def test_acceptance_falls_with_rejections_and_recovers_while_resting() -> None:
 
 def decoding_request(request_id: int, prompt: list[int], generated: list[int], *, max_new: int = 256,
                      prediction: tuple[int, ...] = (), cache_key: str | None = None) -> Request:
-    request = Request(request_id, tuple(prompt), SamplingParams(prediction=prediction), max_new,
-                      Stream(request_id, on_cancel=lambda: None), cache_key=cache_key)
+    spec = RequestSpec(request_id, tuple(prompt), SamplingParams(prediction=prediction), max_new, cache_key=cache_key)
+    request = Request(spec, Stream(request_id, on_cancel=lambda: None))
     for token in generated:
         request.record_token(token)
     n_past = len(prompt) + len(generated) - 1
@@ -219,7 +221,7 @@ def test_a_draft_stays_within_the_reservation_max_tokens_and_the_call(slack, max
         assert request.draft
         speculator.verified(request, len(request.draft), len(request.draft))
     request.kv.reserved_cells = request.own_cells + len(request.pending) + slack
-    request.max_new_tokens = max_new
+    request.spec = replace(request.spec, max_new_tokens=max_new)
     speculator.propose([request], capacity=512, call_rows=call_rows)
     assert 1 <= len(request.draft) <= most
 
@@ -252,7 +254,7 @@ def test_the_ngram_cache_learns_from_finished_requests_of_the_same_namespace_onl
     speculator.finished(done, keep=True)
     for key, expect_draft in (("alice", True), ("bob", False)):
         other = decoding_request(2, [4, 5, 6, 60, 61, 62], [60, 61, 62], cache_key=key)
-        other.prompt = (7, 8, 9)  # no lookup source: only the n-gram cache can draft
+        other.spec = replace(other.spec, prompt=(7, 8, 9))  # no lookup source: only the n-gram cache can draft
         speculator.propose([other], capacity=512, call_rows=512)
         assert bool(other.draft) is expect_draft
         if expect_draft:
@@ -264,7 +266,7 @@ def test_a_seeded_request_does_not_draft_from_other_requests_replies() -> None:
     speculator = Speculator(max_draft_tokens=16, ngram_cache_entries=1000)
     speculator.finished(decoding_request(1, [1, 2, 3], [60, 61, 62, 63, 64, 65]), keep=True)
     seeded = decoding_request(2, [7, 8, 9], [60, 61, 62])
-    seeded.sampling = SamplingParams(seed=5)
+    seeded.spec = replace(seeded.spec, sampling=SamplingParams(seed=5))
     speculator.propose([seeded], capacity=512, call_rows=512)
     assert seeded.draft == ()
 
@@ -311,7 +313,7 @@ def test_sampling_requests_failures_do_not_pause_greedy_requests() -> None:
     assert sampled.draft == ()  # the sampling requests' recent rate is its prior
     speculator.finished(sampled, keep=False)
     greedy = decoding_request(11, [*REPEATED, *REPEATED], REPEATED[:1])
-    greedy.sampling = SamplingParams(temperature=0)
+    greedy.spec = replace(greedy.spec, sampling=SamplingParams(temperature=0))
     speculator.propose([greedy], capacity=512, call_rows=512)
     assert greedy.draft == tuple(REPEATED[1 : 1 + len(greedy.draft)]) and greedy.draft
 

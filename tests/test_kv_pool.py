@@ -23,7 +23,7 @@ from kvchat.engine.kv_pool import KVPool
 from kvchat.engine.pinned import PinnedSequence
 from kvchat.engine.pinning import PinnedSequences
 from kvchat.engine.prefix_cache import PrefixCache
-from kvchat.engine.request import Request
+from kvchat.engine.request import Request, RequestSpec
 from kvchat.engine.sampling import SamplingParams
 from kvchat.engine.state_store import SpilledState, StateStore
 from kvchat.engine.stream import Stream
@@ -48,10 +48,7 @@ class Pool:
     def admit(self, prompt: list[int] | tuple[int, ...], *, max_new: int = 4, cache_key: str | None = None,
               shift: ContextShift | None = None) -> Request | None:
         """Admit a request and evaluate its prompt; None if it does not fit."""
-        request = new_request(prompt, max_new, cache_key=cache_key)
-        if shift is not None:
-            request.shift, request.original_cache_key = shift, cache_key
-            request.cache_key = shifted_namespace(cache_key)
+        request = new_request(prompt, max_new, cache_key=cache_key, shift=shift)
         if not self.admission.admit(request):
             assert request.seq_id is None
             return None
@@ -68,12 +65,13 @@ class Pool:
 
 
 def new_request(prompt: list[int] | tuple[int, ...], max_new: int = 4, *, cache_key: str | None = None,
-                pinned: PinnedSequence | None = None) -> Request:
+                pinned: PinnedSequence | None = None, shift: ContextShift | None = None) -> Request:
+    """A request as `Engine.submit` makes it (a shifted one in the shifted namespace)."""
     request_id = next(_request_ids)
-    request = Request(request_id, tuple(prompt), SamplingParams(), max_new, Stream(request_id, lambda: None),
-                      cache_key=cache_key)
-    request.pinned = pinned
-    return request
+    spec = RequestSpec(request_id, tuple(prompt), SamplingParams(), max_new, pinned=pinned, shift=shift,
+                       cache_key=cache_key if shift is None else shifted_namespace(cache_key),
+                       original_cache_key=cache_key if shift is not None else None)
+    return Request(spec, Stream(request_id, lambda: None))
 
 
 def prefill(p: Pool, request: Request) -> None:

@@ -20,7 +20,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from kvchat.engine.core import EngineCore
 from kvchat.engine.drafting import index_request
 from kvchat.engine.pinned import PinnedSequence
-from kvchat.engine.request import Request
+from kvchat.engine.request import Request, RequestSpec
 from kvchat.engine.sampling import SamplingParams
 from kvchat.engine.settings import EngineSettings
 from kvchat.engine.stream import Completion, Stream
@@ -52,10 +52,11 @@ class Core:
         """Queue a greedy request as `Engine.submit` would (its checks passed)."""
         request_id = next(_ids)
         sampling = SamplingParams(temperature=0.0, max_tokens=max_new, prediction=prediction or ())
-        request = Request(request_id, tuple(prompt), sampling, max_new, Stream(request_id, lambda: None), step)
+        spec = RequestSpec(request_id, tuple(prompt), sampling, max_new, step, pinned=pinned)
+        request = Request(spec, Stream(request_id, lambda: None))
         request.draft_indexes = index_request(request.prompt, sampling.prediction)
         if pinned is not None:
-            request.pinned, pinned.generating = pinned, True
+            pinned.generating = True
         self.core.add(request)
         return request
 

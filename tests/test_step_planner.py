@@ -8,7 +8,7 @@ import pytest
 from fake_kv import FakeKV
 
 from kvchat.engine.kv_pool import KVPool
-from kvchat.engine.request import Request, SequenceKV
+from kvchat.engine.request import Request, RequestSpec, SequenceKV
 from kvchat.engine.sampling import SamplingParams
 from kvchat.engine.settings import EngineSettings
 from kvchat.engine.step_planner import StepPlanner
@@ -28,7 +28,7 @@ class Call:
 
 
 def prompting(seq_id: int, pending: int, n_past: int = 0) -> Request:
-    seq = Request(seq_id, tuple(range(n_past + pending)), SamplingParams(), 16, Stream(seq_id, lambda: None))
+    seq = Request(RequestSpec(seq_id, tuple(range(n_past + pending)), SamplingParams(), 16), Stream(seq_id, lambda: None))
     seq.kv, seq.pending = SequenceKV(seq_id=seq_id, n_past=n_past), list(range(n_past, n_past + pending))
     return seq
 

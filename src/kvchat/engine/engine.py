@@ -19,7 +19,7 @@ from kvchat.engine.core import EngineCore
 from kvchat.engine.drafting import index_request
 from kvchat.engine.pinned import PinnedSequence
 from kvchat.engine.pinning import PinnedSequences
-from kvchat.engine.request import Request
+from kvchat.engine.request import Request, RequestSpec
 from kvchat.engine.sampling import SamplingParams
 from kvchat.engine.settings import EngineSettings
 from kvchat.engine.stats import EngineStats, StepTiming
@@ -161,34 +161,34 @@ class Engine:
             raise ContextOverflowError(
                 prompt_tokens=len(prompt), max_tokens=max(max_new, 1), context_limit=self.context_limit
             )
+        if pinned is not None and (
+            pinned.closed or len(prompt) <= len(pinned.tokens) or list(prompt[: len(pinned.tokens)]) != pinned.tokens
+        ):
+            raise InvalidRequestError("the prompt must extend the pinned sequence's resident tokens", field="prompt")
+        if shift is not None:
+            self._check_shift(prompt, shift)
         request_id = next(self._request_ids)
-        stream = Stream(request_id, on_cancel=lambda: self._request_cancel(request))
-        request = Request(
-            request_id, prompt, sampling, max_new, stream, self.settings.reservation_step, cache_key=cache_key
+        spec = RequestSpec(
+            request_id,
+            prompt,
+            sampling,
+            max_new,
+            self.settings.reservation_step,
+            cache_key=cache_key if shift is None else shifted_namespace(cache_key),
+            shift=shift,
+            original_cache_key=cache_key if shift is not None else None,
+            pinned=pinned,
         )
+        request = Request(spec, Stream(request_id, on_cancel=lambda: self._request_cancel(request)))
         request.grammar = matcher
         if self._core.speculator is not None:
             # Indexed here, on the caller's thread: a long prediction costs the worker nothing.
             request.draft_indexes = index_request(prompt, sampling.prediction)
-        if pinned is not None:
-            if (
-                pinned.closed
-                or len(prompt) <= len(pinned.tokens)
-                or list(prompt[: len(pinned.tokens)]) != pinned.tokens
-            ):
-                raise InvalidRequestError(
-                    "the prompt must extend the pinned sequence's resident tokens", field="prompt"
-                )
-            request.pinned = pinned
-        if shift is not None:
-            self._check_shift(prompt, shift)
-            request.shift, request.original_cache_key = shift, cache_key
-            request.cache_key = shifted_namespace(cache_key)
         with self._submit_lock:
             if self._closing:
                 raise EngineClosedError("the engine is closed")
             self._commands.put(request)
-        return stream
+        return request.stream
 
     def generate(
         self,

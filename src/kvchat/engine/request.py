@@ -36,30 +36,42 @@ class SequenceKV:
     reserved_cells: int = 0
 
 
-@dataclass(eq=False)
-class Request:
-    """A submitted request and the KV sequence it runs in (once admitted).
-
-    Owned by the engine's worker thread; only `cancel_requested` is written from
-    other threads (a plain bool store, atomic in CPython).
-    """
+@dataclass(frozen=True)
+class RequestSpec:
+    """What a request asks for, fixed at submission: its prompt, sampling and limits,
+    its tenant (cache namespace), and where its KV may come from (a context shift's
+    original, a conversation's pinned sequence)."""
 
     request_id: int
     prompt: tuple[int, ...]
     sampling: SamplingParams
     max_new_tokens: int
-    stream: Stream
     reservation_step: int = 256
     """KV cells for generated tokens reserved at a time (`EngineSettings.reservation_step`)."""
     cache_key: str | None = None
     """Prefix-cache namespace: requests with different keys never share cells."""
     shift: ContextShift | None = None
     """Set when the prompt was shortened by a context shift (its KV may come from the original's)."""
-    pinned: PinnedSequence | None = None
-    """Set for a conversation's request: it runs in the conversation's own sequence."""
     original_cache_key: str | None = None
     """The tenant's own namespace, where the unshifted original may be cached."""
+    pinned: PinnedSequence | None = None
+    """Set for a conversation's request: it runs in the conversation's own sequence."""
     submitted_at: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(eq=False)
+class Request:
+    """A submitted request inside the engine, from submission to finish.
+
+    Three owners: `spec`, what was asked (immutable); `kv`, its KV sequence (only
+    :class:`~kvchat.engine.kv_pool.KVPool` writes it); and the generation state
+    below (tokens, pending tokens, draft, sampler, grammar, counters), which the
+    engine's worker thread owns. Only `cancel_requested` is written from other
+    threads (a plain bool store, atomic in CPython).
+    """
+
+    spec: RequestSpec
+    stream: Stream
     kv: SequenceKV = field(default_factory=lambda: SequenceKV())
     """Its KV sequence: written by the pool only (read through the properties below)."""
     pending: list[int] = field(default_factory=list)
@@ -90,6 +102,48 @@ class Request:
 
     def __post_init__(self) -> None:
         self.text = TextOutput(self.sampling.stop)
+
+    # -- what was asked (see `RequestSpec`) -----------------------------------------------------------
+
+    @property
+    def request_id(self) -> int:
+        return self.spec.request_id
+
+    @property
+    def prompt(self) -> tuple[int, ...]:
+        return self.spec.prompt
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return self.spec.sampling
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.spec.max_new_tokens
+
+    @property
+    def reservation_step(self) -> int:
+        return self.spec.reservation_step
+
+    @property
+    def cache_key(self) -> str | None:
+        return self.spec.cache_key
+
+    @property
+    def shift(self) -> ContextShift | None:
+        return self.spec.shift
+
+    @property
+    def original_cache_key(self) -> str | None:
+        return self.spec.original_cache_key
+
+    @property
+    def pinned(self) -> PinnedSequence | None:
+        return self.spec.pinned
+
+    @property
+    def submitted_at(self) -> float:
+        return self.spec.submitted_at
 
     # -- its KV sequence (see `SequenceKV`) ---------------------------------------------------------
 
