@@ -89,12 +89,15 @@ def main() -> None:
     parser.add_argument("--streams", default="1,4,8,16")
     parser.add_argument("--tokens", type=int, default=64, help="tokens decoded per stream")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--speculation", choices=["off", "auto"], default="off",
+                        help="the engine's speculation (off: the bare loop drafts nothing either)")
     args = parser.parse_args()
     stream_counts = [int(k) for k in args.streams.split(",")]
 
-    # The prefix cache is off: both sides evaluate every prompt token.
+    # The prefix cache is off: both sides evaluate every prompt token. Speculation is
+    # off unless asked for: the bare loop decodes one token per stream per step.
     settings = EngineSettings(n_ctx=4096, max_running=max(stream_counts), n_seq_max=max(32, max(stream_counts)),
-                              prefix_cache=False)
+                              prefix_cache=False, speculation=args.speculation)
     model = Model(resolve(args.model))
     params = ContextParams(n_ctx=settings.n_ctx, n_batch=settings.n_batch, n_ubatch=settings.n_ubatch,
                            n_seq_max=settings.n_seq_max)
@@ -124,7 +127,7 @@ def main() -> None:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
         "model": args.model, "tokens_per_stream": args.tokens, "repeats": args.repeats,
-        "settings": {"n_ctx": settings.n_ctx, "n_batch": settings.n_batch},
+        "settings": {"n_ctx": settings.n_ctx, "n_batch": settings.n_batch, "speculation": settings.speculation},
         "rows": rows,
     }, indent=2) + "\n")
     print(f"wrote {RESULTS}")
