@@ -109,7 +109,13 @@ class Engine:
             self.settings.max_request_tokens or memory.n_ctx_seq,
         )
         """Most tokens (prompt + generated) one request may hold."""
-        self._core = EngineCore(self.model, self.settings, memory, runner)
+        try:
+            self._core = EngineCore(self.model, self.settings, memory, runner)
+        except BaseException:  # (a cache directory it cannot use, say): free what was made
+            if self._context is not None:
+                self._context.close()
+            self._close_owned_model()
+            raise
         self._commands: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._request_ids = itertools.count(1)
         self._closing = False
