@@ -82,15 +82,26 @@ def parse_args() -> argparse.Namespace:
 # ---------------------------------------------------------------- servers
 
 
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+"""Compiler flags the peer is built with, as kvchat's own llama.cpp is (the Makefile's
+LLAMA_CFLAGS): on Intel Xeons with AMX, llama.cpp's AMX kernels crash the process
+(a peer built with them died after its first request on such a machine)."""
+
+_PEER_READY = "import sys, llama_cpp.server; sys.exit(b'AMX_INT8 = 1' in llama_cpp.llama_print_system_info())"
+
+
 def peer_python() -> Path:
-    """The peer virtualenv's python, creating the venv and installing the peer on first use."""
+    """The peer virtualenv's python, creating the venv and installing the peer (built
+    without AMX kernels) on first use, or again if its build has them."""
     python = PEER_VENV / "bin" / "python"
     if not python.exists():
         print(f"creating {PEER_VENV}", flush=True)
         subprocess.run(["python3", "-m", "venv", str(PEER_VENV)], check=True)
-    if subprocess.run([str(python), "-c", "import llama_cpp.server"], check=False, capture_output=True).returncode:
-        print(f"installing {PEER_PACKAGE} into {PEER_VENV}", flush=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", PEER_PACKAGE], check=True)
+    if subprocess.run([str(python), "-c", _PEER_READY], check=False, capture_output=True).returncode:
+        print(f"installing {PEER_PACKAGE} into {PEER_VENV} (built from source without AMX)", flush=True)
+        env = {**os.environ, "CFLAGS": NO_AMX, "CXXFLAGS": NO_AMX}
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "--force-reinstall", "--no-cache-dir",
+                        "--no-binary", "llama-cpp-python", PEER_PACKAGE], check=True, env=env)
     return python
 
 
