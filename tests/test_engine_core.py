@@ -38,18 +38,24 @@ def prompt_of(seed: int, length: int) -> list[int]:
 
 
 def engine_is_clean(engine: Engine, backend: FakeBackend) -> None:
-    """Idle, nothing leaked: every cell in use is a parked entry's, and each parked
-    sequence holds exactly its tree path."""
-    core = engine._core
-    cache = core.pool.cache
-    assert not core.busy
-    assert core.pool.reserved_cells == 0
-    if cache is not None:
-        cache.check_integrity()
-        assert cache.protected_tokens == 0
-        assert backend.cells_used() == cache.total_tokens + core.pool.pinned_cells
-    free = core.pool.free_sequences + core.pool.parked_sequences
-    assert free <= backend.n_seq_max
+    """Idle, nothing leaked: every cell in use is a parked entry's (or a conversation's),
+    each parked sequence holds exactly its tree path, and every sequence id is free
+    or parked. Checked on the worker thread, between steps."""
+
+    def check(_pinned: object) -> None:
+        core = engine._core
+        cache = core.pool.cache
+        assert not core.busy
+        assert core.pool.reserved_cells == 0
+        if cache is not None:
+            cache.check_integrity()
+            assert cache.protected_tokens == 0
+            assert backend.cells_used() == cache.total_tokens + core.pool.pinned_cells
+            for holder, tokens in cache.held_tokens().items():
+                assert backend.tokens(holder) == list(tokens)
+        assert core.pool.free_sequences + core.pool.parked_sequences == backend.n_seq_max  # no id leaked
+
+    engine._on_worker(check)
 
 
 def test_one_request_generates_what_greedy_decoding_gives() -> None:

@@ -120,7 +120,7 @@ class EngineCore:
                 request.sampler = self._new_sampler(request.sampling)
         for request in self.scheduler.reserve_step():
             logger.warning("request %d ends: the KV pool has no room for more tokens", request.request_id)
-            self._finish(request, "length")
+            self.finish(request, "length")
         if admitted:
             self.publish_stats()
         decoded = False
@@ -181,7 +181,7 @@ class EngineCore:
             else:
                 ending = self._emit(request, (self._pick(request, scheduled.row),))
             if ending is not None:
-                self._finish(request, ending.reason)
+                self.finish(request, ending.reason)
         except GrammarError as exc:
             self._fail(request, exc)
         except Exception as exc:
@@ -266,15 +266,12 @@ class EngineCore:
     def _reap_cancelled(self) -> None:
         scheduler = self.scheduler
         for request in [r for r in (*scheduler.running, *scheduler.waiting) if r.cancel_requested]:
-            self._finish(request, "cancelled")
+            self.finish(request, "cancelled")
 
     # -- ending requests --------------------------------------------------------------------------
 
     def finish(self, request: Request, reason: FinishReason) -> None:
         """End a request (running, waiting or never queued) with `reason`; its KV is kept."""
-        self._finish(request, reason)
-
-    def _finish(self, request: Request, reason: FinishReason) -> None:
         tail = request.text.finish().text
         usage = request.usage(reason, completion_tokens=len(request.generated))
         self._release(request, keep=True)
@@ -307,7 +304,7 @@ class EngineCore:
         """End every running and waiting request (``cancelled``), keep what a disk
         tier should keep, and free the batch. The backend stays open."""
         for request in [*self.scheduler.running, *self.scheduler.waiting]:
-            self._finish(request, "cancelled")
+            self.finish(request, "cancelled")
         try:
             self.pool.persist()
         except Exception:  # never let a cache problem stop the shutdown

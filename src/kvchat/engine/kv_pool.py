@@ -185,13 +185,11 @@ class KVPool:
         if not self._memory.seq_remove(seq_id, start, end):
             raise BackendError(f"llama.cpp cannot remove positions [{start}, {end}) of sequence {seq_id}")
 
-    def leave(self, request: Request) -> int:
+    def leave(self, request: Request) -> None:
         """End a conversation's request: release its reservation; its sequence stays
-        the conversation's. Returns the sequence id."""
-        seq_id = _seq_id(request)
+        the conversation's."""
         self.release(request)
         request.kv.seq_id = None
-        return seq_id
 
     # -- the KV memory, for admission and conversations ----------------------------------------
 
