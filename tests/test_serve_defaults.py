@@ -42,6 +42,8 @@ SETTINGS_OPTIONS: dict[str, tuple[type[Any], str, Callable[[Any], Any]]] = {
     "cache_dir": (EngineSettings, "cache_dir", lambda path: str(path) if path else None),
     "cache_disk": (EngineSettings, "cache_disk_bytes", parse_size),
     "speculation": (EngineSettings, "speculation", _same),
+    "model_alias": (ServerSettings, "model_aliases", _keys),
+    "any_model": (ServerSettings, "any_model", _same),
     "api_key": (ServerSettings, "api_keys", _keys),
     "share_cache_between_keys": (ServerSettings, "isolate_api_keys", lambda share: not share),
     "max_queued": (ServerSettings, "max_queued", _same),

@@ -56,6 +56,22 @@ def serve(
             envvar="KVCHAT_MODEL_NAME", help="Model id clients send (default: the model's name or file stem)."
         ),
     ] = None,
+    model_alias: Annotated[
+        list[str] | None,
+        typer.Option(
+            envvar="KVCHAT_MODEL_ALIAS",
+            help="Another model id that names the served model, listed by /v1/models (repeatable; "
+            "env: space-separated).",
+        ),
+    ] = None,
+    any_model: Annotated[
+        bool,
+        typer.Option(
+            "--any-model",
+            envvar="KVCHAT_ANY_MODEL",
+            help="Answer a request for any model id with the served model (default: 404 for unknown ids).",
+        ),
+    ] = _SERVER["any_model"],
     host: Annotated[
         str, typer.Option(envvar="KVCHAT_HOST", help="Address to bind; 0.0.0.0 exposes the server to the network.")
     ] = "127.0.0.1",
@@ -204,6 +220,8 @@ def serve(
         )
         settings = ServerSettings(
             model_name=model_name or default_model_name(model),
+            model_aliases=tuple(model_alias or ()),
+            any_model=any_model,
             api_keys=tuple(api_key or ()),
             isolate_api_keys=not share_cache_between_keys,
             max_queued=max_queued,

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP app: ``create_app(engine, model_name=...)``.
+"""The OpenAI-compatible (and Anthropic-compatible) HTTP app: ``create_app(engine, model_name=...)``.
 
 The app holds no model state: it keeps a reference to an engine its caller made
 (and closes); chat requests go through a chat runtime on that engine
@@ -8,7 +8,8 @@ one), text completions straight to :meth:`Engine.submit`.
 Endpoints (see the modules under :mod:`kvchat.server.routes`):
 ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/responses``
 (all three streamed by server-sent events, or not), ``GET`` and ``DELETE
-/v1/responses/{id}``, ``POST /v1/embeddings``, ``GET /v1/models``,
+/v1/responses/{id}``, Anthropic's ``POST /v1/messages`` (streamed or not) and
+``POST /v1/messages/count_tokens``, ``POST /v1/embeddings``, ``GET /v1/models``,
 ``GET /health``, ``GET /metrics``.
 
 Decisions where OpenAI's API and kvchat differ, or OpenAI is silent:
@@ -18,6 +19,11 @@ Decisions where OpenAI's API and kvchat differ, or OpenAI is silent:
   `max_tokens_limit` is a 400.
 - ``temperature``/``top_p`` unset: kvchat's defaults (:class:`SamplingParams`).
 - ``n`` other than 1 is refused (400, param ``n``): one choice per request.
+- A request may name the served model by its `model_name`, by one of its
+  `model_aliases`, or (with `any_model`) by any id; ``/v1/models`` lists the name
+  and the aliases.
+- An API key comes as ``Authorization: Bearer KEY`` or ``x-api-key: KEY``
+  (Anthropic's clients); errors on ``/v1/messages`` paths are Anthropic-shaped.
 - ``user`` is accepted and ignored; cache isolation follows the API key instead:
   with API keys, each key's requests share prefixes only with that key's.
 - A request the server cuts short (time limit, shutdown) ends with an error
@@ -51,7 +57,7 @@ from kvchat.chat import ChatRuntime
 from kvchat.engine import Engine
 from kvchat.server.errors import install_error_handlers
 from kvchat.server.middleware import AccessLog, BodySizeLimit, HostCheck
-from kvchat.server.routes import chat, completions, embeddings, info, responses
+from kvchat.server.routes import chat, completions, embeddings, info, messages, responses
 from kvchat.server.settings import ServerSettings
 from kvchat.server.state import ServerState
 from kvchat.server.work_pool import WorkPool
@@ -94,7 +100,7 @@ def create_app(
     app.state.kvchat = state
     app.state.kvchat_work = work
     install_error_handlers(app)
-    for module in (chat, completions, responses, embeddings, info):
+    for module in (chat, completions, responses, messages, embeddings, info):
         app.include_router(module.router)
     # Added innermost first: the size check runs last, CORS headers reach 413s
     # too, a foreign Host is refused before anything else, and the access log

@@ -26,6 +26,8 @@ _ENDPOINTS = (
     "/v1/completions",
     "/v1/embeddings",
     "/v1/responses",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
     "/v1/models",
     "/health",
     "/metrics",
@@ -69,7 +71,7 @@ def is_loopback(name: str) -> bool:
 
 
 class HostCheck:
-    """Answers 403 (OpenAI-shaped) to a request whose ``Host`` header names a host
+    """Answers 403 (in the shape of the path's API) to a request whose ``Host`` header names a host
     that is neither loopback nor in `allowed` (names; ``*.example.com`` for
     subdomains; ``*`` for any), whatever the port.
 
@@ -113,12 +115,13 @@ class HostCheck:
                 f"the Host header {shown!r} names a host this server does not answer for; "
                 "its operator can allow it (kvchat serve --allowed-host NAME)",
                 code="host_not_allowed",
-            )
+            ),
+            path=scope["path"],
         )(scope, receive, send)
 
 
 class BodySizeLimit:
-    """Answers 413 (OpenAI-shaped) to a request whose body exceeds `max_bytes`.
+    """Answers 413 (in the shape of the path's API) to a request whose body exceeds `max_bytes`.
 
     The body is read here, up to the limit, and handed on whole, so the app
     never sees a partial body; later ``receive`` calls (disconnect detection)
@@ -136,7 +139,7 @@ class BodySizeLimit:
         too_large = APIError(413, f"the request body is larger than {self.max_bytes} bytes", code="request_too_large")
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await error_response(too_large)(scope, receive, send)
+            await error_response(too_large, path=scope["path"])(scope, receive, send)
             return
         chunks: list[bytes] = []
         size = 0
@@ -147,7 +150,7 @@ class BodySizeLimit:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_bytes:
-                await error_response(too_large)(scope, receive, send)
+                await error_response(too_large, path=scope["path"])(scope, receive, send)
                 return
             if not message.get("more_body", False):
                 break

@@ -13,6 +13,11 @@ class ServerSettings:
     """The server's options. The defaults protect a small (2-core) machine.
 
     - `model_name`: the model id clients send (and ``/v1/models`` lists).
+    - `model_aliases`: other ids that name the served model (listed by
+      ``/v1/models`` too), say ``claude-sonnet-4-5`` for a client that cannot be
+      told another id.
+    - `any_model`: answer a request for any model id with the served model (off:
+      an unknown id gets 404 ``model_not_found``).
     - `api_keys`: if any, every ``/v1`` request needs ``Authorization: Bearer <key>``.
     - `isolate_api_keys`: with API keys, each key is a cache namespace of its own
       (on by default): cached prefixes, speculation's n-gram drafts and acceptance
@@ -70,6 +75,8 @@ class ServerSettings:
     """
 
     model_name: str
+    model_aliases: tuple[str, ...] = ()
+    any_model: bool = False
     api_keys: tuple[str, ...] = ()
     isolate_api_keys: bool = True
     max_queued: int = 64
@@ -91,10 +98,23 @@ class ServerSettings:
     work_threads: int = 4
     work_queue: int = 64
 
+    @property
+    def model_ids(self) -> tuple[str, ...]:
+        """The ids that name the served model: `model_name`, then the `model_aliases`."""
+        return (self.model_name, *self.model_aliases)
+
+    def serves(self, model: str) -> bool:
+        """Whether a request for the id `model` is answered by the served model."""
+        return self.any_model or model in self.model_ids
+
     def __post_init__(self) -> None:
         if not self.model_name:
             raise InvalidRequestError("model_name must not be empty", field="model_name")
         object.__setattr__(self, "api_keys", tuple(self.api_keys))
+        if any(not alias for alias in self.model_aliases):
+            raise InvalidRequestError("model aliases must not be empty", field="model_aliases")
+        aliases = dict.fromkeys(alias for alias in self.model_aliases if alias != self.model_name)
+        object.__setattr__(self, "model_aliases", tuple(aliases))
         tag = self.response_id_tag
         if len(tag) > MAX_TAG_DIGITS or len(tag) % 2 or not is_hex(tag):
             raise InvalidRequestError(

@@ -86,24 +86,26 @@ class ServerState:
     def authorize(self, request: Request) -> Tenant:
         """Who sent the request; 401 on a missing or wrong API key.
 
+        The key comes as ``Authorization: Bearer KEY`` (OpenAI's clients) or as
+        ``x-api-key: KEY`` (Anthropic's); a key is the same tenant either way. When
+        a request carries both, the first valid one counts (``x-api-key`` first).
         Without API keys (or with `isolate_api_keys` off) every request shares one
         cache namespace (None).
         """
         keys = self.settings.api_keys
         if not keys:
             return Tenant("", None)
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        token = token.strip()
-        # Compare with every key (no early exit), in constant time per key.
-        matches = [hmac.compare_digest(token.encode(), key.encode()) for key in keys]
-        if scheme.lower() != "bearer" or not any(matches):
+        # Compare every credential with every key (no early exit), in constant time per key.
+        valid = [token for token in _credentials(request) if any(_matches(token, keys))]
+        if not valid:
             raise APIError(401, "invalid or missing API key", code="invalid_api_key")
-        digest = "key-" + hashlib.sha256(token.encode()).hexdigest()[:32]
+        digest = "key-" + hashlib.sha256(valid[0].encode()).hexdigest()[:32]
         return Tenant(digest, digest if self.settings.isolate_api_keys else None)
 
     def check_model(self, requested: str) -> None:
-        """404 unless `requested` is the served model's id."""
-        if requested != self.settings.model_name:
+        """404 unless the served model answers to `requested` (its name, an alias,
+        or any id with `any_model`; see :meth:`ServerSettings.serves`)."""
+        if not self.settings.serves(requested):
             raise APIError(
                 404,
                 f"the model {requested!r} does not exist; this server serves {self.settings.model_name!r}",
@@ -156,6 +158,23 @@ class ServerState:
     def close(self) -> None:
         """Stop the embedding worker and free its embedder; the engine belongs to the caller."""
         self.embeddings.close()
+
+
+def _matches(token: str, keys: tuple[str, ...]) -> list[bool]:
+    """`token` compared with each key, in constant time per key."""
+    return [hmac.compare_digest(token.encode(), key.encode()) for key in keys]
+
+
+def _credentials(request: Request) -> list[str]:
+    """The API keys a request presents: its ``x-api-key`` header, then its bearer token."""
+    found = []
+    api_key = request.headers.get("x-api-key", "").strip()
+    if api_key:
+        found.append(api_key)
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        found.append(token.strip())
+    return found
 
 
 def server_state(request: Request) -> ServerState:

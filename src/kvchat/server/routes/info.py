@@ -30,16 +30,18 @@ async def metrics(state: ServerState = Depends(server_state)) -> Response:
 
 @router.get("/v1/models")
 async def models(_: Tenant = Depends(authorized), state: ServerState = Depends(server_state)) -> dict[str, Any]:
-    return {"object": "list", "data": [_model_card(state)]}
+    """The served model, under its name and each of its aliases."""
+    return {"object": "list", "data": [_model_card(state, model_id) for model_id in state.settings.model_ids]}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def model(
     model_id: str, _: Tenant = Depends(authorized), state: ServerState = Depends(server_state)
 ) -> dict[str, Any]:
+    """The served model under the id asked for (its name, an alias, or any id with `any_model`)."""
     state.check_model(model_id)
-    return _model_card(state)
+    return _model_card(state, model_id)
 
 
-def _model_card(state: ServerState) -> dict[str, Any]:
-    return {"id": state.settings.model_name, "object": "model", "created": state.created, "owned_by": "kvchat"}
+def _model_card(state: ServerState, model_id: str) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": state.created, "owned_by": "kvchat"}
