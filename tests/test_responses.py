@@ -217,7 +217,6 @@ def test_an_output_may_answer_a_call_of_the_stored_conversation() -> None:
     ({"role": "user"}, "input"),
     ([7], "input[0]"),
     ([{"content": "no role or type"}], "input[0].type"),
-    ([{"type": "reasoning", "summary": []}], "input[0].type"),
     ([{"type": "item_reference", "id": "msg_1"}], "input[0].type"),
     ([{"role": "tool", "content": "x"}], "input[0].role"),
     ([{"role": "user", "content": [{"type": "input_image", "image_url": "data:,"}]}], "input[0].content[0].type"),
@@ -258,19 +257,21 @@ CHAT_WEATHER = {"type": "function", "function": {"name": "get_weather", "descrip
 ])
 def test_function_tools_and_tool_choice_become_chat_ones(choice: Any, expected_tools: Any,
                                                         expected_choice: Any) -> None:
-    assert chat_tools([WEATHER], choice) == (expected_tools, expected_choice)
+    offer = chat_tools([WEATHER], choice)
+    assert (offer.tools, offer.tool_choice, offer.omitted) == (expected_tools, expected_choice, ())
 
 
 def test_chat_shaped_tools_are_taken_too() -> None:
-    assert chat_tools([CHAT_WEATHER], None) == ([CHAT_WEATHER], None)
+    offer = chat_tools([CHAT_WEATHER], None)
+    assert (offer.tools, offer.tool_choice) == ([CHAT_WEATHER], None)
 
 
 @pytest.mark.parametrize("tools, choice, field", [
-    ([{"type": "web_search"}], None, "tools[0].type"),
-    ([WEATHER, {"type": "file_search", "vector_store_ids": []}], None, "tools[1].type"),
     (["get_weather"], None, "tools[0].type"),
+    ([WEATHER, {"name": "untyped"}], None, "tools[1].type"),
     ([WEATHER], "sometimes", "tool_choice"),
     ([WEATHER], {"type": "web_search_preview"}, "tool_choice"),
+    ([WEATHER, {"type": "file_search", "vector_store_ids": []}], {"type": "file_search"}, "tool_choice"),
     ([WEATHER], {"type": "allowed_tools", "mode": "never", "tools": []}, "tool_choice"),
 ])
 def test_other_tools_and_choices_are_refused(tools: list, choice: Any, field: str) -> None:
@@ -302,7 +303,8 @@ def body(**fields: Any) -> ResponsesRequest:
     ({"prompt": {"id": "pmpt_1"}}, "prompt"),
     ({"top_logprobs": 3}, "top_logprobs"),
     ({"include": ["message.output_text.logprobs"]}, "include"),
-    ({"reasoning": {"effort": "high"}}, "reasoning"),
+    ({"reasoning": {"effort": 3}}, "reasoning.effort"),
+    ({"reasoning": {"summary": ["auto"]}}, "reasoning.summary"),
 ])
 def test_unsupported_fields_are_refused(fields: dict, param: str) -> None:
     with pytest.raises(InvalidRequestError) as info:
@@ -313,6 +315,8 @@ def test_unsupported_fields_are_refused(fields: dict, param: str) -> None:
 def test_fields_kvchat_ignores_are_accepted() -> None:
     check_supported(body(background=False, include=["reasoning.encrypted_content"], reasoning={"effort": None},
                          service_tier="auto", prompt_cache_key="k", safety_identifier="s", metadata={"a": "b"}))
+    # The models do not reason: reasoning is accepted (OpenAI's Codex CLI sends it) and ignored.
+    check_supported(body(reasoning={"effort": "high", "summary": "auto"}, client_metadata={"turn_id": "t"}))
 
 
 # -- the property test: any items give a typed error or a valid history ----------------------------
@@ -720,13 +724,15 @@ def post(server: RunningServer, body: dict, key: str = KEY_A) -> httpx.Response:
 
 
 @pytest.mark.parametrize("fields, status, param", [
-    ({"tools": [{"type": "web_search"}]}, 400, "tools[0].type"),
+    ({"tools": [{"type": "namespace", "name": "ns", "description": "d",
+                 "tools": [{"type": "namespace", "name": "inner", "tools": []}]}]}, 400, "tools[0].tools[0].type"),
     ({"tool_choice": {"type": "file_search"}}, 400, "tool_choice"),
+    ({"tools": [{"type": "web_search"}], "tool_choice": {"type": "web_search"}}, 400, "tool_choice"),
     ({"background": True}, 400, "background"),
     ({"conversation": "conv_123"}, 400, "conversation"),
     ({"prompt": {"id": "pmpt_1"}}, 400, "prompt"),
     ({"top_logprobs": 5}, 400, "top_logprobs"),
-    ({"reasoning": {"effort": "high"}}, 400, "reasoning"),
+    ({"reasoning": {"effort": 1}}, 400, "reasoning.effort"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}]}, 400,
      "input[0].content[0].type"),
     ({"input": [{"type": "item_reference", "id": "msg_1"}]}, 400, "input[0].type"),

@@ -2,10 +2,43 @@
 usage, and the typed events of a streamed response.
 
 :class:`OutputBuilder` turns a chat reply's deltas into output items (a
-``message`` with one ``output_text`` part; a ``function_call`` per tool call)
-and the stream events that announce them, so a streamed and a whole response
-are made by the same code. :class:`EventCounter` numbers the events
-(``sequence_number``) and names each SSE event by its ``type``, as OpenAI does.
+``message`` with one ``output_text`` part; a ``function_call`` per call of a
+function tool, with the ``namespace`` of a namespaced one; a ``custom_tool_call``
+per call of a custom tool) and the stream events that announce them, so a
+streamed and a whole response are made by the same code. :class:`EventCounter`
+numbers the events (``sequence_number``) and names each SSE event by its
+``type``, as OpenAI does.
+
+The stream is what OpenAI's Codex CLI parses (codex-rs/codex-api/src/sse/responses.rs,
+``process_sse``, commit 0a7fb0d of openai/codex). Codex dispatches on the ``type``
+inside each event's data (not the SSE event name) and reads:
+
+- ``response.created``: only that it carries a ``response`` object;
+- ``response.output_item.added`` and ``response.output_item.done``: ``item``, parsed
+  as one of its ``ResponseItem`` types (codex-rs/protocol/src/models.rs): a
+  ``message`` (``role``, ``content`` of ``output_text`` parts), a ``function_call``
+  (``name``, ``namespace``, ``arguments`` as a JSON string, ``call_id``), a
+  ``custom_tool_call`` (``call_id``, ``name``, ``input``); an item it cannot parse
+  is skipped. The calls it runs are those of ``output_item.done``; ``id`` and
+  ``status`` are optional for it, and sent anyway;
+- ``response.output_text.delta``: ``delta`` (the text it shows as it comes);
+- ``response.completed``: ``response.id`` and ``response.usage`` with
+  ``input_tokens``, ``output_tokens``, ``total_tokens``,
+  ``input_tokens_details.cached_tokens`` and ``output_tokens_details.reasoning_tokens``.
+  A stream that ends without it is an error to Codex ("stream closed before
+  response.completed"), which it retries;
+- ``response.failed`` (``response.error``), ``response.reasoning_*`` events; all
+  other types are ignored.
+
+Codex also gives up on a stream after 300 seconds without an event
+(``stream_idle_timeout_ms``): the route repeats ``response.in_progress`` while no
+other event comes (:data:`kvchat.server.routes.responses.PULSE_SECONDS`).
+
+kvchat sends every event OpenAI's API sends for these items (so the official
+client's stream helpers work too); a response cut short by ``max_output_tokens``
+ends with ``response.incomplete``, as OpenAI's does, which Codex treats as an
+unfinished stream. No ``reasoning`` item is sent: the models do not reason, and
+Codex needs none.
 
 Everything sent must be valid UTF-8. What a response echoes of its request is
 checked on the way in (:mod:`kvchat.server.responses_api`); what the model
@@ -20,9 +53,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from kvchat.chat.complete import ChatDelta
 from kvchat.chat.tool_calls import ToolCall
@@ -31,7 +64,16 @@ from kvchat.server.errors import APIError, error_body
 from kvchat.server.ids import new_id
 from kvchat.server.sse import Event
 
-__all__ = ["EventCounter", "OutputBuilder", "ResponseFrame", "new_id", "response_usage", "unencodable"]
+__all__ = [
+    "CallTarget",
+    "EventCounter",
+    "OutputBuilder",
+    "ResponseFrame",
+    "arguments_json",
+    "new_id",
+    "response_usage",
+    "unencodable",
+]
 
 
 def unencodable(what: str) -> APIError:
@@ -64,8 +106,24 @@ def response_usage(usage: Usage, *, cache_writes: bool) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class CallTarget:
+    """What a call of an offered tool is in the Responses API: a ``function_call``
+    (`kind` ``"function"``) or a ``custom_tool_call`` (``"custom"``, whose ``input``
+    is the call's ``input`` argument) of the tool `name`, in `namespace` (None: a
+    tool outside any namespace)."""
+
+    name: str
+    namespace: str | None = None
+    kind: Literal["function", "custom"] = "function"
+
+
+@dataclass(frozen=True)
 class ResponseFrame:
-    """What a response echoes of its request, and its identity; :meth:`body` adds the rest."""
+    """What a response echoes of its request, and its identity; :meth:`body` adds the rest.
+
+    The body holds one field OpenAI's response has not: ``kvchat_omitted_tools``
+    (see `omitted_tools`). The official clients' response types take fields they
+    do not know (the ``openai`` client keeps them as extra attributes)."""
 
     id: str
     model: str
@@ -83,6 +141,9 @@ class ResponseFrame:
     truncation: str
     metadata: dict[str, str]
     user: str | None
+    omitted_tools: tuple[str, ...] = ()
+    """The types of the request's tools that were left out of the prompt (built-in
+    tools the server cannot run), sent as ``kvchat_omitted_tools``."""
     created_at: int = field(default_factory=lambda: int(time.time()))
 
     def body(
@@ -119,6 +180,7 @@ class ResponseFrame:
             "usage": usage,
             "user": self.user,
             "metadata": self.metadata,
+            "kvchat_omitted_tools": list(self.omitted_tools),
         }
 
 
@@ -156,13 +218,17 @@ class OutputBuilder:
     """A reply's output items, built delta by delta, and the events announcing them.
 
     Text opens a ``message`` item (closed when a tool call or the end comes); each
-    tool call is a ``function_call`` item. At most `max_calls` calls are kept
-    (None: all). A reply with neither text nor calls gets an empty message.
+    tool call is a ``function_call`` or ``custom_tool_call`` item, as `targets`
+    (chat function name to :class:`CallTarget`) says; a call of a name not there
+    (the model made it up) is a ``function_call`` of that name. At most
+    `max_calls` calls are kept (None: all). A reply with neither text nor calls
+    gets an empty message.
     """
 
-    def __init__(self, *, max_calls: int | None = None) -> None:
+    def __init__(self, *, max_calls: int | None = None, targets: Mapping[str, CallTarget] | None = None) -> None:
         self.items: list[dict[str, Any]] = []
         self._max_calls = max_calls
+        self._targets = targets or {}
         self._calls = 0
         self._message: dict[str, Any] | None = None
         self._text: list[str] = []
@@ -188,7 +254,8 @@ class OutputBuilder:
                 continue
             self._calls += 1
             events += self._close_message("completed")
-            events += self._function_call(call)
+            target = self._targets.get(call.name, CallTarget(call.name))
+            events += self._custom_call(call, target) if target.kind == "custom" else self._function_call(call, target)
         return events
 
     def finish(self, status: str) -> list[dict[str, Any]]:
@@ -226,32 +293,63 @@ class OutputBuilder:
             {"type": "response.output_item.done", "output_index": where["output_index"], "item": item},
         ]
 
-    def _function_call(self, call: ToolCall) -> list[dict[str, Any]]:
-        arguments = _arguments_json(call.arguments)
-        item = {
-            "id": new_id("fc"),
-            "type": "function_call",
-            "status": "completed",
-            "call_id": call.id,
-            "name": call.name,
-            "arguments": arguments,
-        }
-        index = len(self.items)
-        self.items.append(item)
-        where = {"item_id": item["id"], "output_index": index}
+    def _function_call(self, call: ToolCall, target: CallTarget) -> list[dict[str, Any]]:
+        arguments = arguments_json(call.arguments)
+        item = self._call_item("fc", "function_call", call, target, arguments=arguments)
+        where = {"item_id": item["id"], "output_index": len(self.items) - 1}
         return [
-            {
-                "type": "response.output_item.added",
-                "output_index": index,
-                "item": {**item, "status": "in_progress", "arguments": ""},
-            },
+            {"type": "response.output_item.added", **_added(item, where, arguments="")},
             {"type": "response.function_call_arguments.delta", **where, "delta": arguments},
-            {"type": "response.function_call_arguments.done", **where, "name": call.name, "arguments": arguments},
-            {"type": "response.output_item.done", "output_index": index, "item": item},
+            {"type": "response.function_call_arguments.done", **where, "name": target.name, "arguments": arguments},
+            {"type": "response.output_item.done", "output_index": where["output_index"], "item": item},
         ]
 
+    def _custom_call(self, call: ToolCall, target: CallTarget) -> list[dict[str, Any]]:
+        text = _custom_input(call.arguments)
+        item = self._call_item("ctc", "custom_tool_call", call, target, input=text)
+        where = {"item_id": item["id"], "output_index": len(self.items) - 1}
+        return [
+            {"type": "response.output_item.added", **_added(item, where, input="")},
+            {"type": "response.custom_tool_call_input.delta", **where, "delta": text},
+            {"type": "response.custom_tool_call_input.done", **where, "input": text},
+            {"type": "response.output_item.done", "output_index": where["output_index"], "item": item},
+        ]
 
-def _arguments_json(arguments: Any) -> str:
+    def _call_item(self, prefix: str, kind: str, call: ToolCall, target: CallTarget, **payload: str) -> dict[str, Any]:
+        """A finished call item, appended to the output."""
+        item: dict[str, Any] = {
+            "id": new_id(prefix),
+            "type": kind,
+            "status": "completed",
+            "call_id": call.id,
+            "name": target.name,
+        }
+        if target.namespace is not None:
+            item["namespace"] = target.namespace
+        item.update(payload)
+        self.items.append(item)
+        return item
+
+
+def _added(item: dict[str, Any], where: dict[str, Any], **empty: str) -> dict[str, Any]:
+    """The fields of the ``output_item.added`` event of a call `item` at `where`: the
+    item in progress, its payload (`empty`) not yet written."""
+    return {"output_index": where["output_index"], "item": {**item, "status": "in_progress", **empty}}
+
+
+def _custom_input(arguments: Any) -> str:
+    """A custom tool's ``input`` from the arguments of the function it is offered as:
+    the ``input`` argument (a lone surrogate, which the model can write as a JSON
+    escape, replaced by U+FFFD), or, from a model that wrote other arguments, their JSON."""
+    text = arguments.get("input") if isinstance(arguments, Mapping) else None
+    if not isinstance(text, str):
+        return arguments_json(arguments)
+    if text.isascii():
+        return text
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def arguments_json(arguments: Any) -> str:
     """A call's arguments as JSON text: characters as they are, unless a string
     holds a lone surrogate (the model wrote an escape such as ``\\ud800``): then
     with ASCII escapes, so the text is valid Unicode and parses to the same value."""

@@ -12,8 +12,13 @@ Stored responses (``store``, on by default) live in the server's bounded
 :class:`kvchat.server.response_store.ResponseStore`, under the API key that made
 them: another key's ``GET``, ``DELETE`` or ``previous_response_id`` gets the 404 an
 unknown id gets. Requests go through the same admission, time limit, tool and
-token limits as chat completions; what the API has and kvchat does not is refused
-(see :mod:`kvchat.server.responses_api`).
+token limits as chat completions (``max_tools`` counts the tools offered to the
+model, a namespace's each); what the API has and kvchat does not is refused, or,
+for built-in tools, left out and named in the ``kvchat-omitted-tools`` header
+(see :mod:`kvchat.server.responses_api`, which also says how OpenAI's Codex CLI is
+served). A streamed response repeats ``response.in_progress`` after
+:data:`PULSE_SECONDS` without an event, so that clients with an idle timeout
+(Codex's is 300 seconds) wait through a long prompt's evaluation.
 
 A finished response is encoded once (:func:`kvchat.server.response_store.encode_response`):
 those bytes are the reply and what a later ``GET`` returns. A response that cannot
@@ -24,9 +29,10 @@ could make one) is never stored: the request ends with a typed 500
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncGenerator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, AsyncIterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -45,7 +51,9 @@ from kvchat.server.response_objects import (
 )
 from kvchat.server.response_store import UnencodableResponseError, encode_response
 from kvchat.server.responses_api import (
+    ChatName,
     ResponsesRequest,
+    ToolOffer,
     chat_tools,
     check_supported,
     input_messages,
@@ -62,16 +70,26 @@ log = logging.getLogger("kvchat.server")
 
 _PARAMS = {"messages": "input", "response_format": "text.format", "max_tokens": "max_output_tokens"}
 """The chat runtime's names of a request's fields, and the Responses API's."""
+OMITTED_TOOLS_HEADER = "kvchat-omitted-tools"
+"""The response header naming the types of the tools left out of the prompt (comma-separated)."""
+PULSE_SECONDS = 30.0
+"""How long a streamed response goes without an event before it sends
+``response.in_progress`` again: while a long prompt is evaluated, or while a tool
+call is held until it is whole. OpenAI's Codex CLI gives up on a stream after 300
+seconds without an event (its ``stream_idle_timeout_ms``), and a first turn of
+Codex (some 9,000 tokens) can take that long on a small CPU."""
 
 
 @dataclass(frozen=True)
 class _Turn:
-    """One response in the making: what it echoes, and where it is stored when done."""
+    """One response in the making: what it echoes, and where it is stored when done
+    (`names` gives the chat name of a called tool, to store its calls as history)."""
 
     frame: ResponseFrame
     conversation: Sequence[Mapping[str, Any]]
     tenant: Tenant
     state: ServerState
+    names: ChatName
 
     def finish(self, builder: OutputBuilder, delta: ChatDelta) -> tuple[dict[str, Any], bytes, list[dict[str, Any]]]:
         """The finished response for the last `delta` (with usage), as an object and
@@ -94,7 +112,7 @@ class _Turn:
 
     def _store(self, body: dict[str, Any], content: bytes, output: list[dict[str, Any]]) -> None:
         try:
-            reply = input_messages(output, calls=known_calls(self.conversation), field="output")
+            reply = input_messages(output, calls=known_calls(self.conversation), field="output", names=self.names)
         except InvalidRequestError:  # a call the model made up, under a name no tool can have
             log.warning("response %s is not stored: its output cannot be continued", self.frame.id)
             return
@@ -112,20 +130,18 @@ async def create_response(
 ) -> Any:
     state.check_model(body.model)
     check_supported(body)
-    if body.tools and len(body.tools) > state.settings.max_tools:
-        raise APIError(
-            400, f"{len(body.tools)} tools; this server allows at most {state.settings.max_tools}", param="tools"
-        )
+    offer = chat_tools(body.tools, body.tool_choice)
+    _check_tool_count(len(offer.tools or ()), state.settings.max_tools)
     state.check_max_tokens(body.max_output_tokens, field="max_output_tokens")
     history = _previous_history(state, tenant, body.previous_response_id)
     if isinstance(body.input, list) and not body.input:
         raise APIError(400, "input must not be empty", param="input")
-    conversation = [*history, *input_messages(body.input, calls=known_calls(history))]
-    tools, tool_choice = chat_tools(body.tools, body.tool_choice)
+    conversation = [*history, *input_messages(body.input, calls=known_calls(history), names=offer.chat_name)]
     fmt = response_format(body.text)
     sampling = _sampling(body)
     prompt = [{"role": "system", "content": body.instructions}, *conversation] if body.instructions else conversation
-    turn = _Turn(state.response_frame(body, state.settings, sampling), conversation, tenant, state)
+    frame = replace(state.response_frame(body, state.settings, sampling), omitted_tools=offer.omitted)
+    turn = _Turn(frame, conversation, tenant, state, offer.chat_name)
     max_calls = 1 if body.parallel_tool_calls is False else body.max_tool_calls
     run = state.new_run(request, tenant)
     with serving(run):
@@ -135,8 +151,8 @@ async def create_response(
                 run,
                 lambda cancelled: state.chat_runtime.complete(
                     prompt,
-                    tools=tools,
-                    tool_choice=tool_choice,
+                    tools=offer.tools,
+                    tool_choice=offer.tool_choice,
                     response_format=fmt,
                     sampling=sampling,
                     overflow="truncate_oldest" if body.truncation == "auto" else "error",
@@ -149,13 +165,15 @@ async def create_response(
             exc.field = _PARAMS.get(exc.field or "", exc.field)
             raise
         run.attach(stream)
-        builder = OutputBuilder(max_calls=max_calls)
+        builder = OutputBuilder(max_calls=max_calls, targets=offer.targets)
         if body.stream:
             counter = EventCounter()
             events = _response_events(stream, run, builder, counter, turn)
-            return sse_response(
+            streamed = sse_response(
                 run, stream, events, shutdown_grace=state.settings.shutdown_grace, on_error=counter.error, done=False
             )
+            streamed.headers.update(_omitted_header(offer))
+            return streamed
         last = None
         async for delta in stream:
             builder.add(delta)
@@ -165,7 +183,23 @@ async def create_response(
             raise run.error
         assert last is not None
         _, content, _ = turn.finish(builder, last)
-    return Response(content, media_type="application/json")
+    return Response(content, media_type="application/json", headers=_omitted_header(offer))
+
+
+def _check_tool_count(count: int, limit: int) -> None:
+    """400 (param ``tools``) beyond `limit` tools offered to the model (a namespace's
+    tools count each; the tools left out do not count)."""
+    if count > limit:
+        raise APIError(
+            400,
+            f"{count} tools offered (a namespace's tools count each); this server allows at most {limit}",
+            param="tools",
+        )
+
+
+def _omitted_header(offer: ToolOffer) -> dict[str, str]:
+    """The ``kvchat-omitted-tools`` header of a response, if tools were left out."""
+    return {OMITTED_TOOLS_HEADER: ",".join(offer.omitted)} if offer.omitted else {}
 
 
 @router.get("/v1/responses/{response_id}")
@@ -222,7 +256,10 @@ async def _response_events(
     """The typed events of a streamed response (an error is added by `sse_response`)."""
     for kind in ("response.created", "response.in_progress"):
         yield counter.event({"type": kind, "response": turn.frame.body("in_progress")})
-    async for delta in stream:
+    async for delta in pulsed(stream, PULSE_SECONDS):
+        if delta is None:
+            yield counter.event({"type": "response.in_progress", "response": turn.frame.body("in_progress")})
+            continue
         for payload in builder.add(delta):
             yield counter.event(payload)
         if delta.usage is not None:
@@ -232,3 +269,22 @@ async def _response_events(
             for payload in closing:
                 yield counter.event(payload)
             yield counter.event({"type": f"response.{response['status']}", "response": response})
+
+
+async def pulsed(deltas: AsyncIterable[ChatDelta], every: float) -> AsyncGenerator[ChatDelta | None, None]:
+    """`deltas`, and None each time `every` seconds pass without one. The next delta
+    is awaited in a task of its own, which a pulse leaves running (nothing is lost)
+    and which is cancelled if the consumer stops while it waits."""
+    iterator = aiter(deltas)
+    while True:
+        waiting = asyncio.ensure_future(anext(iterator))
+        try:
+            while not (await asyncio.wait({waiting}, timeout=every))[0]:
+                yield None
+        finally:
+            waiting.cancel()  # a no-op once it is done
+        try:
+            delta = waiting.result()
+        except StopAsyncIteration:
+            return
+        yield delta
