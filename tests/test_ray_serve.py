@@ -172,11 +172,11 @@ def test_past_the_handles_queue_a_request_gets_429_at_once(cluster: str) -> None
 
 def test_conversations_stay_on_one_replica_and_survive_a_replica_dying(cluster: str) -> None:
     client = openai.OpenAI(base_url=f"{cluster}/v1", api_key=KEYS[0], max_retries=0)
-    topics = ("rivers of Europe", "the history of clocks", "how bees dance", "building a canoe")
+    topics = ("rivers of Europe", "the history of clocks", "how bees dance")
     conversations = {topic: [{"role": "system", "content": f"You answer questions about {topic}."}] for topic in topics}
     served: dict[str, list[str]] = {topic: [] for topic in topics}
     cached: dict[str, list[int]] = {topic: [] for topic in topics}
-    for turn in range(4):
+    for turn in range(3):
         for topic, messages in conversations.items():
             replica, prompt, hit = _turn(client, messages, f"Question {turn + 1} about {topic}, please.")
             served[topic].append(replica)
@@ -184,14 +184,14 @@ def test_conversations_stay_on_one_replica_and_survive_a_replica_dying(cluster: 
             assert hit <= prompt
     for topic in topics:
         assert len(set(served[topic][1:])) == 1, f"{topic} moved between replicas: {served[topic]}"
-        assert cached[topic][1:] == sorted(cached[topic][1:]) and cached[topic][3] > cached[topic][1] > 0, cached[topic]
+        assert cached[topic][2] > cached[topic][1] > 0, cached[topic]
     metrics = httpx.get(f"{cluster}/metrics").text
     assert 'kvchat_routing_decisions_total{kind="prefix"}' in metrics
     assert 'kvchat_cached_tokens_total{replica="' in metrics
 
     victim = served[topics[0]][-1]
     _kill(victim)
-    for turn in range(4, 6):
+    for turn in range(3, 5):
         for topic, messages in conversations.items():
             replica, prompt, hit = _turn(client, messages, f"Question {turn + 1} about {topic}, please.")
             assert replica != victim
@@ -199,8 +199,8 @@ def test_conversations_stay_on_one_replica_and_survive_a_replica_dying(cluster: 
             cached[topic].append(hit)
     # A moved conversation is read once on its new replica, then reused there.
     for topic in topics:
-        assert served[topic][4] == served[topic][5]
-        assert cached[topic][5] > cached[topic][4]
+        assert served[topic][3] == served[topic][4]
+        assert cached[topic][4] > cached[topic][3]
 
 
 def test_responses_chain_continues_on_the_replica_that_stored_it(cluster: str) -> None:

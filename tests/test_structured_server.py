@@ -168,7 +168,7 @@ def assert_answered_or_refused(response: httpx.Response, schema: object) -> None
 # -- the properties -----------------------------------------------------------------------------
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                                                   HealthCheck.function_scoped_fixture])
 @given(schema=SCHEMAS, max_tokens=st.sampled_from([None, 1, 8]))
 def test_any_schema_is_answered_or_refused_and_another_client_is_served(
