@@ -11,7 +11,18 @@ LLAMA_CFLAGS := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 
 .PHONY: setup demo test lint bench clean
 
+# The coding-agent CLIs (Codex, Claude Code) that tests/test_coding_agents.py runs
+# against `kvchat serve`, pinned in agents/package-lock.json; reinstalled when the
+# lock changes or agents/node_modules is removed. Needs Node.js >= 20 and npm.
+AGENTS_STAMP := agents/node_modules/.kvchat-installed
+
 setup: $(STAMP)
+
+agents-setup: $(AGENTS_STAMP)
+
+$(AGENTS_STAMP): agents/package.json agents/package-lock.json
+	npm ci --prefix agents --no-audit --no-fund
+	touch $@
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,7 +35,7 @@ demo: setup
 	$(PY) -m kvchat.demo
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not agents"
 
 # Lint, format and type checks of src/ (settings: [tool.ruff] and [tool.mypy] in pyproject.toml).
 lint: setup
@@ -41,7 +52,14 @@ test-model: setup  # loads the packaged models in process
 	$(PY) -m pytest -q -m "model and not system"
 
 test-system: setup  # kvchat serve and CLI processes, soak, crash and restart
-	$(PY) -m pytest -q -m system
+	$(PY) -m pytest -q -m "system and not agents"
+
+# Codex CLI and Claude Code, unchanged, against `kvchat serve` (minutes per CLI on two
+# cores: each first call prefills a 9-12k-token prompt). Not yet part of `make test`:
+# see docs/agents.md for what passes today.
+.PHONY: agents-setup test-agents
+test-agents: setup agents-setup
+	$(PY) -m pytest -q -m agents
 
 bench: setup
 	$(PY) benchmarks/throughput.py

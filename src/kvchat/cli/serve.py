@@ -118,7 +118,8 @@ def serve(
     api_key: Annotated[
         list[str] | None,
         typer.Option(
-            envvar="KVCHAT_API_KEY", help="Require 'Authorization: Bearer KEY' (repeatable; env: space-separated)."
+            envvar="KVCHAT_API_KEY",
+            help="Require 'Authorization: Bearer KEY' or 'x-api-key: KEY' (repeatable; env: space-separated).",
         ),
     ] = None,
     share_cache_between_keys: Annotated[
