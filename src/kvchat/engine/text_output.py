@@ -37,7 +37,7 @@ class TextOutput:
 
     def __init__(self, stop: Sequence[str] = ()) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._stops = tuple(_StopMatcher(s) for s in stop if s)
+        self._stops = tuple(StopMatcher(s) for s in stop if s)
         self._held = ""  # decoded text not yet released
         self._stopped = False
 
@@ -72,7 +72,7 @@ class TextOutput:
         return TextDelta(text)
 
 
-class _StopMatcher:
+class StopMatcher:
     """One stop string's Knuth-Morris-Pratt state: how much of it the text ends with."""
 
     def __init__(self, text: str) -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from kvchat.engine.text_output import StopMatcher
+
 __all__ = ["StopScanner"]
 
 
@@ -28,7 +30,7 @@ class StopScanner:
     """
 
     def __init__(self, stops: Sequence[str]) -> None:
-        self._matchers = [_StopMatcher(stop) for stop in stops if stop]
+        self._matchers = [StopMatcher(stop) for stop in stops if stop]
         self._held = ""
         self.matched: str | None = None
         """The stop sequence that ended the text (None until one does)."""
@@ -61,38 +63,3 @@ class StopScanner:
         for matcher in self._matchers:
             matcher.matched = 0
         return shown
-
-
-class _StopMatcher:
-    """One stop sequence's Knuth-Morris-Pratt state: how much of it the text ends with."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.matched = 0
-        self._fallback = _prefix_function(text)
-
-    def feed(self, char: str) -> bool:
-        """Read one character; True if the sequence now ends the text."""
-        matched = self.matched
-        while matched and self.text[matched] != char:
-            matched = self._fallback[matched - 1]
-        if self.text[matched] == char:
-            matched += 1
-        if matched == len(self.text):
-            self.matched = self._fallback[matched - 1]
-            return True
-        self.matched = matched
-        return False
-
-
-def _prefix_function(text: str) -> list[int]:
-    """For each prefix of `text`, the length of its longest proper prefix that is also its suffix."""
-    table = [0] * len(text)
-    length = 0
-    for index in range(1, len(text)):
-        while length and text[index] != text[length]:
-            length = table[length - 1]
-        if text[index] == text[length]:
-            length += 1
-        table[index] = length
-    return table
