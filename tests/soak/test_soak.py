@@ -1,4 +1,4 @@
-"""Soak: 32 streaming clients against a real `kvchat serve`, about 180 requests
+"""Soak: 32 streaming clients against a real `kvchat serve`, about 210 requests
 with random disconnects, edits, `max_tokens` and stop strings. At the end the
 server is idle with nothing leaked, its memory stayed flat, and its metrics
 match what the clients saw. (benchmarks/soak.py runs the same for longer.)"""
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.system  # child processes (see tests/conftest.py)
 MODEL = "gemma-3-270m"
 PARALLEL = 16
 REQUESTS = int(os.environ.get("KVCHAT_SOAK_REQUESTS", "112"))
-WARM_UP = 64  # enough to fill the KV pool and the allocator: growth after it (net of the RAM tier) would be a leak
+WARM_UP = 96  # enough to fill the KV pool and the allocator: growth after it (net of the RAM tier) would be a leak
 CHAT_OK = ("kvchat_http_requests_total", (("endpoint", "/v1/chat/completions"), ("status", "200")))
 RAM_TIER_BYTES = ("kvchat_cache_resident_bytes", (("tier", "ram"),))
 
