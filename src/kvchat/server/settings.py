@@ -18,7 +18,8 @@ class ServerSettings:
       told another id.
     - `any_model`: answer a request for any model id with the served model (off:
       an unknown id gets 404 ``model_not_found``).
-    - `api_keys`: if any, every ``/v1`` request needs ``Authorization: Bearer <key>``.
+    - `api_keys`: if any, every ``/v1`` request needs ``Authorization: Bearer <key>``
+      or ``x-api-key: <key>``.
     - `isolate_api_keys`: with API keys, each key is a cache namespace of its own
       (on by default): cached prefixes, speculation's n-gram drafts and acceptance
       rates, and the generated-token memory are that key's only. Off, all keys
