@@ -35,6 +35,7 @@ from kvchat.server.ray_serve.routing_text import (
 CHAT = "/v1/chat/completions"
 RESPONSES = "/v1/responses"
 COMPLETIONS = "/v1/completions"
+MESSAGES = "/v1/messages"
 
 REPLICAS = ("a", "b", "c")
 SMALL_TEXTS = st.text(alphabet="xyz", max_size=12)
@@ -976,6 +977,26 @@ def test_the_header_covers_the_tenant_and_the_path() -> None:
     assert routing_hint(CHAT, b"{}", None).text == routing_hint(CHAT, b"{}", "").text  # no key: one tenant
 
 
+def test_a_messages_turn_continues_the_text_of_the_turn_before() -> None:
+    """Anthropic's Messages API: the tools, the system prompt (a string or text blocks)
+    and the messages, in order, so a session's next call extends this call's text."""
+    tools = [{"name": "Bash", "input_schema": {"type": "object"}}]
+    system = [{"type": "text", "text": "You are a coding agent.", "cache_control": {"type": "ephemeral"}}]
+    first = [{"role": "user", "content": "Run ls."}]
+    call = {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "Bash", "input": {}}]}
+    result = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "a.txt"}]}
+
+    def hint(messages: list[dict[str, Any]], key: str = "k") -> Any:
+        body = {"model": "m", "max_tokens": 8, "tools": tools, "system": system, "messages": messages}
+        return routing_hint(MESSAGES, json.dumps(body).encode(), key)
+
+    earlier, later = hint(first), hint([*first, call, result])
+    assert later.text.startswith(earlier.text) and later.text != earlier.text
+    assert "You are a coding agent." in earlier.text and "Run ls." in earlier.text and "a.txt" in later.text
+    assert earlier.text.index("Bash") < earlier.text.index("You are a coding agent.") < earlier.text.index("Run ls.")
+    assert hint(first, key="other").text[: earlier.header] != earlier.text[: earlier.header]
+
+
 # -- routing_hint: responses and completions ------------------------------------------------------
 
 
@@ -1281,6 +1302,13 @@ GOOD = {"host": "127.0.0.1:8000", "authorization": "Bearer key-two"}
         ("POST", CHAT, {**GOOD, "content-length": "1000"}, None, None),
         ("POST", CHAT, {**GOOD, "content-length": "1001"}, 413, "request_too_large"),
         ("POST", CHAT, {"host": "localhost", "content-length": "99999"}, 401, "invalid_api_key"),
+        # Anthropic's clients send the key as x-api-key; either credential may be the valid one.
+        ("POST", MESSAGES, {"host": "localhost", "x-api-key": "key-one"}, None, None),
+        ("POST", MESSAGES, {"host": "localhost", "x-api-key": " key-two "}, None, None),
+        ("POST", MESSAGES, {"host": "localhost", "x-api-key": "key-three"}, 401, "invalid_api_key"),
+        ("POST", MESSAGES, {"host": "localhost", "x-api-key": ""}, 401, "invalid_api_key"),
+        ("POST", MESSAGES, {**GOOD, "x-api-key": "key-three"}, None, None),
+        ("POST", MESSAGES, {"host": "localhost", "authorization": "Bearer no", "x-api-key": "key-one"}, None, None),
     ],
 )
 def test_the_ingress_refuses_from_the_headers_alone(

@@ -10,7 +10,7 @@ ingress refuses them first, from the headers alone, with the same answers:
   :class:`kvchat.server.middleware.HostCheck`, whose matching this uses);
 - with `api_keys`, a ``/v1`` request (other than a CORS preflight, ``OPTIONS``,
   which browsers send without credentials) without ``Authorization: Bearer KEY``
-  for one of them: 401 ``invalid_api_key``, as
+  or ``x-api-key: KEY`` for one of them: 401 ``invalid_api_key``, as
   :meth:`kvchat.server.state.ServerState.authorize` answers;
 - a declared ``Content-Length`` over `max_body_bytes`: 413 ``request_too_large``.
 
@@ -56,7 +56,7 @@ class IngressAccess:
         if refused is not None:
             return refused
         needs_key = self._keys and method != "OPTIONS" and (path == "/v1" or path.startswith("/v1/"))
-        if needs_key and not self._key_allowed(headers.get("authorization", "")):
+        if needs_key and not self._key_allowed(headers):
             return APIError(401, "invalid or missing API key", code="invalid_api_key")
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self._max_body_bytes:
@@ -67,9 +67,10 @@ class IngressAccess:
         """The 413 for a body over `max_body_bytes`."""
         return APIError(413, f"the request body is larger than {self._max_body_bytes} bytes", code="request_too_large")
 
-    def _key_allowed(self, authorization: str) -> bool:
-        scheme, _, token = authorization.partition(" ")
-        presented = token.strip().encode()
-        # Compare with every key (no early exit), in constant time per key.
-        matches = [hmac.compare_digest(presented, key) for key in self._keys]
-        return scheme.lower() == "bearer" and any(matches)
+    def _key_allowed(self, headers: Mapping[str, str]) -> bool:
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        presented = [token.strip().encode()] if scheme.lower() == "bearer" else []
+        presented.append(headers.get("x-api-key", "").strip().encode())
+        # Compare every credential with every key (no early exit), in constant time per key.
+        matches = [hmac.compare_digest(credential, key) for credential in presented for key in self._keys]
+        return any(matches)

@@ -216,7 +216,8 @@ class KVChatIngress:
             body=body,
             client=(request.client.host, request.client.port) if request.client else None,
         )
-        hint = routing_hint(request.url.path, body, request.headers.get("authorization"))
+        credential = request.headers.get("authorization") or request.headers.get("x-api-key")
+        hint = routing_hint(request.url.path, body, credential)
         for attempt in range(self.options.retries + 1):
             if attempt:
                 self.counts.retried += 1

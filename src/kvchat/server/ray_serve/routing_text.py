@@ -84,6 +84,10 @@ def _hint(tenant: str, path: str, data: dict[str, Any]) -> RoutingHint:
         parts.append(_text(data.get("instructions")))
         source = data.get("input")
         parts.extend(_message(item) for item in (_list(source) if isinstance(source, list) else [source]))
+    elif path.endswith("/v1/messages"):  # Anthropic's Messages API
+        parts.append(_tools(data.get("tools")))
+        parts.append(_text(data.get("system")))
+        parts.extend(_message(item) for item in _list(data.get("messages")))
     elif path.endswith("/completions"):
         end = ""  # a prompt may go on where the last one stopped: no boundary to keep
         prompt = data.get("prompt")
