@@ -13,10 +13,11 @@ from kvchat.engine import Grammar
 from kvchat.engine.grammar import JSON_LAYOUT, schema_text
 from kvchat.errors import InvalidRequestError
 
-__all__ = ["normalize_tool_choice", "tool_call_grammar", "validate_tools"]
+__all__ = ["TOOL_NAME", "normalize_tool_choice", "tool_call_grammar", "validate_tools"]
 
 _TOOL_CHOICE_MODES = ("none", "auto", "required")
-_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+"""What a function tool's name may be (OpenAI's rule, which chat templates expect)."""
 _DEFS = ("$defs", "definitions")
 
 
@@ -37,7 +38,7 @@ def validate_tools(tools: Sequence[Mapping[str, Any]] | None) -> dict[str, dict[
         if not isinstance(tool, Mapping) or tool.get("type") != "function" or not isinstance(fn, Mapping):
             raise bad(f'tools[{i}] must be {{"type": "function", "function": {{"name": ..., "parameters": ...}}}}')
         name = fn.get("name")
-        if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
+        if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
             raise bad(f"tools[{i}].function.name must be 1 to 64 letters, digits, '_' or '-'")
         if name in functions:
             raise bad(f"tools[{i}].function.name {name!r} is used by an earlier tool")

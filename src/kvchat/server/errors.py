@@ -115,6 +115,16 @@ def valid_text(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def shown(value: object) -> str:
+    """`value` as an error message shows it: its repr, cut to 60 characters."""
+    return repr(value)[:60]
+
+
+def quoted(text: str, limit: int = 40) -> str:
+    """`text` quoted (escapes shown), cut to its first `limit` characters."""
+    return repr(text[:limit]) + ("..." if len(text) > limit else "")
+
+
 def error_for(exc: BaseException) -> APIError:
     """The API error that `exc` becomes."""
     if isinstance(exc, APIError):

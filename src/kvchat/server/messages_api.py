@@ -66,7 +66,6 @@ which is what ``count_tokens`` gives for the same request.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,9 +73,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
+from kvchat.chat.tool_requests import TOOL_NAME
 from kvchat.engine import SamplingParams, Usage
 from kvchat.engine.sampling import MAX_STOP_LENGTH, MAX_STOP_STRINGS
 from kvchat.errors import InvalidRequestError
+from kvchat.server.errors import quoted, shown
 
 __all__ = [
     "MAX_JSON_DEPTH",
@@ -100,7 +101,6 @@ MAX_TOP_K = 2**31 - 1
 MAX_JSON_DEPTH = 128
 """Deepest nesting of objects and arrays in a ``tool_use`` input or a tool's ``input_schema``."""
 
-_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _MAX_TOOL_USE_ID = 256
 _DROPPED = frozenset({"thinking", "redacted_thinking"})
 _CHOICES = {"auto": "auto", "any": "required", "none": "none"}
@@ -214,7 +214,7 @@ def _conversation(messages: Sequence[Mapping[str, Any]], seen: _Seen) -> list[di
                 out.append(reply)
         else:
             raise InvalidRequestError(
-                f"{where}.role must be 'user', 'assistant' or 'system', not {_shown(role)}", field=f"{where}.role"
+                f"{where}.role must be 'user', 'assistant' or 'system', not {shown(role)}", field=f"{where}.role"
             )
     return out
 
@@ -279,7 +279,7 @@ def _unsupported(kind: str, where: str, allowed: str) -> InvalidRequestError:
     if kind in ("image", "document"):
         reason = f"{kind} blocks are not supported"
     else:
-        reason = f"{_quoted(kind)} blocks are not supported here ({allowed} only)"
+        reason = f"{quoted(kind)} blocks are not supported here ({allowed} only)"
     return InvalidRequestError(f"{where}: {reason}", field=where)
 
 
@@ -300,7 +300,7 @@ def _tool_use(block: Mapping[str, Any], where: str) -> dict[str, Any]:
         raise InvalidRequestError(
             f"{where}.id must be a string of 1 to {_MAX_TOOL_USE_ID} characters", field=f"{where}.id"
         )
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
+    if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
         raise InvalidRequestError(f"{where}.name must be 1 to 64 letters, digits, '_' or '-'", field=f"{where}.name")
     if not isinstance(arguments, Mapping):
         raise InvalidRequestError(f"{where}.input must be an object", field=f"{where}.input")
@@ -313,7 +313,7 @@ def _tool_result(block: Mapping[str, Any], where: str, seen: _Seen) -> dict[str,
     call_id = block.get("tool_use_id")
     if not isinstance(call_id, str) or call_id not in seen.calls:
         raise InvalidRequestError(
-            f"{where}.tool_use_id: no tool_use with id {_shown(call_id)} precedes this result",
+            f"{where}.tool_use_id: no tool_use with id {shown(call_id)} precedes this result",
             field=f"{where}.tool_use_id",
         )
     content = block.get("content", "")
@@ -349,7 +349,7 @@ def _tools(tools: Sequence[Mapping[str, Any]], loaded: set[str]) -> list[dict[st
         kind, name = tool.get("type"), tool.get("name")
         if kind not in (None, "custom"):
             raise InvalidRequestError(
-                f"{where}: server tools ({_shown(kind)}) are not supported; "
+                f"{where}: server tools ({shown(kind)}) are not supported; "
                 "only custom tools, with a name and an input_schema",
                 field=where,
             )
@@ -377,7 +377,7 @@ def _tool_choice(choice: Mapping[str, Any] | None) -> tuple[str | dict[str, Any]
         return {"type": "function", "function": {"name": name}}, max_calls
     if not isinstance(kind, str) or kind not in _CHOICES:
         raise InvalidRequestError(
-            f"tool_choice.type must be 'auto', 'any', 'tool' or 'none', not {_shown(kind)}", field="tool_choice.type"
+            f"tool_choice.type must be 'auto', 'any', 'tool' or 'none', not {shown(kind)}", field="tool_choice.type"
         )
     return _CHOICES[kind], max_calls
 
@@ -467,12 +467,3 @@ def _is_unicode(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def _shown(value: object) -> str:
-    return repr(value)[:60]
-
-
-def _quoted(text: str, limit: int = 40) -> str:
-    """`text` quoted (escapes shown), cut to its first `limit` characters."""
-    return repr(text[:limit]) + ("..." if len(text) > limit else "")

@@ -19,11 +19,12 @@ and audio (also in a call's output) and items of other types are refused with a
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from kvchat.chat.tool_requests import TOOL_NAME
 from kvchat.errors import InvalidRequestError
+from kvchat.server.errors import shown
 from kvchat.server.response_objects import arguments_json
 from kvchat.server.responses_tools import flat_name
 
@@ -31,7 +32,6 @@ __all__ = ["ChatName", "input_messages", "known_calls"]
 
 _ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 _TEXT_PARTS = ("input_text", "output_text", "text")
-_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _MAX_CALL_ID = 256
 
 
@@ -86,7 +86,7 @@ def input_messages(
             messages.append(_call_output(item, where, seen))
         elif kind != "reasoning":
             raise InvalidRequestError(
-                f"{where}: items of type {_shown(kind)} are not supported (only message, reasoning, "
+                f"{where}: items of type {shown(kind)} are not supported (only message, reasoning, "
                 "function_call, function_call_output, custom_tool_call and custom_tool_call_output)",
                 field=f"{where}.type",
             )
@@ -102,7 +102,7 @@ def _message(item: Mapping[str, Any], where: str) -> dict[str, Any]:
     role = item.get("role")
     if not isinstance(role, str) or role not in _ROLES:
         raise InvalidRequestError(
-            f"{where}.role must be 'user', 'assistant', 'system' or 'developer', not {_shown(role)}",
+            f"{where}.role must be 'user', 'assistant', 'system' or 'developer', not {shown(role)}",
             field=f"{where}.role",
         )
     return {"role": _ROLES[role], "content": _text(item.get("content"), f"{where}.content")}
@@ -120,7 +120,7 @@ def _text(content: Any, where: str) -> str:
         key = "refusal" if kind == "refusal" else "text"
         if kind not in (*_TEXT_PARTS, "refusal"):
             raise InvalidRequestError(
-                f"{where}[{index}]: parts of type {_shown(kind)} are not supported (text only)",
+                f"{where}[{index}]: parts of type {shown(kind)} are not supported (text only)",
                 field=f"{where}[{index}].type",
             )
         text = part.get(key)
@@ -152,9 +152,9 @@ def _chat_call(item: Mapping[str, Any], where: str, names: ChatName, arguments: 
         raise InvalidRequestError(
             f"{where}.call_id must be a string of 1 to {_MAX_CALL_ID} characters", field=f"{where}.call_id"
         )
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
+    if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
         raise InvalidRequestError(f"{where}.name must be 1 to 64 letters, digits, '_' or '-'", field=f"{where}.name")
-    if namespace is not None and not (isinstance(namespace, str) and _NAME.fullmatch(namespace)):
+    if namespace is not None and not (isinstance(namespace, str) and TOOL_NAME.fullmatch(namespace)):
         raise InvalidRequestError(
             f"{where}.namespace must be 1 to 64 letters, digits, '_' or '-'", field=f"{where}.namespace"
         )
@@ -166,11 +166,7 @@ def _call_output(item: Mapping[str, Any], where: str, calls: Mapping[str, str]) 
     call_id = item.get("call_id")
     if not isinstance(call_id, str) or call_id not in calls:
         raise InvalidRequestError(
-            f"{where}: no call with call_id {_shown(call_id)} precedes this output", field=f"{where}.call_id"
+            f"{where}: no call with call_id {shown(call_id)} precedes this output", field=f"{where}.call_id"
         )
     content = _text(item.get("output"), f"{where}.output")
     return {"role": "tool", "tool_call_id": call_id, "name": calls[call_id], "content": content}
-
-
-def _shown(value: object) -> str:
-    return repr(value)[:60]

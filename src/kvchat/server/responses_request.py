@@ -49,7 +49,7 @@ from pydantic_core import PydanticCustomError
 
 from kvchat.engine import SamplingParams
 from kvchat.errors import InvalidRequestError
-from kvchat.server.errors import valid_text
+from kvchat.server.errors import quoted, shown, valid_text
 from kvchat.server.ids import new_id
 from kvchat.server.response_objects import ResponseFrame
 from kvchat.server.settings import ServerSettings
@@ -143,15 +143,15 @@ class ResponsesRequest(BaseModel):
             raise _echo_error(f"at most {MAX_METADATA_PAIRS} key-value pairs are allowed, not {len(value)}")
         for key, text in value.items():
             if len(key) > MAX_METADATA_KEY:
-                raise _echo_error(f"keys are at most {MAX_METADATA_KEY} characters; {_quoted(key)} has {len(key)}")
+                raise _echo_error(f"keys are at most {MAX_METADATA_KEY} characters; {quoted(key)} has {len(key)}")
             if len(text) > MAX_METADATA_VALUE:
                 raise _echo_error(
-                    f"values are at most {MAX_METADATA_VALUE} characters; the value of {_quoted(key)} has {len(text)}"
+                    f"values are at most {MAX_METADATA_VALUE} characters; the value of {quoted(key)} has {len(text)}"
                 )
             if not _is_unicode(key):
-                raise _echo_error(f"the key {_quoted(key)} is not valid Unicode (it holds a lone surrogate)")
+                raise _echo_error(f"the key {quoted(key)} is not valid Unicode (it holds a lone surrogate)")
             if not _is_unicode(text):
-                raise _echo_error(f"the value of {_quoted(key)} is not valid Unicode (it holds a lone surrogate)")
+                raise _echo_error(f"the value of {quoted(key)} is not valid Unicode (it holds a lone surrogate)")
         return value
 
     @field_validator("tools", "tool_choice", "text")
@@ -192,7 +192,7 @@ def json_problem(
             if isinstance(item, Mapping):
                 for key, inner in item.items():
                     if not isinstance(key, str):
-                        return f"{_where(root, path)} has a key that is not a string: {_shown(key)}"
+                        return f"{_where(root, path)} has a key that is not a string: {shown(key)}"
                     if not _is_unicode(key):
                         return f"a key of {_where(root, path)} is not valid Unicode (it holds a lone surrogate)"
                     size += len(key)
@@ -203,7 +203,7 @@ def json_problem(
             if not math.isfinite(item):
                 return f"the number at {_where(root, path)} is {item}, which JSON cannot hold"
         elif item is not None and not isinstance(item, (bool, int)):
-            return f"{_where(root, path)} is not a JSON value: {_shown(item)}"
+            return f"{_where(root, path)} is not a JSON value: {shown(item)}"
         if size > max_size:
             return f"the value is larger than {max_size} characters"
     return None
@@ -311,12 +311,3 @@ def _echoed_tool(tool: Any) -> Any:
     if isinstance(tool, Mapping) and tool.get("type") == "function":
         return {"description": None, "parameters": None, "strict": None, **tool}
     return tool
-
-
-def _shown(value: object) -> str:
-    return repr(value)[:60]
-
-
-def _quoted(text: str, limit: int = 40) -> str:
-    """`text` quoted (escapes shown), cut to its first `limit` characters."""
-    return repr(text[:limit]) + ("..." if len(text) > limit else "")

@@ -44,13 +44,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from kvchat.chat.tool_requests import TOOL_NAME
 from kvchat.errors import InvalidRequestError
+from kvchat.server.errors import shown
 from kvchat.server.response_objects import CallTarget
 
 __all__ = ["ToolOffer", "chat_tools", "flat_name"]
 
 _MAX_NAME = 64
-_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _TOOL_TYPE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 """What a tool's type may be: the types left out are named in a response header."""
 
@@ -208,7 +209,7 @@ def _own_name(tool: Mapping[str, Any]) -> Any:
 def _tool_type(tool: Any, where: str) -> str:
     kind = tool.get("type") if isinstance(tool, Mapping) else None
     if not isinstance(kind, str) or not _TOOL_TYPE.fullmatch(kind):
-        raise InvalidRequestError(f"{where}.type must name a tool type, not {_shown(kind)}", field=f"{where}.type")
+        raise InvalidRequestError(f"{where}.type must name a tool type, not {shown(kind)}", field=f"{where}.type")
     return kind
 
 
@@ -254,7 +255,7 @@ def _custom_input_note(fmt: Any, where: str) -> str:
 def _namespace_members(tool: Mapping[str, Any], where: str) -> list[tuple[str, str | None, Mapping[str, Any], str]]:
     """A namespace's tools, each with the namespace's name and description and its place."""
     namespace, description, members = tool.get("name"), tool.get("description"), tool.get("tools")
-    if not isinstance(namespace, str) or not _NAME.fullmatch(namespace):
+    if not isinstance(namespace, str) or not TOOL_NAME.fullmatch(namespace):
         raise InvalidRequestError(f"{where}.name must be 1 to 64 letters, digits, '_' or '-'", field=f"{where}.name")
     if description is not None and not isinstance(description, str):
         raise InvalidRequestError(f"{where}.description must be a string", field=f"{where}.description")
@@ -267,11 +268,11 @@ def _namespace_members(tool: Mapping[str, Any], where: str) -> list[tuple[str, s
         if kind not in ("function", "custom"):
             nesting = "namespaces do not nest; " if kind == "namespace" else ""
             raise InvalidRequestError(
-                f"{inner}: {nesting}a namespace holds function and custom tools, not {_shown(kind)}",
+                f"{inner}: {nesting}a namespace holds function and custom tools, not {shown(kind)}",
                 field=f"{inner}.type",
             )
         name = member.get("name")
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
+        if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
             raise InvalidRequestError(
                 f"{inner}.name must be 1 to 64 letters, digits, '_' or '-'", field=f"{inner}.name"
             )
@@ -302,7 +303,7 @@ def _with_choice(offer: ToolOffer, tool_choice: str | Mapping[str, Any] | None) 
     if tool_choice is None or isinstance(tool_choice, str):
         if tool_choice not in (None, "auto", "none", "required"):
             raise InvalidRequestError(
-                f"tool_choice must be 'auto', 'none', 'required' or an object, not {_shown(tool_choice)}",
+                f"tool_choice must be 'auto', 'none', 'required' or an object, not {shown(tool_choice)}",
                 field="tool_choice",
             )
         return replace(offer, tool_choice=tool_choice)
@@ -323,7 +324,7 @@ def _with_choice(offer: ToolOffer, tool_choice: str | Mapping[str, Any] | None) 
         return replace(offer, tools=kept or None, tool_choice=mode if kept else "none")
     left_out = " (it was left out of the prompt)" if kind in offer.omitted else ""
     raise InvalidRequestError(
-        f"tool_choice names a tool of type {_shown(kind)}{left_out}: this server runs no built-in tools, "
+        f"tool_choice names a tool of type {shown(kind)}{left_out}: this server runs no built-in tools, "
         "only function, custom and namespace tools are offered",
         field="tool_choice",
     )
@@ -347,7 +348,3 @@ def _is_map(value: object) -> bool:
 
 def _is_str_in(value: object, names: set[str]) -> bool:
     return isinstance(value, str) and value in names
-
-
-def _shown(value: object) -> str:
-    return repr(value)[:60]
