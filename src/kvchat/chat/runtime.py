@@ -160,6 +160,20 @@ class ChatRuntime:
         except _Cancelled:
             return ChatStream.cancelled()
 
+    def prompt_tokens(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
+        cache_key: str | None = None,
+    ) -> int:
+        """How many tokens :meth:`complete` would submit for this chat, if it fits the
+        context: the same plan (template, visible tools, tool round) and rendering,
+        with nothing generated. Raises `InvalidRequestError` for bad input."""
+        plan = plan_chat(self.template, messages, tools=tools, tool_choice=tool_choice, tag_tokens=self.tag_tokens)
+        return len(self.tokenizer.encode(plan.messages, tools=plan.tools, namespace=cache_key))
+
     def _complete(
         self,
         messages: Sequence[Mapping[str, Any]],

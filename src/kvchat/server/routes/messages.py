@@ -41,7 +41,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from sse_starlette.event import ServerSentEvent
 
-from kvchat.chat import ChatDelta, ChatRuntime, ChatStream, plan_chat
+from kvchat.chat import ChatDelta, ChatRuntime, ChatStream
 from kvchat.chat.tool_calls import ToolCall
 from kvchat.engine import SamplingParams
 from kvchat.errors import ContextOverflowError
@@ -174,13 +174,10 @@ def _start(
 
 
 def _count(runtime: ChatRuntime, chat: ChatRequest, cache_key: str | None, cancelled: CancelCheck) -> int:
-    """The tokens of `chat`'s prompt, rendered as :meth:`ChatRuntime.complete` renders it (0 if cancelled)."""
+    """The tokens of `chat`'s prompt (:meth:`ChatRuntime.prompt_tokens`; 0 if cancelled)."""
     if cancelled():
         return 0
-    plan = plan_chat(
-        runtime.template, chat.messages, tools=chat.tools, tool_choice=chat.tool_choice, tag_tokens=runtime.tag_tokens
-    )
-    return len(runtime.tokenizer.encode(plan.messages, tools=plan.tools, namespace=cache_key))
+    return runtime.prompt_tokens(chat.messages, tools=chat.tools, tool_choice=chat.tool_choice, cache_key=cache_key)
 
 
 class MessageBuilder:
