@@ -18,6 +18,7 @@ Helpers shared by the test modules are in helpers.py, not here.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import subprocess
 import sys
@@ -43,10 +44,31 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.model)
 
 
+_STDERR_FOR_CRASHES: int | None = None
+"""A copy of the run's stderr, taken before any test: where a crash's traceback goes."""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _STDERR_FOR_CRASHES
+    _STDERR_FOR_CRASHES = os.dup(sys.stderr.fileno())
+
+
+def _restore_crash_tracebacks() -> None:
+    """Point Python's fault handler (SIGABRT, SIGSEGV...) at the run's stderr again.
+
+    `ray.init` installs Ray's own handlers for those signals, which write into Ray's
+    log files; a crash in any later test would otherwise end the run with a bare
+    "Aborted" and no traceback."""
+    if _STDERR_FOR_CRASHES is not None:
+        faulthandler.disable()
+        faulthandler.enable(file=_STDERR_FOR_CRASHES, all_threads=True)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
     """Set-up, call and teardown of a test without the `model`/`system` marks run
     with model loading (and, without `system`, Python child processes) disabled."""
+    _restore_crash_tracebacks()
     marks = {mark.name for mark in item.iter_markers()}
     with pytest.MonkeyPatch.context() as patch:
         if not marks & {"model", "system"}:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from kvchat.llama import Model
 
 
@@ -61,3 +63,14 @@ def test_tokenize_from_several_threads_gives_each_its_own_ids(gemma_model: Model
             assert gemma_model.tokenize(texts[index], parse_special=bool(index % 2)) == expected[index]
 
     assert _run_together(work, 8) == []
+
+
+@pytest.mark.parametrize("token", [-1, "n_vocab", 2**31 - 1, 2**40])
+def test_vocabulary_lookups_refuse_an_id_outside_the_vocabulary(gemma_model: Model, token) -> None:
+    # llama.cpp aborts the process on such an id; the wrapper raises before calling it.
+    token = gemma_model.n_vocab if token == "n_vocab" else token
+    for lookup in (gemma_model.token_to_bytes, gemma_model.is_control, gemma_model.is_end_of_generation,
+                   lambda t: gemma_model.detokenize([1, t])):
+        with pytest.raises(ValueError, match="not in this model's vocabulary"):
+            lookup(token)
+    assert gemma_model.detokenize(gemma_model.tokenize("hello world")) == "hello world"  # ids in range still are

@@ -100,6 +100,23 @@ def test_text_completion_refusals(client: OpenAI, options: dict, param: str) -> 
     assert info.value.body["param"] == param
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_echoing_token_ids_outside_the_vocabulary_is_a_400_and_the_server_stays_up(
+    client: OpenAI, gemma_engine: Engine, stream: bool
+) -> None:
+    # `echo` turns the prompt's ids back into text before the engine sees them; llama.cpp
+    # aborts the whole process on an id it does not know, so the ids are checked first.
+    n_vocab = gemma_engine.model.n_vocab
+    for prompt in ([-1], [5, n_vocab], [2**31 - 1], [2, 10**12]):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, echo=True, stream=stream)
+        assert info.value.body["param"] == "prompt" and str(n_vocab) in info.value.body["message"]
+    ids = gemma_engine.model.tokenize("10, 11, 12,", add_special=True)
+    echoed = client.completions.create(model=MODEL, prompt=ids, max_tokens=2, temperature=0, echo=True)
+    assert echoed.choices[0].text.startswith("10, 11, 12,")
+    assert_idle(gemma_engine)
+
+
 # -- /v1/embeddings --------------------------------------------------------------------
 
 

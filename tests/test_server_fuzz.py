@@ -58,6 +58,9 @@ EXPLICIT_BODIES = {
     "POST /v1/completions": [
         {"model": MODEL, "prompt": "1, 2, 3,", "max_tokens": None},  # null: until open_max_tokens
         {"model": MODEL, "prompt": ["a", "b"], "max_tokens": None},
+        # Ids outside the vocabulary, echoed: llama.cpp aborts the process if one reaches it.
+        {"model": MODEL, "prompt": [2, 10**9], "echo": True, "max_tokens": 1},
+        {"model": MODEL, "prompt": [[-1], [2]], "echo": True, "max_tokens": 1},
     ],
     "POST /v1/embeddings": [
         {"model": MODEL, "input": ["word " * 50] * 4},

@@ -154,7 +154,7 @@ class Engine:
         :attr:`context_limit`) or `EngineClosedError`, before anything is queued.
         """
         sampling = sampling or SamplingParams()
-        prompt = self._checked_prompt(prompt_tokens)
+        prompt = self.checked_prompt(prompt_tokens)
         sampling.check_token_ids(self.model.n_vocab)
         grammar = sampling.constraint
         # Compiled here, on the caller's thread: the worker only steps through it.
@@ -279,7 +279,9 @@ class Engine:
 
     # -- checks on the caller's thread ---------------------------------------------------------
 
-    def _checked_prompt(self, prompt_tokens: Sequence[int]) -> tuple[int, ...]:
+    def checked_prompt(self, prompt_tokens: Sequence[int]) -> tuple[int, ...]:
+        """`prompt_tokens` as a tuple, or `InvalidRequestError` if it is empty or holds
+        an id outside the model's vocabulary (what :meth:`submit` checks first)."""
         try:
             prompt = tuple(int(t) for t in prompt_tokens)
         except (TypeError, ValueError) as exc:

@@ -111,11 +111,18 @@ class Model:
 
     def is_end_of_generation(self, token: int) -> bool:
         """True for tokens that end a generation (EOS, EOT, end-of-turn tokens)."""
-        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, self._in_vocabulary(token)))
 
     def is_control(self, token: int) -> bool:
         """True for control tokens (BOS, role markers and the like)."""
-        return bool(llama_cpp.llama_vocab_is_control(self._vocab, token))
+        return bool(llama_cpp.llama_vocab_is_control(self._vocab, self._in_vocabulary(token)))
+
+    def _in_vocabulary(self, token: int) -> int:
+        """`token`, or `ValueError` if it is not a token id of this model: llama.cpp's
+        vocabulary lookups abort the whole process on an id out of range."""
+        if not 0 <= token < self.n_vocab:
+            raise ValueError(f"token id {token} is not in this model's vocabulary [0, {self.n_vocab})")
+        return token
 
     def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = False) -> list[int]:
         """Text to token ids.
@@ -143,12 +150,14 @@ class Model:
         return tokens[:n]
 
     def token_to_bytes(self, token: int, *, special: bool = False) -> bytes:
-        """The bytes of one token's text. Control tokens give b"" unless `special`.
+        """The bytes of one token's text. Control tokens give b"" unless `special`;
+        an id outside the vocabulary raises `ValueError`.
 
         Thread-safe: every call writes into a buffer of its own (ctypes releases
         the GIL during the llama.cpp call, so a shared buffer would let another
         thread's piece overwrite this one before it is read).
         """
+        token = self._in_vocabulary(token)
         buffer = ctypes.create_string_buffer(_PIECE_BUFFER_BYTES)
         n = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, special)
         if n < 0:

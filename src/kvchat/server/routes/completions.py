@@ -164,7 +164,7 @@ def _prepare(
 def _tokens(engine: Engine, prompt: str | list[int]) -> list[int]:
     if isinstance(prompt, str):
         return engine.model.tokenize(prompt, add_special=True, parse_special=True)
-    return prompt
+    return list(engine.checked_prompt(prompt))  # before `echo` turns the ids back into text
 
 
 def _echo_text(engine: Engine, prompt: str | list[int]) -> str:
