@@ -91,7 +91,7 @@ def test_small_pool_serves_fifty_interleaved_requests_with_evictions(gemma_model
             streams = []
             for i, history in enumerate(histories):
                 history += gemma_model.tokenize(f" Question {turn} about {topics[i]}:")
-                streams.append(engine.submit(history, greedy(12)))
+                streams.append(engine.submit(history, greedy(6)))
             for i, stream in enumerate(streams):  # 10 at once, 4 running, the rest queued
                 done = stream.collect()
                 assert done.usage.finish_reason in ("length", "stop")

@@ -17,6 +17,7 @@ pytestmark = pytest.mark.system  # child processes (see tests/conftest.py)
 MODEL = "gemma-3-270m"
 PARALLEL = 16
 REQUESTS = int(os.environ.get("KVCHAT_SOAK_REQUESTS", "112"))
+REPLY_TOKENS = (1, 12)  # max_tokens drawn per request (the soak is about many requests, not long ones)
 WARM_UP = 96  # enough to fill the KV pool and the allocator: growth after it (net of the RAM tier) would be a leak
 CHAT_OK = ("kvchat_http_requests_total", (("endpoint", "/v1/chat/completions"), ("status", "200")))
 RAM_TIER_BYTES = ("kvchat_cache_resident_bytes", (("tier", "ram"),))
@@ -26,7 +27,7 @@ def test_soak(tmp_path) -> None:
     server = ServeProcess("--model", MODEL, "--parallel", str(PARALLEL), "--ctx-size", "4096", "--max-tokens", "64",
                           "--cache-ram", "32M", "--no-access-log", log_path=str(tmp_path / "serve.log"))
     with server:
-        config = SoakConfig(server.url, MODEL, clients=32, requests=WARM_UP, seed=1)
+        config = SoakConfig(server.url, MODEL, clients=32, requests=WARM_UP, max_tokens=REPLY_TOKENS, seed=1)
         asyncio.run(run_soak(config))  # warm-up: the KV pool, the RAM tier and the allocator fill up
         before = wait_until_idle(server.url)
         # Steady state: entries were evicted from the pool and the RAM tier holds spilled state.
@@ -34,7 +35,8 @@ def test_soak(tmp_path) -> None:
         assert before[("kvchat_cache_resident_tokens", (("tier", "ram"),))] > 0
         rss_after_warm_up = resident_bytes(server.process.pid)
 
-        report = asyncio.run(run_soak(SoakConfig(server.url, MODEL, clients=32, requests=REQUESTS, seed=2)))
+        config = SoakConfig(server.url, MODEL, clients=32, requests=REQUESTS, max_tokens=REPLY_TOKENS, seed=2)
+        report = asyncio.run(run_soak(config))
         after = wait_until_idle(server.url)
         growth = resident_bytes(server.process.pid) - rss_after_warm_up
     # The RAM tier may still be filling up to its budget (--cache-ram 32M) after the
