@@ -463,6 +463,27 @@ def test_the_error_event_carries_openais_fields_and_the_chat_streams_error() -> 
     assert data["code"] == "request_timeout" and data["error"]["type"] == "server_error"
 
 
+def test_a_failed_stream_ends_with_response_failed_then_the_error_event() -> None:
+    # Codex CLI ignores `error` events: it reads `response.failed` and retries or stops by
+    # its error's code; the official client raises on the `error` event after it.
+    counter = EventCounter()
+    counter.event({"type": "response.created", "response": frame().body("in_progress")})
+    builder = OutputBuilder()
+    builder.add(ChatDelta(content="Par"))
+    failed, error = counter.failed(APIError(400, "the context is full", code="context_length_exceeded"),
+                                   frame(), builder.so_far())
+    body = json.loads(failed["data"])
+    assert failed["event"] == "response.failed" and body["sequence_number"] == 1
+    assert body["response"]["status"] == "failed" and body["response"]["id"] == "resp_1"
+    assert body["response"]["error"] == {"code": "context_length_exceeded", "message": "the context is full"}
+    message = body["response"]["output"][0]  # what was streamed before the failure, unfinished
+    assert message["status"] == "incomplete" and message["content"][0]["text"] == "Par"
+    assert "error" not in body  # the official client raises on a top-level error: that is the next event's job
+    assert error["event"] == "error" and json.loads(error["data"])["sequence_number"] == 2
+    codeless = counter.failed(APIError(500, "boom", type="server_error"), frame(), [])
+    assert json.loads(codeless[0]["data"])["response"]["error"]["code"] == "server_error"
+
+
 # -- a real server, the official client ---------------------------------------------------------
 
 
@@ -781,12 +802,16 @@ def test_a_timeout_mid_stream_is_an_error_event_the_client_raises(qwen_model: Mo
                 # A reply far longer than a second (asked to count, Qwen 0.5B sometimes stops after a few numbers).
                 model=MODEL, input="Write the numbers from 1 to 300, one per line, with no other text.",
                 max_output_tokens=500, temperature=0, stream=True)
-            seen = []
+            events = []
             with pytest.raises(openai.APIError) as info:
                 for event in stream:
-                    seen.append(event.type)
+                    events.append(event)
             assert info.value.body["code"] == "request_timeout"
+            seen = [event.type for event in events]
             assert seen[:2] == ["response.created", "response.in_progress"] and "response.completed" not in seen
+            # Before the error event, the one Codex CLI reads: the response, failed, with the error's code.
+            assert seen[-1] == "response.failed" and events[-1].response.status == "failed"
+            assert events[-1].response.error.code == "request_timeout"
         assert_idle(small)
 
 

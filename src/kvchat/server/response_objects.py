@@ -147,9 +147,15 @@ class ResponseFrame:
     created_at: int = field(default_factory=lambda: int(time.time()))
 
     def body(
-        self, status: str, output: Sequence[dict[str, Any]] = (), usage: dict[str, Any] | None = None
+        self,
+        status: str,
+        output: Sequence[dict[str, Any]] = (),
+        usage: dict[str, Any] | None = None,
+        *,
+        error: dict[str, str] | None = None,
     ) -> dict[str, Any]:
-        """The response object in `status` (``in_progress``, ``completed``, ``incomplete``)."""
+        """The response object in `status` (``in_progress``, ``completed``,
+        ``incomplete``, or ``failed`` with its `error`: ``code`` and ``message``)."""
         finished = status in ("completed", "incomplete")
         return {
             "id": self.id,
@@ -158,7 +164,7 @@ class ResponseFrame:
             "status": status,
             "background": False,
             "completed_at": int(time.time()) if finished else None,
-            "error": None,
+            "error": error,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "instructions": self.instructions,
             "max_output_tokens": self.max_output_tokens,
@@ -204,6 +210,18 @@ class EventCounter:
             raise unencodable(f"the stream's {body['type']} event") from None
         self.next += 1
         return {"event": body["type"], "data": data}
+
+    def failed(self, error: APIError, frame: ResponseFrame, output: Sequence[dict[str, Any]]) -> list[Event]:
+        """The events that end a stream that failed with `error`: ``response.failed``
+        (the response with its ``error`` and the output so far: what Codex CLI reads,
+        retrying or stopping by the error's ``code``), then :meth:`error` (what makes
+        the official client raise)."""
+        failure = {"code": error.code or error.type, "message": error.message}
+        try:
+            failed = [self.event({"type": "response.failed", "response": frame.body("failed", output, error=failure)})]
+        except APIError:  # the output so far cannot be encoded: the error event alone says it
+            failed = []
+        return [*failed, self.error(error)]
 
     def error(self, error: APIError) -> Event:
         """An ``error`` event for `error`: OpenAI's fields (``code``, ``message``,
@@ -262,6 +280,14 @@ class OutputBuilder:
         """Close the output (`status` ``completed`` or ``incomplete``); the last events."""
         events = self._open_message() if not self.items and self._message is None else []
         return events + self._close_message(status)
+
+    def so_far(self) -> list[dict[str, Any]]:
+        """The output as it stands, a message still open included (``incomplete``):
+        what a response that failed mid-way shows."""
+        if self._message is None:
+            return list(self.items)
+        text = "".join(self._text)
+        return [*self.items, {**self._message, "status": "incomplete", "content": [_text_part(text)]}]
 
     def _where(self) -> dict[str, Any]:
         assert self._message is not None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 
 import anyio
@@ -33,19 +33,24 @@ def error_event(error: APIError) -> Event:
     return data_event(error_body(error.message, type=error.type, param=error.param, code=error.code))
 
 
+def error_events(error: APIError) -> list[Event]:
+    """The completion APIs' end of a failed stream: one :func:`error_event`."""
+    return [error_event(error)]
+
+
 def sse_response(
     run: RequestRun,
     stream: Cancellable,
     events: AsyncGenerator[Event, None],
     *,
     shutdown_grace: float,
-    on_error: Callable[[APIError], Event] = error_event,
+    on_error: Callable[[APIError], Sequence[Event]] = error_events,
     done: bool = True,
 ) -> EventSourceResponse:
     """Stream `events` (produced from `stream`) to the client under `run`'s rules.
 
     The producer should stop early (no finish event) when ``run.error`` is set:
-    the error event (made by `on_error`) is then sent here. The stream ends with
+    the events that end a failed stream (made by `on_error`) are then sent here. The stream ends with
     ``data: [DONE]`` if `done` (the completion APIs; the Responses API has none).
     The response takes `run` over: it watches the client and ends the run
     however the stream ends.
@@ -68,7 +73,7 @@ class _RequestEventStream(EventSourceResponse):
         stream: Cancellable,
         events: AsyncGenerator[Event, None],
         shutdown_grace: float,
-        on_error: Callable[[APIError], Event],
+        on_error: Callable[[APIError], Sequence[Event]],
         done: bool,
     ) -> None:
         self._run = run
@@ -88,9 +93,11 @@ class _RequestEventStream(EventSourceResponse):
                 async for event in produced:
                     yield event
             if self._run.error is not None:
-                yield self._on_error(self._run.error)
+                for event in self._on_error(self._run.error):
+                    yield event
         except Exception as exc:  # noqa: BLE001 - the status line is already sent
-            yield self._on_error(error_for(exc))
+            for event in self._on_error(error_for(exc)):
+                yield event
         if self._done:
             yield {"data": "[DONE]"}
 

@@ -98,7 +98,7 @@ async def create_message(
                 stream,
                 _message_events(stream, run, reply),
                 shutdown_grace=state.settings.shutdown_grace,
-                on_error=_error_event,
+                on_error=_error_events,
                 done=False,
             )
             response.ping_interval = PING_SECONDS
@@ -307,8 +307,9 @@ def _event(payload: dict[str, Any]) -> Event:
     return {"event": payload["type"], "data": json.dumps(payload, ensure_ascii=False)}
 
 
-def _error_event(error: APIError) -> Event:
-    return _event(anthropic_error_body(error))
+def _error_events(error: APIError) -> list[Event]:
+    """A failed stream's end: Anthropic's ``error`` event."""
+    return [_event(anthropic_error_body(error))]
 
 
 def ping_event() -> ServerSentEvent:

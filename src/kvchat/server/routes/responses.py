@@ -170,7 +170,12 @@ async def create_response(
             counter = EventCounter()
             events = _response_events(stream, run, builder, counter, turn)
             streamed = sse_response(
-                run, stream, events, shutdown_grace=state.settings.shutdown_grace, on_error=counter.error, done=False
+                run,
+                stream,
+                events,
+                shutdown_grace=state.settings.shutdown_grace,
+                on_error=lambda error: counter.failed(error, turn.frame, builder.so_far()),
+                done=False,
             )
             streamed.headers.update(_omitted_header(offer))
             return streamed
