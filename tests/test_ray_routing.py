@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import asyncio
 import json
 import random
 import sys
@@ -1327,6 +1328,53 @@ def test_the_ingress_without_keys_checks_only_the_host() -> None:
         refused = access.refusal("POST", CHAT, {"host": host})
         assert refused is not None and refused.status == 403
     assert _access(allowed_hosts=("*",)).host_refusal({}) is None
+
+
+@pytest.mark.parametrize("path", [CHAT, "/v1/responses", MESSAGES, MESSAGES + "/count_tokens"])
+def test_the_ingress_answers_each_api_in_its_own_error_shape(path: str) -> None:
+    pytest.importorskip("ray")
+    from ray.exceptions import ActorUnavailableError
+
+    from kvchat.server.ray_serve.ingress import _Counts, _queue_full, _relay, _unavailable
+
+    anthropic = path.startswith(MESSAGES)
+    for response, status in ((_queue_full(3, path), 429), (_unavailable(3, path), 503)):
+        body = json.loads(response.body)
+        assert response.status_code == status and response.headers["retry-after"] == "3"
+        if anthropic:  # what the anthropic client parses
+            assert body["type"] == "error" and set(body["error"]) == {"type", "message"}
+        else:
+            assert set(body["error"]) == {"message", "type", "param", "code"}
+
+    class Dying:  # a replica's stream that dies after its first chunk
+        cancelled = False
+
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            raise ActorUnavailableError("the replica died", None)
+
+        def cancel(self) -> None:
+            self.cancelled = True
+
+    async def relayed(stream: Dying, counts: _Counts) -> bytes:
+        return b"".join([chunk async for chunk in _relay(b"data: first\n\n", stream, path, counts)])
+
+    stream, counts = Dying(), _Counts()
+    sent = asyncio.run(relayed(stream, counts)).decode()
+    assert sent.startswith("data: first\n\n") and stream.cancelled and counts.failed == 1
+    last = sent.split("\n\n")[1]
+    if anthropic:
+        event, data = last.split("\n")
+        assert event == "event: error"
+        # A 503's type, which Anthropic's clients retry on.
+        assert json.loads(data.removeprefix("data: "))["error"]["type"] == "overloaded_error"
+    elif path.endswith("responses"):
+        assert last.startswith("event: error\n") and '"code": "replica_unavailable"' in last
+    else:
+        assert json.loads(last.removeprefix("data: "))["error"]["code"] == "replica_unavailable"
+        assert sent.endswith("data: [DONE]\n\n")
 
 
 # -- the Serve application's bounds and Host names (built, not run) -------------------------------

@@ -32,7 +32,7 @@ from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from ray.serve.schema import ReplicaState
 
-from kvchat.server.errors import APIError, error_body, error_response
+from kvchat.server.errors import APIError, anthropic_error_body, error_body, error_response, speaks_anthropic
 from kvchat.server.ray_serve.access import IngressAccess
 from kvchat.server.ray_serve.cluster_metrics import render_cluster_metrics
 from kvchat.server.ray_serve.forwarding import ForwardedRequest, ResponseHead
@@ -90,7 +90,10 @@ async def _relay(first: bytes, stream: Any, path: str, counts: _Counts) -> Async
         counts.failed += 1
         message = "the replica serving this request stopped; retry the request"
         error = error_body(message, type="server_error", code="replica_unavailable")
-        if path.endswith("responses"):
+        if speaks_anthropic(path):
+            event = anthropic_error_body(APIError(503, message, type="server_error", code="replica_unavailable"))
+            yield f"event: error\ndata: {json.dumps(event)}\n\n".encode()
+        elif path.endswith("responses"):
             event = {"type": "error", **error["error"]}
             yield f"event: error\ndata: {json.dumps(event)}\n\n".encode()
         else:
@@ -133,7 +136,7 @@ def _is_event_stream(head: ResponseHead) -> bool:
     return (head.header(b"content-type") or b"").startswith(b"text/event-stream")
 
 
-def _queue_full(retry_after: int) -> JSONResponse:
+def _queue_full(retry_after: int, path: str) -> JSONResponse:
     # The shape of kvchat's own 429 (kvchat.server.admission), so clients back off alike.
     return error_response(
         APIError(
@@ -142,11 +145,12 @@ def _queue_full(retry_after: int) -> JSONResponse:
             type="rate_limit_error",
             code="rate_limit_exceeded",
             headers={"Retry-After": str(retry_after)},
-        )
+        ),
+        path=path,
     )
 
 
-def _unavailable(retry_after: int) -> JSONResponse:
+def _unavailable(retry_after: int, path: str) -> JSONResponse:
     return error_response(
         APIError(
             503,
@@ -154,7 +158,8 @@ def _unavailable(retry_after: int) -> JSONResponse:
             type="server_error",
             code="replica_unavailable",
             headers={"Retry-After": str(retry_after)},
-        )
+        ),
+        path=path,
     )
 
 
@@ -203,11 +208,12 @@ class KVChatIngress:
     @ingress_app.api_route("/{path:path}", methods=["GET", "POST", "DELETE", "PUT", "PATCH", "OPTIONS", "HEAD"])
     async def forward(self, path: str, request: Request) -> Response:
         # From the headers alone: a refused request's body is never read.
-        if (refused := self.access.refusal(request.method, request.url.path, request.headers)) is not None:
-            return error_response(refused)
+        url_path = request.url.path  # the error shapes follow it: Anthropic's on the Messages API's paths
+        if (refused := self.access.refusal(request.method, url_path, request.headers)) is not None:
+            return error_response(refused, path=url_path)
         body = await _read_body(request, self.options.max_body_bytes)
         if body is None:
-            return error_response(self.access.too_large())
+            return error_response(self.access.too_large(), path=url_path)
         forwarded = ForwardedRequest(
             method=request.method,
             path=request.url.path,
@@ -233,13 +239,13 @@ class KVChatIngress:
                     return response
                 first = await anext(stream, b"")
             except BackPressureError:  # the handle's queue is full: not sent anywhere
-                return _queue_full(self.options.retry_after)
+                return _queue_full(self.options.retry_after, url_path)
             except REPLICA_ERRORS:
                 continue
             except StopAsyncIteration:
                 continue
-            streaming = StreamingResponse(_relay(first, stream, path, self.counts), status_code=head.status)
+            streaming = StreamingResponse(_relay(first, stream, url_path, self.counts), status_code=head.status)
             streaming.raw_headers = _headers(head)
             return streaming
         self.counts.failed += 1
-        return _unavailable(self.options.retry_after)
+        return _unavailable(self.options.retry_after, url_path)
