@@ -1,7 +1,12 @@
-"""kvchat serve against llama-cpp-python's bundled OpenAI server, same clients.
+"""kvchat serve against llama.cpp's own llama-server and llama-cpp-python's bundled
+OpenAI server, same clients.
 
 Servers (each started fresh, on the same model file and context size):
 - `kvchat`: `kvchat serve`;
+- `llama-server`: llama.cpp's server at its defaults (4 slots in one unified KV
+  cache, its host-memory prompt cache), built from the llama.cpp kvchat runs on by
+  benchmarks/llama_server.py on first use; `llama-server-spec`: the same with
+  `--spec-default` (n-gram drafts);
 - `peer`: `python -m llama_cpp.server` with its default prompt handling (it
   reuses only the prefix it still holds from the previous request);
 - `peer-cache`: the same with its RAM prompt cache on (`--cache true --cache_type ram`).
@@ -41,6 +46,7 @@ from kvchat.models import resolve
 
 sys.path.insert(0, str(Path(__file__).parent))
 from http_clients import ScenarioRun, concurrent, print_progress, round_robin, running_server, summarize  # noqa: E402
+from llama_server import llama_server_binary  # noqa: E402
 from machine_info import machine  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -49,7 +55,7 @@ PLOT = HERE.parent / "docs" / "images" / "peers_ttft.png"
 PEER_VENV = HERE / ".peer-venv"
 PEER_PACKAGE = "llama-cpp-python[server]==0.3.36"
 KVCHAT = Path(sys.executable).with_name("kvchat")
-SERVERS = ("kvchat", "peer", "peer-cache")
+SERVERS = ("kvchat", "llama-server", "llama-server-spec", "peer", "peer-cache")
 SCENARIOS = ("single", "interleaved", "concurrent")
 
 
@@ -131,6 +137,16 @@ def peer_server(args: argparse.Namespace, name: str, python: Path) -> Server:
         "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
         "--interrupt_requests", "false", *cache,
     ], "/v1/models")
+
+
+def llama_server(args: argparse.Namespace, name: str) -> Server:
+    """llama.cpp's llama-server at its defaults; `llama-server-spec` adds `--spec-default`."""
+    binary = llama_server_binary()
+    spec = ["--spec-default"] if name == "llama-server-spec" else []
+    return Server(name, lambda port: [
+        str(binary), "-m", str(resolve(args.model)), "--alias", args.model, "--host", "127.0.0.1",
+        "--port", str(port), "-c", str(args.ctx_size), "-t", str(args.threads), "-tb", str(args.threads), *spec,
+    ], "/health")
 
 
 # ---------------------------------------------------------------- runs
@@ -221,8 +237,14 @@ def plot(results: dict[str, dict[str, dict]], path: Path, title: str) -> None:
 
 def main() -> None:
     args = parse_args()
-    python = peer_python() if any(n != "kvchat" for n in args.servers) else None
-    servers = [kvchat_server(args) if n == "kvchat" else peer_server(args, n, python) for n in args.servers]
+    python = peer_python() if any(n.startswith("peer") for n in args.servers) else None
+
+    def server(name: str) -> Server:
+        if name == "kvchat":
+            return kvchat_server(args)
+        return llama_server(args, name) if name.startswith("llama-server") else peer_server(args, name, python)
+
+    servers = [server(n) for n in args.servers]
     settings = {k: getattr(args, k) for k in ("model", "servers", "single_turns", "users", "turns", "max_tokens",
                                                "ctx_size", "threads")}
     settings["peer_package"] = PEER_PACKAGE
