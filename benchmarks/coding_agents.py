@@ -166,8 +166,9 @@ async def claude_call(client: anthropic.AsyncAnthropic, body: dict[str, Any], ma
     first = None
     usage: dict[str, int] = {}
     stream = await client.messages.create(
-        **{k: body[k] for k in known if k in body}, max_tokens=max_tokens, temperature=0, stream=True,
-        extra_body={k: v for k, v in body.items() if k not in known and k not in ("stream", "max_tokens")},
+        **{k: body[k] for k in known if k in body}, max_tokens=max_tokens, stream=True,
+        extra_body={**{k: v for k, v in body.items() if k not in known and k not in ("stream", "max_tokens")},
+                    "temperature": 0},
     )
     async for event in stream:
         if first is None and event.type == "content_block_start":
