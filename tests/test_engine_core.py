@@ -290,3 +290,26 @@ def test_drafting_keeps_the_sampling_distribution() -> None:
     statistic, df = chi_square_homogeneity(with_drafts, without)
     assert df >= 4, f"too few likely outputs: {with_drafts}, {without}"
     assert statistic < CHI2_CRITICAL_0001[df], f"chi2={statistic:.1f} (df={df}): {with_drafts} vs {without}"
+
+
+def test_making_room_for_a_restore_does_not_drop_the_state_it_restores() -> None:
+    # The RAM tier holds two entries. A and B are spilled to it by compaction; C and D
+    # stay parked (no room left in the tier). A extended then plans to restore A, the
+    # tier's least recently used entry, and making room for it evicts C or D into the
+    # tier: that must drop B, not the very state the request is about to load.
+    entry_bytes = len(FakeBackend.state_of_tokens(list(range(104))))
+    engine, backend = make_engine(n_ctx=256, max_running=1, n_seq_max=8, cache_ram_bytes=int(entry_bytes * 2.5))
+    with engine:
+        prompts = [prompt_of(seed, 100) for seed in (1, 2, 3, 4)]
+        for prompt in prompts:
+            engine.submit(prompt, greedy(4)).collect()
+        spilled = engine.stats()
+        assert spilled.ram_tokens >= 2 * 100  # A and B
+        extended = prompts[0] + prompt_of(9, 40)
+        result = engine.submit(extended, greedy(4)).collect()
+        stats = engine.stats()
+        assert stats.restore_failures == 0
+        assert stats.restores == spilled.restores + 1
+        assert result.usage.cached_tokens >= 100  # A's prompt came back from RAM
+        assert list(result.token_ids) == reference_greedy(extended, 4)
+        engine_is_clean(engine, backend)

@@ -173,6 +173,7 @@ class Admission:
         usable = usable_prefix(request, found.length)
         if usable < share.prefix_tokens + MIN_RESTORE_GAIN:
             return None
+        store.touch(found)  # reserving its cells spills parked entries: older ones must go first
         # Restored cells are the request's own, so it reserves the whole prompt; while the
         # state loads, the sequence holds all of the entry's tokens, however many.
         reserve = max(cells_to_reserve(request, 0), len(found.entry_tokens))

@@ -261,6 +261,15 @@ class StateStore:
         length, e = found
         return StoreMatch(length, e.tokens, e.tier, e.key)
 
+    def touch(self, match: StoreMatch) -> None:
+        """Mark the entry of `match` as the most recently used, if it is still stored:
+        a request about to load it makes room first, and the states that making room
+        spills must push older entries out of the RAM tier, not this one."""
+        self._reap()
+        e = self._ram.get(match.key) or self._disk.get(match.key)
+        if e is not None:
+            self._touch(e)
+
     def load(self, match: StoreMatch) -> SpilledState | None:
         """The stored entry of `match`, read from RAM or disk and touched as recently used.
 
