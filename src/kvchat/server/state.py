@@ -155,6 +155,13 @@ class ServerState:
         if max_tokens is not None and limit is not None and max_tokens > limit:
             raise InvalidRequestError(f"{field} is {max_tokens}; this server allows at most {limit}", field=field)
 
+    def check_tool_count(self, count: int, *, counted: str = "tools") -> None:
+        """400 (param ``tools``) if `count` tools are over the server's `max_tools`
+        (`counted` names what was counted, in the message)."""
+        limit = self.settings.max_tools
+        if count > limit:
+            raise APIError(400, f"{count} {counted}; this server allows at most {limit}", param="tools")
+
     def close(self) -> None:
         """Stop the embedding worker and free its embedder; the engine belongs to the caller."""
         self.embeddings.close()

@@ -40,10 +40,7 @@ async def chat_completions(
     state.check_model(body.model)
     if body.n is not None and body.n != 1:
         raise APIError(400, "only n=1 is supported", param="n")
-    if body.tools and len(body.tools) > state.settings.max_tools:
-        raise APIError(
-            400, f"{len(body.tools)} tools; this server allows at most {state.settings.max_tools}", param="tools"
-        )
+    state.check_tool_count(len(body.tools or ()))
     sampling = state.sampling(body, body.max_completion_tokens or body.max_tokens)
     prediction = body.prediction_text()
     run = state.new_run(request, tenant)

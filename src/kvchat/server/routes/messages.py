@@ -138,10 +138,7 @@ async def count_tokens(
 
 def _checked_request(state: ServerState, body: CountTokensRequest) -> ChatRequest:
     """`body` as a chat request, within the server's tool limit (400 otherwise)."""
-    if body.tools and len(body.tools) > state.settings.max_tools:
-        raise APIError(
-            400, f"{len(body.tools)} tools; this server allows at most {state.settings.max_tools}", param="tools"
-        )
+    state.check_tool_count(len(body.tools or ()))
     return chat_request(body)
 
 

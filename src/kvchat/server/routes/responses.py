@@ -131,7 +131,7 @@ async def create_response(
     state.check_model(body.model)
     check_supported(body)
     offer = chat_tools(body.tools, body.tool_choice)
-    _check_tool_count(len(offer.tools or ()), state.settings.max_tools)
+    state.check_tool_count(len(offer.tools or ()), counted="tools offered (a namespace's tools count each)")
     state.check_max_tokens(body.max_output_tokens, field="max_output_tokens")
     history = _previous_history(state, tenant, body.previous_response_id)
     if isinstance(body.input, list) and not body.input:
@@ -189,17 +189,6 @@ async def create_response(
         assert last is not None
         _, content, _ = turn.finish(builder, last)
     return Response(content, media_type="application/json", headers=_omitted_header(offer))
-
-
-def _check_tool_count(count: int, limit: int) -> None:
-    """400 (param ``tools``) beyond `limit` tools offered to the model (a namespace's
-    tools count each; the tools left out do not count)."""
-    if count > limit:
-        raise APIError(
-            400,
-            f"{count} tools offered (a namespace's tools count each); this server allows at most {limit}",
-            param="tools",
-        )
 
 
 def _omitted_header(offer: ToolOffer) -> dict[str, str]:
