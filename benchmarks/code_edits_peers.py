@@ -44,10 +44,8 @@ from code_edit_tasks import CodeEditTask  # noqa: E402
 from http_clients import client_for, running_server  # noqa: E402
 from llama_server import llama_server_binary, version_line  # noqa: E402
 from machine_info import machine  # noqa: E402
-from peers import KVCHAT  # noqa: E402
+from peers import kvchat_command, llama_server_command  # noqa: E402
 from stdlib_edit_tasks import draw  # noqa: E402
-
-from kvchat.models import resolve  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "code_edits_peers.json"
 SERVERS = ("kvchat-off", "kvchat", "kvchat-prediction", "llama-server", "llama-server-spec")
@@ -84,14 +82,8 @@ def parse_args() -> argparse.Namespace:
 def command(name: str, args: argparse.Namespace):
     """The command line that starts server `name` on a port."""
     if name.startswith("kvchat"):
-        speculation = ["--speculation", "off"] if name == "kvchat-off" else []
-        return lambda port: [str(KVCHAT), "serve", "--model", args.model, "--port", str(port),
-                             "--ctx-size", str(args.ctx_size), "--threads", str(args.threads), *speculation]
-    binary = llama_server_binary()
-    spec = ["--spec-default"] if name == "llama-server-spec" else []
-    return lambda port: [str(binary), "-m", str(resolve(args.model)), "--alias", args.model,
-                         "--host", "127.0.0.1", "--port", str(port), "-c", str(args.ctx_size),
-                         "-t", str(args.threads), "-tb", str(args.threads), *spec]
+        return kvchat_command(args, *(["--speculation", "off"] if name == "kvchat-off" else []))
+    return llama_server_command(args, *(["--spec-default"] if name == "llama-server-spec" else []))
 
 
 async def edit(base_url: str, model: str, task: CodeEditTask, max_tokens: int, prediction: bool) -> EditRun:

@@ -51,9 +51,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from http_clients import running_server  # noqa: E402
 from llama_server import llama_server_binary, version_line  # noqa: E402
 from machine_info import machine  # noqa: E402
-from peers import KVCHAT  # noqa: E402
-
-from kvchat.models import resolve  # noqa: E402
+from peers import kvchat_command, llama_server_command  # noqa: E402
 
 DATA = Path(__file__).parents[1] / "tests" / "data"
 RESULTS = Path(__file__).parent / "results" / "coding_agents.json"
@@ -222,13 +220,10 @@ async def run(base_url: str, args: argparse.Namespace) -> list[Call]:
 
 
 def command(name: str, args: argparse.Namespace):
+    """The command line that starts server `name` on a port."""
     if name == "kvchat":
-        return lambda port: [str(KVCHAT), "serve", "--model", args.model, "--port", str(port), "--any-model",
-                             "--ctx-size", str(args.ctx_size), "--threads", str(args.threads)]
-    binary = llama_server_binary()
-    return lambda port: [str(binary), "-m", str(resolve(args.model)), "--alias", args.model, "--host", "127.0.0.1",
-                         "--port", str(port), "-c", str(args.ctx_size), "-t", str(args.threads),
-                         "-tb", str(args.threads), "--jinja"]
+        return kvchat_command(args, "--any-model")
+    return llama_server_command(args, "--jinja")
 
 
 def summary(calls: list[Call]) -> dict[str, Any]:

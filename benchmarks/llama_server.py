@@ -4,7 +4,7 @@ kvchat runs on the llama.cpp that llama-cpp-python vendors; the peer is built fr
 that same source: the llama-cpp-python sdist of the installed version is downloaded,
 unpacked, and its `vendor/llama.cpp` built with CMake (target `llama-server`; web UI,
 curl, tests and examples off; compiled without AMX kernels, as kvchat's own
-llama.cpp is, see `peers.NO_AMX`). The build goes to a cache directory outside the
+llama.cpp is). The build goes to a cache directory outside the
 repository (`~/.cache/kvchat/llama-server/<version>`, or `$KVCHAT_PEER_CACHE`) on
 first use, about 10 minutes on 2 cores; never in `make test` or `.ci/run`.
 
@@ -23,8 +23,9 @@ import tempfile
 from pathlib import Path
 
 NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-"""Compiler flags of every llama.cpp build here (the Makefile's LLAMA_CFLAGS): on Intel
-Xeons with AMX, llama.cpp's AMX kernels crash the process."""
+"""Compiler flags of every llama.cpp build of the benchmarks' peers, as kvchat's own
+(the Makefile's LLAMA_CFLAGS): on Intel Xeons with AMX, llama.cpp's AMX kernels crash
+the process (a peer built with them died after its first request on such a machine)."""
 
 CMAKE_OPTIONS = (
     "-DCMAKE_BUILD_TYPE=Release",

@@ -46,7 +46,7 @@ from kvchat.models import resolve
 
 sys.path.insert(0, str(Path(__file__).parent))
 from http_clients import ScenarioRun, concurrent, print_progress, round_robin, running_server, summarize  # noqa: E402
-from llama_server import llama_server_binary  # noqa: E402
+from llama_server import NO_AMX, llama_server_binary  # noqa: E402
 from machine_info import machine  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -88,11 +88,6 @@ def parse_args() -> argparse.Namespace:
 # ---------------------------------------------------------------- servers
 
 
-NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-"""Compiler flags the peer is built with, as kvchat's own llama.cpp is (the Makefile's
-LLAMA_CFLAGS): on Intel Xeons with AMX, llama.cpp's AMX kernels crash the process
-(a peer built with them died after its first request on such a machine)."""
-
 _PEER_READY = "import sys, llama_cpp.server; sys.exit(b'AMX_INT8 = 1' in llama_cpp.llama_print_system_info())"
 
 
@@ -120,12 +115,26 @@ class Server:
     ready_path: str
 
 
+def kvchat_command(args: argparse.Namespace, *options: str) -> Callable[[int], list[str]]:
+    """`kvchat serve` on args.model, args.ctx_size and args.threads, with `options`, on a port."""
+    return lambda port: [
+        str(KVCHAT), "serve", "--model", args.model, "--port", str(port),
+        "--ctx-size", str(args.ctx_size), "--threads", str(args.threads), *options,
+    ]
+
+
+def llama_server_command(args: argparse.Namespace, *options: str) -> Callable[[int], list[str]]:
+    """llama-server (built on first use) on the same model file, context and threads, with `options`."""
+    binary = llama_server_binary()
+    return lambda port: [
+        str(binary), "-m", str(resolve(args.model)), "--alias", args.model, "--host", "127.0.0.1",
+        "--port", str(port), "-c", str(args.ctx_size), "-t", str(args.threads), "-tb", str(args.threads), *options,
+    ]
+
+
 def kvchat_server(args: argparse.Namespace) -> Server:
     """`kvchat serve` with its default --parallel."""
-    return Server("kvchat", lambda port: [
-        str(KVCHAT), "serve", "--model", args.model, "--port", str(port),
-        "--ctx-size", str(args.ctx_size), "--threads", str(args.threads),
-    ], "/health")
+    return Server("kvchat", kvchat_command(args), "/health")
 
 
 def peer_server(args: argparse.Namespace, name: str, python: Path) -> Server:
@@ -141,12 +150,8 @@ def peer_server(args: argparse.Namespace, name: str, python: Path) -> Server:
 
 def llama_server(args: argparse.Namespace, name: str) -> Server:
     """llama.cpp's llama-server at its defaults; `llama-server-spec` adds `--spec-default`."""
-    binary = llama_server_binary()
     spec = ["--spec-default"] if name == "llama-server-spec" else []
-    return Server(name, lambda port: [
-        str(binary), "-m", str(resolve(args.model)), "--alias", args.model, "--host", "127.0.0.1",
-        "--port", str(port), "-c", str(args.ctx_size), "-t", str(args.threads), "-tb", str(args.threads), *spec,
-    ], "/health")
+    return Server(name, llama_server_command(args, *spec), "/health")
 
 
 # ---------------------------------------------------------------- runs
