@@ -164,13 +164,14 @@ def _prepare(
 def _tokens(engine: Engine, prompt: str | list[int]) -> list[int]:
     if isinstance(prompt, str):
         return engine.model.tokenize(prompt, add_special=True, parse_special=True)
-    return list(engine.checked_prompt(prompt))  # before `echo` turns the ids back into text
+    return prompt
 
 
 def _echo_text(engine: Engine, prompt: str | list[int]) -> str:
     if isinstance(prompt, str):
         return prompt
-    return b"".join(engine.model.token_to_bytes(token) for token in prompt).decode("utf-8", "replace")
+    ids = engine.checked_prompt(prompt)  # what submit checks, before the ids are turned into text
+    return b"".join(engine.model.token_to_bytes(token) for token in ids).decode("utf-8", "replace")
 
 
 def _sum_usage(usages: list[Usage]) -> Usage:
