@@ -443,14 +443,24 @@ def test_hints_and_fields_kvchat_ignores_are_accepted() -> None:
             "no tool_use",
         ),
         (
-            {"messages": [ASKED, {"role": "assistant", "content": [{**USE, "name": "bad name"}]}, ASKED]},
+            {"messages": [ASKED, {"role": "assistant", "content": [{**USE, "name": ""}]}, ASKED]},
             "messages[1].content[0].name",
-            "letters, digits",
+            "1 to 256 characters",
+        ),
+        (
+            {"messages": [ASKED, {"role": "assistant", "content": [{**USE, "name": "n" * 257}]}, ASKED]},
+            "messages[1].content[0].name",
+            "1 to 256 characters",
         ),
         (
             {"messages": [ASKED, {"role": "assistant", "content": [{**USE, "id": ""}]}, ASKED]},
             "messages[1].content[0].id",
             "1 to 256",
+        ),
+        (  # a tool the model made up, as kvchat's parser returned it: it comes back in the history
+            {"messages": [ASKED, {"role": "assistant", "content": [{**USE, "name": "cat notes.txt"}]}, ASKED]},
+            None,
+            None,
         ),
         (
             {"messages": [ASKED, {"role": "assistant", "content": [{**USE, "input": "city=Paris"}]}, ASKED]},
@@ -561,6 +571,17 @@ def test_max_tokens_is_clamped_to_the_servers_limit(fields: dict, limit: int | N
 def test_unset_sampling_options_keep_kvchats_defaults() -> None:
     params, defaults = sampling(request([ASKED]), None), SamplingParams()
     assert (params.temperature, params.top_p, params.top_k) == (defaults.temperature, defaults.top_p, defaults.top_k)
+
+
+def test_the_servers_default_temperature_fills_in_an_unset_one() -> None:
+    assert sampling(request([ASKED]), None, {"temperature": 0.0}).temperature == 0.0
+    assert sampling(request([ASKED], temperature=0.7), None, {"temperature": 0.0}).temperature == 0.7
+
+
+@pytest.mark.parametrize("temperature", [-0.1, 2.01, float("nan"), float("inf")])
+def test_a_default_temperature_outside_0_to_2_is_refused(temperature: float) -> None:
+    with pytest.raises(InvalidRequestError, match="temperature"):
+        ServerSettings(model_name="m", temperature=temperature)
 
 
 @pytest.mark.parametrize(

@@ -207,6 +207,15 @@ def test_input_items_become_chat_messages(items: Any, messages: list) -> None:
     assert input_messages(items) == messages
 
 
+def test_a_call_of_a_tool_the_model_made_up_comes_back_as_it_was_sent() -> None:
+    # kvchat's parser returns a call to any name the model wrote (the client answers
+    # "no such tool"); the next request carries it back and must be accepted.
+    made_up = {**CALL, "name": "cat notes.txt"}
+    messages = input_messages([made_up, {"type": "function_call_output", "call_id": "call_1", "output": "no such tool"}])
+    assert messages[0]["tool_calls"][0]["function"]["name"] == "cat notes.txt"
+    assert messages[1] == {"role": "tool", "tool_call_id": "call_1", "name": "cat notes.txt", "content": "no such tool"}
+
+
 def test_an_output_may_answer_a_call_of_the_stored_conversation() -> None:
     output = {"type": "function_call_output", "call_id": "call_9", "output": "ok"}
     assert input_messages([output], calls={"call_9": "f"}) == [
@@ -226,7 +235,8 @@ def test_an_output_may_answer_a_call_of_the_stored_conversation() -> None:
     ([{"type": "function_call_output", "call_id": "call_x", "output": "x"}], "input[0].call_id"),
     ([{**CALL, "call_id": ""}], "input[0].call_id"),
     ([{**CALL, "call_id": "c" * 257}], "input[0].call_id"),
-    ([{**CALL, "name": "no spaces"}], "input[0].name"),
+    ([{**CALL, "name": ""}], "input[0].name"),
+    ([{**CALL, "name": "n" * 257}], "input[0].name"),
     ([{**CALL, "arguments": {"city": "Paris"}}], "input[0].arguments"),
     ([CALL, {"type": "function_call_output", "call_id": "call_1", "output": [{"type": "input_file"}]}],
      "input[1].output[0].type"),
@@ -335,7 +345,7 @@ items = st.one_of(
     st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "developer", "tool", "x"]),
                            "content": texts | st.lists(parts, max_size=4) | json_values}),
     st.fixed_dictionaries({"type": st.just("function_call"), "call_id": call_ids,
-                           "name": st.sampled_from(["get_weather", "f-1", "bad name", ""]),
+                           "name": st.sampled_from(["get_weather", "f-1", "bad name", "", "n" * 257]),
                            "arguments": texts | deep_arguments | json_values}),
     st.fixed_dictionaries({"type": st.just("function_call_output"), "call_id": call_ids,
                            "output": texts | st.lists(parts, max_size=3) | json_values}),
@@ -836,7 +846,7 @@ def test_agent_framework_responses_client_with_a_python_tool(server: RunningServ
         agent = chat.as_agent(instructions="You are a weather assistant. Answer briefly.", tools=[get_weather])
         session = agent.create_session()
         first = await agent.run("What is the weather in Paris?", session=session,
-                                options={"tool_choice": "required", "temperature": 0, "max_tokens": 64})
+                                options={"tool_choice": "required", "temperature": 0, "max_tokens": 40})
         second = await agent.run("Which city did I ask about? Answer with the city only.", session=session,
                                  options={"temperature": 0, "max_tokens": 16})
         return reply.text, first.text, second.text

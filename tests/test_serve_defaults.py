@@ -49,6 +49,7 @@ SETTINGS_OPTIONS: dict[str, tuple[type[Any], str, Callable[[Any], Any]]] = {
     "max_queued": (ServerSettings, "max_queued", _same),
     "key_share": (ServerSettings, "key_share", _same),
     "max_tokens": (ServerSettings, "max_tokens_limit", _same),
+    "temperature": (ServerSettings, "temperature", _same),
     "request_timeout": (ServerSettings, "request_timeout", lambda seconds: seconds or None),
     "max_body": (ServerSettings, "max_body_bytes", parse_size),
     "max_embedding_tokens": (ServerSettings, "max_embedding_tokens", _same),
@@ -119,3 +120,14 @@ def test_serve_without_options_runs_on_the_default_settings(monkeypatch: pytest.
 def test_format_size_writes_what_parse_size_reads(size: int, text: str) -> None:
     assert format_size(size) == text
     assert parse_size(text) == size
+
+
+def test_temperature_comes_from_the_option_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[dict[str, Any]] = []
+    runtime = Runtime(serve=lambda model, **kwargs: calls.append(kwargs))
+    assert CliRunner().invoke(app, ["serve", "--temperature", "0"], obj=runtime).exit_code == 0
+    monkeypatch.setenv("KVCHAT_TEMPERATURE", "0.3")
+    assert CliRunner().invoke(app, ["serve"], obj=runtime).exit_code == 0
+    refused = CliRunner().invoke(app, ["serve", "--temperature", "2.5"], obj=runtime)
+    assert refused.exit_code == 2 and "temperature" in refused.output
+    assert [call["settings"].temperature for call in calls] == [0.0, 0.3]

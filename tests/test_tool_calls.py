@@ -64,6 +64,14 @@ EXAMPLES = [
     (HERMES, 'a < b and <tool_ca is not a tag', ['a < b and <tool_ca is not a tag']),
     (HERMES, '<tool_call>{"name": "now"}</tool_call>\nDone.', [("now", {}), "\nDone."]),
     (HERMES, '<tool_call>{"name": "s", "arguments": "{\\"q\\": 1}"}</tool_call>', [("s", {"q": 1})]),
+    # A name the model made up, spaces and all, is still a call (the client says "no such
+    # tool"); an empty name, or one past MAX_CALL_NAME_LENGTH (256) characters, is text.
+    (HERMES, '<tool_call>{"name": "cat notes.txt", "arguments": {"command": "cat notes.txt"}}</tool_call>',
+     [("cat notes.txt", {"command": "cat notes.txt"})]),
+    (HERMES, '<tool_call>{"name": "", "arguments": {}}</tool_call>', ['<tool_call>{"name": "", "arguments": {}}</tool_call>']),
+    (HERMES, '<tool_call>{"name": "' + "n" * 257 + '", "arguments": {}}</tool_call>',
+     ['<tool_call>{"name": "' + "n" * 257 + '", "arguments": {}}</tool_call>']),
+    (HERMES, '<tool_call>{"name": "' + "n" * 256 + '", "arguments": {}}</tool_call>', [("n" * 256, {})]),
     (HERMES, '  \n', ['  \n']),
     (LLAMA3, '{"name": "add", "parameters": {"a": 2, "b": 3}}', [("add", {"a": 2, "b": 3})]),
     (LLAMA3, ' <|python_tag|>{"name": "add", "parameters": {"a": 1, "b": 1}}', [("add", {"a": 1, "b": 1})]),

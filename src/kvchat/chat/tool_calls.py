@@ -27,6 +27,7 @@ __all__ = [
     "HERMES",
     "LLAMA3",
     "MAX_ARGUMENTS_DEPTH",
+    "MAX_CALL_NAME_LENGTH",
     "MISTRAL",
     "Event",
     "StreamingToolCallParser",
@@ -40,6 +41,12 @@ __all__ = [
 
 logger = logging.getLogger("kvchat.chat")
 
+MAX_CALL_NAME_LENGTH = 256
+"""Longest function name a parsed call may have; a call with a longer one is text. A
+model may name a tool it was not offered, even with spaces in the name (seen: a
+0.5B model named its call after the shell command). Such a call is still a call: the
+client answers "no such tool" and the model can try again, so the APIs accept
+these names when the call comes back in a history (any string up to this length)."""
 MAX_ARGUMENTS_DEPTH = 100
 """Deepest nesting of objects and arrays in a call's arguments; a deeper call is text.
 Python's json recurses once per level within one recursion limit (1,000 frames) for the
@@ -302,7 +309,9 @@ def _read_calls(text: str, fmt: ToolCallFormat, *, require_arguments: bool) -> l
         return None
     calls = []
     for item in value if isinstance(value, list) else [value]:
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not item["name"]:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            return None
+        if not 0 < len(item["name"]) <= MAX_CALL_NAME_LENGTH:
             return None
         key = next((k for k in (fmt.arguments_key, "arguments", "parameters") if k in item), None)
         if key is None and require_arguments:

@@ -18,19 +18,21 @@ import typer
 
 from kvchat.cli.runtime import Runtime, runtime_of
 from kvchat.cli.sizes import format_size, parse_size
+from kvchat.engine.sampling import SamplingParams
 from kvchat.engine.settings import EngineSettings
 from kvchat.errors import KVChatError
 from kvchat.models import DEFAULT_CHAT_MODEL
 from kvchat.server.settings import ServerSettings
 
 
-def _defaults(settings: type[EngineSettings] | type[ServerSettings]) -> dict[str, Any]:
+def _defaults(settings: type[EngineSettings] | type[ServerSettings] | type[SamplingParams]) -> dict[str, Any]:
     """The defaults of `settings`' fields, by name (the options below take theirs from here)."""
     return {field.name: field.default for field in dataclasses.fields(settings)}
 
 
 _ENGINE = _defaults(EngineSettings)
 _SERVER = _defaults(ServerSettings)
+_SAMPLING = _defaults(SamplingParams)
 
 
 def _seconds(limit: float | None) -> float:
@@ -134,6 +136,16 @@ def serve(
     max_tokens: Annotated[
         int, typer.Option(envvar="KVCHAT_MAX_TOKENS", min=1, help="Most tokens one request may generate.")
     ] = _SERVER["max_tokens_limit"],
+    temperature: Annotated[
+        float | None,
+        typer.Option(
+            envvar="KVCHAT_TEMPERATURE",
+            min=0,
+            max=2,
+            help="Sampling temperature of a request that sets none (default: "
+            f"{_SAMPLING['temperature']}; coding agents never set one, 0 makes them greedy).",
+        ),
+    ] = _SERVER["temperature"],
     request_timeout: Annotated[
         float, typer.Option(envvar="KVCHAT_REQUEST_TIMEOUT", min=0, help="Seconds a request may take (0: no limit).")
     ] = _seconds(_SERVER["request_timeout"]),
@@ -228,6 +240,7 @@ def serve(
             max_queued=max_queued,
             key_share=key_share,
             max_tokens_limit=max_tokens,
+            temperature=temperature,
             request_timeout=request_timeout or None,
             max_body_bytes=_size(max_body),
             max_embedding_tokens=max_embedding_tokens,

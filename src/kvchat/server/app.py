@@ -17,7 +17,8 @@ Decisions where OpenAI's API and kvchat differ, or OpenAI is silent:
 - ``max_tokens`` unset on a chat: generate until the model stops, bounded by
   the engine's `open_max_tokens` and the context; a value over the server's
   `max_tokens_limit` is a 400.
-- ``temperature``/``top_p`` unset: kvchat's defaults (:class:`SamplingParams`).
+- ``temperature`` unset: the server's `temperature` if it has one, else kvchat's
+  default (:class:`SamplingParams`); ``top_p`` unset: kvchat's default.
 - ``n`` other than 1 is refused (400, param ``n``): one choice per request.
 - A request may name the served model by its `model_name`, by one of its
   `model_aliases`, or (with `any_model`) by any id; ``/v1/models`` lists the name

@@ -73,7 +73,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
-from kvchat.chat.tool_requests import TOOL_NAME
+from kvchat.chat.tool_calls import MAX_CALL_NAME_LENGTH
 from kvchat.engine import SamplingParams, Usage
 from kvchat.engine.sampling import MAX_STOP_LENGTH, MAX_STOP_STRINGS
 from kvchat.errors import InvalidRequestError
@@ -300,8 +300,10 @@ def _tool_use(block: Mapping[str, Any], where: str) -> dict[str, Any]:
         raise InvalidRequestError(
             f"{where}.id must be a string of 1 to {_MAX_TOOL_USE_ID} characters", field=f"{where}.id"
         )
-    if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
-        raise InvalidRequestError(f"{where}.name must be 1 to 64 letters, digits, '_' or '-'", field=f"{where}.name")
+    if not isinstance(name, str) or not 0 < len(name) <= MAX_CALL_NAME_LENGTH:  # as the model wrote it
+        raise InvalidRequestError(
+            f"{where}.name must be a string of 1 to {MAX_CALL_NAME_LENGTH} characters", field=f"{where}.name"
+        )
     if not isinstance(arguments, Mapping):
         raise InvalidRequestError(f"{where}.input must be an object", field=f"{where}.input")
     _check_depth(arguments, f"{where}.input")
@@ -396,13 +398,16 @@ def _check_depth(value: Any, where: str) -> None:
             pending.extend((child, depth + 1) for child in inner)
 
 
-def sampling(body: MessagesRequest, max_tokens_limit: int | None) -> SamplingParams:
+def sampling(
+    body: MessagesRequest, max_tokens_limit: int | None, defaults: Mapping[str, Any] | None = None
+) -> SamplingParams:
     """How to generate `body`'s reply: its `max_tokens` clamped to `max_tokens_limit`
-    (None: no limit), its `temperature`, `top_p` and `top_k`; kvchat's defaults for
-    the unset ones. The stop sequences are not the engine's (see
+    (None: no limit), its `temperature`, `top_p` and `top_k`; `defaults` (the
+    server's, as `SamplingParams` keyword arguments), then kvchat's, for the unset
+    ones. The stop sequences are not the engine's (see
     :class:`kvchat.server.stop_scanner.StopScanner`)."""
     limit = body.max_tokens if max_tokens_limit is None else min(body.max_tokens, max_tokens_limit)
-    options: dict[str, Any] = {"max_tokens": limit}
+    options: dict[str, Any] = {"max_tokens": limit, **(defaults or {})}
     for name in ("temperature", "top_p", "top_k"):
         value = getattr(body, name)
         if value is not None:

@@ -40,6 +40,9 @@ class ServerSettings:
       bounded by the engine's `EngineSettings.open_max_tokens` (`kvchat serve`
       sets both from `--max-tokens`).
     - `max_tools`: most tool definitions in one request.
+    - `temperature`: the sampling temperature of a request that sets none (None:
+      :class:`~kvchat.engine.sampling.SamplingParams`' default). Coding agents
+      such as Codex CLI and Claude Code never send one; 0 makes their turns greedy.
     - `max_embedding_inputs`: most texts in one ``/v1/embeddings`` request.
     - `max_embedding_tokens`: most tokens (all texts together) in one
       ``/v1/embeddings`` request (400 beyond it; each text is also bounded by the
@@ -87,6 +90,7 @@ class ServerSettings:
     max_body_bytes: int = 4 * 1024 * 1024
     max_tokens_limit: int | None = 4096
     max_tools: int = 128
+    temperature: float | None = None
     max_embedding_inputs: int = 256
     max_embedding_tokens: int = 32768
     allowed_hosts: tuple[str, ...] = ()
@@ -145,6 +149,8 @@ class ServerSettings:
             raise InvalidRequestError("request_timeout must be > 0 or None", field="request_timeout")
         if not self.responses_store_ttl > 0:
             raise InvalidRequestError("responses_store_ttl must be > 0", field="responses_store_ttl")
+        if self.temperature is not None and not 0 <= self.temperature <= 2:
+            raise InvalidRequestError("temperature must be between 0 and 2, or None", field="temperature")
         if self.shutdown_grace < 0:
             raise InvalidRequestError("shutdown_grace must be >= 0", field="shutdown_grace")
         if not 0 < self.key_share <= 1:

@@ -129,13 +129,13 @@ class ServerState:
         )
 
     def sampling(self, body: Any, max_tokens: int | None) -> SamplingParams:
-        """Sampling options of a chat or text completion body; unset ones keep kvchat's defaults.
+        """Sampling options of a chat or text completion body; unset ones keep the server's defaults.
 
         `max_tokens` over the server's `max_tokens_limit` is a 400; None means
         "until the model stops", bounded by the engine's `open_max_tokens`.
         """
         self.check_max_tokens(max_tokens)
-        options: dict[str, Any] = {"max_tokens": max_tokens}
+        options: dict[str, Any] = {"max_tokens": max_tokens, **self.sampling_defaults()}
         for name in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty"):
             value = getattr(body, name)
             if value is not None:
@@ -148,6 +148,12 @@ class ServerState:
             except ValueError:
                 raise InvalidRequestError("logit_bias keys must be token ids", field="logit_bias") from None
         return SamplingParams(**options)
+
+    def sampling_defaults(self) -> dict[str, Any]:
+        """The server's own defaults for sampling options a request leaves unset
+        (`ServerSettings.temperature`), as `SamplingParams` keyword arguments."""
+        temperature = self.settings.temperature
+        return {} if temperature is None else {"temperature": temperature}
 
     def check_max_tokens(self, max_tokens: int | None, field: str = "max_tokens") -> None:
         """400 (param `field`) if `max_tokens` is over the server's `max_tokens_limit`."""

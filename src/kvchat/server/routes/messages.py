@@ -80,7 +80,7 @@ async def create_message(
     state.check_model(body.model)
     chat = _checked_request(state, body)
     stops = stop_sequences(body.stop_sequences)
-    params = sampling(body, state.settings.max_tokens_limit)
+    params = sampling(body, state.settings.max_tokens_limit, state.sampling_defaults())
     runtime = state.chat_runtime
     run = state.new_run(request, tenant)
     with serving(run):

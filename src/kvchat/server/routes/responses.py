@@ -138,7 +138,7 @@ async def create_response(
         raise APIError(400, "input must not be empty", param="input")
     conversation = [*history, *input_messages(body.input, calls=known_calls(history), names=offer.chat_name)]
     fmt = response_format(body.text)
-    sampling = _sampling(body)
+    sampling = _sampling(body, state.sampling_defaults())
     prompt = [{"role": "system", "content": body.instructions}, *conversation] if body.instructions else conversation
     frame = replace(state.response_frame(body, state.settings, sampling), omitted_tools=offer.omitted)
     turn = _Turn(frame, conversation, tenant, state, offer.chat_name)
@@ -235,8 +235,8 @@ def _previous_history(state: ServerState, tenant: Tenant, response_id: str | Non
     return stored.history
 
 
-def _sampling(body: ResponsesRequest) -> SamplingParams:
-    options: dict[str, Any] = {"max_tokens": body.max_output_tokens}
+def _sampling(body: ResponsesRequest, defaults: dict[str, Any]) -> SamplingParams:
+    options: dict[str, Any] = {"max_tokens": body.max_output_tokens, **defaults}
     if body.temperature is not None:
         options["temperature"] = body.temperature
     if body.top_p is not None:
