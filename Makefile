@@ -54,9 +54,9 @@ test-model: setup  # loads the packaged models in process
 test-system: setup  # kvchat serve and CLI processes, soak, crash and restart
 	$(PY) -m pytest -q -m "system and not agents"
 
-# Codex CLI and Claude Code, unchanged, against `kvchat serve` (minutes per CLI on two
-# cores: each first call prefills a 9-12k-token prompt). Not yet part of `make test`:
-# see docs/agents.md for what passes today.
+# Codex CLI and Claude Code, unchanged, against `kvchat serve` (a few minutes on two
+# cores: Codex's first call prefills its ~8.7k-token prompt). Apart from `make test`,
+# which stays model-and-Python only; .ci/run runs both. See docs/agents.md.
 .PHONY: agents-setup test-agents
 test-agents: setup agents-setup
 	$(PY) -m pytest -q -m agents

@@ -403,7 +403,11 @@ def parse_claude_result(run: AgentRun) -> None:
     run.final_text = result.get("result")
     if isinstance(result.get("usage"), dict):
         run.usage = _claude_usage(result["usage"])
-    if result.get("is_error") or result.get("subtype") != "success":
+    if result.get("subtype") == "error_max_turns" and result.get("api_error_status") is None:
+        # The session reached --max-turns: the model kept calling tools (a 0.5B model's
+        # choice after a tool result), not a failed exchange.
+        run.notices.append(f"error_max_turns after {result.get('num_turns')} turns")
+    elif result.get("is_error") or result.get("subtype") != "success":
         run.errors.append(
             f"{result.get('subtype')} ({result.get('terminal_reason')}, "
             f"api_error_status {result.get('api_error_status')}): {result.get('result')}"
