@@ -71,11 +71,19 @@ def test_eight_concurrent_requests_match_each_request_alone(idle_cold_engine: En
 def test_requests_without_max_tokens_run_together_and_match_each_alone(
     gemma_model: Model, idle_cold_engine: Engine
 ) -> None:
-    """The official clients' default: no max_tokens. On a pool that could hold only one
-    of them at its full length, all four start at once; the pool fills, the youngest
+    """The official clients' default: no max_tokens. On a pool too small for all four
+    at their full length, all four start at once; the pool fills, the youngest
     are preempted and resumed, and every output is still the one it gives alone."""
-    prompts = ["1, 2, 3, 4, 5,", "0 1 2 3 4 5 6", "1\n2\n3\n4\n5\n", "5, 10, 15, 20,"]  # clear margins
-    length = 64  # 4 x (prompt + 64) > 256, the smallest pool llama.cpp makes
+    # Counting: clear margins. 33 to 54 tokens each, so that all four are admitted at once
+    # (4 x (prompt + the reservation step of 16) <= 256, the smallest pool llama.cpp makes)
+    # and then outgrow the pool (4 x (prompt + 32) > 256) after a few tokens each.
+    prompts = [
+        ", ".join(str(i) for i in range(1, 15)) + ",",
+        " ".join(str(i) for i in range(17)),
+        "\n".join(str(i) for i in range(1, 15)) + "\n",
+        ", ".join(str(i) for i in range(5, 75, 5)) + ",",
+    ]
+    length = 32
     alone = [idle_cold_engine.generate(p, greedy(length)).collect().token_ids for p in prompts]
     settings = EngineSettings(n_ctx=160, max_running=4, n_seq_max=8, open_max_tokens=length, reservation_step=16)
     with Engine(gemma_model, settings) as engine:

@@ -73,7 +73,7 @@ def _wait_for_replicas(url: str, count: int, timeout: float = 60.0) -> dict:
 def _turn(client: openai.OpenAI, messages: list[dict], text: str) -> tuple[str, int, int]:
     """One turn with the whole history; the replica that served it, prompt and cached tokens."""
     messages.append({"role": "user", "content": text})
-    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)
     completion = raw.parse()
     messages.append({"role": "assistant", "content": completion.choices[0].message.content or ""})
     usage = completion.usage

@@ -90,8 +90,8 @@ GREEDY_PROMPTS = [
 
 @pytest.mark.parametrize("prompt", GREEDY_PROMPTS, ids=["repeat-code", "count", "words"])
 def test_greedy_output_equals_plain_decoding(idle_drafting: Engine, plain: Engine, prompt: str) -> None:
-    expected, plain_usage = run(plain, prompt, greedy(64))
-    got, usage = run(idle_drafting, prompt, greedy(64))
+    expected, plain_usage = run(plain, prompt, greedy(40))
+    got, usage = run(idle_drafting, prompt, greedy(40))
     assert got == expected
     assert usage.completion_tokens == plain_usage.completion_tokens
     assert plain_usage.draft_tokens == 0
