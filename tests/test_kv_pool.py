@@ -246,6 +246,40 @@ def test_compaction_moves_parked_entries_the_request_does_not_use_to_ram() -> No
     assert p.cache.peek(unused).length == 0  # out of the KV pool
 
 
+def test_compaction_leaves_session_tails_behind_a_shared_prompt_in_the_pool() -> None:
+    """Coding agents: sessions share a long prompt and differ in a short tail. A spill
+    would copy a session's whole state to free its tail's cells: compaction keeps them,
+    while an entry that is all its own cells still goes to RAM."""
+    p = Pool(n_ctx=1024, n_seq_max=8, ram_bytes=1 << 20, compact=True)
+    shared = SYSTEM + list(range(1000, 1150))
+    lone = [50] * 3 + list(range(100, 170))
+    sessions = [shared + list(range(2000 + 100 * i, 2020 + 100 * i)) for i in range(3)]
+    p.run(lone)  # the least recently used: compaction reaches it first
+    for tokens in sessions:
+        p.run(tokens)
+    assert [p.cache.own_tokens(p.cache.peek(t).node) for t in sessions] == [20] * 3  # type: ignore[arg-type]
+    request = p.admit(sessions[0] + [1])
+    assert request is not None and request.cached_tokens == len(sessions[0])
+    assert p.cache.peek(lone).length == 0 and p.pool.store is not None and p.pool.store.best_match(lone) is not None
+    for tokens in sessions[1:]:
+        assert p.cache.peek(tokens).length == len(tokens)  # still in the pool, not spilled
+        assert p.pool.store.best_match(tokens) is None
+
+
+def test_own_tokens_are_the_cells_a_spill_would_free() -> None:
+    p = Pool(n_ctx=512)
+    alone = list(range(300, 340))
+    p.run(alone)
+    assert p.cache.own_tokens(p.cache.peek(alone).node) == len(alone)  # type: ignore[arg-type]
+    extended = alone + list(range(400, 410))
+    p.run(extended)  # one sequence, two edges: both its own
+    assert p.cache.own_tokens(p.cache.peek(extended).node) == len(extended)  # type: ignore[arg-type]
+    branch = alone + list(range(500, 505))
+    p.run(branch)  # now the 40 tokens of `alone` are shared by two entries
+    assert p.cache.own_tokens(p.cache.peek(branch).node) == 5  # type: ignore[arg-type]
+    assert p.cache.own_tokens(p.cache.peek(extended).node) == 10  # type: ignore[arg-type]
+
+
 def test_an_exhausted_pool_evicts_least_recently_used_entries() -> None:
     p = Pool(n_ctx=32, n_seq_max=4)
     p.run([1, 2, 3, 4, 5, 6, 7, 8])

@@ -29,7 +29,11 @@ parked entries the new request does not use (the tree plan's and the shifted
 plan's are locked by then) into the RAM tier (least recently
 used first, while the tier has room): a later restore is a copy of the state,
 far cheaper than the attention time they cost while resident
-(benchmarks/pool_compaction.py).
+(benchmarks/pool_compaction.py). It stops at an entry that mostly shares its
+cells with other entries (`OWN_SHARE_TO_COMPACT`): a coding agent's session is a
+short tail behind a prompt of 10k tokens that every session shares, and spilling
+it would copy the whole 10k-token state to free the tail's cells, push other
+sessions' states out of the tier, and make its next call evaluate its tail again.
 """
 
 from __future__ import annotations
@@ -53,6 +57,10 @@ pool does: below that, evaluating the tokens is as cheap as copying the state.""
 COMPACT_MIN_TOKENS = 4 * MIN_RESTORE_GAIN
 """Pool compaction leaves shorter parked entries in the pool: they cost little
 attention time, and a restore of them would rarely pay (`MIN_RESTORE_GAIN`)."""
+
+OWN_SHARE_TO_COMPACT = 0.5
+"""Pool compaction spills a parked entry only if at least this share of its state is
+cells that no other entry shares (:meth:`PrefixCache.own_tokens`)."""
 
 PrefixSource = Literal["none", "tree", "spilled", "shifted"]
 
@@ -290,11 +298,15 @@ class Admission:
 
     def _spill_parked(self) -> None:
         """Move unlocked parked entries to the RAM tier, least recently used first,
-        while it has room for them (an entry that would push another out stays)."""
+        while it has room for them (an entry that would push another out stays) and
+        while they are mostly their own cells (an entry that shares most of its cells
+        stays, and so do the younger ones)."""
         cache = self._pool.cache
         if cache is None or self._pool.store is None:
             return
         while (leaf := cache.lru_leaf(COMPACT_MIN_TOKENS)) is not None and self._ram_fits(leaf.end):
+            if cache.own_tokens(leaf) < OWN_SHARE_TO_COMPACT * leaf.end:
+                return
             self._pool.evict(cache.evict_leaf(leaf))
 
     def _ram_fits(self, tokens: int) -> bool:

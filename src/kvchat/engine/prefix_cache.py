@@ -262,6 +262,16 @@ class PrefixCache:
         its root; None if there is none."""
         return self._evictable.oldest(min_depth)
 
+    def own_tokens(self, leaf: Node) -> int:
+        """The tokens only `leaf`'s sequence holds: its edge and the edges above it up
+        to the first node that other entries branch from (or the root). A spill of
+        the sequence copies its whole state (`leaf.end` tokens) but frees only these."""
+        own, node = len(leaf.tokens), leaf.parent
+        while node is not None and node.parent is not None and len(node.children) == 1:
+            own += len(node.tokens)
+            node = node.parent
+        return own
+
     def evict_leaf(self, leaf: Node) -> Eviction:
         """Remove `leaf` (an unlocked leaf, e.g. from :meth:`lru_leaf`) as :meth:`evict_lru` would."""
         if leaf.holder is None or self._leaf_of.get(leaf.holder) is not leaf or leaf.lock_ref:
