@@ -19,7 +19,9 @@ Code's Messages API):
 rounds (session 1 of Codex, of Claude Code, session 2 of each, ...). Per call:
 the prompt tokens the server reports evaluating (input tokens minus cached ones;
 None where the server does not say), the prompt's growth since the session's
-previous call (new tokens), time to first output event, and total time.
+previous call (new tokens), time to first output event, and total time; for
+kvchat also its cache counters after the call (evictions, spills, restores, KV
+cells in use, each tier's tokens, from /metrics).
 
 Servers (started fresh, same model file, threads and context): `kvchat`
 (`kvchat serve --any-model`), `llama-server` (benchmarks/llama_server.py; it
@@ -45,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import anthropic
+import httpx
 import openai
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -79,6 +82,28 @@ class Call:
     new_tokens: int | None
     ttft_s: float
     total_s: float
+    cache: dict[str, float] | None = None  # kvchat only: its cache counters and tiers after the call
+
+
+CACHE_METRICS = ("kvchat_cache_evictions_total", "kvchat_cache_spills_total", "kvchat_cache_restores_total",
+                 "kvchat_cache_restore_failures_total", "kvchat_preemptions_total", "kvchat_kv_cells_used")
+
+
+def cache_metrics(base_url: str) -> dict[str, float] | None:
+    """kvchat's cache counters, KV cells in use and tier sizes (None: no kvchat /metrics)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = httpx.get(f"{base_url}/metrics", timeout=30)
+    if response.status_code != 200 or "kvchat_" not in response.text:
+        return None
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.name in CACHE_METRICS:
+                found[sample.name.removeprefix("kvchat_")] = sample.value
+            elif sample.name == "kvchat_cache_resident_tokens":
+                found[f"resident_tokens_{sample.labels['tier']}"] = sample.value
+    return found
 
 
 def tool_output(session: int, call: int) -> str:
@@ -212,9 +237,12 @@ async def run(base_url: str, args: argparse.Namespace) -> list[Call]:
                 new = None if prompt is None or key not in previous else prompt - previous[key]
                 if prompt is not None:
                     previous[key] = prompt
-                record = Call(name, session, call, prompt, evaluated, new, ttft, total)
+                cache = cache_metrics(base_url)
+                record = Call(name, session, call, prompt, evaluated, new, ttft, total, cache)
                 print(f"  {name:<6} session {session} call {call}: prompt {prompt} evaluated {evaluated} "
                       f"new {new} TTFT {ttft:.2f} s total {total:.2f} s", flush=True)
+                if cache:
+                    print(f"         cache: {json.dumps(cache)}", flush=True)
                 calls.append(record)
     return calls
 

@@ -266,6 +266,25 @@ def test_compaction_leaves_session_tails_behind_a_shared_prompt_in_the_pool() ->
         assert p.pool.store.best_match(tokens) is None
 
 
+def test_compaction_leaves_an_entry_too_large_for_an_eighth_of_the_ram_tier_in_the_pool() -> None:
+    """A coding agent's prompt would fill much of the tier: spilled, it pushes other
+    entries out and comes back as a copy that shares no cells. It stays; a small one goes."""
+    small, large = [50] * 3 + list(range(100, 170)), [60] * 3 + list(range(1000, 1600))
+    p = Pool(n_ctx=2048)
+    p.run(large)
+    holder = p.cache.peek(large).holder
+    assert holder is not None
+    per_token = p.pool.measure_state_size(holder, len(large))  # FakeKV: bytes of JSON per token
+    for eighth, spilled in ((400, False), (700, True)):  # an eighth of the tier holds 400 tokens, then 700
+        p = Pool(n_ctx=2048, ram_bytes=int(8 * per_token * eighth), compact=True)
+        p.run(large)  # least recently used
+        p.run(small)
+        request = p.admit(SYSTEM + [1, 2, 3])
+        assert request is not None
+        assert (p.cache.peek(large).length == 0) is spilled
+        assert p.pool.counters.spills == (2 if spilled else 0)  # compaction stops at the first it leaves
+
+
 def test_own_tokens_are_the_cells_a_spill_would_free() -> None:
     p = Pool(n_ctx=512)
     alone = list(range(300, 340))

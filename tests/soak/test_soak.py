@@ -33,6 +33,8 @@ def test_soak(tmp_path) -> None:
         before = wait_until_idle(server.url)
         # Steady state: entries were evicted from the pool and the RAM tier holds spilled state.
         assert before[("kvchat_cache_evictions_total", ())] > 0
+        # Evicted state went to the RAM tier (each spill is an eviction's).
+        assert 0 < before[("kvchat_cache_spills_total", ())] <= before[("kvchat_cache_evictions_total", ())]
         assert before[("kvchat_cache_resident_tokens", (("tier", "ram"),))] > 0
         rss_after_warm_up = resident_bytes(server.process.pid)
 

@@ -30,10 +30,12 @@ plan's are locked by then) into the RAM tier (least recently
 used first, while the tier has room): a later restore is a copy of the state,
 far cheaper than the attention time they cost while resident
 (benchmarks/pool_compaction.py). It stops at an entry that mostly shares its
-cells with other entries (`OWN_SHARE_TO_COMPACT`): a coding agent's session is a
-short tail behind a prompt of 10k tokens that every session shares, and spilling
-it would copy the whole 10k-token state to free the tail's cells, push other
-sessions' states out of the tier, and make its next call evaluate its tail again.
+cells with other entries (`OWN_SHARE_TO_COMPACT`), or whose state would take more
+than an eighth of the tier (`COMPACT_MAX_TIER_SHARE`). Coding agents' sessions
+are both: a short tail behind a prompt of 9-12k tokens that the client's sessions
+share. Spilled, such a state pushes the others out of the tier and comes back as
+a copy that shares no cells, so every later call evaluated its session's whole
+tail again (benchmarks/coding_agents.py).
 """
 
 from __future__ import annotations
@@ -57,6 +59,12 @@ pool does: below that, evaluating the tokens is as cheap as copying the state.""
 COMPACT_MIN_TOKENS = 4 * MIN_RESTORE_GAIN
 """Pool compaction leaves shorter parked entries in the pool: they cost little
 attention time, and a restore of them would rarely pay (`MIN_RESTORE_GAIN`)."""
+
+COMPACT_MAX_TIER_SHARE = 0.125
+"""Pool compaction spills a parked entry only if its state takes at most this share of
+the RAM tier's budget. A longer one (a coding agent's 9-12k-token prompt is 40-60% of
+the default 256 MiB on Qwen 0.5B) would soon push other spilled entries out, and its
+restored copy would share no cells with the entries that share its prefix."""
 
 OWN_SHARE_TO_COMPACT = 0.5
 """Pool compaction spills a parked entry only if at least this share of its state is
@@ -305,9 +313,15 @@ class Admission:
         if cache is None or self._pool.store is None:
             return
         while (leaf := cache.lru_leaf(COMPACT_MIN_TOKENS)) is not None and self._ram_fits(leaf.end):
-            if cache.own_tokens(leaf) < OWN_SHARE_TO_COMPACT * leaf.end:
+            if cache.own_tokens(leaf) < OWN_SHARE_TO_COMPACT * leaf.end or not self._small_for_tier(leaf):
                 return
             self._pool.evict(cache.evict_leaf(leaf))
+
+    def _small_for_tier(self, leaf: Node) -> bool:
+        store = self._pool.store
+        assert store is not None and leaf.holder is not None
+        per_token = self._pool.measure_state_size(leaf.holder, leaf.end)
+        return leaf.end * per_token <= COMPACT_MAX_TIER_SHARE * store.ram_budget_bytes
 
     def _ram_fits(self, tokens: int) -> bool:
         store, per_token = self._pool.store, self._pool.state_bytes_per_token

@@ -245,6 +245,13 @@ class KVPool:
         else:
             self.remove(eviction.seq_id, eviction.keep, -1)
 
+    def measure_state_size(self, seq_id: int, tokens: int) -> float:
+        """Bytes of spilled state per token (`state_bytes_per_token`), measured on
+        `seq_id`, which holds `tokens` tokens, if no spill has measured it yet."""
+        if self.state_bytes_per_token is None:
+            self.state_bytes_per_token = len(self._memory.seq_state(seq_id)) / tokens
+        return self.state_bytes_per_token
+
     def _store_covers(self, eviction: Eviction) -> bool:
         """True if a lower tier already holds these tokens (then copying the state is waste)."""
         assert self.store is not None

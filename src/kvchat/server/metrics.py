@@ -44,6 +44,8 @@ class _EngineCollector(Collector):
             ("accepted_draft_tokens", stats.accepted_draft_tokens, "Drafted tokens that matched the output."),
             ("forced_tokens", stats.forced_tokens, "Generated tokens a grammar forced (no sampling step)."),
             ("cache_evictions", stats.evictions, "Cache entries evicted from the KV pool."),
+            ("cache_spills", stats.spills, "Evicted cache entries whose state was copied to the RAM or disk tier."),
+            ("cache_restores", stats.restores, "Spilled cache entries loaded back into the KV pool."),
             ("preemptions", stats.preemptions, "Running requests parked to make room for older ones (resumed later)."),
             (
                 "cache_restore_failures",
