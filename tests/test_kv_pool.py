@@ -285,6 +285,38 @@ def test_compaction_leaves_an_entry_too_large_for_an_eighth_of_the_ram_tier_in_t
         assert p.pool.counters.spills == (2 if spilled else 0)  # compaction stops at the first it leaves
 
 
+def test_interleaved_agent_sessions_evaluate_only_their_new_tokens_with_compaction_on() -> None:
+    """benchmarks/coding_agents.py at a tenth of its size: three Codex and three Claude
+    Code sessions take turns; each client's sessions share a long prompt, and each later
+    call appends a tool call and its output. With compaction spilling whole states (as
+    before), every later call evaluated its session's tail again (up to 4.67x its new
+    tokens); now each later call evaluates exactly its new tokens."""
+    codex_prompt, claude_prompt = list(range(100_000, 100_864)), list(range(200_000, 200_945))
+    prompts = {("codex", s): [*codex_prompt, *range(300_000 + 100 * s, 300_002 + 100 * s)] for s in range(3)}
+    prompts |= {("claude", s): [*claude_prompt, *range(400_000 + 1000 * s, 400_212 + 1000 * s)] for s in range(3)}
+    probe = Pool(n_ctx=2048)
+    probe.run(codex_prompt)
+    holder = probe.cache.peek(codex_prompt).holder
+    assert holder is not None
+    per_token = probe.pool.measure_state_size(holder, len(codex_prompt))
+    # As `kvchat serve` makes the pool: 32 sequence ids (2 x --parallel)
+    p = Pool(n_ctx=8192, n_seq_max=32, ram_bytes=int(2180 * per_token), compact=True)  # the tier holds two states
+    for call in range(3):
+        for session in range(3):
+            for client in ("codex", "claude"):
+                new = [500_000 + 10_000 * call + 100 * session + i + (5000 if client == "claude" else 0)
+                       for i in range(75)] if call else []
+                prompts[client, session] += new
+                request = p.admit(prompts[client, session])
+                assert request is not None
+                generate(p, request, [7, 8])
+                p.pool.finish(request, keep=True)
+                if call:
+                    evaluated = len(prompts[client, session]) - request.cached_tokens
+                    assert evaluated == len(new), (client, session, call, evaluated)
+    assert p.pool.counters.spills == 0
+
+
 def test_own_tokens_are_the_cells_a_spill_would_free() -> None:
     p = Pool(n_ctx=512)
     alone = list(range(300, 340))
