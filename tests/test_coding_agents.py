@@ -46,13 +46,14 @@ MAX_TOKENS = 256
 RUN_TIMEOUT = 900  # seconds per CLI run: one uncached prefill of ~10k tokens, cached later calls, generation
 NOTES = "kumquat is the first word of this file.\n"
 
-# Worded for a 0.5B model at temperature 0: "Use exec_command to run `cat notes.txt`" got
-# a call whose `justification` argument was the parameter's description, which Codex refuses;
-# "(set only cmd)" got a plain call. Claude Code's Bash tool got called by name only when
-# the prompt said its name outright (otherwise the model named the call after the command).
+# Worded for a 0.5B model at temperature 0, from its greedy output (probed offline on the
+# 8.7k-token prompt): "Use exec_command to run `cat notes.txt`" got a call whose
+# `justification` was that parameter's description, which Codex refuses. The model's first
+# token is a near-tie (0.04 logits) between a fenced ```json call and a bare JSON one,
+# which kvchat's parser both takes as calls; with this wording both set only `cmd`.
 CODEX_PROMPT = (
-    "Use exec_command (set only cmd) to run `cat notes.txt`. Then answer: what is the first word written inside "
-    "notes.txt?"
+    'Call exec_command with exactly these arguments: {"cmd": "cat notes.txt"}. Then tell me the first word of '
+    "notes.txt."
 )
 # Its first token decides: '{"' (a call, which the model writes as bare JSON) led 'The' by
 # 0.3 logits in the first wording tried, while this one leads the next choice ('```') by
