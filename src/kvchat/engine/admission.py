@@ -306,9 +306,9 @@ class Admission:
 
     def _spill_parked(self) -> None:
         """Move unlocked parked entries to the RAM tier, least recently used first,
-        while it has room for them (an entry that would push another out stays) and
-        while they are mostly their own cells (an entry that shares most of its cells
-        stays, and so do the younger ones)."""
+        while it has room for them (an entry that would push another out stays), and
+        while each is mostly its own cells and small for the tier (the first that is
+        not stays, and so do the younger ones)."""
         cache = self._pool.cache
         if cache is None or self._pool.store is None:
             return
