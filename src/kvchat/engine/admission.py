@@ -306,29 +306,22 @@ class Admission:
 
     def _spill_parked(self) -> None:
         """Move unlocked parked entries to the RAM tier, least recently used first,
-        while it has room for them (an entry that would push another out stays), and
-        while each is mostly its own cells and small for the tier (the first that is
-        not stays, and so do the younger ones)."""
-        cache = self._pool.cache
-        if cache is None or self._pool.store is None:
+        while each has room there (an entry that would push another out stays), is
+        mostly its own cells and is small for the tier; the first that is not stays,
+        and so do the younger ones."""
+        cache, store = self._pool.cache, self._pool.store
+        if cache is None or store is None or store.ram_budget_bytes == 0:
             return
-        while (leaf := cache.lru_leaf(COMPACT_MIN_TOKENS)) is not None and self._ram_fits(leaf.end):
-            if cache.own_tokens(leaf) < OWN_SHARE_TO_COMPACT * leaf.end or not self._small_for_tier(leaf):
+        while (leaf := cache.lru_leaf(COMPACT_MIN_TOKENS)) is not None:
+            assert leaf.holder is not None
+            state_bytes = leaf.end * self._pool.measure_state_size(leaf.holder, leaf.end)
+            if (
+                state_bytes > store.ram_room_bytes
+                or state_bytes > COMPACT_MAX_TIER_SHARE * store.ram_budget_bytes
+                or cache.own_tokens(leaf) < OWN_SHARE_TO_COMPACT * leaf.end
+            ):
                 return
             self._pool.evict(cache.evict_leaf(leaf))
-
-    def _small_for_tier(self, leaf: Node) -> bool:
-        store = self._pool.store
-        assert store is not None and leaf.holder is not None
-        per_token = self._pool.measure_state_size(leaf.holder, leaf.end)
-        return leaf.end * per_token <= COMPACT_MAX_TIER_SHARE * store.ram_budget_bytes
-
-    def _ram_fits(self, tokens: int) -> bool:
-        store, per_token = self._pool.store, self._pool.state_bytes_per_token
-        assert store is not None
-        if per_token is None:  # size unknown until the first spill
-            return store.ram_budget_bytes > 0 and store.ram_room_bytes == store.ram_budget_bytes
-        return tokens * per_token <= store.ram_room_bytes
 
 
 class Leases:
