@@ -263,14 +263,9 @@ class PrefixCache:
         return self._evictable.oldest(min_depth)
 
     def own_tokens(self, leaf: Node) -> int:
-        """The tokens only `leaf`'s sequence holds: its edge and the edges above it up
-        to the first node that other entries branch from (or the root). A spill of
-        the sequence copies its whole state (`leaf.end` tokens) but frees only these."""
-        own, node = len(leaf.tokens), leaf.parent
-        while node is not None and node.parent is not None and len(node.children) == 1:
-            own += len(node.tokens)
-            node = node.parent
-        return own
+        """The tokens only `leaf`'s sequence holds (:func:`_own_nodes`). A spill of the
+        sequence copies its whole state (`leaf.end` tokens) but frees only these."""
+        return sum(len(node.tokens) for node in _own_nodes(leaf))
 
     def evict_leaf(self, leaf: Node) -> Eviction:
         """Remove `leaf` (an unlocked leaf, e.g. from :meth:`lru_leaf`) as :meth:`evict_lru` would."""
@@ -287,11 +282,7 @@ class PrefixCache:
         leaf = self._leaf_of.get(seq_id)
         if leaf is None:
             return []
-        doomed = [leaf]
-        node = leaf.parent
-        while node is not None and node.parent is not None and len(node.children) == 1:
-            doomed.append(node)
-            node = node.parent
+        doomed = _own_nodes(leaf)
         if any(n.lock_ref for n in doomed):
             raise ValueError(f"seq {seq_id} holds locked tokens")
         evictions = [self._evict_leaf(leaf)]
@@ -418,6 +409,16 @@ class PrefixCache:
             path.append(n)
             n = n.parent
         return path, path[-1] in self._namespace_of
+
+
+def _own_nodes(leaf: Node) -> list[Node]:
+    """`leaf` and its ancestors up to the first that other entries branch from (or the
+    root), bottom up: the nodes only `leaf`'s sequence holds."""
+    nodes, node = [leaf], leaf.parent
+    while node is not None and node.parent is not None and len(node.children) == 1:
+        nodes.append(node)
+        node = node.parent
+    return nodes
 
 
 def _is_below(leaf: Node | None, node: Node) -> bool:
