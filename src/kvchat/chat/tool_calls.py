@@ -23,11 +23,14 @@ import string
 from dataclasses import dataclass
 from typing import Any
 
+from kvchat.errors import InvalidRequestError
+
 __all__ = [
     "HERMES",
     "LLAMA3",
     "MAX_ARGUMENTS_DEPTH",
     "MAX_CALL_NAME_LENGTH",
+    "check_call_name",
     "MISTRAL",
     "Event",
     "StreamingToolCallParser",
@@ -47,6 +50,19 @@ model may name a tool it was not offered, even with spaces in the name (seen: a
 0.5B model named its call after the shell command). Such a call is still a call: the
 client answers "no such tool" and the model can try again, so the APIs accept
 these names when the call comes back in a history (any string up to this length)."""
+
+
+def check_call_name(name: object, where: str) -> str:
+    """`name` of a call sent back in a history at `where`, as a parsed call may have it
+    (a string of 1 to `MAX_CALL_NAME_LENGTH` characters); `InvalidRequestError`
+    (field ``{where}.name``) otherwise."""
+    if not isinstance(name, str) or not 0 < len(name) <= MAX_CALL_NAME_LENGTH:
+        raise InvalidRequestError(
+            f"{where}.name must be a string of 1 to {MAX_CALL_NAME_LENGTH} characters", field=f"{where}.name"
+        )
+    return name
+
+
 MAX_ARGUMENTS_DEPTH = 100
 """Deepest nesting of objects and arrays in a call's arguments; a deeper call is text.
 Python's json recurses once per level within one recursion limit (1,000 frames) for the

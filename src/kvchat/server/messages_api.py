@@ -73,7 +73,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
-from kvchat.chat.tool_calls import MAX_CALL_NAME_LENGTH
+from kvchat.chat.tool_calls import check_call_name
 from kvchat.engine import SamplingParams, Usage
 from kvchat.engine.sampling import MAX_STOP_LENGTH, MAX_STOP_STRINGS
 from kvchat.errors import InvalidRequestError
@@ -300,10 +300,7 @@ def _tool_use(block: Mapping[str, Any], where: str) -> dict[str, Any]:
         raise InvalidRequestError(
             f"{where}.id must be a string of 1 to {_MAX_TOOL_USE_ID} characters", field=f"{where}.id"
         )
-    if not isinstance(name, str) or not 0 < len(name) <= MAX_CALL_NAME_LENGTH:  # as the model wrote it
-        raise InvalidRequestError(
-            f"{where}.name must be a string of 1 to {MAX_CALL_NAME_LENGTH} characters", field=f"{where}.name"
-        )
+    name = check_call_name(name, where)  # as the model wrote it
     if not isinstance(arguments, Mapping):
         raise InvalidRequestError(f"{where}.input must be an object", field=f"{where}.input")
     _check_depth(arguments, f"{where}.input")

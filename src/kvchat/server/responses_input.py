@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from kvchat.chat.tool_calls import MAX_CALL_NAME_LENGTH
+from kvchat.chat.tool_calls import check_call_name
 from kvchat.chat.tool_requests import TOOL_NAME
 from kvchat.errors import InvalidRequestError
 from kvchat.server.errors import shown
@@ -153,10 +153,7 @@ def _chat_call(item: Mapping[str, Any], where: str, names: ChatName, arguments: 
         raise InvalidRequestError(
             f"{where}.call_id must be a string of 1 to {_MAX_CALL_ID} characters", field=f"{where}.call_id"
         )
-    if not isinstance(name, str) or not 0 < len(name) <= MAX_CALL_NAME_LENGTH:  # as the model wrote it
-        raise InvalidRequestError(
-            f"{where}.name must be a string of 1 to {MAX_CALL_NAME_LENGTH} characters", field=f"{where}.name"
-        )
+    name = check_call_name(name, where)  # as the model wrote it
     if namespace is not None and not (isinstance(namespace, str) and TOOL_NAME.fullmatch(namespace)):
         raise InvalidRequestError(
             f"{where}.namespace must be 1 to 64 letters, digits, '_' or '-'", field=f"{where}.namespace"
