@@ -113,7 +113,7 @@ class _Turn:
     def _store(self, body: dict[str, Any], content: bytes, output: list[dict[str, Any]]) -> None:
         try:
             reply = input_messages(output, calls=known_calls(self.conversation), field="output", names=self.names)
-        except InvalidRequestError:  # a call the model made up, under a name no tool can have
+        except InvalidRequestError:  # output that the Responses input would refuse as history
             log.warning("response %s is not stored: its output cannot be continued", self.frame.id)
             return
         history = [*self.conversation, *reply]
