@@ -10,6 +10,7 @@ count, and a shift never moves cells another sequence shares.
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 from fake_kv import FakeKV
@@ -315,6 +316,133 @@ def test_interleaved_agent_sessions_evaluate_only_their_new_tokens_with_compacti
                     evaluated = len(prompts[client, session]) - request.cached_tokens
                     assert evaluated == len(new), (client, session, call, evaluated)
     assert p.pool.counters.spills == 0
+
+
+def stored_positions(p: Pool, tokens: list[int], resident: int) -> list[int]:
+    """The positions the stored state that serves `tokens` holds (FakeKV's state is JSON)."""
+    assert p.pool.store is not None
+    match = p.pool.store.best_match(tokens, resident=resident)
+    assert match is not None
+    loaded = p.pool.store.load(match)
+    assert loaded is not None
+    return sorted(int(pos) for pos in json.loads(loaded.state))
+
+
+def test_an_evicted_branch_spills_only_its_tail_past_the_prefix_others_share() -> None:
+    p = Pool(n_ctx=512, ram_bytes=1 << 20)
+    shared = SYSTEM + list(range(100, 140))
+    first, second = shared + list(range(200, 230)), shared + list(range(300, 330))
+    p.run(first)
+    p.run(second)
+    assert p.pool.evict_lru() and p.pool.counters.spills == 1  # `first`: its holder is freed
+    assert stored_positions(p, first, resident=len(shared)) == list(range(len(shared), len(first)))
+    assert p.pool.store is not None and p.pool.store.best_match(first) is None  # not without the prefix
+    assert p.pool.evict_lru() and p.pool.counters.spills == 2  # `second`: its holder keeps the prefix
+    assert stored_positions(p, second, resident=len(shared)) == list(range(len(shared), len(second)))
+    assert p.cache.peek(second).length == len(shared)
+    p.pool.check_parked()
+    assert p.kv.cells_used() == len(shared)  # the copy of the tail went with its scratch sequence
+
+
+def test_a_tail_comes_back_onto_the_tree_and_only_the_new_tokens_are_evaluated() -> None:
+    p = Pool(n_ctx=512, ram_bytes=1 << 20)
+    shared = SYSTEM + list(range(100, 140))
+    first, second = shared + list(range(200, 230)), shared + list(range(300, 330))
+    p.run(first)
+    p.run(second)
+    p.pool.evict_lru()
+    request = p.admit(first + [99])
+    assert request is not None and request.cached_tokens == len(first)
+    assert request.shared_prefix == len(shared) and request.locked_node is not None  # the prefix is the tree's
+    assert p.pool.counters.restores == 1
+    assert p.kv.tokens(request.seq_id) == first + [99]
+    p.pool.finish(request, keep=True)
+    p.pool.check_parked()
+    assert p.kv.cells_used() == p.pool.cells_in_use()  # shared cells counted once
+
+
+def test_a_trimmed_holder_spills_its_whole_state_when_no_sequence_id_is_free() -> None:
+    p = Pool(n_ctx=512, n_seq_max=2, ram_bytes=1 << 20)
+    shared = SYSTEM + list(range(100, 140))
+    first, second = shared + list(range(200, 230)), shared + list(range(300, 330))
+    p.run(first)
+    p.run(second)
+    p.pool.evict_lru()  # `first`: frees its id...
+    conversation = p.pinned.pin()  # ...which a conversation takes
+    assert p.pool.free_sequences == 0
+    p.pool.evict_lru()  # `second`: no id to copy its tail through
+    assert stored_positions(p, second, resident=0) == list(range(len(second)))
+    p.pool.check_parked()
+    p.pinned.unpin(conversation)
+
+
+def test_persist_spills_whole_states_for_the_disk_tier(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    p = Pool(n_ctx=512)
+    p.pool.store = StateStore(ram_budget_bytes=1 << 20, disk_dir=tmp_path, layout_key="fake-layout")
+    shared = SYSTEM + list(range(100, 140))
+    first, second = shared + list(range(200, 230)), shared + list(range(300, 330))
+    p.run(first)
+    p.run(second)
+    p.pool.persist()
+    restarted = StateStore(ram_budget_bytes=1 << 20, disk_dir=tmp_path, layout_key="fake-layout")
+    for tokens in (first, second):
+        match = restarted.best_match(tokens)  # nothing resident after a restart
+        assert match is not None and match.length == len(tokens) and match.start == 0
+
+
+def test_a_session_evicted_turn_by_turn_comes_back_as_a_chain_of_tails() -> None:
+    """Each turn of a session parks the prompt and leaves the unused reply as a branch,
+    so the session's cells are evicted turn by turn, each as the tail of the turn before."""
+    p = Pool(n_ctx=1024, n_seq_max=16, ram_bytes=1 << 20)
+    shared = SYSTEM + list(range(100, 200))
+    other = shared + list(range(900, 940))
+    session = shared + [1000, 1001]
+    for turn in range(3):
+        session = session + list(range(2000 + 100 * turn, 2040 + 100 * turn))
+        p.run(session, [7, 8])
+    p.run(other)  # keeps the shared prefix in the tree
+    while p.cache.peek(session).length > len(shared):
+        assert p.pool.evict_lru()
+    assert p.pool.counters.spills >= 3
+    request = p.admit(session + [99])
+    assert request is not None and request.cached_tokens == len(session)
+    assert request.shared_prefix == len(shared) and p.pool.counters.restores == 1
+    assert p.kv.tokens(request.seq_id) == session + [99]
+    p.pool.finish(request, keep=True)
+    p.pool.check_parked()
+
+
+def test_interleaved_agent_sessions_evaluate_only_their_new_tokens_in_a_full_pool() -> None:
+    """benchmarks/coding_agents.py at a tenth of its size, in a pool too small for every
+    session. Spilling whole states, this replay gave the benchmark's run of 2026-12-07
+    exactly at its third round (28 evictions, 17 spills, a failed restore, 2x the new
+    tokens), and up to 5.8x in a fourth; with tails restored onto the shared prompts
+    (as chains), every later call evaluates exactly its new tokens."""
+    codex_prompt, claude_prompt = list(range(100_000, 100_864)), list(range(200_000, 200_945))
+    prompts = {("codex", s): [*codex_prompt, *range(300_000 + 100 * s, 300_002 + 100 * s)] for s in range(3)}
+    prompts |= {("claude", s): [*claude_prompt, *range(400_000 + 1000 * s, 400_212 + 1000 * s)] for s in range(3)}
+    probe = Pool(n_ctx=2048)
+    probe.run(codex_prompt)
+    holder = probe.cache.peek(codex_prompt).holder
+    assert holder is not None
+    per_token = probe.pool.measure_state_size(holder, len(codex_prompt))
+    p = Pool(n_ctx=3276, n_seq_max=32, ram_bytes=int(2180 * per_token), compact=True)
+    for call in range(4):
+        for session in range(3):
+            for client in ("codex", "claude"):
+                new = [500_000 + 10_000 * call + 100 * session + i + (5000 if client == "claude" else 0)
+                       for i in range(75)] if call else []
+                prompts[client, session] += new
+                request = p.admit(prompts[client, session])
+                assert request is not None
+                generate(p, request, [7, 8])
+                p.pool.finish(request, keep=True)
+                if call:
+                    evaluated = len(prompts[client, session]) - request.cached_tokens
+                    assert evaluated == len(new), (client, session, call, evaluated)
+                p.pool.check_parked()
+    counters = p.pool.counters
+    assert counters.evictions > 20 and counters.restores > 0 and counters.restore_failures == 0  # the pool was full
 
 
 def test_own_tokens_are_the_cells_a_spill_would_free() -> None:

@@ -131,6 +131,32 @@ def test_spill_to_ram_then_restore_continues_like_a_cold_run(gemma_model, cold_e
     assert warm.token_ids == cold_engine.submit(extended, greedy(16)).collect().token_ids
 
 
+def test_a_branch_spilled_as_a_tail_comes_back_onto_the_shared_prefix_like_a_cold_run(
+    gemma_model, cold_engine
+) -> None:
+    """Three conversations share a long prompt; evicting one spills only its own turn
+    (llama.cpp's state of positions past the prompt), which a later request restores
+    onto the prompt's cells in the pool: the answer is the cold run's."""
+    settings = EngineSettings(n_ctx=1024, max_running=1, n_seq_max=4, cache_ram_bytes=64 * 1024 * 1024)
+    shared = gemma_model.tokenize(COUNTING + "".join(f" {n}," for n in range(6, 30)), add_special=True)
+    branches = [shared + gemma_model.tokenize(f" and then the {word} said: one, two, three, four, five, six,")
+                for word in ("cat", "dog", "bird")]
+    with Engine(gemma_model, settings) as engine:
+        for branch in branches:
+            engine.submit(branch, greedy(2)).collect()
+        engine.submit(gemma_model.tokenize("Something else entirely.", add_special=True), greedy(2)).collect()
+        engine.submit(gemma_model.tokenize("And another thing.", add_special=True), greedy(2)).collect()
+        spilled = wait_idle(engine)
+        extended = branches[0] + gemma_model.tokenize(" seven,")
+        warm = engine.submit(extended, greedy(12)).collect()
+        stats = wait_idle(engine)
+    own = len(branches[0]) - len(shared)
+    assert spilled.spills >= 1 and 0 < spilled.ram_tokens < len(shared)  # tails, not whole states
+    assert stats.restores == 1 and warm.usage.cached_tokens >= len(branches[0])  # and its first reply token
+    assert own >= 16
+    assert warm.token_ids == cold_engine.submit(extended, greedy(12)).collect().token_ids
+
+
 def test_compaction_moves_other_parked_entries_to_ram_and_back(gemma_model, cold_engine) -> None:
     counting = gemma_model.tokenize(COUNTING + "".join(f" {n}," for n in range(6, 40)), add_special=True)
     alphabet = gemma_model.tokenize(ALPHABET + " E, F, G, H, I, J, K, L, M, N, O, P, Q, R, S, T, U, V, W, X,"

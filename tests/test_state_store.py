@@ -429,3 +429,98 @@ def test_flush_to_disk_moves_ram_entries_so_a_restart_finds_them(tmp_path) -> No
     match = restarted.best_match([1, 2, 3, 4])
     assert match is not None and match.length == 3 and match.tier == "disk"
     assert restarted.load(match).state == b"abc"
+
+
+# -- tails: state past a prefix the KV pool keeps ----------------------------------
+
+
+def tail(tokens: list[int], start: int, seed: int = 0, size: int = 100) -> SpilledState:
+    return SpilledState(tuple(tokens), None, blob(seed, size), start)
+
+
+def test_a_tail_must_start_inside_its_tokens() -> None:
+    with pytest.raises(ValueError, match="cannot start at position 3"):
+        SpilledState((1, 2, 3), None, b"x", 3)
+    with pytest.raises(ValueError):
+        SpilledState((1, 2, 3), None, b"x", -1)
+
+
+def test_a_tail_matches_only_where_the_pool_holds_its_prefix() -> None:
+    store = DrainingStore(ram_budget_bytes=10_000)
+    store.put(tail([1, 2, 3, 4, 5, 6], start=3, seed=1))
+    prompt = [1, 2, 3, 4, 5, 6, 7]
+    assert store.best_match(prompt) is None  # the pool holds nothing of it
+    assert store.best_match(prompt, resident=2) is None  # not all of its prefix
+    match = store.best_match(prompt, resident=3)
+    assert match is not None and (match.length, match.start) == (6, 3)
+    assert store.best_match([1, 2, 3, 9], resident=3) is None  # nothing past the pool's prefix
+    loaded = store.load(match)
+    assert loaded == tail([1, 2, 3, 4, 5, 6], start=3, seed=1)
+    s = store.stats()
+    assert (s.ram_entries, s.ram_tokens) == (1, 3)  # the tokens its state holds
+
+
+def test_a_whole_entry_covers_a_tail_and_a_tail_never_replaces_a_whole_entry() -> None:
+    store = DrainingStore(ram_budget_bytes=10_000)
+    store.put(tail([1, 2, 3, 4], start=2, seed=1))
+    store.put(entry([1, 2, 3, 4, 5], seed=2))  # holds all the tail does, and its prefix
+    assert store.stats().ram_entries == 1
+    assert store.best_match([1, 2, 3, 4, 5], resident=2).start == 0  # type: ignore[union-attr]
+    store.put(tail([1, 2, 3, 4, 5], start=2, seed=3))  # the whole entry holds it: not stored
+    store.put(tail([1, 2, 3, 4, 5, 6, 7], start=5, seed=4))  # longer, but needs a prefix: stored beside it
+    assert store.stats().ram_entries == 2
+    assert store.best_match([1, 2, 3, 4, 5, 6, 7]).entry_tokens == (1, 2, 3, 4, 5)  # type: ignore[union-attr]
+    assert store.best_match([1, 2, 3, 4, 5, 6, 7], resident=5).start == 5  # type: ignore[union-attr]
+
+
+def test_a_tail_replaces_the_tails_it_holds_and_not_those_reaching_further_back() -> None:
+    store = DrainingStore(ram_budget_bytes=10_000)
+    store.put(tail([1, 2, 3, 4], start=2, seed=1))
+    store.put(tail([1, 2, 3, 4, 5, 6], start=3, seed=2))  # starts later: [2, 3) is only in the first
+    assert store.stats().ram_entries == 2
+    store.put(tail([1, 2, 3, 4, 5, 6, 7], start=1, seed=3))  # starts earlier and reaches further
+    assert store.stats().ram_entries == 1
+    store.put(tail([1, 2, 3, 4, 5], start=2, seed=4))  # held by it: not stored
+    assert store.stats().ram_entries == 1
+    assert store.best_match([1, 2, 3, 4, 5, 6, 7], resident=1).entry_tokens == (1, 2, 3, 4, 5, 6, 7)  # type: ignore[union-attr]
+
+
+def test_tails_stay_in_ram(tmp_path: Path) -> None:
+    """A file of a tail would outlive the prefix it needs: leaving the RAM tier drops it."""
+    store = DrainingStore(ram_budget_bytes=150, disk_dir=tmp_path, layout_key=LAYOUT)
+    store.put(tail([1, 2, 3], start=1, seed=1))
+    store.put(entry([5, 6], seed=2))  # over budget: the tail is the least recently used
+    assert store.best_match([1, 2, 3], resident=1) is None
+    assert state_files(tmp_path) == [] and store.stats().dropped == 1
+    store.put(tail([7, 8, 9], start=2, seed=3))  # pushes the whole entry to disk
+    store.flush_to_disk()
+    assert [p.name for p in state_files(tmp_path)] == [f"{entry_key(LAYOUT, None, (5, 6))}.kvstate"]
+    assert store.stats().dropped == 2
+
+
+def test_a_branch_spilled_piece_by_piece_comes_back_as_a_chain() -> None:
+    """A session's turns, each spilled as the tail of the one before: the chain reaches
+    furthest first, each link up to where the one before it starts, the last one on
+    what the pool holds."""
+    store = DrainingStore(ram_budget_bytes=10_000)
+    prompt = list(range(1, 13))
+    store.put(tail(prompt[:10], start=7, seed=1))
+    store.put(tail(prompt[:7], start=4, seed=2))
+    store.put(tail(prompt[:5], start=2, seed=3))  # reaches past 4: the links may overlap
+    chain = store.best_chain(prompt, resident=2)
+    assert [(m.length, m.start) for m in chain] == [(10, 7), (7, 4), (4, 2)]
+    assert [(m.length, m.start) for m in store.best_chain(prompt, resident=4)] == [(10, 7), (7, 4)]
+    # Without the pool's prefix the chain breaks; a link alone that needs none still serves.
+    assert store.best_chain(prompt, resident=1) == []
+    store.put(entry(prompt[:3], seed=4))
+    assert [(m.length, m.start) for m in store.best_chain(prompt, resident=0)] == [(10, 7), (7, 4), (4, 2), (2, 0)]
+
+
+def test_a_chain_with_a_gap_falls_back_to_the_best_single_entry() -> None:
+    store = DrainingStore(ram_budget_bytes=10_000)
+    prompt = list(range(1, 13))
+    store.put(tail(prompt[:10], start=7, seed=1))
+    store.put(tail(prompt[:6], start=2, seed=2))  # ends before 7: [6, 7) is missing
+    assert [(m.length, m.start) for m in store.best_chain(prompt, resident=2)] == [(6, 2)]
+    store.put(entry(prompt[:5] + [99], seed=3))  # diverges at 5: no link either
+    assert [(m.length, m.start) for m in store.best_chain(prompt, resident=0)] == [(5, 0)]

@@ -5,7 +5,9 @@ for each source that can give the prompt's prefix:
 
 - ``tree``: cells shared from a parked sequence of the prefix cache (no copy);
 - ``spilled``: state spilled to the RAM or disk tier, loaded into the request's
-  own sequence (when it covers at least `MIN_RESTORE_GAIN` more tokens);
+  own sequence (when it covers at least `MIN_RESTORE_GAIN` more tokens); a tail
+  (state past a prefix other entries shared when it was spilled) loads after that
+  prefix, shared from the tree;
 - ``shifted``: for a context-shifted prompt, the original prompt's cells, taken
   over from their holder, with the dropped positions cut out and the rest moved
   back (likewise);
@@ -42,12 +44,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeGuard
 
 from kvchat.engine.kv_pool import KVPool
 from kvchat.engine.prefix_cache import Node, PrefixCache
 from kvchat.engine.request import Request
-from kvchat.engine.state_store import StoreMatch
+from kvchat.engine.state_store import SpilledState
 from kvchat.errors import BackendError
 
 logger = logging.getLogger("kvchat.engine")
@@ -79,11 +81,14 @@ class AdmissionPlan:
 
     `prefix_tokens` prompt tokens come from `source`; the request reserves
     `reserve_cells` cells at admission. `node` is the tree node the tokens come
-    from (``tree`` and ``shifted``): it stays locked while the plan may still be
+    from (``tree`` and ``shifted``; for ``spilled``, the node whose holder gives
+    a tail's prefix): it stays locked while the plan may still be
     carried out, and its holder is read only then (making room evicts other
     entries, which can hand the node to another holder). `source_tokens` is how
     many positions of the holder are taken (``shifted``: before the cut),
-    `spilled` the stored entry (``spilled``).
+    `spilled` the stored entries, read from their tier (``spilled``: the one that
+    reaches furthest first, each later one up to where the one before starts; see
+    :meth:`~kvchat.engine.state_store.StateStore.best_chain`).
     """
 
     source: PrefixSource
@@ -91,7 +96,7 @@ class AdmissionPlan:
     reserve_cells: int
     node: Node | None = None
     source_tokens: int = 0
-    spilled: StoreMatch | None = None
+    spilled: tuple[SpilledState, ...] = ()
 
 
 def cells_to_reserve(request: Request, prefix_tokens: int) -> int:
@@ -104,6 +109,11 @@ def cells_to_reserve(request: Request, prefix_tokens: int) -> int:
 def usable_prefix(request: Request, matched: int) -> int:
     """A match's usable length: at least one token is evaluated, for fresh logits."""
     return max(0, min(matched, len(request.admission_tokens) - 1))
+
+
+def all_loaded(entries: tuple[SpilledState | None, ...]) -> TypeGuard[tuple[SpilledState, ...]]:
+    """Whether every entry could be read from its tier."""
+    return all(e is not None for e in entries)
 
 
 class Admission:
@@ -183,17 +193,25 @@ class Admission:
         store = self._pool.store
         if store is None:
             return None
-        found = store.best_match(request.admission_tokens, namespace=request.cache_key)
-        if found is None:
+        chain = store.best_chain(request.admission_tokens, namespace=request.cache_key, resident=share.prefix_tokens)
+        if not chain:
             return None
-        usable = usable_prefix(request, found.length)
+        usable = usable_prefix(request, chain[0].length)
         if usable < share.prefix_tokens + MIN_RESTORE_GAIN:
             return None
-        store.touch(found)  # reserving its cells spills parked entries: older ones must go first
-        # Restored cells are the request's own, so it reserves the whole prompt; while the
-        # state loads, the sequence holds all of the entry's tokens, however many.
-        reserve = max(cells_to_reserve(request, 0), len(found.entry_tokens))
-        return AdmissionPlan("spilled", usable, reserve, source_tokens=found.length, spilled=found)
+        # Read now (and touched): the evictions that make room for them spill other
+        # states, which could push these out of the tier before they are loaded.
+        entries = tuple(store.load(found) for found in chain)
+        if not all_loaded(entries):
+            self._pool.counters.restore_failures += 1
+            return None
+        # Restored cells are the request's own (the prefix before the last entry's start is
+        # shared from the tree plan's node), so it reserves the rest of the prompt; while
+        # the states load, its sequence holds all of their tokens, however many.
+        start = entries[-1].start
+        reserve = max(cells_to_reserve(request, start), sum(len(e.tokens) - e.start for e in entries))
+        node = share.node if start else None
+        return AdmissionPlan("spilled", usable, reserve, node=node, source_tokens=chain[0].length, spilled=entries)
 
     def shifted_plan(self, request: Request, share: AdmissionPlan) -> AdmissionPlan | None:
         """For a shifted prompt: take over the original's cached cells, if they reach
@@ -217,12 +235,20 @@ class Admission:
     def _execute(self, request: Request, plan: AdmissionPlan, share: AdmissionPlan, leases: Leases) -> None:
         """Place the request's prefix as `plan` says (its cells reserved). Loading
         its own cells (spilled or shifted) may fail: then it shares the tree plan's."""
-        if plan.source in ("spilled", "shifted"):
-            if plan.source == "spilled":
-                resident = self._restore(request, plan)
-            else:
-                assert plan.node is not None
-                resident = self._take_over(request, plan, leases.hand_over(plan.node))
+        if plan.source == "spilled":
+            resident = self._restore(request, plan)
+            if resident is not None:
+                if start := plan.spilled[-1].start:  # tails on the tree's prefix: the request shares that
+                    assert plan.node is not None
+                    node = leases.hand_over(plan.node)
+                    self._pool.place(request, resident=resident, shared=start, node=node)
+                else:
+                    self._pool.place(request, resident=resident)
+                return
+            plan = share
+        elif plan.source == "shifted":
+            assert plan.node is not None
+            resident = self._take_over(request, plan, leases.hand_over(plan.node))
             if resident is not None:
                 self._pool.place(request, resident=resident)
                 return
@@ -246,25 +272,30 @@ class Admission:
         return True
 
     def _restore(self, request: Request, plan: AdmissionPlan) -> int | None:
-        """Load spilled state into the request's (empty) sequence, trimmed to the
-        prompt; the tokens it holds then, or None (its sequence left empty)."""
-        pool, seq_id = self._pool, request.seq_id
-        assert plan.spilled is not None and pool.store is not None and seq_id is not None
-        entry = pool.store.load(plan.spilled)
-        if entry is not None:
-            try:
-                held = pool.load_state(seq_id, entry.state)
+        """Load spilled state into the request's (empty) sequence (a tail after the
+        tree's prefix, shared from `plan.node`'s holder), trimmed to the prompt; the
+        tokens it holds then, or None (its sequence left empty)."""
+        pool, seq_id, entries = self._pool, request.seq_id, plan.spilled
+        assert entries and seq_id is not None
+        try:
+            for i, entry in enumerate(entries):
+                if i == 0:
+                    held = pool.load_state(seq_id, entry.state)
+                else:  # up to where the entry before it starts
+                    held = pool.load_state_part(seq_id, entry.state, entry.start, entries[i - 1].start)
                 if held != len(entry.tokens):  # a file whose header does not describe its state
                     raise BackendError(f"the state holds {held} positions, its entry {len(entry.tokens)}")
-                pool.remove(seq_id, plan.prefix_tokens, -1)
-            except BackendError:
-                logger.warning("restoring %d cached tokens failed; evaluating them instead", plan.source_tokens)
-                pool.remove(seq_id)
-            else:
-                pool.counters.restores += 1
-                return plan.prefix_tokens
-        pool.counters.restore_failures += 1
-        return None
+            if (start := entries[-1].start) > 0:
+                assert plan.node is not None and plan.node.holder is not None
+                pool.copy_cells(plan.node.holder, seq_id, 0, start)
+            pool.remove(seq_id, plan.prefix_tokens, -1)
+        except BackendError:
+            logger.warning("restoring %d cached tokens failed; evaluating them instead", plan.source_tokens)
+            pool.remove(seq_id)
+            pool.counters.restore_failures += 1
+            return None
+        pool.counters.restores += 1
+        return plan.prefix_tokens
 
     def _take_over(self, request: Request, plan: AdmissionPlan, node: Node) -> int | None:
         """Move the original's cells (held by `node`'s holder, whose lock is handed to

@@ -208,6 +208,20 @@ class KVPool:
         self._memory.set_seq_state(seq_id, state)
         return self._memory.seq_pos_max(seq_id) + 1
 
+    def load_state_part(self, seq_id: int, state: bytes, start: int, end: int) -> int:
+        """Load state bytes into a free sequence id for a moment and share its cells at
+        positions [start, end) with `seq_id`; returns how many positions the state
+        held. `BackendError` if no id is free or the memory refuses them."""
+        if not self._free_ids:
+            raise BackendError("no free sequence id to load a state through")
+        scratch = self._free_ids[-1]
+        try:
+            held = self.load_state(scratch, state)
+            self._memory.seq_copy(scratch, seq_id, start, end)
+        finally:
+            self.remove(scratch)
+        return held
+
     def state_of(self, seq_id: int) -> bytes:
         """`seq_id`'s state bytes (to save)."""
         return self._memory.seq_state(seq_id)
@@ -223,27 +237,53 @@ class KVPool:
 
     # -- eviction ---------------------------------------------------------------------------
 
-    def evict_lru(self) -> bool:
-        """Evict the least recently used unlocked parked entry; False if there is none."""
+    def evict_lru(self, *, whole: bool = False) -> bool:
+        """Evict the least recently used unlocked parked entry; False if there is none.
+        `whole`: spill its whole state, never a tail (see :meth:`evict`)."""
         eviction = self.cache.evict_lru() if self.cache is not None else None
         if eviction is None:
             return False
-        self.evict(eviction)
+        self.evict(eviction, whole=whole)
         return True
 
-    def evict(self, eviction: Eviction) -> None:
+    def evict(self, eviction: Eviction, *, whole: bool = False) -> None:
         """Carry out an eviction the tree decided: spill the holder's state to a lower
-        tier (unless one holds these tokens already), then trim or free the holder."""
+        tier (unless one holds these tokens already), then trim or free the holder.
+
+        Unless `whole`, only the evicted branch's tail is spilled, the state past the
+        prefix that stays in the tree (`Eviction.keep`, or what the holder shares with
+        other entries): a fraction of the bytes, restored later onto that prefix
+        (:class:`~kvchat.engine.state_store.SpilledState`), alone or as a link of a
+        chain (a short tail too: a branch evicted piece by piece comes back whole
+        only if every piece does). Copying a trimmed holder's tail out takes a free
+        sequence id for a moment; without one its whole state is spilled.
+        """
         self.counters.evictions += 1
-        if self.store is not None and not self._store_covers(eviction):
-            state = self._memory.seq_state(eviction.seq_id)
-            self.state_bytes_per_token = len(state) / len(eviction.tokens)
-            self.store.put(SpilledState(eviction.tokens, eviction.namespace, state))
+        start = 0 if whole else len(eviction.tokens) - eviction.freed_tokens
+        if start and not eviction.released and not self._free_ids:
+            start = 0
+        if self.store is not None and not self._store_covers(eviction, start):
+            state = self._tail_state(eviction, start) if start else self._memory.seq_state(eviction.seq_id)
+            self.state_bytes_per_token = len(state) / (len(eviction.tokens) - start)
+            self.store.put(SpilledState(eviction.tokens, eviction.namespace, state, start))
             self.counters.spills += 1
         if eviction.released:
             self.free_id(eviction.seq_id)
         else:
             self.remove(eviction.seq_id, eviction.keep, -1)
+
+    def _tail_state(self, eviction: Eviction, start: int) -> bytes:
+        """The state of the evicted holder's positions from `start` on: its prefix cut
+        off (it is freed next), or its tail copied to a free sequence id and saved."""
+        if eviction.released:
+            self.remove(eviction.seq_id, 0, start)
+            return self._memory.seq_state(eviction.seq_id)
+        scratch = self._free_ids[-1]
+        self._memory.seq_copy(eviction.seq_id, scratch, start, -1)
+        try:
+            return self._memory.seq_state(scratch)
+        finally:
+            self.remove(scratch)
 
     def measure_state_size(self, seq_id: int, tokens: int) -> float:
         """Bytes of spilled state per token (`state_bytes_per_token`), measured on
@@ -252,10 +292,11 @@ class KVPool:
             self.state_bytes_per_token = len(self._memory.seq_state(seq_id)) / tokens
         return self.state_bytes_per_token
 
-    def _store_covers(self, eviction: Eviction) -> bool:
-        """True if a lower tier already holds these tokens (then copying the state is waste)."""
+    def _store_covers(self, eviction: Eviction, start: int) -> bool:
+        """True if a lower tier already holds these tokens, from `start` on or earlier
+        (then copying the state is waste)."""
         assert self.store is not None
-        found = self.store.best_match(eviction.tokens, namespace=eviction.namespace)
+        found = self.store.best_match(eviction.tokens, namespace=eviction.namespace, resident=start)
         return found is not None and found.length == len(eviction.tokens)
 
     # -- finishing ---------------------------------------------------------------------------
@@ -284,7 +325,7 @@ class KVPool:
         """Before shutdown: spill every parked entry so that a disk tier keeps it."""
         if self.store is None or not self.store.has_disk:
             return
-        while self.evict_lru():
+        while self.evict_lru(whole=True):  # a tail would not outlive the prefix it needs
             pass
         self.store.flush_to_disk()
         self.store.close()  # every file written; the writer thread stops

@@ -98,6 +98,17 @@ class StateIndex(Generic[E]):
             return None
         return walk.length, walk.node.best
 
+    def matches(self, tokens: Sequence[int], namespace: str | None) -> list[tuple[int, E]]:
+        """The entries whose tokens are a prefix of `tokens` (with their lengths), and the
+        best-ranked one sharing the longest prefix with it (with that length), longest first."""
+        walk = self._walk(tuple(tokens), namespace)
+        if walk is None:
+            return []
+        found = [(len(e.tokens), e) for e in reversed(walk.prefixes)]
+        if walk.length and walk.node.best is not None:
+            found.insert(0, (walk.length, walk.node.best))
+        return found
+
     def extension_and_prefixes(self, tokens: Sequence[int], namespace: str | None) -> tuple[E | None, list[E]]:
         """The best-ranked entry whose tokens start with (or equal) `tokens`, if any,
         and the entries whose tokens are a strict prefix of `tokens`."""

@@ -9,6 +9,14 @@ Entries are found through a :class:`~kvchat.engine.state_index.StateIndex` (a
 radix tree per namespace): a lookup costs the length of the query, not the
 number of entries, so the engine thread can ask at every admission and eviction.
 
+Tail entries: an entry evicted from under a prefix that stays in the KV pool
+(a session's turns behind a prompt other sessions share) is spilled as a *tail*:
+the state of its positions ``[start, len(tokens))`` only, a fraction of the whole
+(`SpilledState.start`). It can be restored only onto a pool that still holds its
+first `start` tokens (`best_match`'s `resident`). Tails are indexed apart from
+whole entries, live in RAM only (one that leaves the RAM tier is dropped: a file
+of it would outlive the prefix it needs) and never supersede a whole entry.
+
 Disk format: one file ``<key>.kvstate`` per entry, of the kind
 :data:`~kvchat.engine.state_file.CACHE_ENTRY` (its header adds the entry's
 ``namespace``).
@@ -45,35 +53,43 @@ from kvchat.engine.state_index import StateIndex
 logger = logging.getLogger("kvchat.engine.state_store")
 
 FILE_SUFFIX = ".kvstate"
+MAX_CHAIN = 16
+"""Most entries :meth:`StateStore.best_chain` puts together for one restore."""
 WRITE_QUEUE_BYTES = 64 * 1024 * 1024
 """Default bound of file bytes waiting for the writer thread (one larger entry is let in alone)."""
 
 
 @dataclass(frozen=True)
 class SpilledState:
-    """The KV state of one sequence holding `tokens` at positions ``[0, len(tokens))``.
+    """The KV state of one sequence holding `tokens` at positions ``[start, len(tokens))``.
 
     `namespace` is a tenant key (entries never match across namespaces); `state`
-    is the opaque bytes of ``llama_state_seq_get_data``.
+    is the opaque bytes of ``llama_state_seq_get_data``. `start` > 0 makes it a
+    tail: restoring it needs the first `start` tokens from the KV pool.
     """
 
     tokens: tuple[int, ...]
     namespace: str | None
     state: bytes
+    start: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tokens", tuple(self.tokens))
         object.__setattr__(self, "state", bytes(self.state))
+        if not 0 <= self.start < len(self.tokens):
+            raise ValueError(f"a state of {len(self.tokens)} tokens cannot start at position {self.start}")
 
 
 @dataclass(frozen=True)
 class StoreMatch:
-    """The stored entry sharing the longest prefix (`length` tokens) with a query."""
+    """The stored entry sharing the longest prefix (`length` tokens) with a query;
+    its state starts at position `start` (a tail, if > 0)."""
 
     length: int
     entry_tokens: tuple[int, ...]
     tier: Literal["ram", "disk"]
     key: str
+    start: int = 0
 
 
 @dataclass(frozen=True)
@@ -113,6 +129,12 @@ class _Entry:
     state: bytes | None = None  # RAM tier only
     tier: Literal["ram", "disk"] = "ram"
     job: _WriteJob | None = None  # disk tier: its file write, until the engine sees it done
+    start: int = 0  # a tail's first position (tails stay in RAM)
+
+    @property
+    def state_tokens(self) -> int:
+        """Positions the state holds."""
+        return len(self.tokens) - self.start
 
 
 @dataclass(eq=False)
@@ -187,7 +209,8 @@ class StateStore:
         self._disk_bytes = 0
         self._ram_tokens = 0
         self._disk_tokens = 0
-        self._index: StateIndex[_Entry] = StateIndex(_rank)
+        self._index: StateIndex[_Entry] = StateIndex(_rank)  # whole entries
+        self._tails: StateIndex[_Entry] = StateIndex(_rank)  # tail entries
         self._clock = 0
         self._counts = dict.fromkeys(("dropped", "loads", "load_failures", "write_queue_drops"), 0)
         # The writer thread's side: everything below is guarded by `_cond`.
@@ -214,10 +237,18 @@ class StateStore:
         if not entry.tokens:
             raise ValueError("a spilled state must hold at least one token")
         self._reap()
+        if entry.start:
+            self._put_tail(entry)
+            return
         extension, superseded = self._index.extension_and_prefixes(entry.tokens, entry.namespace)
         if extension is not None:
             self._touch(extension)
             return
+        tail_extension, covered_tails = self._tails.extension_and_prefixes(entry.tokens, entry.namespace)
+        if tail_extension is not None and tail_extension.tokens == entry.tokens:
+            covered_tails.append(tail_extension)
+        for tail in covered_tails:  # a whole state holds all a tail does, and needs no prefix
+            self._remove(tail, delete_file=False)
         # Superseded files are deleted only once the new entry is stored (on disk:
         # by the writer, after its file): a crash while its file is written must
         # not lose the prefix that was saved.
@@ -236,6 +267,25 @@ class StateStore:
             stale_files,
         )
 
+    def _put_tail(self, entry: SpilledState) -> None:
+        """`put` for a tail: not stored if a whole entry, or a tail starting no later,
+        holds its tokens or more; replaces the tails it holds the same of or more."""
+        whole, _ = self._index.extension_and_prefixes(entry.tokens, entry.namespace)
+        extension, prefixes = self._tails.extension_and_prefixes(entry.tokens, entry.namespace)
+        for covering in (whole, extension if extension is not None and extension.start <= entry.start else None):
+            if covering is not None:
+                self._touch(covering)
+                return
+        if extension is not None and extension.tokens == entry.tokens:
+            prefixes.append(extension)
+        for old in prefixes:
+            if old.start >= entry.start:
+                self._remove(old, delete_file=False)
+        key = f"{entry_key(self.layout_key, entry.namespace, entry.tokens)}.{entry.start}"
+        tail = _Entry(key, entry.namespace, entry.tokens, len(entry.state), self._tick(), entry.state)
+        tail.start = entry.start
+        self._store_new(tail, [])
+
     def _store_new(self, new: _Entry, stale_files: list[Path]) -> None:
         """Index a new entry in RAM (spilling LRU entries over budget) or straight on
         disk; `stale_files` are deleted once it is stored."""
@@ -249,17 +299,52 @@ class StateStore:
             self._remove(oldest, delete_file=False)
             self._demote(oldest)
 
-    def best_match(self, tokens: Sequence[int], *, namespace: str | None = None) -> StoreMatch | None:
-        """The entry sharing the longest prefix with `tokens` (ties: RAM, then most recent).
+    def best_match(
+        self, tokens: Sequence[int], *, namespace: str | None = None, resident: int = 0
+    ) -> StoreMatch | None:
+        """The entry sharing the longest prefix with `tokens` (ties: RAM, then most
+        recent; a whole entry over a tail), among the whole entries and the tails
+        whose prefix the KV pool holds (those starting at most at `resident`, the
+        tokens of `tokens` the pool holds) and which give tokens past it.
 
-        None if no entry of `namespace` shares at least one token. Reads no file.
+        None if no such entry of `namespace` shares at least one token. Reads no file.
         """
         self._reap()
-        found = self._index.longest_match(tokens, namespace)
-        if found is None:
-            return None
-        length, e = found
-        return StoreMatch(length, e.tokens, e.tier, e.key)
+        best = None
+        if (found := self._index.longest_match(tokens, namespace)) is not None:
+            length, e = found
+            best = StoreMatch(length, e.tokens, e.tier, e.key)
+        for length, e in self._tails.matches(tokens, namespace):  # longest first
+            if best is not None and length <= best.length:
+                break
+            if e.start <= resident < length:
+                return StoreMatch(length, e.tokens, e.tier, e.key, e.start)
+        return best
+
+    def best_chain(self, tokens: Sequence[int], *, namespace: str | None = None, resident: int = 0) -> list[StoreMatch]:
+        """Entries that restore the longest prefix of `tokens` together, the one that
+        reaches furthest first: each later one covers the tokens up to where the one
+        before it starts, and the last starts at most at `resident` (see
+        :meth:`best_match`). A branch evicted piece by piece (a session's turns, each
+        a tail of the one before) comes back this way. Empty if nothing matches;
+        at most `MAX_CHAIN` entries. Reads no file.
+        """
+        alone = self.best_match(tokens, namespace=namespace, resident=resident)
+        chain: list[StoreMatch] = []
+        query, best = tuple(tokens), alone
+        while len(chain) < MAX_CHAIN:
+            link, deeper = best, self._tails.longest_match(query, namespace)
+            if deeper is not None and deeper[1].start > resident and deeper[0] > (best.length if best else 0):
+                length, e = deeper
+                link = StoreMatch(length, e.tokens, e.tier, e.key, e.start)
+            if link is None or (chain and link.length < len(query)):  # a gap before the last link's start
+                break
+            chain.append(link)
+            if link.start <= resident:
+                return chain
+            query = query[: link.start]
+            best = self.best_match(query, namespace=namespace, resident=resident)
+        return [alone] if alone is not None else []
 
     def touch(self, match: StoreMatch) -> None:
         """Mark the entry of `match` as the most recently used, if it is still stored:
@@ -282,7 +367,7 @@ class StateStore:
         if (e := self._ram.get(match.key)) is not None:
             self._touch(e)
             self._counts["loads"] += 1
-            return SpilledState(e.tokens, e.namespace, e.state or b"")
+            return SpilledState(e.tokens, e.namespace, e.state or b"", e.start)
         if (e := self._disk.get(match.key)) is None:
             logger.debug("entry %s is no longer stored", match.key)
             return None
@@ -369,7 +454,7 @@ class StateStore:
     def index_steps(self) -> int:
         """Index nodes the last lookup (`best_match` or `put`) visited, for tests: it does
         not grow with the number of stored entries that share no prefix with the query."""
-        return self._index.steps
+        return self._index.steps + self._tails.steps
 
     def _touch(self, e: _Entry) -> None:
         e.last_used = self._tick()
@@ -379,7 +464,7 @@ class StateStore:
             self._disk.move_to_end(e.key)
             with suppress(OSError):  # keeps the LRU order across restarts
                 os.utime(self._path(e.key))
-        self._index.touch(e)
+        self._index_of(e).touch(e)
 
     def _add(self, e: _Entry, tier: Literal["ram", "disk"]) -> None:
         """Index `e` in `tier` (its key is in neither tier)."""
@@ -387,20 +472,23 @@ class StateStore:
         if tier == "ram":
             self._ram[e.key] = e
             self._ram_bytes += e.size
-            self._ram_tokens += len(e.tokens)
+            self._ram_tokens += e.state_tokens
         else:
             self._disk[e.key] = e
             self._disk_bytes += e.size
-            self._disk_tokens += len(e.tokens)
-        self._index.add(e)
+            self._disk_tokens += e.state_tokens
+        self._index_of(e).add(e)
+
+    def _index_of(self, e: _Entry) -> StateIndex[_Entry]:
+        return self._tails if e.start else self._index
 
     def _remove(self, e: _Entry, *, delete_file: bool) -> None:
         if (held := self._ram.pop(e.key, None)) is not None:
             self._ram_bytes -= held.size
-            self._ram_tokens -= len(held.tokens)
+            self._ram_tokens -= held.state_tokens
         elif (held := self._disk.pop(e.key, None)) is not None:
             self._disk_bytes -= held.size
-            self._disk_tokens -= len(held.tokens)
+            self._disk_tokens -= held.state_tokens
             written = True
             if held.job is not None:
                 with self._cond:  # the writer deletes a file it writes after this
@@ -410,15 +498,15 @@ class StateStore:
                 with suppress(OSError):
                     os.unlink(self._path(e.key))
         if held is not None:
-            self._index.remove(held)
+            self._index_of(held).remove(held)
 
     def _demote(self, e: _Entry, *, wait: bool = False, then_unlink: Sequence[Path] = ()) -> None:
         """Write a RAM entry (already out of the RAM index) to disk, or drop it; then
         delete `then_unlink` (after the new file, if it is written). With `wait`,
         wait for room in the writer's queue rather than drop."""
         stale = list(then_unlink)
-        if self.disk_dir is None or e.state is None:
-            self._drop(e, "no disk tier")
+        if self.disk_dir is None or e.state is None or e.start:
+            self._drop(e, "a tail stays in RAM" if e.start else "no disk tier")
             _unlink_all(stale)
             return
         header = state_file.header_bytes(
