@@ -27,6 +27,12 @@ Servers (started fresh, same model file, threads and context): `kvchat`
 (`kvchat serve --any-model`), `llama-server` (benchmarks/llama_server.py; it
 serves both APIs).
 
+The backend's floor (`--floor`, on by default): after the servers, the bare
+`llama_decode` loop evaluates each later call's new tokens on top of a history
+of that call's cached length, alone in a context of the same size (contiguous
+cells, llama.cpp's default batch sizes), so each server's later calls can be
+set against the least time the backend needs for their new tokens.
+
     python benchmarks/coding_agents.py [--sessions 3] [--calls 4] [--servers kvchat llama-server]
 """
 
@@ -266,6 +272,49 @@ def summary(calls: list[Call]) -> dict[str, Any]:
     }
 
 
+def floor_seconds(model: str, ctx_size: int, threads: int, shapes: list[tuple[int, int]]) -> list[float]:
+    """For each (cached, new) shape, in order of `cached`: the bare loop's time to evaluate
+    `new` tokens after `cached` resident ones, in one context holding only that history."""
+    from kvchat.llama import Batch, Context, ContextParams, Model
+    from kvchat.models import resolve
+
+    tokens = [(i * 7919) % 20000 + 100 for i in range(max(c + n for c, n in shapes))]
+    with Model(resolve(model)) as loaded, Context(
+        loaded, ContextParams(n_ctx=ctx_size, n_batch=2048, n_ubatch=512, n_seq_max=1, n_threads=threads)
+    ) as ctx:
+        batch = Batch(ctx.n_batch)
+
+        def evaluate(start: int, end: int) -> None:
+            for first in range(start, end, batch.capacity):
+                batch.clear()
+                last = min(end, first + batch.capacity)
+                batch.add_chunk(tokens[first:last], first, 0, logits_last=last == end)
+                ctx.decode(batch)
+
+        floors, resident = [], 0
+        for cached, new in shapes:  # by cached length: the history is evaluated once, growing
+            evaluate(resident, cached)
+            began = time.perf_counter()
+            evaluate(cached, cached + new)
+            floors.append(time.perf_counter() - began)
+            ctx.seq_remove(0, cached, -1)
+            resident = cached
+    return floors
+
+
+def against_floor(calls: list[Call], floors: dict[tuple[int, int], float]) -> dict[str, Any]:
+    """Later calls' TTFT over the backend's floor for their new tokens."""
+    ratios = [c.ttft_s / floors[shape] for c in calls if c.call > 0 and (shape := floor_shape(c)) in floors]
+    return {"later_ttft_over_floor_median": statistics.median(ratios) if ratios else None,
+            "later_ttft_over_floor": ratios}
+
+
+def floor_shape(call: Call) -> tuple[int, int]:
+    """(cached history, new tokens) of a later call, as its own prompt counts say."""
+    assert call.prompt_tokens is not None and call.new_tokens is not None
+    return call.prompt_tokens - call.new_tokens, call.new_tokens
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
@@ -277,6 +326,8 @@ def main() -> None:
     p.add_argument("--ctx-size", type=int, default=32768)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure the bare loop's time for each later call's new tokens")
     args = p.parse_args()
     results: dict[str, list[Call]] = {}
     for name in args.servers:
@@ -285,6 +336,15 @@ def main() -> None:
         with running_server(command(name, args), "/health", log) as base_url:
             results[name] = asyncio.run(run(base_url, args))
     summaries = {name: summary(calls) for name, calls in results.items()}
+    floors: dict[tuple[int, int], float] = {}
+    if args.floor:
+        shapes = sorted({floor_shape(c) for calls in results.values() for c in calls
+                         if c.call > 0 and c.prompt_tokens is not None and c.new_tokens})
+        if shapes:
+            print(f"\nbackend floor: {len(shapes)} call shapes on the bare loop", flush=True)
+            floors = dict(zip(shapes, floor_seconds(args.model, args.ctx_size, args.threads, shapes), strict=True))
+            for name, calls in results.items():
+                summaries[name] |= against_floor(calls, floors)
     for name, s in summaries.items():
         print(f"{name}: {json.dumps(s)}")
     if "kvchat" in summaries and "llama-server" in summaries:
@@ -298,6 +358,7 @@ def main() -> None:
                                                    "ctx_size", "threads")},
         "llama_server": version_line(llama_server_binary()) if "llama-server" in results else None,
         "summaries": summaries,
+        "floor_s": [{"cached": c, "new": n, "seconds": t} for (c, n), t in floors.items()],
         "calls": {name: [asdict(c) for c in calls] for name, calls in results.items()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -376,13 +376,17 @@ def test_a_trimmed_holder_spills_its_whole_state_when_no_sequence_id_is_free() -
     p.pinned.unpin(conversation)
 
 
-def test_persist_spills_whole_states_for_the_disk_tier(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_a_store_with_a_disk_tier_keeps_whole_states(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Files outlive the process: a restarted server holds nothing in the pool, so a
+    tail's prefix would be missing. Evictions and the shutdown spill whole states."""
     p = Pool(n_ctx=512)
     p.pool.store = StateStore(ram_budget_bytes=1 << 20, disk_dir=tmp_path, layout_key="fake-layout")
     shared = SYSTEM + list(range(100, 140))
     first, second = shared + list(range(200, 230)), shared + list(range(300, 330))
     p.run(first)
     p.run(second)
+    p.pool.evict_lru()
+    assert stored_positions(p, first, resident=0) == list(range(len(first)))
     p.pool.persist()
     restarted = StateStore(ram_budget_bytes=1 << 20, disk_dir=tmp_path, layout_key="fake-layout")
     for tokens in (first, second):

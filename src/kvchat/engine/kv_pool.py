@@ -237,29 +237,29 @@ class KVPool:
 
     # -- eviction ---------------------------------------------------------------------------
 
-    def evict_lru(self, *, whole: bool = False) -> bool:
-        """Evict the least recently used unlocked parked entry; False if there is none.
-        `whole`: spill its whole state, never a tail (see :meth:`evict`)."""
+    def evict_lru(self) -> bool:
+        """Evict the least recently used unlocked parked entry; False if there is none."""
         eviction = self.cache.evict_lru() if self.cache is not None else None
         if eviction is None:
             return False
-        self.evict(eviction, whole=whole)
+        self.evict(eviction)
         return True
 
-    def evict(self, eviction: Eviction, *, whole: bool = False) -> None:
+    def evict(self, eviction: Eviction) -> None:
         """Carry out an eviction the tree decided: spill the holder's state to a lower
         tier (unless one holds these tokens already), then trim or free the holder.
 
-        Unless `whole`, only the evicted branch's tail is spilled, the state past the
-        prefix that stays in the tree (`Eviction.keep`, or what the holder shares with
-        other entries): a fraction of the bytes, restored later onto that prefix
+        To a RAM-only store (`_spills_tails`), only the evicted branch's tail is
+        spilled: the state past the prefix that stays in the tree
+        (`Eviction.keep`, or what the holder shares with other entries), a fraction
+        of the bytes, restored later onto that prefix
         (:class:`~kvchat.engine.state_store.SpilledState`), alone or as a link of a
         chain (a short tail too: a branch evicted piece by piece comes back whole
         only if every piece does). Copying a trimmed holder's tail out takes a free
         sequence id for a moment; without one its whole state is spilled.
         """
         self.counters.evictions += 1
-        start = 0 if whole else len(eviction.tokens) - eviction.freed_tokens
+        start = len(eviction.tokens) - eviction.freed_tokens if self._spills_tails else 0
         if start and not eviction.released and not self._free_ids:
             start = 0
         if self.store is not None and not self._store_covers(eviction, start):
@@ -271,6 +271,12 @@ class KVPool:
             self.free_id(eviction.seq_id)
         else:
             self.remove(eviction.seq_id, eviction.keep, -1)
+
+    @property
+    def _spills_tails(self) -> bool:
+        """Whether evictions spill tails: to a RAM tier only. A tier on disk keeps whole
+        states, which a restarted server can restore with nothing resident."""
+        return self.store is not None and not self.store.has_disk
 
     def _tail_state(self, eviction: Eviction, start: int) -> bytes:
         """The state of the evicted holder's positions from `start` on: its prefix cut
@@ -325,7 +331,7 @@ class KVPool:
         """Before shutdown: spill every parked entry so that a disk tier keeps it."""
         if self.store is None or not self.store.has_disk:
             return
-        while self.evict_lru(whole=True):  # a tail would not outlive the prefix it needs
+        while self.evict_lru():
             pass
         self.store.flush_to_disk()
         self.store.close()  # every file written; the writer thread stops
