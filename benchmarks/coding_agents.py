@@ -16,7 +16,9 @@ Code's Messages API):
   fed back, so every server gets the same request sequence.
 
 `--sessions` sessions of each client run interleaved, one call at a time, in
-rounds (session 1 of Codex, of Claude Code, session 2 of each, ...). Per call:
+rounds (session 1 of Codex, of Claude Code, session 2 of each, ...); with
+`--start-together`, every session's first call is sent at once (sessions that
+start side by side: each client's prompt should be evaluated once). Per call:
 the prompt tokens the server reports evaluating (input tokens minus cached ones;
 None where the server does not say), the prompt's growth since the session's
 previous call (new tokens), time to first output event, and total time; for
@@ -216,40 +218,47 @@ async def claude_call(client: anthropic.AsyncAnthropic, body: dict[str, Any], ma
 async def run(base_url: str, args: argparse.Namespace) -> list[Call]:
     openai_client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", timeout=3600, max_retries=0)
     anthropic_client = anthropic.AsyncAnthropic(base_url=base_url, api_key="unused", timeout=3600, max_retries=0)
-    codex = [codex_first(s) for s in range(args.sessions)]
-    claude = [claude_first(s) for s in range(args.sessions)]
+    bodies = {("codex", s): codex_first(s) for s in range(args.sessions)}
+    bodies |= {("claude", s): claude_first(s) for s in range(args.sessions)}
     previous: dict[tuple[str, int], int] = {}
+
+    async def one_call(name: str, session: int, call: int) -> Call:
+        key = (name, session)
+        if name == "codex":
+            if call:
+                bodies[key] = codex_next(bodies[key], session, call)
+            ttft, total, usage = await codex_call(openai_client, bodies[key], args.max_tokens)
+            prompt = getattr(usage, "input_tokens", None)
+            details = getattr(usage, "input_tokens_details", None)
+            cached = getattr(details, "cached_tokens", None)
+            evaluated = None if prompt is None or cached is None else prompt - cached
+        else:
+            if call:
+                bodies[key] = claude_next(bodies[key], session, call)
+            ttft, total, usage = await claude_call(anthropic_client, bodies[key], args.max_tokens)
+            parts = [usage.get(k) for k in ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")]
+            prompt = sum(p for p in parts if p) if parts[0] is not None else None
+            evaluated = usage.get("input_tokens")
+        new = None if prompt is None or key not in previous else prompt - previous[key]
+        if prompt is not None:
+            previous[key] = prompt
+        cache = cache_metrics(base_url)
+        print(f"  {name:<6} session {session} call {call}: prompt {prompt} evaluated {evaluated} "
+              f"new {new} TTFT {ttft:.2f} s total {total:.2f} s", flush=True)
+        if cache:
+            print(f"         cache: {json.dumps(cache)}", flush=True)
+        return Call(name, session, call, prompt, evaluated, new, ttft, total, cache)
+
     calls: list[Call] = []
     for call in range(args.calls):
-        for session in range(args.sessions):
-            for name in args.clients:
-                if name == "codex":
-                    if call:
-                        codex[session] = codex_next(codex[session], session, call)
-                    ttft, total, usage = await codex_call(openai_client, codex[session], args.max_tokens)
-                    prompt = getattr(usage, "input_tokens", None)
-                    details = getattr(usage, "input_tokens_details", None)
-                    cached = getattr(details, "cached_tokens", None)
-                    evaluated = None if prompt is None or cached is None else prompt - cached
-                else:
-                    if call:
-                        claude[session] = claude_next(claude[session], session, call)
-                    ttft, total, usage = await claude_call(anthropic_client, claude[session], args.max_tokens)
-                    parts = [usage.get(k) for k in ("input_tokens", "cache_read_input_tokens",
-                                                    "cache_creation_input_tokens")]
-                    prompt = sum(p for p in parts if p) if parts[0] is not None else None
-                    evaluated = usage.get("input_tokens")
-                key = (name, session)
-                new = None if prompt is None or key not in previous else prompt - previous[key]
-                if prompt is not None:
-                    previous[key] = prompt
-                cache = cache_metrics(base_url)
-                record = Call(name, session, call, prompt, evaluated, new, ttft, total, cache)
-                print(f"  {name:<6} session {session} call {call}: prompt {prompt} evaluated {evaluated} "
-                      f"new {new} TTFT {ttft:.2f} s total {total:.2f} s", flush=True)
-                if cache:
-                    print(f"         cache: {json.dumps(cache)}", flush=True)
-                calls.append(record)
+        turns = [(name, session) for session in range(args.sessions) for name in args.clients]
+        if call == 0 and args.start_together:
+            calls += await asyncio.gather(*(one_call(name, session, 0) for name, session in turns))
+        else:
+            for name, session in turns:
+                calls.append(await one_call(name, session, call))
+    await openai_client.close()
+    await anthropic_client.close()
     return calls
 
 
@@ -326,6 +335,8 @@ def main() -> None:
     p.add_argument("--ctx-size", type=int, default=32768)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--start-together", action="store_true",
+                   help="send every session's first call at once (sessions that start side by side)")
     p.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
                    help="measure the bare loop's time for each later call's new tokens")
     args = p.parse_args()
@@ -355,7 +366,7 @@ def main() -> None:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
         "settings": {k: getattr(args, k) for k in ("model", "servers", "clients", "sessions", "calls", "max_tokens",
-                                                   "ctx_size", "threads")},
+                                                   "ctx_size", "threads", "start_together")},
         "llama_server": version_line(llama_server_binary()) if "llama-server" in results else None,
         "summaries": summaries,
         "floor_s": [{"cached": c, "new": n, "seconds": t} for (c, n), t in floors.items()],
