@@ -313,3 +313,33 @@ def test_making_room_for_a_restore_does_not_drop_the_state_it_restores() -> None
         assert result.usage.cached_tokens >= 100  # A's prompt came back from RAM
         assert list(result.token_ids) == reference_greedy(extended, 4)
         engine_is_clean(engine, backend)
+
+
+def test_requests_that_start_together_with_a_long_shared_prompt_evaluate_it_once() -> None:
+    """Agents' sessions start together with the same instructions and tools: the later
+    ones wait while the first evaluates them, then share its cells."""
+    engine, backend = make_engine(n_ctx=2048, speculation="off")
+    shared = prompt_of(20, 600)
+    prompts = [shared + prompt_of(30 + i, 12) for i in range(3)]
+    unrelated = prompt_of(40, 30)
+    with engine:
+        streams = [engine.submit(p, greedy(6)) for p in prompts]
+        other = engine.submit(unrelated, greedy(6))
+        done = [s.collect() for s in streams]
+        alone = other.collect()
+        for prompt, d in zip(prompts, done, strict=True):
+            assert list(d.token_ids) == reference_greedy(prompt, 6)
+        assert sum(d.usage.evaluated_tokens for d in done) == 600 + 3 * 12
+        assert list(alone.token_ids) == reference_greedy(unrelated, 6)
+        engine_is_clean(engine, backend)
+
+
+def test_two_tenants_starting_together_with_the_same_prompt_share_nothing() -> None:
+    engine, backend = make_engine(n_ctx=2048, speculation="off")
+    shared = prompt_of(21, 600)
+    with engine:
+        first = engine.submit(shared + [5], greedy(4), cache_key="a")
+        second = engine.submit(shared + [6], greedy(4), cache_key="b")
+        assert second.collect().usage.cached_tokens == 0
+        assert first.collect().usage.cached_tokens == 0
+        engine_is_clean(engine, backend)

@@ -286,12 +286,12 @@ def test_compaction_leaves_an_entry_too_large_for_an_eighth_of_the_ram_tier_in_t
         assert p.pool.counters.spills == (2 if spilled else 0)  # compaction stops at the first it leaves
 
 
-def test_interleaved_agent_sessions_evaluate_only_their_new_tokens_with_compaction_on() -> None:
+def replay_agent_sessions(*, n_ctx: int, calls: int) -> Pool:
     """benchmarks/coding_agents.py at a tenth of its size: three Codex and three Claude
     Code sessions take turns; each client's sessions share a long prompt, and each later
-    call appends a tool call and its output. With compaction spilling whole states (as
-    before), every later call evaluated its session's tail again (up to 4.67x its new
-    tokens); now each later call evaluates exactly its new tokens."""
+    call appends a tool call and its output (75 tokens). Asserts that every later call
+    evaluates exactly its new tokens; returns the pool (32 sequence ids, as `kvchat
+    serve` makes it, and a RAM tier of two Codex prompts)."""
     codex_prompt, claude_prompt = list(range(100_000, 100_864)), list(range(200_000, 200_945))
     prompts = {("codex", s): [*codex_prompt, *range(300_000 + 100 * s, 300_002 + 100 * s)] for s in range(3)}
     prompts |= {("claude", s): [*claude_prompt, *range(400_000 + 1000 * s, 400_212 + 1000 * s)] for s in range(3)}
@@ -300,9 +300,8 @@ def test_interleaved_agent_sessions_evaluate_only_their_new_tokens_with_compacti
     holder = probe.cache.peek(codex_prompt).holder
     assert holder is not None
     per_token = probe.pool.measure_state_size(holder, len(codex_prompt))
-    # As `kvchat serve` makes the pool: 32 sequence ids (2 x --parallel)
-    p = Pool(n_ctx=8192, n_seq_max=32, ram_bytes=int(2180 * per_token), compact=True)  # the tier holds two states
-    for call in range(3):
+    p = Pool(n_ctx=n_ctx, n_seq_max=32, ram_bytes=int(2180 * per_token), compact=True)
+    for call in range(calls):
         for session in range(3):
             for client in ("codex", "claude"):
                 new = [500_000 + 10_000 * call + 100 * session + i + (5000 if client == "claude" else 0)
@@ -312,9 +311,18 @@ def test_interleaved_agent_sessions_evaluate_only_their_new_tokens_with_compacti
                 assert request is not None
                 generate(p, request, [7, 8])
                 p.pool.finish(request, keep=True)
+                p.pool.check_parked()
                 if call:
                     evaluated = len(prompts[client, session]) - request.cached_tokens
                     assert evaluated == len(new), (client, session, call, evaluated)
+    return p
+
+
+def test_interleaved_agent_sessions_evaluate_only_their_new_tokens_with_compaction_on() -> None:
+    """With compaction spilling whole states (as before), every later call of the replay
+    evaluated its session's tail again (up to 4.67x its new tokens); now each later call
+    evaluates exactly its new tokens, and a pool that holds every session spills nothing."""
+    p = replay_agent_sessions(n_ctx=8192, calls=3)
     assert p.pool.counters.spills == 0
 
 
@@ -328,12 +336,18 @@ def stored_positions(p: Pool, tokens: list[int], resident: int) -> list[int]:
     return sorted(int(pos) for pos in json.loads(loaded.state))
 
 
-def test_an_evicted_branch_spills_only_its_tail_past_the_prefix_others_share() -> None:
-    p = Pool(n_ctx=512, ram_bytes=1 << 20)
+def park_two_branches(p: Pool) -> tuple[list[int], list[int], list[int]]:
+    """Park two prompts that share a 46-token prefix: (the prefix, the first, the second)."""
     shared = SYSTEM + list(range(100, 140))
     first, second = shared + list(range(200, 230)), shared + list(range(300, 330))
     p.run(first)
     p.run(second)
+    return shared, first, second
+
+
+def test_an_evicted_branch_spills_only_its_tail_past_the_prefix_others_share() -> None:
+    p = Pool(n_ctx=512, ram_bytes=1 << 20)
+    shared, first, second = park_two_branches(p)
     assert p.pool.evict_lru() and p.pool.counters.spills == 1  # `first`: its holder is freed
     assert stored_positions(p, first, resident=len(shared)) == list(range(len(shared), len(first)))
     assert p.pool.store is not None and p.pool.store.best_match(first) is None  # not without the prefix
@@ -346,10 +360,7 @@ def test_an_evicted_branch_spills_only_its_tail_past_the_prefix_others_share() -
 
 def test_a_tail_comes_back_onto_the_tree_and_only_the_new_tokens_are_evaluated() -> None:
     p = Pool(n_ctx=512, ram_bytes=1 << 20)
-    shared = SYSTEM + list(range(100, 140))
-    first, second = shared + list(range(200, 230)), shared + list(range(300, 330))
-    p.run(first)
-    p.run(second)
+    shared, first, second = park_two_branches(p)
     p.pool.evict_lru()
     request = p.admit(first + [99])
     assert request is not None and request.cached_tokens == len(first)
@@ -363,10 +374,7 @@ def test_a_tail_comes_back_onto_the_tree_and_only_the_new_tokens_are_evaluated()
 
 def test_a_trimmed_holder_spills_its_whole_state_when_no_sequence_id_is_free() -> None:
     p = Pool(n_ctx=512, n_seq_max=2, ram_bytes=1 << 20)
-    shared = SYSTEM + list(range(100, 140))
-    first, second = shared + list(range(200, 230)), shared + list(range(300, 330))
-    p.run(first)
-    p.run(second)
+    shared, first, second = park_two_branches(p)
     p.pool.evict_lru()  # `first`: frees its id...
     conversation = p.pinned.pin()  # ...which a conversation takes
     assert p.pool.free_sequences == 0
@@ -381,10 +389,7 @@ def test_a_store_with_a_disk_tier_keeps_whole_states(tmp_path) -> None:  # type:
     tail's prefix would be missing. Evictions and the shutdown spill whole states."""
     p = Pool(n_ctx=512)
     p.pool.store = StateStore(ram_budget_bytes=1 << 20, disk_dir=tmp_path, layout_key="fake-layout")
-    shared = SYSTEM + list(range(100, 140))
-    first, second = shared + list(range(200, 230)), shared + list(range(300, 330))
-    p.run(first)
-    p.run(second)
+    shared, first, second = park_two_branches(p)
     p.pool.evict_lru()
     assert stored_positions(p, first, resident=0) == list(range(len(first)))
     p.pool.persist()
@@ -417,36 +422,41 @@ def test_a_session_evicted_turn_by_turn_comes_back_as_a_chain_of_tails() -> None
 
 
 def test_interleaved_agent_sessions_evaluate_only_their_new_tokens_in_a_full_pool() -> None:
-    """benchmarks/coding_agents.py at a tenth of its size, in a pool too small for every
-    session. Spilling whole states, this replay gave the benchmark's run of 2026-12-07
-    exactly at its third round (28 evictions, 17 spills, a failed restore, 2x the new
-    tokens), and up to 5.8x in a fourth; with tails restored onto the shared prompts
-    (as chains), every later call evaluates exactly its new tokens."""
-    codex_prompt, claude_prompt = list(range(100_000, 100_864)), list(range(200_000, 200_945))
-    prompts = {("codex", s): [*codex_prompt, *range(300_000 + 100 * s, 300_002 + 100 * s)] for s in range(3)}
-    prompts |= {("claude", s): [*claude_prompt, *range(400_000 + 1000 * s, 400_212 + 1000 * s)] for s in range(3)}
-    probe = Pool(n_ctx=2048)
-    probe.run(codex_prompt)
-    holder = probe.cache.peek(codex_prompt).holder
-    assert holder is not None
-    per_token = probe.pool.measure_state_size(holder, len(codex_prompt))
-    p = Pool(n_ctx=3276, n_seq_max=32, ram_bytes=int(2180 * per_token), compact=True)
-    for call in range(4):
-        for session in range(3):
-            for client in ("codex", "claude"):
-                new = [500_000 + 10_000 * call + 100 * session + i + (5000 if client == "claude" else 0)
-                       for i in range(75)] if call else []
-                prompts[client, session] += new
-                request = p.admit(prompts[client, session])
-                assert request is not None
-                generate(p, request, [7, 8])
-                p.pool.finish(request, keep=True)
-                if call:
-                    evaluated = len(prompts[client, session]) - request.cached_tokens
-                    assert evaluated == len(new), (client, session, call, evaluated)
-                p.pool.check_parked()
-    counters = p.pool.counters
+    """The replay in a pool too small for every session. Spilling whole states, it gave
+    the benchmark's run of 2026-12-07 exactly at its third round (28 evictions, 17
+    spills, a failed restore, 2x the new tokens), and up to 5.8x in a fourth; with tails
+    restored onto the shared prompts (as chains), every later call evaluates exactly its
+    new tokens."""
+    counters = replay_agent_sessions(n_ctx=3276, calls=4).pool.counters
     assert counters.evictions > 20 and counters.restores > 0 and counters.restore_failures == 0  # the pool was full
+
+
+def test_a_running_request_publishes_its_evaluated_tokens_to_the_tree() -> None:
+    p = Pool(n_ctx=512)
+    prompt = SYSTEM + list(range(100, 160))
+    running = p.admit(prompt, max_new=8)
+    assert running is not None and p.pool.publish(running)
+    assert running.shared_prefix == len(prompt) and running.reserved_cells == running.decode_cells()
+    assert p.cache.peek(prompt).length == len(prompt)
+    assert not p.pool.publish(running)  # nothing new to give
+    other = p.admit(prompt + [7, 8])
+    assert other is not None and other.cached_tokens == len(prompt)  # shares the running request's cells
+    generate(p, running, [1, 2, 3])
+    p.pool.finish(running, keep=True)
+    p.pool.finish(other, keep=True)
+    p.pool.check_parked()
+    assert p.kv.cells_used() == p.cache.total_tokens and p.pool.reserved_cells == 0
+
+
+def test_a_running_request_does_not_publish_where_the_tree_holds_its_tokens_in_other_cells() -> None:
+    p = Pool(n_ctx=512)
+    prompt = SYSTEM + list(range(100, 160))
+    first = p.admit(prompt, max_new=4)
+    second = p.admit(prompt, max_new=4)  # evaluates the same tokens in cells of its own
+    assert first is not None and second is not None and second.cached_tokens == 0
+    assert p.pool.publish(first)
+    assert not p.pool.publish(second)
+    assert second.shared_prefix == 0
 
 
 def test_own_tokens_are_the_cells_a_spill_would_free() -> None:
@@ -591,6 +601,14 @@ class PoolMachine(RuleBasedStateMachine):
     @rule()
     def evict(self) -> None:
         self.p.pool.evict_lru()
+
+    @precondition(lambda self: self.running)
+    @rule(data=st.data())
+    def publish(self, data: st.DataObject) -> None:
+        request = data.draw(st.sampled_from(self.running))
+        if self.p.pool.publish(request):
+            assert request.shared_prefix == request.n_past and request.locked_node is not None
+            assert self.p.cache.peek(request.kv_tokens, namespace=request.cache_key).length == request.n_past
 
     @rule()
     def pin(self) -> None:

@@ -524,3 +524,11 @@ def test_a_chain_with_a_gap_falls_back_to_the_best_single_entry() -> None:
     assert [(m.length, m.start) for m in store.best_chain(prompt, resident=2)] == [(6, 2)]
     store.put(entry(prompt[:5] + [99], seed=3))  # diverges at 5: no link either
     assert [(m.length, m.start) for m in store.best_chain(prompt, resident=0)] == [(5, 0)]
+
+
+def test_a_tail_starting_past_what_a_prompt_shares_with_it_is_no_link() -> None:
+    store = DrainingStore(ram_budget_bytes=10_000)
+    store.put(tail([1, 2, 3, 4, 5, 6, 7, 8], start=6, seed=1))
+    store.put(entry([1, 2, 3], seed=2))
+    # The prompt shares 5 tokens with the tail, whose state starts at 6: it gives none of them.
+    assert [(m.length, m.start) for m in store.best_chain([1, 2, 3, 4, 5, 9])] == [(3, 0)]

@@ -146,6 +146,36 @@ class KVPool:
         self._memory.seq_copy(node.holder, _seq_id(request), 0, length)
         self.place(request, resident=length, shared=length, node=node)
 
+    def publish(self, request: Request) -> bool:
+        """Park a running request's evaluated tokens in the tree while it runs on: a new
+        parked sequence shares its cells (no copy), so that requests that need the same
+        prefix share them at once. The request then shares them with the tree: it locks
+        the new entry and is no longer charged for those cells. False, changing
+        nothing, if it has nothing new to give, the tree holds some of its tokens
+        in other cells, or no sequence id can be freed."""
+        cache, seq_id, tokens = self.cache, request.seq_id, request.kv_tokens
+        if cache is None or seq_id is None or request.pinned is not None or len(tokens) <= request.shared_prefix:
+            return False
+        if cache.peek(tokens, namespace=request.cache_key).length != request.shared_prefix:
+            return False
+        if not self.make_room(0):
+            return False
+        holder = self.take_id()
+        self._memory.seq_copy(seq_id, holder, 0, len(tokens))
+        result = cache.insert(tokens, holder, shared_prefix=request.shared_prefix, namespace=request.cache_key)
+        for redundant in result.redundant:  # the entry the request shared from, now a prefix of the new one
+            self.free_id(redundant)
+        node = cache.peek(tokens, namespace=request.cache_key).node
+        assert result.stored and not result.shared_from and node is not None
+        cache.lock(node)
+        if request.locked_node is not None:
+            cache.unlock(request.locked_node)
+        published = len(tokens) - request.shared_prefix
+        self._reserved -= published
+        request.kv.reserved_cells -= published
+        request.kv.shared_prefix, request.kv.locked_node = len(tokens), node
+        return True
+
     def undo_admission(self, request: Request) -> None:
         """Take back an admission: free the request's sequence and reservation."""
         seq_id = _seq_id(request)

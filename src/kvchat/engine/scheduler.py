@@ -17,6 +17,13 @@ that cannot grow while no other request can give way ends with finish reason
 
 So requests without `max_tokens` (which may each generate thousands of tokens)
 run together instead of each holding the whole context from the start.
+
+A waiting request whose prompt shares a long prefix with a running request's, one
+the prefix cache does not hold yet (agents' sessions that start together with
+the same instructions and tools), waits while the running one evaluates that
+prefix (`SHARED_PREFILL_MIN_TOKENS`); then the running request's cells are
+published to the prefix cache (:meth:`KVPool.publish`) and the waiting one shares
+them: the prefix is evaluated once, not once per request side by side.
 """
 
 from __future__ import annotations
@@ -27,9 +34,14 @@ from collections import deque
 from kvchat.engine.admission import Admission
 from kvchat.engine.kv_pool import KVPool
 from kvchat.engine.pinning import PinnedSequences
+from kvchat.engine.radix import common_prefix_length
 from kvchat.engine.request import Request
 
 logger = logging.getLogger("kvchat.engine")
+
+SHARED_PREFILL_MIN_TOKENS = 256
+"""A waiting request waits for a running request's prompt when the two share at least
+this many more tokens than the prefix cache holds."""
 
 
 class Scheduler:
@@ -68,7 +80,33 @@ class Scheduler:
     def _admit(self, request: Request) -> bool:
         if request.pinned is not None:
             return self._pinned.admit(request)
+        if (found := self._prefill_to_share(request)) is not None:
+            source, common = found
+            if source.n_past < common:
+                return False  # it is still evaluating the prefix this request needs
+            self._pool.publish(source)
         return self._admission.admit(request)
+
+    def _prefill_to_share(self, request: Request) -> tuple[Request, int] | None:
+        """The running request whose tokens share the longest prefix with `request`'s
+        (in its cache namespace), if that is `SHARED_PREFILL_MIN_TOKENS` longer than
+        what the prefix cache holds; and that prefix's length."""
+        cache = self._pool.cache
+        if cache is None or request.shift is not None:
+            return None
+        tokens = request.admission_tokens
+        usable = len(tokens) - 1  # at least one token is evaluated, for fresh logits
+        best: tuple[Request, int] | None = None
+        for other in self.running:
+            if other.cache_key != request.cache_key or other.pinned is not None or other.shift is not None:
+                continue
+            common = min(common_prefix_length(other.admission_tokens, tokens), usable)
+            if best is None or common > best[1]:
+                best = (other, common)
+        if best is None or best[1] < SHARED_PREFILL_MIN_TOKENS:
+            return None
+        held = cache.peek(tokens, namespace=request.cache_key).length
+        return best if best[1] >= held + SHARED_PREFILL_MIN_TOKENS else None
 
     def reserve_step(self) -> list[Request]:
         """Make every running request's reservation cover what this step adds,

@@ -334,9 +334,10 @@ class StateStore:
         query, best = tuple(tokens), alone
         while len(chain) < MAX_CHAIN:
             link, deeper = best, self._tails.longest_match(query, namespace)
-            if deeper is not None and deeper[1].start > resident and deeper[0] > (best.length if best else 0):
+            if deeper is not None:
                 length, e = deeper
-                link = StoreMatch(length, e.tokens, e.tier, e.key, e.start)
+                if resident < e.start < length and length > (best.length if best else 0):
+                    link = StoreMatch(length, e.tokens, e.tier, e.key, e.start)
             if link is None or (chain and link.length < len(query)):  # a gap before the last link's start
                 break
             chain.append(link)
