@@ -91,6 +91,7 @@ class Call:
     ttft_s: float
     total_s: float
     cache: dict[str, float] | None = None  # kvchat only: its cache counters and tiers after the call
+    error: str | None = None  # the server's error, if the call failed (its times: until then)
 
 
 CACHE_METRICS = ("kvchat_cache_evictions_total", "kvchat_cache_spills_total", "kvchat_cache_restores_total",
@@ -223,6 +224,15 @@ async def run(base_url: str, args: argparse.Namespace) -> list[Call]:
     previous: dict[tuple[str, int], int] = {}
 
     async def one_call(name: str, session: int, call: int) -> Call:
+        started = time.perf_counter()
+        try:
+            return await answered_call(name, session, call)
+        except (openai.APIError, anthropic.APIError) as exc:
+            failed = time.perf_counter() - started
+            print(f"  {name:<6} session {session} call {call}: failed after {failed:.1f} s: {exc}", flush=True)
+            return Call(name, session, call, None, None, None, failed, failed, cache_metrics(base_url), str(exc))
+
+    async def answered_call(name: str, session: int, call: int) -> Call:
         key = (name, session)
         if name == "codex":
             if call:
@@ -270,6 +280,8 @@ def command(name: str, args: argparse.Namespace):
 
 
 def summary(calls: list[Call]) -> dict[str, Any]:
+    failed = [c for c in calls if c.error is not None]
+    calls = [c for c in calls if c.error is None]
     later = [c for c in calls if c.call > 0]
     overhead = [c.evaluated_tokens / c.new_tokens for c in later
                 if c.evaluated_tokens is not None and c.new_tokens]
@@ -278,6 +290,7 @@ def summary(calls: list[Call]) -> dict[str, Any]:
         "later_ttft_median_s": statistics.median(c.ttft_s for c in later) if later else None,
         "later_evaluated_over_new_max": max(overhead) if overhead else None,
         "total_s": sum(c.total_s for c in calls),
+        "failed_calls": len(failed),
     }
 
 
@@ -313,7 +326,8 @@ def floor_seconds(model: str, ctx_size: int, threads: int, shapes: list[tuple[in
 
 def against_floor(calls: list[Call], floors: dict[tuple[int, int], float]) -> dict[str, Any]:
     """Later calls' TTFT over the backend's floor for their new tokens."""
-    ratios = [c.ttft_s / floors[shape] for c in calls if c.call > 0 and (shape := floor_shape(c)) in floors]
+    answered = [c for c in calls if c.call > 0 and c.error is None and c.prompt_tokens is not None and c.new_tokens]
+    ratios = [c.ttft_s / floors[shape] for c in answered if (shape := floor_shape(c)) in floors]
     return {"later_ttft_over_floor_median": statistics.median(ratios) if ratios else None,
             "later_ttft_over_floor": ratios}
 
