@@ -11,7 +11,7 @@ from kvchat.engine.kv_pool import KVPool
 from kvchat.engine.request import Request, RequestSpec, SequenceKV
 from kvchat.engine.sampling import SamplingParams
 from kvchat.engine.settings import EngineSettings
-from kvchat.engine.step_planner import StepPlanner
+from kvchat.engine.step_planner import LONG_CHUNK_ROWS, StepPlanner
 from kvchat.engine.stream import Stream
 from kvchat.llama import Batch
 
@@ -78,6 +78,22 @@ def test_with_several_sequences_every_call_stays_below_the_tiled_kernel() -> Non
     assert calls[0].sampled == [(i, i) for i in range(8)]
     assert [s for c in calls for s in c.sampled][8:] == [(8, len(calls[-1].rows) - 1)]
     assert [s.pending for s in decoders] == [[]] * 8 and newcomer.pending == []
+
+
+def test_a_long_prompt_chunk_among_several_sequences_gets_a_call_of_its_own() -> None:
+    """Row by row, a long chunk would cost several times its tiled call (its own cells
+    are together): it goes alone and whole; decode rows and short chunks keep the cap."""
+    decoders = [generating(i, 100 + i) for i in range(8)]
+    long, short = prompting(8, LONG_CHUNK_ROWS + 44, n_past=30), prompting(9, 90)
+    calls = run_step([*decoders, long, short])
+    long_calls = [c for c in calls if any(seq == 8 for seq, _ in c.rows)]
+    assert [c.rows for c in long_calls] == [[(8, p) for p in range(30, 30 + LONG_CHUNK_ROWS + 44)]]
+    assert long_calls[0].sampled == [(8, LONG_CHUNK_ROWS + 43)]
+    assert all(len(c.rows) <= EXACT for c in calls if c not in long_calls)
+    assert [r for c in calls for r in c.rows] == (
+        [(i, 100 + i) for i in range(8)] + long_calls[0].rows + [(9, p) for p in range(90)]
+    )
+    assert long.pending == [] and short.pending == []
 
 
 @pytest.mark.parametrize("capacity", [64, 100])

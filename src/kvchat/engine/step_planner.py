@@ -38,6 +38,11 @@ class _Segment:
     """A decoding sequence's segment: it stays in one call."""
 
 
+LONG_CHUNK_ROWS = 256
+"""A prompt chunk of this many rows or more gets a `llama_decode` call of its own, not
+cut at the interleaved row cap."""
+
+
 class StepPlanner:
     """Plans one engine step: which tokens it evaluates, in which `llama_decode` calls.
 
@@ -56,7 +61,10 @@ class StepPlanner:
     skip: the step is then cut into calls of at most `interleaved_call_rows` rows
     (``EngineSettings.interleaved_call_rows``; 63 by default, None for one call).
     A sequence running alone has its cells together and gets one call (the tiled
-    kernel is the faster one on contiguous cells).
+    kernel is the faster one on contiguous cells). So does a long prompt chunk
+    (`LONG_CHUNK_ROWS` or more) while others run: its own cells are together, and
+    row by row it would cost several times more (a 504-token chunk after 1,000
+    cached tokens: 3.7x; after 6,000: 8x, measured on Qwen 0.5B, 2 cores).
 
     The figures behind this are measured by benchmarks/attention_calls.py (see
     docs/benchmarks.md, where the engine's calls are cut at 63 rows).
@@ -77,17 +85,19 @@ class StepPlanner:
         rows: list[ScheduledRow] = []
         for segment in segments:
             request, tokens = segment.request, segment.tokens
-            if segment.whole and call_rows - batch.n_tokens < len(tokens):
+            own_call = not segment.whole and len(tokens) >= LONG_CHUNK_ROWS and call_rows < batch.capacity
+            rows_cap = batch.capacity if own_call else call_rows
+            if batch.n_tokens and (own_call or (segment.whole and call_rows - batch.n_tokens < len(tokens))):
                 yield rows
                 batch.clear()
                 rows = []
             done = 0
             while done < len(tokens):
-                if batch.n_tokens == call_rows:
+                if batch.n_tokens == rows_cap:
                     yield rows
                     batch.clear()
                     rows = []
-                part = tokens[done : done + call_rows - batch.n_tokens]
+                part = tokens[done : done + rows_cap - batch.n_tokens]
                 logits_from = segment.logits_from
                 if logits_from is not None and logits_from >= done + len(part):
                     logits_from = None  # its logits come in a later part
@@ -98,6 +108,10 @@ class StepPlanner:
                 done += len(part)
                 if logits_from is not None:
                     rows.append(ScheduledRow(request, row - len(segment.draft), segment.draft))
+            if own_call:
+                yield rows
+                batch.clear()
+                rows = []
         if batch.n_tokens:
             yield rows
 
