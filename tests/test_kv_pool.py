@@ -448,15 +448,25 @@ def test_a_running_request_publishes_its_evaluated_tokens_to_the_tree() -> None:
     assert p.kv.cells_used() == p.cache.total_tokens and p.pool.reserved_cells == 0
 
 
-def test_a_running_request_does_not_publish_where_the_tree_holds_its_tokens_in_other_cells() -> None:
+def test_a_running_request_shares_what_the_tree_parked_meanwhile_then_publishes_the_rest() -> None:
+    """Two requests evaluated the same prompt side by side; once the first is published,
+    the second shares those cells from the tree instead of its own, and publishes its
+    generated tokens."""
     p = Pool(n_ctx=512)
     prompt = SYSTEM + list(range(100, 160))
     first = p.admit(prompt, max_new=4)
-    second = p.admit(prompt, max_new=4)  # evaluates the same tokens in cells of its own
+    second = p.admit(prompt, max_new=8)
     assert first is not None and second is not None and second.cached_tokens == 0
     assert p.pool.publish(first)
-    assert not p.pool.publish(second)
-    assert second.shared_prefix == 0
+    assert not p.pool.publish(second)  # nothing the tree does not hold
+    generate(p, second, [1, 2, 3])
+    assert p.pool.publish(second)
+    assert second.shared_prefix == len(prompt) + 2 and p.kv.tokens(second.seq_id) == prompt + [1, 2]
+    assert p.kv.cells_used() <= p.pool.cells_in_use()
+    for request in (first, second):
+        p.pool.finish(request, keep=True)
+    p.pool.check_parked()
+    assert p.kv.cells_used() == p.cache.total_tokens and p.pool.reserved_cells == 0
 
 
 def test_own_tokens_are_the_cells_a_spill_would_free() -> None:

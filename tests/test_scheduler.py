@@ -272,3 +272,20 @@ class EngineMachine(RuleBasedStateMachine):
 
 TestEngineMachine = EngineMachine.TestCase
 TestEngineMachine.settings = settings(max_examples=100, stateful_step_count=30, deadline=None)
+
+
+def test_a_request_that_waits_for_a_shared_prompt_lets_the_ones_behind_it_go_first() -> None:
+    """The second request shares 300 tokens with the first, which evaluates them over
+    several steps: it waits for them (and then shares them), while an unrelated request
+    queued after it is admitted at once."""
+    c = Core(n_ctx=1024, n_batch=64)
+    shared = [1 + (i * 7) % 50 for i in range(300)]
+    first = c.submit(shared + [51], max_new=4)
+    second = c.submit(shared + [52], max_new=4)
+    other = c.submit([53, 54, 55], max_new=4)
+    c.step()
+    assert c.scheduler.running == [first, other] and list(c.scheduler.waiting) == [second]
+    c.run()
+    assert second.cached_tokens == len(shared) and first.cached_tokens == 0
+    for request in (first, second, other):
+        assert list(result(request).token_ids) == expected(request)

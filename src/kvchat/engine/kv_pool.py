@@ -150,16 +150,26 @@ class KVPool:
         """Park a running request's evaluated tokens in the tree while it runs on: a new
         parked sequence shares its cells (no copy), so that requests that need the same
         prefix share them at once. The request then shares them with the tree: it locks
-        the new entry and is no longer charged for those cells. False, changing
-        nothing, if it has nothing new to give, the tree holds some of its tokens
-        in other cells, or no sequence id can be freed."""
+        the new entry and is no longer charged for those cells. Tokens the tree came to
+        hold meanwhile in other cells (another request parked them) are shared from
+        the tree first, in place of the request's own. False, changing nothing, if it
+        has nothing new to give or no sequence id can be freed."""
         cache, seq_id, tokens = self.cache, request.seq_id, request.kv_tokens
         if cache is None or seq_id is None or request.pinned is not None or len(tokens) <= request.shared_prefix:
             return False
-        if cache.peek(tokens, namespace=request.cache_key).length != request.shared_prefix:
+        held = cache.peek(tokens, namespace=request.cache_key)
+        if held.length >= len(tokens) or not self.make_room(0):
             return False
-        if not self.make_room(0):
-            return False
+        if held.length > request.shared_prefix:  # parked since it was admitted: share those cells first
+            assert held.node is not None and held.holder is not None
+            self.remove(seq_id, request.shared_prefix, held.length)
+            self._memory.seq_copy(held.holder, seq_id, request.shared_prefix, held.length)
+            cache.lock(held.node)
+            if request.locked_node is not None:
+                cache.unlock(request.locked_node)
+            self._reserved -= held.length - request.shared_prefix
+            request.kv.reserved_cells -= held.length - request.shared_prefix
+            request.kv.shared_prefix, request.kv.locked_node = held.length, held.node
         holder = self.take_id()
         self._memory.seq_copy(seq_id, holder, 0, len(tokens))
         result = cache.insert(tokens, holder, shared_prefix=request.shared_prefix, namespace=request.cache_key)

@@ -21,9 +21,10 @@ run together instead of each holding the whole context from the start.
 A waiting request whose prompt shares a long prefix with a running request's, one
 the prefix cache does not hold yet (agents' sessions that start together with
 the same instructions and tools), waits while the running one evaluates that
-prefix (`SHARED_PREFILL_MIN_TOKENS`); then the running request's cells are
-published to the prefix cache (:meth:`KVPool.publish`) and the waiting one shares
-them: the prefix is evaluated once, not once per request side by side.
+prefix (`SHARED_PREFILL_MIN_TOKENS`), keeping its place in the queue while
+the requests behind it go ahead; then the running request's cells are published
+to the prefix cache (:meth:`KVPool.publish`) and the waiting one shares them: the
+prefix is evaluated once, not once per request side by side.
 """
 
 from __future__ import annotations
@@ -69,10 +70,18 @@ class Scheduler:
             self.waiting.remove(request)
 
     def admit(self) -> list[Request]:
-        """Admit waiting requests in order while they fit; returns the admitted ones."""
-        admitted = []
-        while self.waiting and len(self.running) < self._max_running and self._admit(self.waiting[0]):
-            request = self.waiting.popleft()
+        """Admit waiting requests in order while they fit; returns the admitted ones. A
+        request that waits for a running request's prompt keeps its place, and the
+        requests behind it may go first."""
+        admitted: list[Request] = []
+        for request in list(self.waiting):
+            if len(self.running) >= self._max_running:
+                break
+            if self._waits_for_shared_prefill(request):
+                continue
+            if not self._admit(request):
+                break
+            self.waiting.remove(request)
             self.running.append(request)
             admitted.append(request)
         return admitted
@@ -80,12 +89,19 @@ class Scheduler:
     def _admit(self, request: Request) -> bool:
         if request.pinned is not None:
             return self._pinned.admit(request)
-        if (found := self._prefill_to_share(request)) is not None:
-            source, common = found
-            if source.n_past < common:
-                return False  # it is still evaluating the prefix this request needs
-            self._pool.publish(source)
         return self._admission.admit(request)
+
+    def _waits_for_shared_prefill(self, request: Request) -> bool:
+        """True while a running request evaluates a long prefix `request` shares with
+        it; once that is evaluated, it is published to the prefix cache for `request`."""
+        found = self._prefill_to_share(request) if request.pinned is None else None
+        if found is None:
+            return False
+        source, common = found
+        if source.n_past < common:
+            return True
+        self._pool.publish(source)
+        return False
 
     def _prefill_to_share(self, request: Request) -> tuple[Request, int] | None:
         """The running request whose tokens share the longest prefix with `request`'s
