@@ -157,8 +157,10 @@ class KVPool:
         cache, seq_id, tokens = self.cache, request.seq_id, request.kv_tokens
         if cache is None or seq_id is None or request.pinned is not None or len(tokens) <= request.shared_prefix:
             return False
+        if not self.make_room(0):  # (before the lookup: making room may evict what it finds)
+            return False
         held = cache.peek(tokens, namespace=request.cache_key)
-        if held.length >= len(tokens) or not self.make_room(0):
+        if held.length >= len(tokens):
             return False
         if held.length > request.shared_prefix:  # parked since it was admitted: share those cells first
             assert held.node is not None and held.holder is not None
