@@ -469,6 +469,21 @@ def test_a_running_request_shares_what_the_tree_parked_meanwhile_then_publishes_
     assert p.kv.cells_used() == p.cache.total_tokens and p.pool.reserved_cells == 0
 
 
+def test_publish_evicting_for_an_id_the_entry_it_would_share_keeps_the_request_whole() -> None:
+    p = Pool(n_ctx=512, n_seq_max=3)
+    prompt = SYSTEM + list(range(100, 160))
+    running = p.admit(prompt + [1], max_new=4)
+    assert running is not None
+    p.run(prompt + [2])  # parks the same prompt in cells of its own
+    conversation = p.pinned.pin()  # takes the last free id: publishing must evict that entry
+    assert p.pool.publish(running)
+    assert p.kv.tokens(running.seq_id) == list(running.kv_tokens)
+    assert p.cache.peek(running.kv_tokens).length == len(running.kv_tokens)
+    p.pool.finish(running, keep=True)
+    p.pool.check_parked()
+    p.pinned.unpin(conversation)
+
+
 def test_own_tokens_are_the_cells_a_spill_would_free() -> None:
     p = Pool(n_ctx=512)
     alone = list(range(300, 340))
