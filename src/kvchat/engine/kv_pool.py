@@ -166,12 +166,7 @@ class KVPool:
             assert held.node is not None and held.holder is not None
             self.remove(seq_id, request.shared_prefix, held.length)
             self._memory.seq_copy(held.holder, seq_id, request.shared_prefix, held.length)
-            cache.lock(held.node)
-            if request.locked_node is not None:
-                cache.unlock(request.locked_node)
-            self._reserved -= held.length - request.shared_prefix
-            request.kv.reserved_cells -= held.length - request.shared_prefix
-            request.kv.shared_prefix, request.kv.locked_node = held.length, held.node
+            self._share_with_tree(request, held.node, held.length)
         holder = self.take_id()
         self._memory.seq_copy(seq_id, holder, 0, len(tokens))
         result = cache.insert(tokens, holder, shared_prefix=request.shared_prefix, namespace=request.cache_key)
@@ -179,14 +174,19 @@ class KVPool:
             self.free_id(redundant)
         node = cache.peek(tokens, namespace=request.cache_key).node
         assert result.stored and not result.shared_from and node is not None
-        cache.lock(node)
-        if request.locked_node is not None:
-            cache.unlock(request.locked_node)
-        published = len(tokens) - request.shared_prefix
-        self._reserved -= published
-        request.kv.reserved_cells -= published
-        request.kv.shared_prefix, request.kv.locked_node = len(tokens), node
+        self._share_with_tree(request, node, len(tokens))
         return True
+
+    def _share_with_tree(self, request: Request, node: Node, length: int) -> None:
+        """`request`'s first `length` cells are now the tree's: it locks `node` (in place of
+        the node it locked) and is no longer charged for the cells past its old shared prefix."""
+        assert self.cache is not None
+        self.cache.lock(node)
+        if request.locked_node is not None:
+            self.cache.unlock(request.locked_node)
+        self._reserved -= length - request.shared_prefix
+        request.kv.reserved_cells -= length - request.shared_prefix
+        request.kv.shared_prefix, request.kv.locked_node = length, node
 
     def undo_admission(self, request: Request) -> None:
         """Take back an admission: free the request's sequence and reservation."""
