@@ -11,7 +11,14 @@ from hypothesis import strategies as st
 from kvchat.engine.drafting import CACHE_TOKENS_PER_REPLY, NgramCache, NgramIndex, _entry_bytes
 from kvchat.engine.request import Request, RequestSpec, SequenceKV
 from kvchat.engine.sampling import SamplingParams
-from kvchat.engine.speculation import VERIFY_COST, Acceptance, Speculator, call_cost, expected_tokens
+from kvchat.engine.speculation import (
+    TILE_ROWS,
+    Acceptance,
+    Speculator,
+    call_cost,
+    expected_tokens,
+    padded_rows,
+)
 from kvchat.engine.stream import Stream
 
 # -- NgramIndex ---------------------------------------------------------------------------------
@@ -134,12 +141,36 @@ def test_a_reply_of_a_whole_context_indexes_only_its_last_tokens() -> None:
 # -- the cost model ---------------------------------------------------------------------------------
 
 
-def test_call_cost_goes_through_the_measured_points_and_grows() -> None:
-    for rows, cost in VERIFY_COST:
-        assert call_cost(rows) == pytest.approx(cost)
-    costs = [call_cost(n) for n in range(1, 200)]
+@pytest.mark.parametrize("context", [0, 400, 2_000, 9_000, 1_000_000])
+def test_call_cost_grows_with_rows_within_a_kernel_and_drops_at_the_tile(context: int) -> None:
+    row_by_row = [call_cost(n, context) for n in range(1, TILE_ROWS)]
+    tiled = [call_cost(n, context) for n in range(TILE_ROWS, 1_000)]
+    assert all(b > a for a, b in zip(row_by_row, row_by_row[1:]))
+    assert all(b >= a for a, b in zip(tiled, tiled[1:]))
+    assert call_cost(TILE_ROWS, context) < call_cost(TILE_ROWS - 1, context)
+    assert call_cost(0, context) == 0
+
+
+@pytest.mark.parametrize("rows", [1, 2, 9, 63, 64, 128])
+def test_call_cost_grows_with_the_context(rows: int) -> None:
+    costs = [call_cost(rows, context) for context in (0, 400, 2_000, 9_000, 1_000_000)]
     assert all(b > a for a, b in zip(costs, costs[1:]))
-    assert call_cost(1_000_000) > call_cost(64)
+
+
+def test_a_call_is_padded_to_a_tile_only_where_that_is_cheaper_and_there_is_room() -> None:
+    assert padded_rows(2, 400, room=200) == 2  # two rows cost less than a tile
+    assert padded_rows(9, 9_000, room=200) == TILE_ROWS  # after 9,000 tokens nine rows cost more
+    assert padded_rows(9, 9_000, room=TILE_ROWS - 10) == 9  # no room for the padding
+    assert padded_rows(50, 400, room=14) == TILE_ROWS
+    assert padded_rows(TILE_ROWS, 9_000, room=200) == TILE_ROWS
+    assert padded_rows(100, 9_000, room=200) == 100
+
+
+@given(rows=st.integers(0, 10_000), context=st.integers(0, 1_000_000), room=st.integers(0, 10_000))
+def test_padding_never_costs_more_nor_exceeds_the_room(rows: int, context: int, room: int) -> None:
+    padded = padded_rows(rows, context, room)
+    assert rows <= padded <= rows + room
+    assert call_cost(padded, context) <= call_cost(rows, context)
 
 
 def test_expected_tokens() -> None:
@@ -339,3 +370,52 @@ def test_acceptance_priors_keep_a_bounded_number_of_namespaces() -> None:
         speculator._recent_for(f"key-{i}", i % 2 == 0)
     assert len(speculator._recent) == MAX_PRIOR_NAMESPACES
     assert speculator._recent_for("first", True)["lookup"].rate == Acceptance().rate  # forgotten: fresh again
+
+
+# -- padding to a tile -----------------------------------------------------------------------------
+
+
+def trusted_lookup(speculator: Speculator, request: Request) -> None:
+    """Give `request`'s lookup source a history of full acceptance."""
+    speculator._state(request).acceptance["lookup"] = Acceptance(accepted=99.0, rejected=1.0)
+
+
+def test_a_draft_after_a_long_context_is_padded_to_one_tile_and_the_padding_counts_in_no_tally() -> None:
+    speculator = Speculator(max_draft_tokens=TILE_ROWS - 1, ngram_cache_entries=0)
+    request = decoding_request(1, [7] * 9_000 + [*REPEATED, *REPEATED], REPEATED[:1])
+    trusted_lookup(speculator, request)
+    speculator.propose([request], capacity=512, call_rows=512)
+    proposed = REPEATED[1:] + REPEATED[:1]  # all the lookup has: 40 tokens
+    assert len(request.draft) == TILE_ROWS - 1  # with the last token: one tile's rows
+    assert request.draft[: len(proposed)] == tuple(proposed)
+    assert speculator.verified(request, len(request.draft), len(request.draft)) == (len(proposed), len(proposed))
+
+
+def test_rejected_padding_is_not_a_rejection_of_the_source() -> None:
+    speculator = Speculator(max_draft_tokens=TILE_ROWS - 1, ngram_cache_entries=0)
+    request = decoding_request(1, [7] * 9_000 + [*REPEATED, *REPEATED], REPEATED[:1])
+    trusted_lookup(speculator, request)
+    before = speculator._state(request).rate("lookup").rejected
+    speculator.propose([request], capacity=512, call_rows=512)
+    assert speculator.verified(request, len(request.draft), 40) == (40, 40)  # every proposed one
+    assert speculator._state(request).rate("lookup").rejected < before  # decayed, no new rejection
+
+
+def test_a_short_context_keeps_a_short_draft_unpadded() -> None:
+    speculator = Speculator(max_draft_tokens=TILE_ROWS - 1, ngram_cache_entries=0)
+    request = decoding_request(1, [1, 2, *REPEATED, 3], REPEATED[:5])
+    trusted_lookup(speculator, request)
+    speculator.propose([request], capacity=512, call_rows=512)
+    assert request.draft and request.draft == tuple(REPEATED[5 : 5 + len(request.draft)])
+    assert len(request.draft) < TILE_ROWS - 1  # after 45 tokens, its rows cost less than a tile
+
+
+def test_a_step_of_several_sequences_is_never_padded() -> None:
+    """The planner cuts such a step into calls below a tile, so padding would only cost."""
+    speculator = Speculator(max_draft_tokens=TILE_ROWS - 1, ngram_cache_entries=0)
+    requests = [decoding_request(i, [7] * 9_000 + [*REPEATED, *REPEATED], REPEATED[:1]) for i in (1, 2)]
+    for request in requests:
+        trusted_lookup(speculator, request)
+    speculator.propose(requests, capacity=512, call_rows=TILE_ROWS - 1)
+    for request in requests:
+        assert request.draft == tuple(REPEATED[1 : 1 + len(request.draft)])

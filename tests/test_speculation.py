@@ -168,16 +168,20 @@ def test_a_stop_string_inside_an_accepted_draft_ends_there(idle_drafting: Engine
     assert stream.usage.accepted_draft_tokens > 0
 
 
-def test_cancel_in_the_middle_of_a_verified_draft_leaks_nothing(idle_drafting: Engine) -> None:
-    stream = idle_drafting.submit(tokens(idle_drafting, REPEAT_CODE), greedy(200))
-    seen = 0
-    for chunk in stream:
-        seen += len(chunk.token_ids)
-        if seen >= 40:  # drafts of several tokens are being verified step by step by now
-            stream.cancel()
-    assert stream.usage.finish_reason == "cancelled"
-    assert seen < 200
-    assert stream.usage.accepted_draft_tokens > 0
+def test_cancel_in_the_middle_of_a_verified_draft_leaks_nothing(qwen_model: Model) -> None:
+    # Short drafts, so that the reply takes many steps and the cancel lands mid-way
+    # (a tile's worth of draft could finish it before the cancel is seen).
+    with Engine(qwen_model, EngineSettings(**SETTINGS, max_draft_tokens=8)) as engine:
+        stream = engine.submit(tokens(engine, REPEAT_CODE), greedy(200))
+        seen = 0
+        for chunk in stream:
+            seen += len(chunk.token_ids)
+            if seen >= 40:  # drafts of several tokens are being verified step by step by now
+                stream.cancel()
+        assert stream.usage.finish_reason == "cancelled"
+        assert seen < 200
+        assert stream.usage.accepted_draft_tokens > 0
+        assert_idle(engine)
 
 
 def test_no_rejected_token_stays_in_the_kv_or_the_prefix_cache(qwen_model: Model) -> None:

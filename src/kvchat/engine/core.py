@@ -189,10 +189,11 @@ class EngineCore:
             self._fail(request, BackendError(f"sampling failed: {exc!r}"))
 
     def _learn(self, request: Request, verdict: Verdict) -> None:
-        request.draft_tokens += verdict.drafted
-        request.accepted_draft_tokens += verdict.accepted
-        if self.speculator is not None:
-            self.speculator.verified(request, verdict.drafted, verdict.accepted)
+        drafted, accepted = verdict.drafted, verdict.accepted
+        if self.speculator is not None:  # (it leaves out a draft's padding)
+            drafted, accepted = self.speculator.verified(request, drafted, accepted)
+        request.draft_tokens += drafted
+        request.accepted_draft_tokens += accepted
 
     def _pick(self, request: Request, row: int) -> int:
         """Sample the request's next token from batch row `row` (its sampler and its

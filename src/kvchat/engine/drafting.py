@@ -38,11 +38,14 @@ class Draft:
     `source` names the source (``"prediction"``, ``"lookup"``, ``"ngram_cache"``);
     `start` is the draft's position in the source's token list (for sources that
     follow a text along, so the next draft continues where this one ended).
+    The last `padding` tokens no source proposed: they only lengthen the call to
+    where llama.cpp's tiled attention makes it cheaper (see `speculation.padded_rows`).
     """
 
     tokens: tuple[int, ...]
     source: str
     start: int = 0
+    padding: int = 0
 
 
 class NgramIndex:

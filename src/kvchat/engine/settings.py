@@ -11,6 +11,7 @@ from kvchat.llama import ContextParams, Model
 MAX_PARALLEL_SEQUENCES = 256  # llama_max_parallel_sequences() in this llama.cpp
 
 DEFAULT_CACHE_DISK_BYTES = 4 << 30
+MAX_DRAFT_TOKENS = 255
 """The disk tier's default bound: 4 GiB (some 230,000 tokens of Gemma 3 270M's KV,
 340,000 of Qwen2.5 0.5B's)."""
 
@@ -54,7 +55,9 @@ class EngineSettings:
       batch, each request's draft length following its recent acceptance and
       the batch's size (drafting pauses where it does not pay); ``"off"``
       decodes one token per request per step.
-    - `max_draft_tokens`: longest draft one request verifies in a step.
+    - `max_draft_tokens`: longest draft one request verifies in a step (at most
+      255). The default, 63, makes a call of one tile of llama.cpp's CPU flash
+      attention (64 rows; see `kvchat.engine.speculation.TILE_ROWS`).
     - `ngram_cache_entries`: bound on the n-gram cache of earlier replies (entries
       over all cache namespaces; 0: no n-gram cache).
     - `cache_dir`: a directory where state falling out of RAM is kept across
@@ -77,7 +80,7 @@ class EngineSettings:
     compact_pool: bool = True
     interleaved_call_rows: int | None = 63
     speculation: Literal["auto", "off"] = "auto"
-    max_draft_tokens: int = 48
+    max_draft_tokens: int = 63
     ngram_cache_entries: int = 65_536
     cache_dir: str | None = None
     cache_disk_bytes: int | None = DEFAULT_CACHE_DISK_BYTES
@@ -120,8 +123,10 @@ class EngineSettings:
             )
         if self.speculation not in ("auto", "off"):
             raise InvalidRequestError('speculation must be "auto" or "off"', field="speculation")
-        if not isinstance(self.max_draft_tokens, int) or not 1 <= self.max_draft_tokens <= 62:
-            raise InvalidRequestError("max_draft_tokens must be an integer in [1, 62]", field="max_draft_tokens")
+        if not isinstance(self.max_draft_tokens, int) or not 1 <= self.max_draft_tokens <= MAX_DRAFT_TOKENS:
+            raise InvalidRequestError(
+                f"max_draft_tokens must be an integer in [1, {MAX_DRAFT_TOKENS}]", field="max_draft_tokens"
+            )
         if not isinstance(self.ngram_cache_entries, int) or self.ngram_cache_entries < 0:
             raise InvalidRequestError("ngram_cache_entries must be an integer >= 0", field="ngram_cache_entries")
         if not isinstance(self.cache_ram_bytes, int) or self.cache_ram_bytes < 0:

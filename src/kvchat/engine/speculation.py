@@ -17,11 +17,14 @@ request with a `seed`, so that it repeats itself when run alone).
 
 A draft costs rows in the step's `llama_decode` call whether or not it is
 accepted, so its length follows a cost model: verifying more rows costs more
-per call but far less than a step per token (`call_cost`, measured on llama.cpp's
-CPU backend), and each source's recent acceptance rate gives the tokens a draft
-of k is expected to yield. A request drafts the k that maximises the step's
+per call but far less than a step per token (`call_cost`, fitted to llama.cpp's
+CPU backend: it grows with the context, and drops where the call reaches a tile
+of `TILE_ROWS`), and each source's recent acceptance rate gives the tokens a
+draft of k is expected to yield. A request drafts the k that maximises the step's
 tokens per cost, and drafts nothing where no k beats plain decoding (low
-acceptance, many sequences in the batch already).
+acceptance, many sequences in the batch already). A request that runs alone pads
+its draft to a whole tile where the tile costs less than the rows it drafted
+(after 9,000 cached tokens, any draft of 8 tokens or more).
 """
 
 from __future__ import annotations
@@ -29,31 +32,56 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import pairwise
 
 from kvchat.engine.drafting import Draft, DraftIndexes, NgramCache, NgramIndex, index_request
 from kvchat.engine.request import Request
 
-VERIFY_COST: tuple[tuple[int, float], ...] = (
-    (1, 1.0),
-    (2, 2.23),
-    (3, 2.85),
-    (5, 4.24),
-    (9, 5.03),
-    (13, 5.95),
-    (17, 6.49),
-    (25, 9.28),
-    (33, 11.30),
-    (49, 15.93),
-    (63, 19.88),
-)
-"""Cost of one `llama_decode` call of n rows, as a multiple of a 1-row call: Qwen 0.5B
-on 2 CPU cores after 401 cached tokens, as benchmarks/speculative.py measures it
-(`backend.call_cost` in benchmarks/results/speculative.json; docs/benchmarks.md,
-"Speculative decoding"). A single row takes llama.cpp's matrix-vector path; two to
-five rows cost far more than one, so short drafts rarely pay."""
-COST_PER_ROW_BEYOND = 0.28
-"""Added cost of each row past the table's last (the slope of its last points)."""
+TILE_ROWS = 64
+"""From this many rows up, llama.cpp's CPU flash attention computes a call in 64x64 tiles
+(matrix products); below it, row by row, where each row pays for every cached cell it
+sees at a far higher price. So a call of 64 rows costs less than one of 63, and after
+9,000 cached tokens about as much as one of 8."""
+
+
+@dataclass(frozen=True)
+class KernelCost:
+    """Milliseconds of a call of one kernel: ``base + rows * per_row + attended * per_cell``,
+    where `attended` is rows x context, the rows padded to whole tiles for the tiled kernel."""
+
+    base_ms: float
+    per_row_ms: float
+    per_cell_us: float
+
+
+ONE_ROW = KernelCost(base_ms=34.7, per_row_ms=0.0, per_cell_us=13.27)
+ROW_KERNEL = KernelCost(base_ms=34.4, per_row_ms=5.88, per_cell_us=13.04)
+TILED_KERNEL = KernelCost(base_ms=62.7, per_row_ms=5.15, per_cell_us=1.02)
+"""Fitted by benchmarks/verify_costs.py to calls of 1 to 128 rows after 400 to 9,000
+cached tokens, apart for one row (llama.cpp's matrix-vector path), 2 to 63 rows and
+64 or more (Qwen 0.5B, 2 CPU cores; within 13% of every timing of the run in
+benchmarks/results/verify_costs.json; docs/benchmarks.md, "What a verify call
+costs"). Only ratios matter: the speculator compares calls on one machine."""
+
+
+def call_cost(rows: int, context: int = 0) -> float:
+    """Cost (ms on the measured machine) of a `llama_decode` call of `rows` rows whose
+    sequences each see about `context` cached cells."""
+    if rows <= 0:
+        return 0.0
+    if rows < TILE_ROWS:
+        kernel, attended = ONE_ROW if rows == 1 else ROW_KERNEL, rows
+    else:
+        kernel, attended = TILED_KERNEL, -(-rows // TILE_ROWS) * TILE_ROWS
+    return kernel.base_ms + rows * kernel.per_row_ms + attended * context * kernel.per_cell_us / 1000
+
+
+def padded_rows(rows: int, context: int, room: int) -> int:
+    """The rows to send for a call of `rows`: `TILE_ROWS` where the tiled kernel makes
+    that cheaper and `room` allows the extra rows, else `rows`."""
+    if rows < TILE_ROWS <= rows + room and call_cost(TILE_ROWS, context) < call_cost(rows, context):
+        return TILE_ROWS
+    return rows
+
 
 MAX_PRIOR_NAMESPACES = 1024
 """Cache namespaces whose recent acceptance is kept (two small records each, for greedy
@@ -81,17 +109,6 @@ default temperature) lost a good part of their decode speed to them (docs/benchm
 "On the default path")."""
 
 
-def call_cost(rows: int) -> float:
-    """Relative cost of a `llama_decode` call of `rows` rows (1 row: 1.0)."""
-    if rows <= 1:
-        return float(max(rows, 0))
-    for (n0, c0), (n1, c1) in pairwise(VERIFY_COST):
-        if rows <= n1:
-            return c0 + (c1 - c0) * (rows - n0) / (n1 - n0)
-    last_rows, last_cost = VERIFY_COST[-1]
-    return last_cost + COST_PER_ROW_BEYOND * (rows - last_rows)
-
-
 def expected_tokens(acceptance: float, length: int) -> float:
     """Tokens a step yields for a request that drafts `length` tokens, each accepted
     with probability `acceptance` as long as the ones before it were (the token
@@ -109,8 +126,8 @@ class Acceptance:
 
     accepted: float = 3.4
     rejected: float = 0.6
-    """The prior, 0.85: just above what a draft needs to pay at `VERIFY_COST`, so a
-    fresh engine tries its sources once and learns from the outcome."""
+    """The prior, 0.85: a fresh engine tries its sources (a draft of a few tokens pays
+    at this rate after a short context) and learns from the outcome."""
 
     @property
     def rate(self) -> float:
@@ -181,7 +198,9 @@ class Speculator:
                 request.reserved_cells - request.own_cells - len(request.pending),
                 request.max_new_tokens - len(request.generated),  # the last one may end it
             )
-            draft = self._best_draft(request, room, rows, gained) if room >= 1 else None
+            # Padding needs the whole step in one call (the planner cuts a step of
+            # several sequences into calls below TILE_ROWS).
+            draft = self._best_draft(request, room, rows, gained, pad=call_rows >= TILE_ROWS) if room >= 1 else None
             state = self._state(request)
             state.in_flight = draft
             request.draft = draft.tokens if draft is not None else ()
@@ -190,25 +209,33 @@ class Speculator:
                     acceptance.rest()
             if draft is not None:
                 rows += len(draft.tokens)
-                gained += expected_tokens(state.rate(draft.source).rate, len(draft.tokens)) - 1
+                proposed = len(draft.tokens) - draft.padding
+                gained += expected_tokens(state.rate(draft.source).rate, proposed) - 1
                 drafted_sources.add((_namespace(request), _is_greedy(request), draft.source))
         for namespace, greedy in {(_namespace(r), _is_greedy(r)) for r in decoding}:
             for source, recent in self._recent_for(namespace, greedy).items():
                 if (namespace, greedy, source) not in drafted_sources:
                     recent.rest()  # so that a source paused for every new request is tried again
 
-    def verified(self, request: Request, drafted: int, accepted: int) -> None:
-        """Learn that `accepted` of the `drafted` tokens verified for `request` were accepted."""
+    def verified(self, request: Request, drafted: int, accepted: int) -> tuple[int, int]:
+        """Learn that `accepted` of the `drafted` tokens verified for `request` were accepted.
+
+        Returns the drafted and accepted tokens that came from the draft's source (the
+        padding after them is no one's proposal: it counts in neither).
+        """
         state = self._states.get(request)
         if state is None or state.in_flight is None:
-            return
+            return drafted, accepted
         draft, state.in_flight = state.in_flight, None
+        drafted = max(0, drafted - draft.padding)
+        accepted = min(accepted, drafted)
         state.rate(draft.source).update(drafted, accepted)
         recent = self._recent_for(_namespace(request), _is_greedy(request)).get(draft.source)
         if recent is not None:
             recent.update(drafted, accepted)
         if draft.source in ("prediction", "lookup"):
             state.cursors[draft.source] = draft.start + accepted
+        return drafted, accepted
 
     def finished(self, request: Request, *, keep: bool) -> None:
         """Forget `request`; if `keep`, remember its output for later requests of its namespace."""
@@ -244,19 +271,24 @@ class Speculator:
             state = self._states[request] = _RequestDrafts(indexes, acceptance=priors)
         return state
 
-    def _best_draft(self, request: Request, room: int, rows: int, gained: float) -> Draft | None:
-        """The first source's draft, cut to the length that pays best, if any pays."""
+    def _best_draft(self, request: Request, room: int, rows: int, gained: float, *, pad: bool) -> Draft | None:
+        """The first source's draft, cut to the length that pays best (and padded where
+        that makes the call cheaper, if `pad`), if any pays."""
         state = self._state(request)
-        plain = gained / call_cost(rows)
+        context = request.n_past
+        plain = gained / call_cost(rows, context)
         for draft in self._candidates(request, state, room):
             acceptance = state.rate(draft.source).rate
-            best_length, best_value = 0, plain
+            best_length, best_rows, best_value = 0, rows, plain
             for k in range(1, len(draft.tokens) + 1):
-                value = (gained - 1 + expected_tokens(acceptance, k)) / call_cost(rows + k)
+                sent = padded_rows(rows + k, context, room - k) if pad else rows + k
+                value = (gained - 1 + expected_tokens(acceptance, k)) / call_cost(sent, context)
                 if value > best_value:
-                    best_length, best_value = k, value
+                    best_length, best_rows, best_value = k, sent, value
             if best_length:
-                return Draft(draft.tokens[:best_length], draft.source, draft.start)
+                tokens = draft.tokens[:best_length]
+                padding = best_rows - rows - best_length
+                return Draft(tokens + tokens[-1:] * padding, draft.source, draft.start, padding)
         return None
 
     def _candidates(self, request: Request, state: _RequestDrafts, room: int) -> list[Draft]:
