@@ -419,3 +419,52 @@ def test_a_step_of_several_sequences_is_never_padded() -> None:
     speculator.propose(requests, capacity=512, call_rows=TILE_ROWS - 1)
     for request in requests:
         assert request.draft == tuple(REPEATED[1 : 1 + len(request.draft)])
+
+
+# -- drafts after a prompt ---------------------------------------------------------------------------
+
+
+def prompting_request(request_id: int, prompt: list[int], cached: int, *, prediction: tuple[int, ...] = ()) -> Request:
+    """A request whose prompt has `cached` tokens in its sequence and the rest pending."""
+    spec = RequestSpec(request_id, tuple(prompt), SamplingParams(prediction=prediction), 256)
+    request = Request(spec, Stream(request_id, on_cancel=lambda: None))
+    request.pending = list(prompt[cached:])
+    request.kv = SequenceKV(seq_id=request_id, n_past=cached, reserved_cells=len(prompt) + 256)
+    return request
+
+
+def test_a_prediction_is_drafted_right_after_a_prompt_that_ends_in_this_step() -> None:
+    speculator = Speculator(max_draft_tokens=TILE_ROWS - 1, ngram_cache_entries=0)
+    request = prompting_request(1, [1, 2, 3] * 100, cached=280, prediction=tuple(REPEATED))
+    speculator.propose([request], capacity=512, call_rows=512)
+    assert request.draft[: len(REPEATED)] == tuple(REPEATED)  # all of it (60 rows: padded to a tile)
+    assert speculator.verified(request, len(request.draft), len(REPEATED)) == (len(REPEATED), len(REPEATED))
+
+
+def test_the_last_rows_of_a_prompt_after_a_long_context_are_padded_to_a_tile() -> None:
+    """Nothing to draft from, but 20 rows after 9,000 cached tokens cost more than a tile."""
+    speculator = Speculator(max_draft_tokens=TILE_ROWS - 1, ngram_cache_entries=0)
+    request = prompting_request(1, list(range(10_020)), cached=10_000)
+    lookup_before = Acceptance(**vars(speculator._state(request).rate("lookup")))
+    speculator.propose([request], capacity=512, call_rows=512)
+    assert len(request.draft) == TILE_ROWS - 20
+    assert set(request.draft) == {request.pending[-1]}
+    assert speculator.verified(request, len(request.draft), 0) == (0, 0)
+    assert speculator._state(request).rate("lookup").rate >= lookup_before.rate  # no rejection learnt
+
+
+def test_a_prompt_is_not_padded_where_its_rows_cost_less_or_other_requests_run() -> None:
+    speculator = Speculator(max_draft_tokens=TILE_ROWS - 1, ngram_cache_entries=0)
+    short = prompting_request(1, list(range(220)), cached=200)  # 20 rows after 200 tokens
+    speculator.propose([short], capacity=512, call_rows=512)
+    assert short.draft == ()
+    long_context = [prompting_request(i, list(range(10_020)), cached=10_000) for i in (2, 3)]
+    speculator.propose(long_context, capacity=512, call_rows=TILE_ROWS - 1)
+    assert all(r.draft == () for r in long_context)
+
+
+def test_a_prompt_that_does_not_end_in_this_step_gets_no_draft() -> None:
+    speculator = Speculator(max_draft_tokens=TILE_ROWS - 1, ngram_cache_entries=0)
+    request = prompting_request(1, list(range(10_000)), cached=9_000, prediction=tuple(REPEATED))
+    speculator.propose([request], capacity=512, call_rows=512)
+    assert request.draft == ()

@@ -128,6 +128,26 @@ def test_a_prediction_is_drafted_and_a_wrong_one_changes_nothing() -> None:
         engine_is_clean(engine, backend)
 
 
+def test_a_short_turn_after_a_long_history_is_padded_to_a_tile_and_stays_exact() -> None:
+    """A 20-token turn after 3,000 cached tokens: its rows cost more than a tile's on the
+    CPU, so the engine sends a tile (the turn, then a draft and padding after it); the
+    reply is exactly greedy decoding's, and the drafted rows leave no cell behind."""
+    engine, backend = make_engine(n_ctx=8192)
+    with engine:
+        history = prompt_of(8, 3000)
+        first = engine.submit(history, greedy(4)).collect()
+        prompt = history + list(first.token_ids) + prompt_of(9, 20)
+        decodes, rows = backend.decodes, backend.rows_decoded
+        # Room to pad (a reservation of 100 tokens); ended by its first token.
+        stop = reference_greedy(prompt, 1)[0]
+        done = engine.submit(prompt, greedy(100, stop_token_ids=(stop,))).collect()
+        assert done.token_ids == () and done.usage.finish_reason == "stop"
+        assert done.usage.evaluated_tokens == 21  # the first reply's last token, and the turn
+        assert (backend.decodes - decodes, backend.rows_decoded - rows) == (1, 64)  # one call, one tile
+        assert done.usage.draft_tokens <= 64 - 21  # the tile's rows past the turn (padding counts in no tally)
+        engine_is_clean(engine, backend)
+
+
 def first_stop_inside_a_long_accepted_draft() -> tuple[list[int], int, list[int]]:
     """A prompt whose greedy reply, drafted in full by a prediction, has a token that
     can serve as a stop token in its middle."""

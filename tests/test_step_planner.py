@@ -47,7 +47,8 @@ def run_step(running: list[Request], capacity: int = 512, call_rows: int | None 
             raw = batch.raw
             rows = [(raw.seq_id[i][0], raw.pos[i]) for i in range(batch.n_tokens)]
             wants = [i for i in range(batch.n_tokens) if raw.logits[i]]
-            assert wants == [s.row for s in sampled]  # only the rows handed back ask for logits
+            # Only the rows handed back ask for logits (each with its drafted rows after it).
+            assert wants == [r for s in sampled for r in range(s.row, s.row + len(s.draft) + 1)]
             calls.append(Call(rows, [(s.request.seq_id, s.row) for s in sampled]))
     return calls
 
@@ -121,3 +122,12 @@ def test_a_custom_row_cap_bounds_every_call() -> None:
     running = [generating(0, 10), prompting(1, 100)]
     calls = run_step(running, call_rows=16)
     assert [len(c.rows) for c in calls] == [16] * 6 + [5]
+
+
+def test_a_prompt_ending_with_a_draft_is_one_call_sampled_from_its_last_prompt_row() -> None:
+    seq = prompting(0, 20, n_past=100)
+    seq.draft = (5,) * 44  # what the speculator gives a prompt whose last rows cost more than a tile
+    [call] = run_step([seq])
+    assert call.rows == [(0, p) for p in range(100, 164)]
+    assert call.sampled == [(0, 19)]  # its last prompt token's row; the drafted rows follow it
+    assert seq.n_past == 164 and seq.pending == [] and seq.draft == ()

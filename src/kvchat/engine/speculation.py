@@ -89,6 +89,8 @@ and sampling requests); a namespace beyond them starts again from the default pr
 
 SOURCES = ("prediction", "lookup", "ngram_cache")
 """Draft sources, in order of preference."""
+PADDING = "padding"
+"""The source of a draft that is padding alone (`Draft.padding`: no source proposed it)."""
 _SHARED_PRIOR_SOURCES = ("lookup", "ngram_cache")
 """Sources whose acceptance over recent requests is a new request's prior. A caller's
 prediction is about its own request alone: it starts from `PREDICTION_PRIOR`, so one
@@ -183,8 +185,13 @@ class Speculator:
         used out first."""
 
     def propose(self, running: Sequence[Request], *, capacity: int, call_rows: int) -> None:
-        """Choose each generating request's draft for the coming step."""
+        """Choose each generating request's draft for the coming step, and one for a
+        request that runs alone and whose prompt ends in this step (its draft follows
+        the prompt's last token, so the first tokens of the reply can come with the
+        prompt: a prompt's last few rows are often cheaper as a tile)."""
         decoding = [r for r in running if r.is_decoding]
+        if len(running) == 1 and call_rows >= TILE_ROWS and _ends_prompt(running[0], capacity):
+            decoding = [running[0]]
         if not decoding:
             return
         rows = min(capacity, sum(len(r.pending) for r in running))
@@ -209,9 +216,10 @@ class Speculator:
                     acceptance.rest()
             if draft is not None:
                 rows += len(draft.tokens)
-                proposed = len(draft.tokens) - draft.padding
-                gained += expected_tokens(state.rate(draft.source).rate, proposed) - 1
-                drafted_sources.add((_namespace(request), _is_greedy(request), draft.source))
+                if len(draft.tokens) > draft.padding:
+                    proposed = len(draft.tokens) - draft.padding
+                    gained += expected_tokens(state.rate(draft.source).rate, proposed) - 1
+                    drafted_sources.add((_namespace(request), _is_greedy(request), draft.source))
         for namespace, greedy in {(_namespace(r), _is_greedy(r)) for r in decoding}:
             for source, recent in self._recent_for(namespace, greedy).items():
                 if (namespace, greedy, source) not in drafted_sources:
@@ -229,6 +237,8 @@ class Speculator:
         draft, state.in_flight = state.in_flight, None
         drafted = max(0, drafted - draft.padding)
         accepted = min(accepted, drafted)
+        if not drafted:  # padding alone: nothing was proposed
+            return 0, 0
         state.rate(draft.source).update(drafted, accepted)
         recent = self._recent_for(_namespace(request), _is_greedy(request)).get(draft.source)
         if recent is not None:
@@ -276,7 +286,8 @@ class Speculator:
         that makes the call cheaper, if `pad`), if any pays."""
         state = self._state(request)
         context = request.n_past
-        plain = gained / call_cost(rows, context)
+        plain_rows = padded_rows(rows, context, room) if pad else rows
+        plain = gained / call_cost(plain_rows, context)
         for draft in self._candidates(request, state, room):
             acceptance = state.rate(draft.source).rate
             best_length, best_rows, best_value = 0, rows, plain
@@ -289,6 +300,9 @@ class Speculator:
                 tokens = draft.tokens[:best_length]
                 padding = best_rows - rows - best_length
                 return Draft(tokens + tokens[-1:] * padding, draft.source, draft.start, padding)
+        if plain_rows > rows:  # no draft pays, but the rows cost less as a tile
+            padding = plain_rows - rows
+            return Draft(tuple(request.pending[-1:]) * padding, PADDING, padding=padding)
         return None
 
     def _candidates(self, request: Request, state: _RequestDrafts, room: int) -> list[Draft]:
@@ -296,9 +310,12 @@ class Speculator:
         drafts: list[Draft] = []
         prediction = state.indexes.prediction
         if prediction is not None:
-            start, tokens = prediction.continuation(
-                generated[-prediction.max_n :], room, after=state.cursors.get("prediction", 0)
-            )
+            if generated:
+                start, tokens = prediction.continuation(
+                    generated[-prediction.max_n :], room, after=state.cursors.get("prediction", 0)
+                )
+            else:  # after the prompt: the reply is expected to start as the prediction does
+                start, tokens = 0, prediction.tokens[:room]
             if tokens:
                 drafts.append(Draft(tuple(tokens), "prediction", start))
         lookup = self._lookup_index(request, state)
@@ -323,6 +340,12 @@ class Speculator:
         indexes.lookup.extend(tokens[indexes.lookup_indexed :])
         indexes.lookup_indexed = len(tokens)
         return indexes.lookup
+
+
+def _ends_prompt(request: Request, capacity: int) -> bool:
+    """True if `request` has generated nothing yet and its prompt's rest fits in one step
+    with room for a draft."""
+    return not request.generated and 0 < len(request.pending) < capacity
 
 
 def _is_greedy(request: Request) -> bool:

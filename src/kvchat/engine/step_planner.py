@@ -35,7 +35,7 @@ class _Segment:
     None for a prompt chunk that is not the prompt's last."""
     draft: tuple[int, ...] = ()
     whole: bool = False
-    """A decoding sequence's segment: it stays in one call."""
+    """A drafting or decoding sequence's segment: it stays in one call."""
 
 
 LONG_CHUNK_ROWS = 256
@@ -48,9 +48,9 @@ class StepPlanner:
 
     The step takes the decode tokens of every generating sequence first (so
     streams keep flowing: its last sampled token, any tokens its grammar forced
-    after it, and its draft), then prompt chunks in arrival order, up to the batch
-    capacity. A prompt can span several steps (chunked prefill); only its last
-    token asks for logits. The step's tokens then go to llama.cpp in one or more
+    after it, and its draft; or a prompt's last rows followed by a draft), then
+    prompt chunks in arrival order, up to the batch capacity. A prompt can span
+    several steps (chunked prefill); only its last token asks for logits. The step's tokens then go to llama.cpp in one or more
     calls on the same batch, sampled after each call.
 
     The calls are shaped for llama.cpp's CPU flash attention. A call of 64 rows or
@@ -128,7 +128,9 @@ class StepPlanner:
         budget = capacity
         for request in running:
             feed = request.pending
-            if request.is_decoding and len(feed) <= min(budget, call_rows):
+            # A drafting request's draft follows its last token in one call: a decoding
+            # request's, or the draft after a prompt that ends in this step.
+            if (request.is_decoding or request.draft) and len(feed) <= min(budget, call_rows):
                 draft = request.draft[: min(budget, call_rows) - len(feed)]
                 request.pending, request.draft = [], ()
                 segments.append(_Segment(request, [*feed, *draft], len(feed) - 1, draft, whole=True))
