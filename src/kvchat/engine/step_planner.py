@@ -50,8 +50,9 @@ class StepPlanner:
     streams keep flowing: its last sampled token, any tokens its grammar forced
     after it, and its draft; or a prompt's last rows followed by a draft), then
     prompt chunks in arrival order, up to the batch capacity. A prompt can span
-    several steps (chunked prefill); only its last token asks for logits. The step's tokens then go to llama.cpp in one or more
-    calls on the same batch, sampled after each call.
+    several steps (chunked prefill); only its last token asks for logits. The
+    step's tokens then go to llama.cpp in one or more calls on the same batch,
+    sampled after each call.
 
     The calls are shaped for llama.cpp's CPU flash attention. A call of 64 rows or
     more is computed in 64x64 tiles, and a tile is skipped only when the mask
