@@ -91,6 +91,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--speculation", choices=["off", "auto"], default="off",
                         help="the engine's speculation (off: the bare loop drafts nothing either)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     stream_counts = [int(k) for k in args.streams.split(",")]
 
@@ -122,15 +123,15 @@ def main() -> None:
             print(f"K={k:>2}  bare {row['bare_tok_s']:7.1f} tok/s  engine {row['engine_tok_s']:7.1f} tok/s  "
                   f"ratio {row['ratio']:.3f}", flush=True)
     model.close()
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
         "model": args.model, "tokens_per_stream": args.tokens, "repeats": args.repeats,
         "settings": {"n_ctx": settings.n_ctx, "n_batch": settings.n_batch, "speculation": settings.speculation},
         "rows": rows,
     }, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
