@@ -11,9 +11,10 @@ from kvchat.llama import ContextParams, Model
 MAX_PARALLEL_SEQUENCES = 256  # llama_max_parallel_sequences() in this llama.cpp
 
 DEFAULT_CACHE_DISK_BYTES = 4 << 30
-MAX_DRAFT_TOKENS = 255
 """The disk tier's default bound: 4 GiB (some 230,000 tokens of Gemma 3 270M's KV,
 340,000 of Qwen2.5 0.5B's)."""
+MAX_DRAFT_TOKENS = 255
+"""Most `max_draft_tokens` allows: four tiles of llama.cpp's CPU attention."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -235,7 +235,7 @@ class Speculator:
         if state is None or state.in_flight is None:
             return drafted, accepted
         draft, state.in_flight = state.in_flight, None
-        drafted = max(0, drafted - draft.padding)
+        drafted = min(drafted, len(draft.tokens) - draft.padding)  # (the padding comes last)
         accepted = min(accepted, drafted)
         if not drafted:  # padding alone: nothing was proposed
             return 0, 0
