@@ -23,7 +23,10 @@ the prompt tokens the server reports evaluating (input tokens minus cached ones;
 None where the server does not say), the prompt's growth since the session's
 previous call (new tokens), time to first output event, and total time; for
 kvchat also its cache counters after the call (evictions, spills, restores, KV
-cells in use, each tier's tokens, from /metrics).
+cells in use, each tier's tokens, from /metrics) and its engine's own time to
+first token (from the request's submission to its first sampled token: kvchat
+holds a reply that starts like a tool call until the call closes, so a client's
+first event can come much later).
 
 Servers (started fresh, same model file, threads and context): `kvchat`
 (`kvchat serve --any-model`), `llama-server` (benchmarks/llama_server.py; it
@@ -95,7 +98,10 @@ class Call:
 
 
 CACHE_METRICS = ("kvchat_cache_evictions_total", "kvchat_cache_spills_total", "kvchat_cache_restores_total",
-                 "kvchat_cache_restore_failures_total", "kvchat_preemptions_total", "kvchat_kv_cells_used")
+                 "kvchat_cache_restore_failures_total", "kvchat_preemptions_total", "kvchat_kv_cells_used",
+                 "kvchat_time_to_first_token_seconds_sum", "kvchat_time_to_first_token_seconds_count")
+"""kvchat's counters read after each call; the engine's own time to first token (from the
+request's submission to its first sampled token) comes from the last two, per call."""
 
 
 def cache_metrics(base_url: str) -> dict[str, float] | None:
@@ -279,15 +285,36 @@ def command(name: str, args: argparse.Namespace):
     return llama_server_command(args, "--jinja")
 
 
+def engine_ttft(calls: list[Call]) -> dict[tuple[str, int, int], float]:
+    """kvchat's own time to first token of each call made alone (one more request
+    observed since the call before): the server's side of the client's TTFT, without
+    the stream's shape (kvchat holds a reply that starts like a tool call until the
+    call closes, so the client sees its first event only then)."""
+    found: dict[tuple[str, int, int], float] = {}
+    before = {"time_to_first_token_seconds_sum": 0.0, "time_to_first_token_seconds_count": 0.0}
+    for c in calls:
+        if not c.cache or "time_to_first_token_seconds_sum" not in c.cache:
+            continue
+        after = c.cache
+        if after["time_to_first_token_seconds_count"] - before["time_to_first_token_seconds_count"] == 1:
+            found[(c.client, c.session, c.call)] = (
+                after["time_to_first_token_seconds_sum"] - before["time_to_first_token_seconds_sum"])
+        before = after
+    return found
+
+
 def summary(calls: list[Call]) -> dict[str, Any]:
     failed = [c for c in calls if c.error is not None]
+    engine = engine_ttft(calls)
     calls = [c for c in calls if c.error is None]
     later = [c for c in calls if c.call > 0]
     overhead = [c.evaluated_tokens / c.new_tokens for c in later
                 if c.evaluated_tokens is not None and c.new_tokens]
+    later_engine = [t for (_, _, call), t in engine.items() if call > 0]
     return {
         "first_call_ttft_s": [c.ttft_s for c in calls if c.call == 0],
         "later_ttft_median_s": statistics.median(c.ttft_s for c in later) if later else None,
+        "later_engine_ttft_median_s": statistics.median(later_engine) if later_engine else None,
         "later_evaluated_over_new_max": max(overhead) if overhead else None,
         "total_s": sum(c.total_s for c in calls),
         "failed_calls": len(failed),
@@ -325,11 +352,15 @@ def floor_seconds(model: str, ctx_size: int, threads: int, shapes: list[tuple[in
 
 
 def against_floor(calls: list[Call], floors: dict[tuple[int, int], float]) -> dict[str, Any]:
-    """Later calls' TTFT over the backend's floor for their new tokens."""
+    """Later calls' TTFT (and kvchat's own, where it says) over the backend's floor for their new tokens."""
     answered = [c for c in calls if c.call > 0 and c.error is None and c.prompt_tokens is not None and c.new_tokens]
     ratios = [c.ttft_s / floors[shape] for c in answered if (shape := floor_shape(c)) in floors]
+    engine = engine_ttft(calls)
+    engine_ratios = [engine[key] / floors[shape] for c in answered
+                     if (key := (c.client, c.session, c.call)) in engine and (shape := floor_shape(c)) in floors]
     return {"later_ttft_over_floor_median": statistics.median(ratios) if ratios else None,
-            "later_ttft_over_floor": ratios}
+            "later_ttft_over_floor": ratios,
+            "later_engine_ttft_over_floor_median": statistics.median(engine_ratios) if engine_ratios else None}
 
 
 def floor_shape(call: Call) -> tuple[int, int]:
