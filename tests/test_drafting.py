@@ -435,9 +435,9 @@ def prompting_request(request_id: int, prompt: list[int], cached: int, *, predic
 
 def test_a_prediction_is_drafted_right_after_a_prompt_that_ends_in_this_step() -> None:
     speculator = Speculator(max_draft_tokens=TILE_ROWS - 1, ngram_cache_entries=0)
-    request = prompting_request(1, [1, 2, 3] * 100, cached=280, prediction=tuple(REPEATED))
+    request = prompting_request(1, [1, 2, 3] * 700, cached=2_080, prediction=tuple(REPEATED))
     speculator.propose([request], capacity=512, call_rows=512)
-    assert request.draft[: len(REPEATED)] == tuple(REPEATED)  # all of it (60 rows: padded to a tile)
+    assert request.draft[: len(REPEATED)] == tuple(REPEATED)  # all of it: 60 rows, in the tile the 20 pay for
     assert speculator.verified(request, len(request.draft), len(REPEATED)) == (len(REPEATED), len(REPEATED))
 
 
@@ -467,4 +467,16 @@ def test_a_prompt_that_does_not_end_in_this_step_gets_no_draft() -> None:
     speculator = Speculator(max_draft_tokens=TILE_ROWS - 1, ngram_cache_entries=0)
     request = prompting_request(1, list(range(10_000)), cached=9_000, prediction=tuple(REPEATED))
     speculator.propose([request], capacity=512, call_rows=512)
+    assert request.draft == ()
+
+
+@pytest.mark.parametrize(("length", "cached"), [(300, 280), (2_100, 2_020), (9_000, 8_000)])
+def test_a_draft_after_a_prompt_never_makes_its_call_dearer(length: int, cached: int) -> None:
+    """The reply's first token waits for the whole call: short turns after a short history
+    (20 rows cost less than a tile), turns of 80 rows (already tiled) and chunks of a
+    long prompt's last step get no draft, however good the prediction."""
+    speculator = Speculator(max_draft_tokens=TILE_ROWS - 1, ngram_cache_entries=0)
+    request = prompting_request(1, [1, 2, 3] * (length // 3), cached=cached, prediction=tuple(REPEATED))
+    speculator._state(request).acceptance["prediction"] = Acceptance(accepted=99.0, rejected=1.0)
+    speculator.propose([request], capacity=1024, call_rows=1024)
     assert request.draft == ()

@@ -148,6 +148,22 @@ def test_a_short_turn_after_a_long_history_is_padded_to_a_tile_and_stays_exact()
         engine_is_clean(engine, backend)
 
 
+def test_a_predictions_first_tokens_come_with_a_short_turn_after_a_long_history() -> None:
+    """The tile a short turn pays for anyway carries the prediction's first tokens: the
+    reply's first chunk holds several tokens, and the reply is greedy decoding's."""
+    engine, backend = make_engine(n_ctx=8192)
+    with engine:
+        history = prompt_of(10, 3000)
+        first = engine.submit(history, greedy(4)).collect()
+        prompt = history + list(first.token_ids) + prompt_of(11, 20)
+        expected = reference_greedy(prompt, 60)  # (room for a tile: 60 tokens reserved)
+        stream = engine.submit(prompt, greedy(60, prediction=tuple(expected)))
+        chunks = [chunk.token_ids for chunk in stream]
+        assert len(chunks[0]) > 1
+        assert [t for chunk in chunks for t in chunk] == expected
+        engine_is_clean(engine, backend)
+
+
 def first_stop_inside_a_long_accepted_draft() -> tuple[list[int], int, list[int]]:
     """A prompt whose greedy reply, drafted in full by a prediction, has a token that
     can serve as a stop token in its middle."""

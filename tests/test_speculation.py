@@ -210,12 +210,3 @@ def test_no_rejected_token_stays_in_the_kv_or_the_prefix_cache(qwen_model: Model
         cold_ids = cold_engine.submit(follow_up, greedy(12)).collect().token_ids
     assert warm_ids == cold_ids
 
-
-def test_a_predictions_first_tokens_come_with_the_prompt(idle_drafting: Engine, plain: Engine) -> None:
-    """The draft after a prompt's last token: the reply's first chunk already holds
-    several tokens, and the reply is the one decoding without drafts gives."""
-    expected, _ = run(plain, REPEAT_CODE, greedy(64))
-    stream = idle_drafting.submit(tokens(idle_drafting, REPEAT_CODE), greedy(64, prediction=expected))
-    chunks = [chunk.token_ids for chunk in stream]
-    assert len(chunks[0]) > 1
-    assert tuple(t for chunk in chunks for t in chunk) == tuple(expected)

@@ -186,9 +186,10 @@ class Speculator:
 
     def propose(self, running: Sequence[Request], *, capacity: int, call_rows: int) -> None:
         """Choose each generating request's draft for the coming step, and one for a
-        request that runs alone and whose prompt ends in this step (its draft follows
-        the prompt's last token, so the first tokens of the reply can come with the
-        prompt: a prompt's last few rows are often cheaper as a tile)."""
+        request that runs alone and whose prompt ends in this step: its draft follows
+        the prompt's last token in the rows of a tile the prompt's last rows pay for
+        anyway (they cost more than a tile), so the reply's first tokens can come with
+        the prompt at no cost to its first token."""
         decoding = [r for r in running if r.is_decoding]
         if len(running) == 1 and call_rows >= TILE_ROWS and _ends_prompt(running[0], capacity):
             decoding = [running[0]]
@@ -288,12 +289,18 @@ class Speculator:
         context = request.n_past
         plain_rows = padded_rows(rows, context, room) if pad else rows
         plain = gained / call_cost(plain_rows, context)
+        # After a prompt, the reply's first token waits for the whole call: a draft
+        # there may only take rows that cost nothing more (the padding's).
+        most = call_cost(plain_rows, context) if not request.generated else float("inf")
         for draft in self._candidates(request, state, room):
             acceptance = state.rate(draft.source).rate
             best_length, best_rows, best_value = 0, rows, plain
             for k in range(1, len(draft.tokens) + 1):
                 sent = padded_rows(rows + k, context, room - k) if pad else rows + k
-                value = (gained - 1 + expected_tokens(acceptance, k)) / call_cost(sent, context)
+                cost = call_cost(sent, context)
+                if cost > most:
+                    break
+                value = (gained - 1 + expected_tokens(acceptance, k)) / cost
                 if value > best_value:
                     best_length, best_rows, best_value = k, sent, value
             if best_length:
