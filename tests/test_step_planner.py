@@ -70,11 +70,11 @@ def test_a_long_prompt_alone_is_cut_at_the_batch_capacity() -> None:
 
 def test_with_several_sequences_every_call_stays_below_the_tiled_kernel() -> None:
     decoders = [generating(i, 100 + i) for i in range(8)]
-    newcomer = prompting(8, 150, n_past=30)
+    newcomer = prompting(8, LONG_CHUNK_ROWS - 1, n_past=30)  # (a chunk of a tile or more gets its own call)
     calls = run_step([*decoders, newcomer])
     assert all(len(c.rows) <= EXACT for c in calls)
     assert [r for c in calls for r in c.rows] == (
-        [(i, 100 + i) for i in range(8)] + [(8, p) for p in range(30, 180)]  # decode rows first, then the prompt
+        [(i, 100 + i) for i in range(8)] + [(8, p) for p in range(30, 30 + LONG_CHUNK_ROWS - 1)]  # decode rows first
     )
     assert calls[0].sampled == [(i, i) for i in range(8)]
     assert [s for c in calls for s in c.sampled][8:] == [(8, len(calls[-1].rows) - 1)]
@@ -85,14 +85,14 @@ def test_a_long_prompt_chunk_among_several_sequences_gets_a_call_of_its_own() ->
     """Row by row, a long chunk would cost several times its tiled call (its own cells
     are together): it goes alone and whole; decode rows and short chunks keep the cap."""
     decoders = [generating(i, 100 + i) for i in range(8)]
-    long, short = prompting(8, LONG_CHUNK_ROWS + 44, n_past=30), prompting(9, 90)
+    long, short = prompting(8, LONG_CHUNK_ROWS + 44, n_past=30), prompting(9, LONG_CHUNK_ROWS - 1)
     calls = run_step([*decoders, long, short])
     long_calls = [c for c in calls if any(seq == 8 for seq, _ in c.rows)]
     assert [c.rows for c in long_calls] == [[(8, p) for p in range(30, 30 + LONG_CHUNK_ROWS + 44)]]
     assert long_calls[0].sampled == [(8, LONG_CHUNK_ROWS + 43)]
     assert all(len(c.rows) <= EXACT for c in calls if c not in long_calls)
     assert [r for c in calls for r in c.rows] == (
-        [(i, 100 + i) for i in range(8)] + long_calls[0].rows + [(9, p) for p in range(90)]
+        [(i, 100 + i) for i in range(8)] + long_calls[0].rows + [(9, p) for p in range(LONG_CHUNK_ROWS - 1)]
     )
     assert long.pending == [] and short.pending == []
 
@@ -119,9 +119,9 @@ def test_without_a_row_cap_several_sequences_share_one_call() -> None:
 
 
 def test_a_custom_row_cap_bounds_every_call() -> None:
-    running = [generating(0, 10), prompting(1, 100)]
+    running = [generating(0, 10), prompting(1, LONG_CHUNK_ROWS - 4)]
     calls = run_step(running, call_rows=16)
-    assert [len(c.rows) for c in calls] == [16] * 6 + [5]
+    assert [len(c.rows) for c in calls] == [16] * 3 + [13]
 
 
 def test_a_prompt_ending_with_a_draft_is_one_call_sampled_from_its_last_prompt_row() -> None:

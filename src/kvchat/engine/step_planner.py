@@ -38,9 +38,12 @@ class _Segment:
     """A drafting or decoding sequence's segment: it stays in one call."""
 
 
-LONG_CHUNK_ROWS = 256
-"""A prompt chunk of this many rows or more gets a `llama_decode` call of its own, not
-cut at the interleaved row cap."""
+LONG_CHUNK_ROWS = 64
+"""A prompt chunk of this many rows or more (one tile of llama.cpp's CPU attention) gets
+a `llama_decode` call of its own, not cut at the interleaved row cap: row by row, every
+row pays for every cached cell it sees, about 13 times the tiled kernel's price
+(benchmarks/verify_costs.py; an 80-row turn after 1,000 cached tokens: about 1.5 s
+row by row, 0.6 s as its own call)."""
 
 
 class StepPlanner:
@@ -65,7 +68,9 @@ class StepPlanner:
     kernel is the faster one on contiguous cells). So does a long prompt chunk
     (`LONG_CHUNK_ROWS` or more) while others run: its own cells are together, and
     row by row it would cost several times more (a 504-token chunk after 1,000
-    cached tokens: 3.7x; after 6,000: 8x, measured on Qwen 0.5B, 2 cores).
+    cached tokens: 3.7x; after 6,000: 8x, measured on Qwen 0.5B, 2 cores; the
+    tiled kernel's price per cell is about a thirteenth of the row-by-row one's at
+    any chunk size from 64 rows).
 
     The figures behind this are measured by benchmarks/attention_calls.py (see
     docs/benchmarks.md, where the engine's calls are cut at 63 rows).
