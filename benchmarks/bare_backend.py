@@ -8,7 +8,9 @@ next to an engine run on a thread that ends with them (`on_own_thread`).
 
 from __future__ import annotations
 
+import statistics
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -43,3 +45,25 @@ def evaluate(ctx: Context, batch: Batch, tokens: Sequence[int], start: int = 0, 
         batch.clear()
         batch.add_chunk(chunk, first, seq_id, logits_last=first + len(chunk) == len(tokens))
         ctx.decode(batch)
+
+
+def row_call_seconds(ctx: Context, batch: Batch, tokens: Sequence[int], position: int,
+                     row_counts: Sequence[int], reps: int) -> dict[int, float]:
+    """Median seconds of a `llama_decode` of n rows of sequence 0 at `position` (the
+    cells before it already evaluated), every row asking for logits as a verify does,
+    for each n of `row_counts`: the row counts interleaved so that drift hits all
+    alike, a first round to warm up, then `reps` rounds. The rows hold `tokens`
+    (repeated if short) and are removed after each call."""
+    samples: dict[int, list[float]] = {rows: [] for rows in row_counts}
+    for rep in range(reps + 1):
+        for rows in row_counts:
+            batch.clear()
+            for i in range(rows):
+                batch.add(tokens[i % len(tokens)], position + i, 0, logits=True)
+            started = time.perf_counter()
+            ctx.decode(batch)
+            elapsed = time.perf_counter() - started
+            ctx.seq_remove(0, position, -1)
+            if rep:
+                samples[rows].append(elapsed)
+    return {rows: statistics.median(times) for rows, times in samples.items()}

@@ -23,25 +23,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from kvchat.engine import EngineSettings
+from kvchat.engine.speculation import TILE_ROWS, attended_rows
 from kvchat.llama import Batch, Context, Model
 from kvchat.models import resolve
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bare_backend import evaluate, row_call_seconds  # noqa: E402
 from machine_info import machine  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "verify_costs.json"
 ROWS = (1, 2, 3, 5, 9, 17, 33, 49, 63, 64, 65, 80, 96, 128)
-TILE_ROWS = 64
-"""From this many rows up, llama.cpp's CPU flash attention takes its tiled kernel."""
 
 
 def history(n: int) -> list[int]:
@@ -55,34 +53,12 @@ def timings(model: Model, contexts: list[int], reps: int) -> dict[int, dict[int,
     tokens = history(max(contexts) + max(ROWS))
     result: dict[int, dict[int, float]] = {}
     with Context(model, settings.context_params(model)) as ctx, Batch(settings.n_batch) as batch:
-        evaluated = 0
-        for context in sorted(contexts):
-            for first in range(evaluated, context, batch.capacity):
-                batch.clear()
-                batch.add_chunk(tokens[first : min(context, first + batch.capacity)], first, 0, logits_last=False)
-                ctx.decode(batch)
-            evaluated = context
-            samples: dict[int, list[float]] = {rows: [] for rows in ROWS}
-            for rep in range(reps + 1):
-                for rows in ROWS:
-                    batch.clear()
-                    for i in range(rows):
-                        batch.add(tokens[context + i], context + i, 0, logits=True)
-                    started = time.perf_counter()
-                    ctx.decode(batch)
-                    elapsed = time.perf_counter() - started
-                    ctx.seq_remove(0, context, -1)
-                    if rep:  # the first round warms up
-                        samples[rows].append(elapsed)
-            result[context] = {rows: statistics.median(times) for rows, times in samples.items()}
+        for previous, context in zip([0, *sorted(contexts)], sorted(contexts), strict=False):
+            evaluate(ctx, batch, tokens[:context], start=previous)  # the history grows context by context
+            result[context] = row_call_seconds(ctx, batch, tokens[context:], context, ROWS, reps)
             print(f"after {context:>6} cached: " + ", ".join(
                 f"{rows}: {1000 * s:.0f} ms" for rows, s in result[context].items()), flush=True)
     return result
-
-
-def attended(rows: int) -> int:
-    """Rows whose attention a call computes: tiled calls pad to whole tiles."""
-    return rows if rows < TILE_ROWS else -(-rows // TILE_ROWS) * TILE_ROWS
 
 
 KERNELS = {"one_row": (1, 1), "row_by_row": (2, TILE_ROWS - 1), "tiled": (TILE_ROWS, max(ROWS))}
@@ -98,13 +74,13 @@ def fit(costs: dict[int, dict[int, float]], kernel: str) -> dict[str, float]:
               if low <= rows <= high]
     # Relative errors weigh alike: a 40 ms call matters as much as a 7 s one.
     if low == high:  # rows and base cannot be told apart
-        a = np.array([[1.0 / s, attended(rows) * context / s] for context, rows, s in points])
+        a = np.array([[1.0 / s, attended_rows(rows) * context / s] for context, rows, s in points])
         (base, per_cell), *_ = np.linalg.lstsq(a, np.ones(len(points)), rcond=None)
         per_row = 0.0
     else:
-        a = np.array([[1.0 / s, rows / s, attended(rows) * context / s] for context, rows, s in points])
+        a = np.array([[1.0 / s, rows / s, attended_rows(rows) * context / s] for context, rows, s in points])
         (base, per_row, per_cell), *_ = np.linalg.lstsq(a, np.ones(len(points)), rcond=None)
-    worst = max(abs(base + rows * per_row + attended(rows) * context * per_cell - s) / s for context, rows, s in points)
+    worst = max(abs(base + rows * per_row + attended_rows(rows) * context * per_cell - s) / s for context, rows, s in points)
     return {"base_ms": 1000 * base, "per_row_ms": 1000 * per_row, "per_cell_us": 1e6 * per_cell,
             "worst_relative_error": worst}
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 
-from kvchat.engine.admission import Admission
+from kvchat.engine.admission import Admission, usable_prefix
 from kvchat.engine.kv_pool import KVPool
 from kvchat.engine.pinning import PinnedSequences
 from kvchat.engine.radix import common_prefix_length
@@ -111,12 +111,11 @@ class Scheduler:
         if cache is None or request.shift is not None:
             return None
         tokens = request.admission_tokens
-        usable = len(tokens) - 1  # at least one token is evaluated, for fresh logits
         best: tuple[Request, int] | None = None
         for other in self.running:
             if other.cache_key != request.cache_key or other.pinned is not None or other.shift is not None:
                 continue
-            common = min(common_prefix_length(other.admission_tokens, tokens), usable)
+            common = usable_prefix(request, common_prefix_length(other.admission_tokens, tokens))
             if best is None or common > best[1]:
                 best = (other, common)
         if best is None or best[1] < SHARED_PREFILL_MIN_TOKENS:

@@ -63,16 +63,19 @@ benchmarks/results/verify_costs.json; docs/benchmarks.md, "What a verify call
 costs"). Only ratios matter: the speculator compares calls on one machine."""
 
 
+def attended_rows(rows: int) -> int:
+    """Rows whose attention a call of `rows` rows computes: the tiled kernel pads to
+    whole tiles (65 rows cost two tiles of attention)."""
+    return rows if rows < TILE_ROWS else -(-rows // TILE_ROWS) * TILE_ROWS
+
+
 def call_cost(rows: int, context: int = 0) -> float:
     """Cost (ms on the measured machine) of a `llama_decode` call of `rows` rows whose
     sequences each see about `context` cached cells."""
     if rows <= 0:
         return 0.0
-    if rows < TILE_ROWS:
-        kernel, attended = ONE_ROW if rows == 1 else ROW_KERNEL, rows
-    else:
-        kernel, attended = TILED_KERNEL, -(-rows // TILE_ROWS) * TILE_ROWS
-    return kernel.base_ms + rows * kernel.per_row_ms + attended * context * kernel.per_cell_us / 1000
+    kernel = TILED_KERNEL if rows >= TILE_ROWS else ONE_ROW if rows == 1 else ROW_KERNEL
+    return kernel.base_ms + rows * kernel.per_row_ms + attended_rows(rows) * context * kernel.per_cell_us / 1000
 
 
 def padded_rows(rows: int, context: int, room: int) -> int:
@@ -288,10 +291,11 @@ class Speculator:
         state = self._state(request)
         context = request.n_past
         plain_rows = padded_rows(rows, context, room) if pad else rows
-        plain = gained / call_cost(plain_rows, context)
+        plain_cost = call_cost(plain_rows, context)
+        plain = gained / plain_cost
         # After a prompt, the reply's first token waits for the whole call: a draft
         # there may only take rows that cost nothing more (the padding's).
-        most = call_cost(plain_rows, context) if not request.generated else float("inf")
+        most = plain_cost if not request.generated else float("inf")
         for draft in self._candidates(request, state, room):
             acceptance = state.rate(draft.source).rate
             best_length, best_rows, best_value = 0, rows, plain

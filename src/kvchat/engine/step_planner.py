@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from kvchat.engine.kv_pool import KVPool
 from kvchat.engine.request import Request
+from kvchat.engine.speculation import TILE_ROWS
 from kvchat.llama import Batch
 
 
@@ -38,7 +39,7 @@ class _Segment:
     """A drafting or decoding sequence's segment: it stays in one call."""
 
 
-LONG_CHUNK_ROWS = 64
+LONG_CHUNK_ROWS = TILE_ROWS
 """A prompt chunk of this many rows or more (one tile of llama.cpp's CPU attention) gets
 a `llama_decode` call of its own, not cut at the interleaved row cap: row by row, every
 row pays for every cached cell it sees, about 13 times the tiled kernel's price
